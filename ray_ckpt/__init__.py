@@ -1,0 +1,83 @@
+"""ray_ckpt: Ray-native, actor-based checkpointing for PyTorch.
+
+    import ray_ckpt
+
+    with ray_ckpt.make_sync_checkpointer() as ckptr:
+        ckptr.save("/tmp/run/step-100", {"model": model.state_dict()})
+        state = ckptr.load("/tmp/run/step-100")
+
+See README.md for the async checkpointer, storage, Ray Train and the CLI.
+"""
+
+from .builder import default_rank_info, make_async_checkpointer, make_sync_checkpointer
+from .checkpointer import AsyncCheckpointer, Checkpointer, SyncCheckpointer
+from .config import (
+    CheckpointerConfig,
+    CheckpointReaderConfig,
+    CheckpointStagerConfig,
+    CheckpointWriterConfig,
+    StorageConfig,
+)
+from .coordinator import SaveResult, StageStats
+from .errors import (
+    BarrierTimeoutError,
+    CheckpointError,
+    CheckpointerClosedError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    FormatVersionError,
+    IncompleteCheckpointError,
+    MissingKeysError,
+    PickleNotAllowedError,
+    StateDictMismatchError,
+    StorageError,
+    UnsupportedValueError,
+)
+from .futures import CheckpointFuture
+from .reader import CheckpointInfo, CheckpointReader
+from .stager import CheckpointStager, DefaultStager
+from .types import STATE_DICT, RankInfo
+from .writer import CheckpointWriter, WriterHook
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncCheckpointer",
+    "BarrierTimeoutError",
+    "CheckpointError",
+    "CheckpointExistsError",
+    "CheckpointFuture",
+    "CheckpointInfo",
+    "CheckpointNotFoundError",
+    "CheckpointReader",
+    "CheckpointReaderConfig",
+    "CheckpointStager",
+    "CheckpointStagerConfig",
+    "CheckpointWriteError",
+    "CheckpointWriter",
+    "CheckpointWriterConfig",
+    "Checkpointer",
+    "CheckpointerClosedError",
+    "CheckpointerConfig",
+    "CorruptCheckpointError",
+    "DefaultStager",
+    "FormatVersionError",
+    "IncompleteCheckpointError",
+    "MissingKeysError",
+    "PickleNotAllowedError",
+    "RankInfo",
+    "STATE_DICT",
+    "SaveResult",
+    "StageStats",
+    "StateDictMismatchError",
+    "StorageConfig",
+    "StorageError",
+    "SyncCheckpointer",
+    "UnsupportedValueError",
+    "WriterHook",
+    "default_rank_info",
+    "make_async_checkpointer",
+    "make_sync_checkpointer",
+]

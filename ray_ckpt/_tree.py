@@ -1,0 +1,286 @@
+"""Flatten a state dict into stored leaves plus a tree, and read the tree back.
+
+The tree is tagged JSON. Plain JSON values stand for themselves (``null``, booleans, integers,
+finite floats, strings); everything else is a one-key object whose key is the tag:
+
+====== ====================================================================================
+tag    meaning
+====== ====================================================================================
+``T``  a tensor: the item index of its bytes in the manifest
+``N``  a numpy array: stored like a tensor, loaded as ``numpy.ndarray``
+``P``  a pickled object (only with ``allow_pickle=True``): its item index
+``d``  ``dict``: a list of ``[key, value]`` pairs, in insertion order
+``o``  ``collections.OrderedDict``: as ``d``
+``l``  ``list``          ``t``  ``tuple``        ``S``  ``torch.Size`` (list of ints)
+``f``  a non-finite float: ``"nan"``, ``"inf"`` or ``"-inf"``
+``b``  ``bytes``: base64    ``dt`` a ``torch.dtype`` by name   ``dv`` a ``torch.device``
+====== ====================================================================================
+
+Keys of dicts are encoded with the same scheme, limited to ``None``, ``bool``, ``int``,
+``float``, ``str`` and tuples of them. Decoding builds containers and numbers only; nothing in
+a tree can name a class, a function or a file.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import CorruptCheckpointError, PickleNotAllowedError, UnsupportedValueError
+
+MAX_DEPTH = 512
+
+
+@dataclass
+class Leaf:
+    """A value whose bytes go to a data file: a tensor, or an object to pickle."""
+
+    index: int
+    key: str
+    value: Any
+    kind: str  # "tensor" or "pickle"
+
+
+@dataclass(frozen=True)
+class ItemRef:
+    """A placeholder in a decoded tree for a stored item."""
+
+    index: int
+    tag: str  # "T", "N" or "P"
+
+
+def key_string(path: Iterable[Any]) -> str:
+    """The readable, dotted form of a key path, as shown in the manifest and in errors."""
+    return ".".join(str(p) for p in path)
+
+
+class _Flattener:
+    def __init__(self, allow_pickle: bool) -> None:
+        self.allow_pickle = allow_pickle
+        self.leaves: list[Leaf] = []
+        self._tensor_items: dict[int, int] = {}  # id(tensor) -> item index, for tied tensors
+        self._stack: set[int] = set()
+
+    def encode(self, value: Any, path: tuple[Any, ...]) -> Any:
+        if value is None or isinstance(value, (bool, str)):
+            return value
+        if isinstance(value, int):
+            return int(value)
+        if isinstance(value, float):
+            return float(value) if math.isfinite(value) else {"f": repr(float(value))}
+        if isinstance(value, torch.Tensor):
+            return {"T": self._tensor(value, path)}
+        if isinstance(value, np.ndarray):
+            return {"N": self._tensor(_numpy_as_tensor(value, path), path)}
+        if isinstance(value, (np.integer, np.floating, np.bool_)):
+            return self.encode(value.item(), path)
+        if isinstance(value, torch.dtype):
+            return {"dt": str(value).removeprefix("torch.")}
+        if isinstance(value, torch.device):
+            return {"dv": str(value)}
+        if isinstance(value, (bytes, bytearray)):
+            return {"b": base64.b64encode(bytes(value)).decode("ascii")}
+        if type(value) in (dict, OrderedDict, list, tuple, torch.Size):
+            return self._container(value, path)
+        return self._pickled(value, path)
+
+    def _container(self, value: Any, path: tuple[Any, ...]) -> Any:
+        if id(value) in self._stack:
+            raise UnsupportedValueError(
+                f"key {key_string(path)!r}: the state dict contains itself (a reference cycle)"
+            )
+        if len(path) >= MAX_DEPTH:
+            raise UnsupportedValueError(
+                f"key {key_string(path)[:200]!r}: nesting deeper than {MAX_DEPTH} levels"
+            )
+        self._stack.add(id(value))
+        try:
+            if type(value) is torch.Size:
+                return {"S": [int(d) for d in value]}
+            if isinstance(value, dict):
+                tag = "o" if type(value) is OrderedDict else "d"
+                return {
+                    tag: [
+                        [_encode_key(k, path), self.encode(v, (*path, k))]
+                        for k, v in value.items()
+                    ]
+                }
+            tag = "l" if type(value) is list else "t"
+            return {tag: [self.encode(v, (*path, i)) for i, v in enumerate(value)]}
+        finally:
+            self._stack.discard(id(value))
+
+    def _tensor(self, tensor: torch.Tensor, path: tuple[Any, ...]) -> int:
+        _check_tensor(tensor, path)
+        known = self._tensor_items.get(id(tensor))
+        if known is not None:
+            return known
+        index = len(self.leaves)
+        self.leaves.append(Leaf(index, key_string(path), tensor, "tensor"))
+        self._tensor_items[id(tensor)] = index
+        return index
+
+    def _pickled(self, value: Any, path: tuple[Any, ...]) -> Any:
+        if not self.allow_pickle:
+            raise PickleNotAllowedError(
+                f"key {key_string(path)!r} holds a {type(value).__qualname__}, which ray_ckpt "
+                "stores only as pickle. Pass allow_pickle=True to save (and again to load), or "
+                "convert it to tensors, numbers, strings, bytes, lists, tuples and dicts."
+            )
+        index = len(self.leaves)
+        self.leaves.append(Leaf(index, key_string(path), value, "pickle"))
+        return {"P": index}
+
+
+def _encode_key(key: Any, path: tuple[Any, ...]) -> Any:
+    if key is None or isinstance(key, (bool, str)):
+        return key
+    if isinstance(key, int):
+        return int(key)
+    if isinstance(key, float):
+        return float(key) if math.isfinite(key) else {"f": repr(float(key))}
+    if type(key) is tuple:
+        return {"t": [_encode_key(k, path) for k in key]}
+    raise UnsupportedValueError(
+        f"key {key_string((*path, key))!r}: dict keys must be str, int, float, bool, None or "
+        f"tuples of them, not {type(key).__qualname__}"
+    )
+
+
+def _check_tensor(tensor: torch.Tensor, path: tuple[Any, ...]) -> None:
+    key = key_string(path)
+    if tensor.layout != torch.strided:
+        raise UnsupportedValueError(
+            f"key {key!r}: {tensor.layout} tensors cannot be saved; convert with .to_dense()"
+        )
+    if tensor.is_quantized:
+        raise UnsupportedValueError(
+            f"key {key!r}: quantized tensors cannot be saved; save .dequantize() and the "
+            "quantization parameters instead"
+        )
+    if tensor.is_nested:
+        raise UnsupportedValueError(f"key {key!r}: nested tensors cannot be saved; unbind them")
+    if tensor.device.type == "meta":
+        raise UnsupportedValueError(
+            f"key {key!r}: a meta tensor has no data to save; materialise it first "
+            "(module.to_empty(device=...) and initialise the parameters)"
+        )
+    if type(tensor) is not torch.Tensor and not isinstance(tensor, torch.nn.Parameter):
+        raise UnsupportedValueError(
+            f"key {key!r}: tensor subclass {type(tensor).__qualname__} is not supported; "
+            "save a plain tensor (for DTensor, its full or local tensor)"
+        )
+
+
+def _numpy_as_tensor(array: np.ndarray, path: tuple[Any, ...]) -> torch.Tensor:
+    try:
+        return torch.from_numpy(np.ascontiguousarray(array))
+    except TypeError:
+        raise UnsupportedValueError(
+            f"key {key_string(path)!r}: numpy dtype {array.dtype} has no torch equivalent"
+        ) from None
+
+
+def flatten(state_dict: Any, *, allow_pickle: bool = False) -> tuple[str, list[Leaf]]:
+    """Split ``state_dict`` into its tree (tagged JSON) and the leaves whose bytes are stored."""
+    if not isinstance(state_dict, dict):
+        raise UnsupportedValueError(
+            f"a state dict must be a dict (or OrderedDict), got {type(state_dict).__qualname__}"
+        )
+    flattener = _Flattener(allow_pickle)
+    tree = flattener.encode(state_dict, ())
+    return json.dumps(tree, separators=(",", ":"), allow_nan=False), flattener.leaves
+
+
+def decode(tree_json: str, *, n_items: int, where: str) -> Any:
+    """Parse a tree into Python values with :class:`ItemRef` placeholders for stored items."""
+    try:
+        raw = json.loads(tree_json)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise CorruptCheckpointError(f"{where}: the tree is not valid JSON ({e})") from None
+    try:
+        value = _decode(raw, n_items, 0)
+    except (ValueError, TypeError, KeyError, RecursionError) as e:
+        raise CorruptCheckpointError(f"{where}: the tree is malformed ({e})") from None
+    if not isinstance(value, dict):
+        raise CorruptCheckpointError(f"{where}: the tree's root is not a dict")
+    return value
+
+
+def _decode(raw: Any, n_items: int, depth: int) -> Any:
+    if raw is None or isinstance(raw, (bool, int, float, str)):
+        return raw
+    if depth > MAX_DEPTH + 2:
+        raise ValueError("nesting too deep")
+    if not isinstance(raw, dict) or len(raw) != 1:
+        raise ValueError(f"unexpected JSON value {str(raw)[:80]}")
+    ((tag, body),) = raw.items()
+    if tag in ("T", "N", "P"):
+        if isinstance(body, bool) or not isinstance(body, int) or not 0 <= body < n_items:
+            raise ValueError(f"item index {body!r} out of range")
+        return ItemRef(body, tag)
+    if tag in ("d", "o"):
+        pairs = [(_decode_key(k, n_items, depth), _decode(v, n_items, depth + 1)) for k, v in body]
+        return OrderedDict(pairs) if tag == "o" else dict(pairs)
+    if tag in ("l", "t"):
+        items = [_decode(v, n_items, depth + 1) for v in _as_list(body)]
+        return items if tag == "l" else tuple(items)
+    if tag == "S":
+        return torch.Size([int(d) for d in _as_list(body)])
+    if tag == "f" and body in ("nan", "inf", "-inf"):
+        return float(body)
+    if tag == "b" and isinstance(body, str):
+        return base64.b64decode(body, validate=True)
+    if tag == "dt":
+        from .format import dtype_from_name
+
+        return dtype_from_name(str(body), where="tree")
+    if tag == "dv" and isinstance(body, str):
+        return torch.device(body)
+    raise ValueError(f"unknown tag {tag!r}")
+
+
+def _decode_key(raw: Any, n_items: int, depth: int) -> Any:
+    key = _decode(raw, 0, depth + 1)
+    if isinstance(key, (list, dict)):
+        raise ValueError(f"unhashable key {str(raw)[:80]}")
+    return key
+
+
+def _as_list(body: Any) -> list[Any]:
+    if not isinstance(body, list):
+        raise ValueError(f"expected a list, got {type(body).__name__}")
+    return body
+
+
+def item_refs(tree: Any) -> Iterable[ItemRef]:
+    """Every :class:`ItemRef` in a decoded tree."""
+    if isinstance(tree, ItemRef):
+        yield tree
+    elif isinstance(tree, dict):
+        for v in tree.values():
+            yield from item_refs(v)
+    elif isinstance(tree, (list, tuple)) and not isinstance(tree, torch.Size):
+        for v in tree:
+            yield from item_refs(v)
+
+
+def materialize(tree: Any, resolve: Callable[[ItemRef], Any]) -> Any:
+    """Replace every :class:`ItemRef` in ``tree`` by ``resolve(ref)``."""
+    if isinstance(tree, ItemRef):
+        return resolve(tree)
+    if isinstance(tree, dict):
+        return type(tree)((k, materialize(v, resolve)) for k, v in tree.items())
+    if isinstance(tree, list):
+        return [materialize(v, resolve) for v in tree]
+    if isinstance(tree, tuple) and not isinstance(tree, torch.Size):
+        return tuple(materialize(v, resolve) for v in tree)
+    return tree

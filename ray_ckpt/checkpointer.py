@@ -1,0 +1,186 @@
+"""Checkpointers: the API a training loop calls (``save``, ``load``, ``close``).
+
+``SyncCheckpointer.save`` returns once the checkpoint is committed. ``AsyncCheckpointer.save``
+returns ``(stage_future, write_future)`` as soon as staging has started (or ended, without
+``use_async_staging``). Both run the same protocol (:mod:`ray_ckpt.coordinator`); the
+synchronous one simply waits for both futures before returning.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import threading
+from typing import Any
+
+from .coordinator import Coordinator, SaveResult, StageStats
+from .errors import CheckpointerClosedError, MissingKeysError
+from .futures import CheckpointFuture
+from .reader import CheckpointReader
+from .types import STATE_DICT
+from .writer import WriterPool
+
+logger = logging.getLogger(__name__)
+
+
+class Checkpointer(abc.ABC):
+    """Saves and loads state dicts. Use as a context manager, or call :meth:`close`."""
+
+    def __init__(self, coordinator: Coordinator, reader: CheckpointReader, pool: WriterPool) -> None:
+        self._coordinator = coordinator
+        self._reader = reader
+        self._pool = pool
+        self._closed = False
+        self._lock = threading.Lock()
+
+    @abc.abstractmethod
+    def save(
+        self, path: str, state_dict: STATE_DICT, **kwargs: Any
+    ) -> tuple[CheckpointFuture[StageStats], CheckpointFuture[SaveResult]] | None:
+        """Save ``state_dict`` as the checkpoint at ``path``.
+
+        Keyword arguments: ``allow_pickle=False`` (store objects that have no safe encoding as
+        pickle), ``overwrite=False`` (replace a committed checkpoint at ``path``).
+        """
+
+    def load(
+        self,
+        path: str,
+        state_dict: STATE_DICT | None = None,
+        *,
+        default_map_location: Any = None,
+        strict: bool = False,
+        allow_pickle: bool = False,
+    ) -> STATE_DICT:
+        """Load the checkpoint at ``path``.
+
+        Without ``state_dict``, the whole checkpoint, tensors on the CPU (or where
+        ``default_map_location`` says). With ``state_dict``, only its keys, into its own
+        tensors in place; ``strict=True`` raises :class:`~ray_ckpt.errors.MissingKeysError`
+        (a ``RuntimeError``) naming every key the checkpoint lacks.
+        """
+        self._check_open()
+        loaded, missing = self._reader.read(
+            path, state_dict, map_location=default_map_location, allow_pickle=allow_pickle
+        )
+        if strict and missing:
+            error = MissingKeysError(
+                f"checkpoint {path} is missing {len(missing)} key(s) that the state_dict asks "
+                f"for: {missing}. Pass strict=False to load the others."
+            )
+            error.missing_keys = missing
+            raise error
+        return loaded
+
+    def close(self) -> None:
+        """Release staging threads, buffers and (custom) writer actors. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._drain()
+        self._coordinator.close()
+        self._pool.close()
+        logger.debug("%s closed", type(self).__name__)
+
+    def _drain(self) -> None:
+        """Wait for saves in flight (async only)."""
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CheckpointerClosedError(
+                f"this {type(self).__name__} is closed; create a new one with "
+                "ray_ckpt.make_sync_checkpointer() or make_async_checkpointer()"
+            )
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SyncCheckpointer(Checkpointer):
+    """Saves synchronously: ``save`` returns ``None`` once the checkpoint is committed."""
+
+    def save(
+        self,
+        path: str,
+        state_dict: STATE_DICT,
+        *,
+        allow_pickle: bool = False,
+        overwrite: bool = False,
+    ) -> None:
+        self._check_open()
+        stage, write = self._coordinator.save(
+            path, state_dict, allow_pickle=allow_pickle, overwrite=overwrite, background=False
+        )
+        stage.result()
+        write.result()
+        return None
+
+    def __enter__(self) -> SyncCheckpointer:
+        return self
+
+
+class AsyncCheckpointer(Checkpointer):
+    """Saves in the background: ``save`` returns ``(stage_future, write_future)``.
+
+    ``stage_future`` resolves once every tensor is in the object store: from then on the caller
+    may change or free its tensors. ``write_future`` resolves once the checkpoint is committed
+    and raises the save's error otherwise. A new ``save`` first waits for the previous one and
+    raises its error, so no failure goes unseen. ``close`` waits for the save in flight.
+    """
+
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        reader: CheckpointReader,
+        pool: WriterPool,
+        *,
+        use_async_staging: bool = True,
+    ) -> None:
+        super().__init__(coordinator, reader, pool)
+        self._use_async_staging = use_async_staging
+        self._previous: tuple[CheckpointFuture[StageStats], CheckpointFuture[SaveResult]] | None = None
+
+    def save(
+        self,
+        path: str,
+        state_dict: STATE_DICT,
+        *,
+        allow_pickle: bool = False,
+        overwrite: bool = False,
+    ) -> tuple[CheckpointFuture[StageStats], CheckpointFuture[SaveResult]]:
+        self._check_open()
+        self._wait_previous()
+        futures = self._coordinator.save(
+            path,
+            state_dict,
+            allow_pickle=allow_pickle,
+            overwrite=overwrite,
+            background=self._use_async_staging,
+        )
+        self._previous = futures
+        return futures
+
+    def _wait_previous(self) -> None:
+        previous, self._previous = self._previous, None
+        if previous is not None:
+            stage, write = previous
+            write.result()
+
+    def _drain(self) -> None:
+        previous, self._previous = self._previous, None
+        if previous is None:
+            return
+        try:
+            previous[1].result()
+        except Exception as e:  # noqa: BLE001 - close() must finish; the error is reported
+            logger.error(
+                "the last save of this AsyncCheckpointer failed and nobody waited for it: %s", e
+            )
+            raise
+
+    def __enter__(self) -> AsyncCheckpointer:
+        return self

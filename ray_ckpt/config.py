@@ -1,0 +1,161 @@
+"""Configuration: one frozen dataclass per component, gathered in :class:`CheckpointerConfig`.
+
+Every field carries its unit in its name. Each dataclass validates itself in ``__post_init__``
+and says what is wrong and what is allowed. The defaults suit a real training job; tests
+override them per instance, never globally.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MiB = 1 << 20
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class CheckpointStagerConfig:
+    """How state is copied out of the training process into the Ray object store.
+
+    Attributes:
+        use_async_staging: stage on a background thread (``AsyncCheckpointer`` only), so the
+            caller can overlap staging with its forward and backward pass and wait on
+            ``stage_future`` just before ``optimizer.step()``.
+        use_pinned_memory: on CUDA, copy device tensors into page-locked host buffers that are
+            reused across saves (released on ``close()``).
+        use_non_blocking_copy: on CUDA, issue device-to-host copies on a dedicated stream
+            without blocking the caller's stream; staging waits for them before the data
+            goes to the object store.
+        bucket_size_bytes: target size of one staged object, which is also one data file.
+            Small tensors are packed together up to this size; larger tensors are split into
+            chunks of this size that different writers can write in parallel.
+        pack_threshold_bytes: tensors at or below this size are copied into a shared pack
+            buffer, so that thousands of tiny tensors cost one ``ray.put``, not thousands.
+        memory_budget_bytes: most bytes staged but not yet written at any time. ``None``
+            takes half of the object store of this node. A state dict larger than the budget
+            stages in pieces: piece k+1 is staged while piece k is written.
+    """
+
+    use_async_staging: bool = True
+    use_pinned_memory: bool = True
+    use_non_blocking_copy: bool = True
+    bucket_size_bytes: int = 64 * MiB
+    pack_threshold_bytes: int = 1 * MiB
+    memory_budget_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(
+            self.bucket_size_bytes >= 4096,
+            f"bucket_size_bytes must be at least 4096, got {self.bucket_size_bytes}",
+        )
+        _require(
+            0 <= self.pack_threshold_bytes <= self.bucket_size_bytes,
+            "pack_threshold_bytes must be between 0 and bucket_size_bytes "
+            f"({self.bucket_size_bytes}), got {self.pack_threshold_bytes}",
+        )
+        _require(
+            self.memory_budget_bytes is None or self.memory_budget_bytes >= self.bucket_size_bytes,
+            "memory_budget_bytes must be None (half the object store) or at least "
+            f"bucket_size_bytes ({self.bucket_size_bytes}), got {self.memory_budget_bytes}",
+        )
+
+
+@dataclass(frozen=True)
+class CheckpointWriterConfig:
+    """How the writer actors write and how a save commits.
+
+    Attributes:
+        checksum: compute a CRC32C of every item as it is written (verified on load).
+        io_threads: data files one writer actor writes at the same time.
+        fsync: make every data file, the manifest and the directory durable before the
+            commit marker is written (local and network filesystems).
+        barrier_timeout_secs: how long a save waits for every rank to report before it fails
+            on every rank (multi-rank saves), and for staging to finish.
+    """
+
+    checksum: bool = True
+    io_threads: int = 4
+    fsync: bool = True
+    barrier_timeout_secs: float = 1800.0
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.io_threads <= 64, f"io_threads must be in [1, 64], got {self.io_threads}")
+        _require(
+            self.barrier_timeout_secs > 0,
+            f"barrier_timeout_secs must be positive, got {self.barrier_timeout_secs}",
+        )
+
+
+@dataclass(frozen=True)
+class CheckpointReaderConfig:
+    """How checkpoints are read back.
+
+    Attributes:
+        verify_checksums: check every item's CRC32C as it is read; a mismatch raises
+            :class:`~ray_ckpt.errors.CorruptCheckpointError` naming the key and the file.
+        io_threads: threads that read (and verify) items in parallel.
+    """
+
+    verify_checksums: bool = True
+    io_threads: int = 2
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.io_threads <= 64, f"io_threads must be in [1, 64], got {self.io_threads}")
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Retries and part sizes for storage calls.
+
+    Attributes:
+        max_attempts: attempts per storage call for transient errors (timeouts, 5xx,
+            throttling); permanent errors fail at once.
+        retry_initial_backoff_secs: first wait between attempts; doubles each time.
+        retry_max_backoff_secs: cap on one wait.
+        part_size_bytes: size of one write to an output stream; object stores upload it as
+            one multipart part.
+    """
+
+    max_attempts: int = 5
+    retry_initial_backoff_secs: float = 0.2
+    retry_max_backoff_secs: float = 10.0
+    part_size_bytes: int = 16 * MiB
+
+    def __post_init__(self) -> None:
+        _require(self.max_attempts >= 1, f"max_attempts must be >= 1, got {self.max_attempts}")
+        _require(
+            0 <= self.retry_initial_backoff_secs <= self.retry_max_backoff_secs,
+            "need 0 <= retry_initial_backoff_secs <= retry_max_backoff_secs, got "
+            f"{self.retry_initial_backoff_secs} and {self.retry_max_backoff_secs}",
+        )
+        _require(
+            self.part_size_bytes >= 5 * MiB,
+            f"part_size_bytes must be at least 5 MiB (the S3 minimum part), got {self.part_size_bytes}",
+        )
+
+
+@dataclass(frozen=True)
+class CheckpointerConfig:
+    """Everything a checkpointer needs, one field per component.
+
+    Attributes:
+        staging_config: the stager (:class:`CheckpointStagerConfig`).
+        writer_config: the writer actors and the commit (:class:`CheckpointWriterConfig`).
+        reader_config: loading (:class:`CheckpointReaderConfig`).
+        storage_config: retries and part sizes (:class:`StorageConfig`).
+        ray_address: cluster to attach to when Ray is not initialised yet. ``None`` attaches
+            to ``RAY_ADDRESS`` when it is set and otherwise starts a local Ray; it never
+            attaches to a stray cluster found through a file under /tmp/ray.
+        namespace: Ray namespace of the writer actors.
+    """
+
+    staging_config: CheckpointStagerConfig = field(default_factory=CheckpointStagerConfig)
+    writer_config: CheckpointWriterConfig = field(default_factory=CheckpointWriterConfig)
+    reader_config: CheckpointReaderConfig = field(default_factory=CheckpointReaderConfig)
+    storage_config: StorageConfig = field(default_factory=StorageConfig)
+    ray_address: str | None = None
+    namespace: str = "ray_ckpt"

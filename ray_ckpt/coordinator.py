@@ -1,0 +1,428 @@
+"""The coordinator: turns one ``save`` call into a committed checkpoint.
+
+The protocol, in the order it runs::
+
+    (caller)  check the destination      refuse a committed checkpoint (unless overwrite) or
+                                         a directory that holds files ray_ckpt did not write
+    (caller)  plan                       flatten, validate, lay out buckets (stager)
+    (caller)  open the session           run_save / wait_staged on this node's writer: their
+                                         refs back the write and stage futures from now on
+    (caller)  stage + dispatch           for each bucket, within the memory budget:
+                                           ray.put it (stager), write_bucket on the writer
+                                           of the node it was staged on
+    (caller)  end staging                hand every write's ref to the session
+    (writer)  gather                     wait for every write; one error names every failed
+                                         writer, node and cause; nothing is committed
+    (writer)  commit                     manifest (fsynced), pre_commit hook, marker last
+                                         (storage.CommitStrategy), post_commit hook
+    (writer)  clean up                   on failure: every file of this save; after an
+                                         overwrite: the files of the checkpoint it replaced
+
+The caller's half runs on the caller's thread (``SyncCheckpointer``) or on a staging thread
+(``AsyncCheckpointer`` with ``use_async_staging``); the writer's half runs in the writer actor
+of the caller's node, so a save commits even while the caller trains on.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from .config import CheckpointerConfig
+from .errors import CheckpointError, CheckpointExistsError, CheckpointWriteError, CorruptCheckpointError
+from .format import (
+    MARKER_NAME,
+    Extent,
+    ItemMeta,
+    Marker,
+    build_manifest,
+    is_own_file,
+    manifest_file_name,
+    manifest_to_bytes,
+    marker_temp_name,
+    new_checkpoint_id,
+)
+from ._checksum import crc32c
+from .futures import CheckpointFuture, unwrap_ray_error
+from .stager import CheckpointStager, StagingPlan
+from .storage import Storage
+from .types import RankInfo
+from .writer import ShardResult, WriterHook, WriterPool
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageStats:
+    """What staging did: the result of a stage future."""
+
+    nbytes: int
+    items: int
+    buckets: int
+    stage_secs: float
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """What a committed save did: the result of a write future."""
+
+    path: str
+    checkpoint_id: str
+    nbytes: int
+    items: int
+    files: int
+    stage_secs: float
+    total_secs: float
+
+    @property
+    def throughput_bytes_per_sec(self) -> float:
+        return self.nbytes / self.total_secs if self.total_secs > 0 else float("inf")
+
+
+@dataclass(frozen=True)
+class SaveRequest:
+    """Everything the session needs to commit, sent when the save starts."""
+
+    storage: Storage
+    checkpoint_id: str
+    rank_info: RankInfo
+    items: list[ItemMeta]
+    tree_json: str
+    overwrite: bool
+    hook: WriterHook | None
+    fsync: bool
+    barrier_timeout_secs: float
+    started_unix: float
+
+
+@dataclass
+class StagingOutcome:
+    """Delivered by the caller when staging ends: the write of every bucket, or the error."""
+
+    shards: list[tuple[str, str, ray.ObjectRef]] = field(default_factory=list)  # node, file, ref
+    error: BaseException | None = None
+    stats: StageStats | None = None
+
+
+class Coordinator:
+    """The caller's half of a save (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        config: CheckpointerConfig,
+        rank_info: RankInfo,
+        stager: CheckpointStager,
+        pool: WriterPool,
+        filesystem: Any = None,
+        commit_hook: WriterHook | None = None,
+    ) -> None:
+        self._config = config
+        self._rank_info = rank_info
+        self._stager = stager
+        self._pool = pool
+        self._filesystem = filesystem
+        self._hook = commit_hook
+        self._staging_thread: concurrent.futures.ThreadPoolExecutor | None = None
+        self._budget_bytes: int | None = config.staging_config.memory_budget_bytes
+
+    def save(
+        self,
+        path: str,
+        state_dict: dict[Any, Any],
+        *,
+        allow_pickle: bool = False,
+        overwrite: bool = False,
+        background: bool = False,
+    ) -> tuple[CheckpointFuture[StageStats], CheckpointFuture[SaveResult]]:
+        started = time.perf_counter()
+        storage = Storage.from_path(path, self._filesystem, self._config.storage_config)
+        check_destination(storage, overwrite=overwrite)
+        checkpoint_id = new_checkpoint_id()
+        plan = self._stager.plan(
+            state_dict,
+            checkpoint_id=checkpoint_id,
+            rank=self._rank_info.global_rank,
+            allow_pickle=allow_pickle,
+        )
+        writer_config = self._config.writer_config
+        request = SaveRequest(
+            storage=storage,
+            checkpoint_id=checkpoint_id,
+            rank_info=self._rank_info,
+            items=plan.items,
+            tree_json=plan.tree_json,
+            overwrite=overwrite,
+            hook=self._hook,
+            fsync=writer_config.fsync,
+            barrier_timeout_secs=writer_config.barrier_timeout_secs,
+            started_unix=time.time(),
+        )
+        session = self._pool.local()
+        write_ref = session.run_save.remote(checkpoint_id, request)
+        stage_ref = session.wait_staged.remote(checkpoint_id, writer_config.barrier_timeout_secs)
+        staged: concurrent.futures.Future[StageStats] = concurrent.futures.Future()
+
+        def cancel() -> bool:
+            return bool(ray.get(session.cancel.remote(checkpoint_id)))
+
+        stage_future = CheckpointFuture(stage_ref, local=staged, on_cancel=cancel)
+        write_future: CheckpointFuture[SaveResult] = CheckpointFuture(write_ref, on_cancel=cancel)
+        if background:
+            executor = self._staging_executor()
+            executor.submit(self._stage_all, plan, storage, session, staged, started)
+        else:
+            self._stage_all(plan, storage, session, staged, started)
+        return stage_future, write_future
+
+    def _stage_all(
+        self,
+        plan: StagingPlan,
+        storage: Storage,
+        session: Any,
+        staged: concurrent.futures.Future[StageStats],
+        started: float,
+    ) -> None:
+        outcome = StagingOutcome()
+        try:
+            self._stage_buckets(plan, storage, outcome)
+            outcome.stats = StageStats(
+                nbytes=plan.nbytes,
+                items=len(plan.items),
+                buckets=len(plan.buckets),
+                stage_secs=time.perf_counter() - started,
+            )
+        except BaseException as e:  # noqa: BLE001 - delivered to both futures below
+            outcome.error = _portable(e)
+            staged.set_exception(e)
+        finally:
+            plan.host_bytes.clear()  # drop references to the caller's tensors
+            session.end_staging.remote(plan.checkpoint_id, outcome)
+        if outcome.error is None:
+            assert outcome.stats is not None
+            staged.set_result(outcome.stats)
+
+    def _stage_buckets(self, plan: StagingPlan, storage: Storage, outcome: StagingOutcome) -> None:
+        """Put each bucket and start its write, keeping staged-but-unwritten bytes in budget."""
+        budget = self._memory_budget()
+        in_flight: dict[ray.ObjectRef, int] = {}
+        node_id = self._pool.local_node_id()
+        writer = self._pool.for_node(node_id)
+        checksum = self._config.writer_config.checksum
+        fsync = self._config.writer_config.fsync
+        for index, layout in enumerate(plan.buckets):
+            while in_flight and sum(in_flight.values()) + layout.nbytes > budget:
+                done, _ = ray.wait(list(in_flight), num_returns=1)
+                for ref in done:
+                    del in_flight[ref]
+                    _raise_if_failed(ref, storage)
+            payload = self._stager.stage(plan, index)
+            result = writer.write_bucket.remote(
+                storage, layout, [payload], plan.rank, plan.checkpoint_id, checksum, fsync
+            )
+            del payload  # the write task holds it now; freed once written
+            outcome.shards.append((node_id, layout.file, result))
+            in_flight[result] = layout.nbytes
+
+    def _memory_budget(self) -> int:
+        if self._budget_bytes is None:
+            node_id = self._pool.local_node_id()
+            store = next(
+                (
+                    n["Resources"].get("object_store_memory", 0)
+                    for n in ray.nodes()
+                    if n["NodeID"] == node_id
+                ),
+                0,
+            )
+            self._budget_bytes = max(
+                int(store) // 2, self._config.staging_config.bucket_size_bytes
+            )
+        return self._budget_bytes
+
+    def _staging_executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._staging_thread is None:
+            self._staging_thread = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="ray_ckpt-staging"
+            )
+        return self._staging_thread
+
+    def close(self) -> None:
+        if self._staging_thread is not None:
+            self._staging_thread.shutdown(wait=True)
+            self._staging_thread = None
+        self._stager.close()
+
+
+def _portable(error: BaseException) -> BaseException:
+    """``error`` as it can travel to the writer actor: ray_ckpt's errors pickle; others are
+    described in a :class:`CheckpointWriteError`."""
+    if isinstance(error, CheckpointError):
+        return error
+    return CheckpointWriteError(
+        f"staging failed, so nothing was committed: {type(error).__name__}: {error}"
+    )
+
+
+def _raise_if_failed(ref: ray.ObjectRef, storage: Storage) -> None:
+    try:
+        ray.get(ref)
+    except Exception as e:
+        cause = unwrap_ray_error(e)
+        raise CheckpointWriteError(
+            f"save to {storage.display} failed while staging; nothing was committed: "
+            f"{type(cause).__name__}: {cause}"
+        ) from None
+
+
+def check_destination(storage: Storage, *, overwrite: bool) -> None:
+    """Refuse to save over a committed checkpoint (without ``overwrite``), onto a file, or into
+    a directory holding files ray_ckpt did not write; create the directory."""
+    if storage.is_file():
+        raise CheckpointExistsError(
+            f"{storage.display} is a file, not a checkpoint directory: choose another path"
+        )
+    files = storage.list_files()
+    if MARKER_NAME in files and not overwrite:
+        raise CheckpointExistsError(
+            f"{storage.display} already holds a committed checkpoint; pass overwrite=True to "
+            "replace it, or save to a new path"
+        )
+    foreign = sorted(n for n in files if not is_own_file(n)) + storage.list_dirs()
+    if foreign:
+        raise CheckpointExistsError(
+            f"{storage.display} holds files ray_ckpt did not write ({', '.join(foreign[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''}); save into a new or empty directory"
+        )
+    storage.make_dir()
+
+
+# --- the writer's half (runs in the writer actor) ---------------------------------------------
+
+
+def commit_save(request: SaveRequest, slot: Any) -> SaveResult:
+    """Gather every write of the save, then commit it; on any failure delete its files."""
+    storage = request.storage
+    outcome: StagingOutcome = slot.outcome
+    try:
+        shards = gather_shards(outcome.shards, storage, request.barrier_timeout_secs)
+        if outcome.error is not None:
+            raise outcome.error
+        if not slot.begin_commit():
+            raise concurrent.futures.CancelledError(
+                f"save to {storage.display} was cancelled; nothing was committed"
+            )
+        replaced = _committed_id(storage) if request.overwrite else None
+        marker = write_manifest(request, shards)
+        if request.hook is not None:
+            request.hook.pre_commit(storage.display)
+        storage.commit_strategy.commit(
+            storage,
+            MARKER_NAME,
+            marker.to_bytes(),
+            marker_temp_name(request.checkpoint_id),
+            exclusive=not request.overwrite,
+        )
+    except BaseException:
+        discard_files(storage, request.checkpoint_id)
+        raise
+    if replaced is not None and replaced != request.checkpoint_id:
+        discard_files(storage, replaced)
+    if request.hook is not None:
+        request.hook.post_commit(storage.display)
+    stats = outcome.stats
+    result = SaveResult(
+        path=storage.display,
+        checkpoint_id=request.checkpoint_id,
+        nbytes=marker.total_nbytes,
+        items=len(request.items),
+        files=len(shards) + 2,
+        stage_secs=stats.stage_secs if stats else 0.0,
+        total_secs=time.time() - request.started_unix,
+    )
+    logger.info(
+        "committed %s: %d items, %.1f MiB in %d files, %.3fs (%.2f GB/s)",
+        result.path, result.items, result.nbytes / 2**20, result.files,
+        result.total_secs, result.throughput_bytes_per_sec / 1e9,
+    )
+    return result
+
+
+def gather_shards(
+    shards: list[tuple[str, str, ray.ObjectRef]], storage: Storage, timeout_secs: float
+) -> list[ShardResult]:
+    """Wait for every write; raise one error naming every failed writer, node and cause."""
+    refs = [ref for _, _, ref in shards]
+    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_secs)
+    results: list[ShardResult] = []
+    failures: list[str] = []
+    pending_set = set(pending)
+    for node_id, file, ref in shards:
+        if ref in pending_set:
+            failures.append(f"writer on node {node_id} ({file}): no answer in {timeout_secs:.0f}s")
+            continue
+        try:
+            results.append(ray.get(ref))
+        except Exception as e:  # noqa: BLE001 - collected into one error below
+            cause = unwrap_ray_error(e)
+            failures.append(f"writer on node {node_id} ({file}): {type(cause).__name__}: {cause}")
+    if failures:
+        raise CheckpointWriteError(
+            f"save to {storage.display} failed; nothing was committed. "
+            f"{len(failures)} of {len(shards)} writes failed:\n  " + "\n  ".join(failures)
+        )
+    return results
+
+
+def write_manifest(request: SaveRequest, shards: list[ShardResult]) -> Marker:
+    """Write the manifest (durably) and return the marker that will commit it."""
+    extents: list[Extent] = [e for shard in shards for e in shard.extents]
+    table = build_manifest(request.items, extents, request.tree_json, request.checkpoint_id)
+    raw = manifest_to_bytes(table)
+    name = manifest_file_name(request.checkpoint_id)
+    request.storage.write_file(name, [raw], fsync=request.fsync)
+    return Marker(
+        checkpoint_id=request.checkpoint_id,
+        manifest=name,
+        manifest_nbytes=len(raw),
+        manifest_crc32c=crc32c(raw),
+        created_unix=time.time(),
+        world_size=request.rank_info.global_world_size,
+        total_nbytes=sum(m.nbytes for m in request.items),
+    )
+
+
+def discard_files(storage: Storage, checkpoint_id: str) -> None:
+    """Delete every file of checkpoint ``checkpoint_id`` in ``storage`` (and nothing else)."""
+    try:
+        names = [n for n in storage.list_files() if is_own_file(n) and checkpoint_id in n]
+        storage.delete_files(names)
+    except Exception as e:  # noqa: BLE001 - cleanup must not hide the error being raised
+        logger.warning(
+            "could not delete the files of checkpoint %s in %s (%s); they are not committed "
+            "and a later save or CheckpointManager.cleanup() removes them",
+            checkpoint_id, storage.display, e,
+        )
+
+
+def _committed_id(storage: Storage) -> str | None:
+    """The id of the checkpoint committed in ``storage`` now, if any (to clean it up after an
+    overwrite replaced it)."""
+    if not storage.exists(MARKER_NAME):
+        return None
+    try:
+        return Marker.from_bytes(storage.read_file(MARKER_NAME), where=storage.display).checkpoint_id
+    except CorruptCheckpointError as e:
+        logger.warning(
+            "overwriting %s, whose commit marker is unreadable (%s): its files are left for "
+            "CheckpointManager.cleanup()", storage.display, e,
+        )
+        return None
+
+
+__all__ = ["Coordinator", "SaveResult", "StageStats", "new_checkpoint_id"]

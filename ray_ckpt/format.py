@@ -1,0 +1,461 @@
+"""The on-disk format, version 1 (documented byte for byte in docs/FORMAT.md).
+
+A checkpoint is a directory holding three kinds of file:
+
+* data files ``r{rank:05d}-{seq:06d}-{checkpoint_id}.data``: a 64-byte header, then raw
+  little-endian tensor bytes in C order, every extent at a 64-byte aligned offset;
+* one manifest ``manifest-{checkpoint_id}.arrow``: an Arrow IPC file with one row per extent
+  (key, dtype, shape, file, offset, length, CRC32C) and, in its schema metadata, the format
+  version and the tree: the state dict's structure with its non-tensor leaves encoded as
+  tagged JSON (see :mod:`ray_ckpt._tree`), never as pickle;
+* the commit marker ``ray_ckpt.commit``, written last: a small JSON document that names the
+  manifest and carries its length and CRC32C. A directory without it is not a checkpoint.
+
+Names carry the checkpoint id so that a save can write beside an old checkpoint and replace
+it by swapping the marker alone (see :mod:`ray_ckpt.storage`).
+
+This module knows names, layouts and validation. It does no I/O of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from .errors import CorruptCheckpointError, FormatVersionError
+
+FORMAT_NAME = "ray_ckpt"
+FORMAT_VERSION = 1
+ALIGNMENT = 64
+MARKER_NAME = "ray_ckpt.commit"
+HEADER_SIZE = 64
+HEADER_MAGIC = b"RAYCKPT\x00"
+CHECKSUM_ALGORITHM = "crc32c"
+
+KIND_TENSOR = "tensor"
+KIND_PICKLE = "pickle"
+
+_ID_RE = re.compile(r"^[0-9a-f]{16}$")
+_DATA_RE = re.compile(r"^r(\d{5})-(\d{6})-([0-9a-f]{16})\.data$")
+_MANIFEST_RE = re.compile(r"^manifest-([0-9a-f]{16})\.arrow$")
+_OWN_FILE_RE = re.compile(
+    r"^(r\d{5}-\d{6}-[0-9a-f]{16}\.data|manifest-[0-9a-f]{16}\.arrow|"
+    r"ray_ckpt\.commit(\.tmp-[0-9a-f]{16})?)$"
+)
+
+# Every torch dtype with a fixed element size, by the name the manifest uses. Quantized dtypes
+# are absent on purpose: their bytes need scales and zero points the format does not carry.
+DTYPES: dict[str, torch.dtype] = {
+    str(d).removeprefix("torch."): d
+    for d in vars(torch).values()
+    if isinstance(d, torch.dtype) and not str(d).startswith(("torch.qint", "torch.quint"))
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str, *, where: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise CorruptCheckpointError(
+            f"{where}: unknown dtype {name!r}; this reader knows {sorted(DTYPES)}"
+        ) from None
+
+
+def align(offset: int) -> int:
+    return (offset + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+
+
+def new_checkpoint_id() -> str:
+    import secrets
+
+    return secrets.token_hex(8)
+
+
+def data_file_name(rank: int, seq: int, checkpoint_id: str) -> str:
+    return f"r{rank:05d}-{seq:06d}-{checkpoint_id}.data"
+
+
+def manifest_file_name(checkpoint_id: str) -> str:
+    return f"manifest-{checkpoint_id}.arrow"
+
+
+def is_own_file(name: str) -> bool:
+    """True for every file name ray_ckpt writes into a checkpoint directory."""
+    return _OWN_FILE_RE.match(name) is not None
+
+
+def marker_temp_name(checkpoint_id: str) -> str:
+    return f"{MARKER_NAME}.tmp-{checkpoint_id}"
+
+
+# --- data file header -------------------------------------------------------------------------
+#
+#   0  8  magic  b"RAYCKPT\0"
+#   8  4  format version (uint32 little-endian)
+#  12  4  rank (uint32)
+#  16  4  sequence number of the file within the rank (uint32)
+#  20 16  checkpoint id (ASCII hex)
+#  36 24  zero
+#  60  4  CRC32C of bytes 0..60 (uint32)
+
+_HEADER = struct.Struct("<8sIII16s24x")
+
+
+def encode_header(rank: int, seq: int, checkpoint_id: str) -> bytes:
+    from ._checksum import crc32c
+
+    body = _HEADER.pack(HEADER_MAGIC, FORMAT_VERSION, rank, seq, checkpoint_id.encode("ascii"))
+    return body + struct.pack("<I", crc32c(body))
+
+
+def check_header(raw: bytes, *, file: str, checkpoint_id: str) -> None:
+    from ._checksum import crc32c
+
+    if len(raw) < HEADER_SIZE:
+        raise CorruptCheckpointError(
+            f"data file {file} is truncated: {len(raw)} bytes, shorter than its "
+            f"{HEADER_SIZE}-byte header"
+        )
+    body, (crc,) = raw[:60], struct.unpack("<I", raw[60:64])
+    magic, version, _rank, _seq, file_id = _HEADER.unpack(body)
+    if magic != HEADER_MAGIC or crc != crc32c(body):
+        raise CorruptCheckpointError(
+            f"data file {file} has a damaged header (bad magic or header checksum)"
+        )
+    if version != FORMAT_VERSION:
+        raise FormatVersionError(
+            f"data file {file} is format version {version}; this ray_ckpt reads version "
+            f"{FORMAT_VERSION}. Upgrade ray_ckpt to read it."
+        )
+    if file_id.decode("ascii", "replace") != checkpoint_id:
+        raise CorruptCheckpointError(
+            f"data file {file} belongs to checkpoint {file_id!r}, not to {checkpoint_id!r}: "
+            "files of two checkpoints were mixed"
+        )
+
+
+# --- commit marker ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Marker:
+    """The commit marker: names the manifest and pins its bytes."""
+
+    checkpoint_id: str
+    manifest: str
+    manifest_nbytes: int
+    manifest_crc32c: int
+    created_unix: float
+    world_size: int
+    total_nbytes: int
+
+    def to_bytes(self) -> bytes:
+        doc = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "checkpoint_id": self.checkpoint_id,
+            "manifest": self.manifest,
+            "manifest_nbytes": self.manifest_nbytes,
+            "manifest_crc32c": self.manifest_crc32c,
+            "created_unix": self.created_unix,
+            "world_size": self.world_size,
+            "total_nbytes": self.total_nbytes,
+        }
+        return (json.dumps(doc, indent=1) + "\n").encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, *, where: str) -> Marker:
+        try:
+            doc = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CorruptCheckpointError(f"commit marker {where} is not valid JSON: {e}") from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+            raise CorruptCheckpointError(f"commit marker {where} is not a ray_ckpt marker")
+        version = doc.get("format_version")
+        if version != FORMAT_VERSION:
+            raise FormatVersionError(
+                f"checkpoint {where} is format version {version!r}; this ray_ckpt reads version "
+                f"{FORMAT_VERSION}. Upgrade ray_ckpt to read it."
+            )
+        try:
+            marker = cls(
+                checkpoint_id=str(doc["checkpoint_id"]),
+                manifest=str(doc["manifest"]),
+                manifest_nbytes=_nonneg_int(doc["manifest_nbytes"]),
+                manifest_crc32c=_nonneg_int(doc["manifest_crc32c"]),
+                created_unix=float(doc["created_unix"]),
+                world_size=_nonneg_int(doc["world_size"]),
+                total_nbytes=_nonneg_int(doc["total_nbytes"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptCheckpointError(f"commit marker {where} is malformed: {e!r}") from None
+        if not _ID_RE.match(marker.checkpoint_id) or marker.manifest != manifest_file_name(
+            marker.checkpoint_id
+        ):
+            raise CorruptCheckpointError(
+                f"commit marker {where} names an invalid manifest {marker.manifest!r}"
+            )
+        return marker
+
+
+def _nonneg_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a non-negative integer, got {value!r}")
+    return value
+
+
+# --- manifest ---------------------------------------------------------------------------------
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        pa.field("item", pa.int32(), nullable=False),
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("dtype", pa.string()),
+        pa.field("shape", pa.list_(pa.int64())),
+        pa.field("device", pa.string()),
+        pa.field("item_nbytes", pa.int64(), nullable=False),
+        pa.field("chunk_offset", pa.int64(), nullable=False),
+        pa.field("file", pa.string(), nullable=False),
+        pa.field("offset", pa.int64(), nullable=False),
+        pa.field("length", pa.int64(), nullable=False),
+        pa.field("checksum", pa.uint32()),
+        pa.field("rank", pa.int32(), nullable=False),
+    ]
+)
+
+META_VERSION = b"ray_ckpt.format_version"
+META_TREE = b"ray_ckpt.tree"
+META_CHECKPOINT_ID = b"ray_ckpt.checkpoint_id"
+META_CHECKSUM = b"ray_ckpt.checksum_algorithm"
+
+
+@dataclass(frozen=True)
+class Extent:
+    """One contiguous run of an item's bytes in one data file: one manifest row."""
+
+    item: int
+    chunk_offset: int
+    file: str
+    offset: int
+    length: int
+    checksum: int | None
+    rank: int
+
+
+@dataclass(frozen=True)
+class ItemMeta:
+    """What the manifest says about one stored leaf (a tensor or a pickled object)."""
+
+    item: int
+    key: str
+    kind: str
+    dtype: str | None
+    shape: tuple[int, ...] | None
+    device: str | None
+    nbytes: int
+
+
+def build_manifest(
+    items: list[ItemMeta], extents: list[Extent], tree_json: str, checkpoint_id: str
+) -> pa.Table:
+    by_item = {m.item: m for m in items}
+    extents = sorted(extents, key=lambda e: (e.item, e.chunk_offset))
+    cols: dict[str, list[Any]] = {name: [] for name in MANIFEST_SCHEMA.names}
+    for ext in extents:
+        meta = by_item[ext.item]
+        cols["item"].append(ext.item)
+        cols["key"].append(meta.key)
+        cols["kind"].append(meta.kind)
+        cols["dtype"].append(meta.dtype)
+        cols["shape"].append(list(meta.shape) if meta.shape is not None else None)
+        cols["device"].append(meta.device)
+        cols["item_nbytes"].append(meta.nbytes)
+        cols["chunk_offset"].append(ext.chunk_offset)
+        cols["file"].append(ext.file)
+        cols["offset"].append(ext.offset)
+        cols["length"].append(ext.length)
+        cols["checksum"].append(ext.checksum)
+        cols["rank"].append(ext.rank)
+    metadata = {
+        META_VERSION: str(FORMAT_VERSION).encode(),
+        META_TREE: tree_json.encode(),
+        META_CHECKPOINT_ID: checkpoint_id.encode(),
+        META_CHECKSUM: CHECKSUM_ALGORITHM.encode(),
+    }
+    return pa.table(cols, schema=MANIFEST_SCHEMA.with_metadata(metadata))
+
+
+def manifest_to_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def manifest_from_bytes(raw: bytes, *, where: str) -> pa.Table:
+    try:
+        return pa.ipc.open_file(pa.py_buffer(raw)).read_all()
+    except (pa.ArrowInvalid, pa.ArrowException, OSError) as e:
+        raise CorruptCheckpointError(f"manifest {where} is not a readable Arrow file: {e}") from None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated manifest: the tree, the items and their extents, ready for a reader."""
+
+    checkpoint_id: str
+    tree_json: str
+    items: dict[int, ItemMeta]
+    extents: dict[int, list[Extent]]
+    table: pa.Table
+
+    @property
+    def files(self) -> list[str]:
+        return sorted({e.file for exts in self.extents.values() for e in exts})
+
+
+def parse_manifest(table: pa.Table, *, where: str, marker: Marker) -> Manifest:
+    """Validate a manifest table completely before a single byte of tensor data is read.
+
+    Refuses, with :class:`CorruptCheckpointError`: a schema that is not ours, an unknown
+    format version or dtype, negative or absurd shapes, sizes that disagree with shapes,
+    extents that do not tile their item exactly, offsets outside the data area, overlapping
+    byte ranges within a file, and file names that are not ray_ckpt data file names (so a
+    key or a file name can never lead outside the checkpoint directory).
+    """
+    meta = table.schema.metadata or {}
+    version = meta.get(META_VERSION, b"").decode("ascii", "replace")
+    if version != str(FORMAT_VERSION):
+        raise FormatVersionError(
+            f"manifest {where} is format version {version!r}; this ray_ckpt reads version "
+            f"{FORMAT_VERSION}. Upgrade ray_ckpt to read it."
+        )
+    checkpoint_id = meta.get(META_CHECKPOINT_ID, b"").decode("ascii", "replace")
+    if checkpoint_id != marker.checkpoint_id:
+        raise CorruptCheckpointError(
+            f"manifest {where} belongs to checkpoint {checkpoint_id!r} but the commit marker "
+            f"names {marker.checkpoint_id!r}"
+        )
+    missing = [n for n in MANIFEST_SCHEMA.names if n not in table.schema.names]
+    if missing:
+        raise CorruptCheckpointError(f"manifest {where} lacks columns {missing}")
+    tree_json = meta.get(META_TREE, b"").decode("utf-8", "replace")
+    rows = table.select(MANIFEST_SCHEMA.names).to_pylist()
+    items: dict[int, ItemMeta] = {}
+    extents: dict[int, list[Extent]] = {}
+    for row in rows:
+        item_meta, extent = _parse_row(row, where=where, checkpoint_id=checkpoint_id)
+        known = items.setdefault(item_meta.item, item_meta)
+        if known != item_meta:
+            raise CorruptCheckpointError(
+                f"manifest {where}: rows of item {item_meta.item} ({item_meta.key!r}) disagree"
+            )
+        extents.setdefault(item_meta.item, []).append(extent)
+    for item, exts in extents.items():
+        _check_tiling(items[item], exts, where=where)
+    _check_no_overlap([e for exts in extents.values() for e in exts], where=where)
+    total = sum(m.nbytes for m in items.values())
+    if total != marker.total_nbytes:
+        raise CorruptCheckpointError(
+            f"manifest {where} describes {total} bytes but the commit marker says "
+            f"{marker.total_nbytes}"
+        )
+    return Manifest(checkpoint_id, tree_json, items, extents, table)
+
+
+def _parse_row(row: dict[str, Any], *, where: str, checkpoint_id: str) -> tuple[ItemMeta, Extent]:
+    key = row["key"]
+    here = f"manifest {where}, key {key!r}"
+    if row["item"] is None or row["item"] < 0:
+        raise CorruptCheckpointError(f"{here}: invalid item index {row['item']!r}")
+    kind = row["kind"]
+    nbytes = row["item_nbytes"]
+    if nbytes is None or nbytes < 0:
+        raise CorruptCheckpointError(f"{here}: invalid size {nbytes!r}")
+    shape: tuple[int, ...] | None = None
+    if kind == KIND_TENSOR:
+        dtype = dtype_from_name(row["dtype"] or "", where=here)
+        if row["shape"] is None or any(d is None or d < 0 for d in row["shape"]):
+            raise CorruptCheckpointError(f"{here}: invalid shape {row['shape']!r}")
+        shape = tuple(row["shape"])
+        if len(shape) > 64:
+            raise CorruptCheckpointError(f"{here}: {len(shape)} dimensions is absurd")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if numel * dtype.itemsize != nbytes:
+            raise CorruptCheckpointError(
+                f"{here}: shape {list(shape)} of {row['dtype']} needs {numel * dtype.itemsize} "
+                f"bytes but the manifest records {nbytes}"
+            )
+    elif kind != KIND_PICKLE:
+        raise CorruptCheckpointError(f"{here}: unknown kind {kind!r}")
+    file = row["file"]
+    match = _DATA_RE.match(file or "")
+    if match is None or match.group(3) != checkpoint_id:
+        raise CorruptCheckpointError(f"{here}: {file!r} is not a data file of this checkpoint")
+    for name in ("chunk_offset", "offset", "length"):
+        if row[name] is None or row[name] < 0:
+            raise CorruptCheckpointError(f"{here}: invalid {name} {row[name]!r}")
+    if row["offset"] < HEADER_SIZE:
+        raise CorruptCheckpointError(f"{here}: offset {row['offset']} lies inside the file header")
+    item_meta = ItemMeta(
+        item=row["item"],
+        key=key,
+        kind=kind,
+        dtype=row["dtype"],
+        shape=shape,
+        device=row["device"],
+        nbytes=nbytes,
+    )
+    extent = Extent(
+        item=row["item"],
+        chunk_offset=row["chunk_offset"],
+        file=file,
+        offset=row["offset"],
+        length=row["length"],
+        checksum=row["checksum"],
+        rank=row["rank"] if row["rank"] is not None else 0,
+    )
+    return item_meta, extent
+
+
+def _check_tiling(meta: ItemMeta, exts: list[Extent], *, where: str) -> None:
+    exts.sort(key=lambda e: e.chunk_offset)
+    position = 0
+    for ext in exts:
+        if ext.chunk_offset != position:
+            raise CorruptCheckpointError(
+                f"manifest {where}, key {meta.key!r}: extents leave a gap or overlap at byte "
+                f"{position}"
+            )
+        position += ext.length
+    if position != meta.nbytes:
+        raise CorruptCheckpointError(
+            f"manifest {where}, key {meta.key!r}: extents cover {position} of {meta.nbytes} bytes"
+        )
+
+
+def _check_no_overlap(exts: list[Extent], *, where: str) -> None:
+    by_file: dict[str, list[Extent]] = {}
+    for ext in exts:
+        by_file.setdefault(ext.file, []).append(ext)
+    for file, runs in by_file.items():
+        runs.sort(key=lambda e: e.offset)
+        for before, after in zip(runs, runs[1:]):
+            if before.offset + before.length > after.offset and before.length and after.length:
+                raise CorruptCheckpointError(
+                    f"manifest {where}: byte ranges of items {before.item} and {after.item} "
+                    f"overlap in {file}"
+                )

@@ -1,0 +1,149 @@
+"""``CheckpointFuture``: a future backed by a Ray ``ObjectRef``.
+
+``AsyncCheckpointer.save`` returns two of them. Each wraps the ``ray.ObjectRef`` of the
+writer-side call that resolves when its stage is over, so a caller can ``ray.wait`` on
+``future.object_ref``, hand it to another Ray task, ``await future`` in asyncio code, or use the
+``concurrent.futures`` style methods below. Errors raised by a writer actor re-raise here as the
+original :class:`~ray_ckpt.errors.CheckpointError`, not wrapped in ``RayTaskError``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+from collections.abc import Callable, Generator
+from typing import Any, Generic, TypeVar
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from .errors import CheckpointWriteError
+
+T = TypeVar("T")
+
+
+def unwrap_ray_error(error: BaseException) -> BaseException:
+    """The error a caller should see for an error that crossed an actor boundary."""
+    if isinstance(error, RayTaskError):
+        cause = error.cause
+        if isinstance(cause, BaseException) and not isinstance(cause, RayTaskError):
+            return cause
+        return CheckpointWriteError(str(error))
+    if isinstance(error, RayActorError):
+        return CheckpointWriteError(
+            f"a ray_ckpt writer actor died during the save, so nothing was committed: {error}"
+        )
+    return error
+
+
+class CheckpointFuture(Generic[T]):
+    """A future for one stage of a save (staging, or the commit).
+
+    Args:
+        object_ref: the Ray object that holds the result (or the error).
+        local: an optional ``concurrent.futures.Future`` set by this process when it learns
+            the outcome first (staging ends in this process); ``result()`` then returns
+            without a round trip to the actor.
+        on_cancel: called by :meth:`cancel`; returns whether the save was stopped in time.
+    """
+
+    def __init__(
+        self,
+        object_ref: ray.ObjectRef,
+        *,
+        local: concurrent.futures.Future[T] | None = None,
+        on_cancel: Callable[[], bool] | None = None,
+    ) -> None:
+        self._ref = object_ref
+        self._local = local
+        self._on_cancel = on_cancel
+        self._lock = threading.Lock()
+        self._outcome: tuple[bool, Any] | None = None  # (ok, value or error)
+        self._cancelled = False
+
+    @property
+    def object_ref(self) -> ray.ObjectRef:
+        """The ``ray.ObjectRef`` behind this future (``ray.get``/``ray.wait`` work on it)."""
+        return self._ref
+
+    def result(self, timeout: float | None = None) -> T:
+        """The result; raises the save's error, or ``TimeoutError`` after ``timeout`` seconds."""
+        ok, value = self._resolve(timeout)
+        if not ok:
+            raise value
+        return value  # type: ignore[no-any-return]
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        ok, value = self._resolve(timeout)
+        return None if ok else value  # type: ignore[no-any-return]
+
+    def done(self) -> bool:
+        if self._outcome is not None:
+            return True
+        if self._local is not None and self._local.done():
+            return True
+        ready, _ = ray.wait([self._ref], timeout=0, fetch_local=False)
+        return bool(ready)
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def cancel(self) -> bool:
+        """Stop the save before it commits. True when it was stopped (nothing is committed and
+        the future raises ``concurrent.futures.CancelledError``); False when it had already
+        committed or failed."""
+        if self._on_cancel is None or self._outcome is not None:
+            return False
+        stopped = self._on_cancel()
+        if stopped:
+            self._cancelled = True
+        return stopped
+
+    def add_done_callback(self, fn: Callable[[CheckpointFuture[T]], Any]) -> None:
+        """Call ``fn(self)`` once the future is done (from a Ray or staging thread)."""
+        source: concurrent.futures.Future[Any] = (
+            self._local if self._local is not None else self._ref.future()
+        )
+        source.add_done_callback(lambda _: fn(self))
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return self._await().__await__()
+
+    async def _await(self) -> T:
+        if self._outcome is None:
+            try:
+                value = await self._ref
+                self._store(True, value)
+            except Exception as e:  # noqa: BLE001 - stored and re-raised below
+                self._store(False, unwrap_ray_error(e))
+        return self.result()
+
+    def _resolve(self, timeout: float | None) -> tuple[bool, Any]:
+        if self._outcome is not None:
+            return self._outcome
+        if self._cancelled:
+            return False, concurrent.futures.CancelledError()
+        try:
+            if self._local is not None:
+                value = self._local.result(timeout)
+            else:
+                value = ray.get(self._ref, timeout=timeout)
+        except (GetTimeoutError, concurrent.futures.TimeoutError):
+            raise TimeoutError(f"the save did not finish within {timeout} seconds") from None
+        except concurrent.futures.CancelledError:
+            return self._store(False, concurrent.futures.CancelledError())
+        except Exception as e:  # noqa: BLE001 - stored, then raised by result()
+            return self._store(False, unwrap_ray_error(e))
+        return self._store(True, value)
+
+    def _store(self, ok: bool, value: Any) -> tuple[bool, Any]:
+        with self._lock:
+            if self._outcome is None:
+                self._outcome = (ok, value)
+            return self._outcome
+
+    def __repr__(self) -> str:
+        state = "done" if self._outcome is not None else "pending"
+        return f"<CheckpointFuture {state} {self._ref}>"
+
+

@@ -1,0 +1,356 @@
+"""Staging: copy a state dict out of the training process into the Ray object store.
+
+Call order, all in the caller's process::
+
+    plan = stager.plan(state_dict, ...)     # flatten, validate, lay out buckets; no copies
+    for i in range(len(plan.buckets)):      # in order, within the memory budget
+        ref = stager.stage(plan, i)         # one copy per byte, into the object store
+    stager.close()                          # releases pinned host buffers
+
+A bucket is one ``ray.put`` and becomes one data file. Its payload is a list of byte arrays:
+
+* at most one *pack*: tensors up to ``pack_threshold_bytes`` copied side by side, each at a
+  64-byte aligned offset, so that 50,000 tiny tensors cost a handful of puts, not 50,000;
+* *chunks*: byte views of larger tensors (a whole tensor, or a ``bucket_size_bytes`` slice of
+  a larger one). On CPU a chunk is a numpy view of the tensor's own memory; ``ray.put`` copies
+  it straight into shared memory (numpy buffers travel out of band: torch tensors would be
+  pickled). That copy is the only one.
+
+CUDA tensors are first copied into a page-locked host buffer laid out exactly like the bucket
+(on a side stream, non-blocking, synchronised before the put); the buffer is reused for every
+bucket and every save, and freed by :meth:`DefaultStager.close`.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import pickle
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from ._tree import Leaf, flatten
+from .config import CheckpointStagerConfig
+from .format import (
+    HEADER_SIZE,
+    KIND_PICKLE,
+    KIND_TENSOR,
+    ItemMeta,
+    align,
+    data_file_name,
+    dtype_name,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Bytes ``[chunk_offset, chunk_offset + length)`` of item ``item``, found at byte ``start``
+    of staged array ``array`` of a bucket."""
+
+    item: int
+    chunk_offset: int
+    array: int
+    start: int
+    length: int
+
+
+@dataclass(frozen=True)
+class BucketLayout:
+    """What one data file holds and where: sent to the writer with the bucket's object."""
+
+    seq: int
+    file: str
+    array_nbytes: tuple[int, ...]
+    array_offsets: tuple[int, ...]  # offset of each array in the data file
+    segments: tuple[Segment, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.array_nbytes)
+
+    @property
+    def file_nbytes(self) -> int:
+        if not self.array_nbytes:
+            return HEADER_SIZE
+        return self.array_offsets[-1] + self.array_nbytes[-1]
+
+
+@dataclass
+class _Source:
+    """Where the bytes of one array of a bucket come from."""
+
+    # a pack: (leaf index, start in pack, length); a chunk: one entry with start = byte offset
+    # within the leaf's bytes
+    parts: list[tuple[int, int, int]]
+    nbytes: int
+    is_pack: bool
+
+
+@dataclass
+class StagingPlan:
+    """Everything :meth:`CheckpointStager.stage` needs, computed before any byte is copied."""
+
+    checkpoint_id: str
+    rank: int
+    tree_json: str
+    items: list[ItemMeta]
+    buckets: list[BucketLayout]
+    leaves: list[Leaf] = field(repr=False)
+    sources: list[list[_Source]] = field(repr=False)
+    host_bytes: list[torch.Tensor | np.ndarray] = field(repr=False)
+    on_cuda: bool = False
+    ready_event: Any = field(default=None, repr=False)  # CUDA event recorded at save()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.nbytes for m in self.items)
+
+
+class CheckpointStager(abc.ABC):
+    """Copies state out of the caller's memory; see the module docstring for the call order."""
+
+    @abc.abstractmethod
+    def plan(
+        self,
+        state_dict: dict[Any, Any],
+        *,
+        checkpoint_id: str,
+        rank: int = 0,
+        allow_pickle: bool = False,
+    ) -> StagingPlan:
+        """Flatten and validate ``state_dict`` and lay out its buckets. Copies nothing."""
+
+    @abc.abstractmethod
+    def stage(self, plan: StagingPlan, bucket: int) -> ray.ObjectRef:
+        """Copy bucket ``bucket`` of ``plan`` into the object store and return its ref."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release every resource of the stager (pinned buffers, streams)."""
+
+
+class DefaultStager(CheckpointStager):
+    """The stager described in the module docstring."""
+
+    def __init__(self, config: CheckpointStagerConfig | None = None) -> None:
+        self._config = config or CheckpointStagerConfig()
+        self._pinned: torch.Tensor | None = None
+        self._stream: Any = None
+
+    # --- plan ---------------------------------------------------------------------------------
+
+    def plan(
+        self,
+        state_dict: dict[Any, Any],
+        *,
+        checkpoint_id: str,
+        rank: int = 0,
+        allow_pickle: bool = False,
+    ) -> StagingPlan:
+        tree_json, leaves = flatten(state_dict, allow_pickle=allow_pickle)
+        items: list[ItemMeta] = []
+        host_bytes: list[torch.Tensor | np.ndarray] = []
+        on_cuda = False
+        for leaf in leaves:
+            meta, raw = _describe(leaf)
+            items.append(meta)
+            host_bytes.append(raw)
+            on_cuda = on_cuda or (isinstance(raw, torch.Tensor) and raw.device.type == "cuda")
+        sources = self._layout(items)
+        buckets = [
+            _bucket_layout(seq, data_file_name(rank, seq, checkpoint_id), srcs)
+            for seq, srcs in enumerate(sources)
+        ]
+        ready_event = None
+        if on_cuda:
+            ready_event = torch.cuda.Event()
+            ready_event.record(torch.cuda.current_stream())
+        return StagingPlan(
+            checkpoint_id=checkpoint_id,
+            rank=rank,
+            tree_json=tree_json,
+            items=items,
+            buckets=buckets,
+            leaves=leaves,
+            sources=sources,
+            host_bytes=host_bytes,
+            on_cuda=on_cuda,
+            ready_event=ready_event,
+        )
+
+    def _layout(self, items: list[ItemMeta]) -> list[list[_Source]]:
+        """Assign every item's bytes to arrays and arrays to buckets of ``bucket_size_bytes``."""
+        limit = self._config.bucket_size_bytes
+        small = self._config.pack_threshold_bytes
+        buckets: list[list[_Source]] = []
+        current: list[_Source] = []
+        current_bytes = 0
+        pack: _Source | None = None
+
+        def close_bucket() -> None:
+            nonlocal current, current_bytes, pack
+            if current:
+                buckets.append(current)
+            current, current_bytes, pack = [], 0, None
+
+        for meta in items:
+            if meta.nbytes <= small:
+                used = align(pack.nbytes) if pack is not None else 0
+                growth = align(used + meta.nbytes) - used
+                if current and current_bytes + growth > limit:
+                    close_bucket()
+                    used, growth = 0, align(meta.nbytes)
+                if pack is None:
+                    pack = _Source(parts=[], nbytes=0, is_pack=True)
+                    current.insert(0, pack)
+                pack.parts.append((meta.item, used, meta.nbytes))
+                pack.nbytes = used + meta.nbytes
+                current_bytes += growth
+                continue
+            done = 0
+            while done < meta.nbytes:
+                room = limit - current_bytes
+                if room <= 0 or room < min(limit // 4, meta.nbytes - done):
+                    close_bucket()
+                    room = limit
+                length = min(room, meta.nbytes - done)
+                current.append(_Source(parts=[(meta.item, done, length)], nbytes=length, is_pack=False))
+                current_bytes += align(length)
+                done += length
+        close_bucket()
+        return buckets
+
+    # --- stage --------------------------------------------------------------------------------
+
+    def stage(self, plan: StagingPlan, bucket: int) -> ray.ObjectRef:
+        sources = plan.sources[bucket]
+        if plan.on_cuda:
+            arrays = self._via_pinned(plan, sources)
+        else:
+            arrays = [self._cpu_array(plan, src) for src in sources]
+        return ray.put(arrays)
+
+    def _cpu_array(self, plan: StagingPlan, src: _Source) -> np.ndarray:
+        if not src.is_pack:
+            ((leaf, start, length),) = src.parts
+            return _as_numpy(plan.host_bytes[leaf])[start : start + length]
+        pack = np.zeros(src.nbytes, dtype=np.uint8)
+        for leaf, start, length in src.parts:
+            pack[start : start + length] = _as_numpy(plan.host_bytes[leaf])
+        return pack
+
+    def _via_pinned(self, plan: StagingPlan, sources: list[_Source]) -> list[np.ndarray]:
+        """Copy a bucket with CUDA sources into the reusable host buffer, then view it."""
+        total = sum(align(src.nbytes) for src in sources)
+        host = self._host_buffer(total)
+        stream = self._side_stream()
+        host_views: list[np.ndarray] = []
+        position = 0
+        context = torch.cuda.stream(stream) if stream is not None else _nullcontext()
+        with context:
+            if stream is not None and plan.ready_event is not None:
+                stream.wait_event(plan.ready_event)
+            for src in sources:
+                region = host[position : position + src.nbytes]
+                if src.is_pack:
+                    region.zero_()
+                for leaf, start, length in src.parts:
+                    raw = plan.host_bytes[leaf]
+                    if src.is_pack:
+                        target, source_range = region[start : start + length], slice(0, length)
+                    else:
+                        target, source_range = region, slice(start, start + length)
+                    source = raw if isinstance(raw, torch.Tensor) else torch.from_numpy(raw)
+                    target.copy_(source[source_range], non_blocking=self._config.use_non_blocking_copy)
+                host_views.append(region.numpy())
+                position += align(src.nbytes)
+        if stream is not None:
+            stream.synchronize()
+        else:
+            torch.cuda.synchronize()
+        return host_views
+
+    def _host_buffer(self, nbytes: int) -> torch.Tensor:
+        if self._pinned is None or self._pinned.numel() < nbytes:
+            pin = self._config.use_pinned_memory and torch.cuda.is_available()
+            self._pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        return self._pinned
+
+    def _side_stream(self) -> Any:
+        if not self._config.use_non_blocking_copy:
+            return None
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        return self._stream
+
+    def close(self) -> None:
+        self._pinned = None
+        self._stream = None
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _describe(leaf: Leaf) -> tuple[ItemMeta, torch.Tensor | np.ndarray]:
+    """The manifest entry of a leaf and a flat uint8 view of its bytes (on its device)."""
+    if leaf.kind == KIND_PICKLE:
+        raw = np.frombuffer(pickle.dumps(leaf.value, protocol=5), dtype=np.uint8)
+        meta = ItemMeta(leaf.index, leaf.key, KIND_PICKLE, None, None, None, raw.nbytes)
+        return meta, raw
+    tensor: torch.Tensor = leaf.value.detach()
+    if tensor.is_conj():
+        tensor = tensor.resolve_conj()
+    if tensor.is_neg():
+        tensor = tensor.resolve_neg()
+    if not tensor.is_contiguous():
+        tensor = tensor.contiguous()
+    raw_tensor = tensor.reshape(-1).view(torch.uint8)
+    meta = ItemMeta(
+        item=leaf.index,
+        key=leaf.key,
+        kind=KIND_TENSOR,
+        dtype=dtype_name(tensor.dtype),
+        shape=tuple(tensor.shape),
+        device=str(tensor.device),
+        nbytes=raw_tensor.numel(),
+    )
+    if tensor.device.type == "cpu":
+        return meta, raw_tensor.numpy()
+    return meta, raw_tensor
+
+
+def _as_numpy(raw: torch.Tensor | np.ndarray) -> np.ndarray:
+    return raw if isinstance(raw, np.ndarray) else raw.numpy()
+
+
+def _bucket_layout(seq: int, file: str, sources: list[_Source]) -> BucketLayout:
+    offsets: list[int] = []
+    segments: list[Segment] = []
+    position = HEADER_SIZE
+    for index, src in enumerate(sources):
+        position = align(position)
+        offsets.append(position)
+        for leaf, start, length in src.parts:
+            if src.is_pack:
+                segments.append(Segment(leaf, 0, index, start, length))
+            else:
+                segments.append(Segment(leaf, start, index, 0, length))
+        position += src.nbytes
+    return BucketLayout(
+        seq=seq,
+        file=file,
+        array_nbytes=tuple(src.nbytes for src in sources),
+        array_offsets=tuple(offsets),
+        segments=tuple(segments),
+    )

@@ -1,0 +1,366 @@
+"""Writers: one Ray actor per node writes the staged buckets of that node to storage.
+
+Who calls what::
+
+    caller (stager + coordinator)           writer actor on the caller's node
+    ────────────────────────────            ──────────────────────────────────────────
+    run_save(token, request)  ───────────►  waits for staging to end, then gathers,
+    wait_staged(token)        ───────────►  (resolves when staging has ended)
+    write_bucket(layout, [ref]) ─────────►  any node's writer: ray.get the bucket (zero-copy
+                                            from shared memory), checksum, write, fsync
+    end_staging(token, outcome) ─────────►  wakes run_save and wait_staged
+                                            run_save: manifest, hooks, marker (coordinator)
+
+The refs of ``run_save`` and ``wait_staged`` exist as soon as ``save`` is called: they are the
+``ObjectRef`` behind the write and the stage futures.
+
+The actor is named ``ray_ckpt.writer.<pool>.<node id>`` in the configured namespace, found
+again with ``get_if_exists``, pinned to its node with ``NodeAffinitySchedulingStrategy(soft=
+False)``, detached (it outlives the process that happened to create it) and restarted on
+failure. It needs no CPU slot (``num_cpus=0``), so it never competes with training for them.
+Writing itself lives in :class:`CheckpointWriter`, a plain class the actor hosts, so that a
+custom writer (``checkpoint_writer_init_fn``) or a test that injects faults can subclass it.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from ._checksum import crc32c
+from .config import CheckpointWriterConfig
+from .errors import CheckpointWriteError
+from .format import HEADER_SIZE, Extent, encode_header
+from .stager import BucketLayout
+from .storage import Storage
+
+logger = logging.getLogger(__name__)
+
+_ZEROS = bytes(64)
+
+
+class WriterHook(abc.ABC):
+    """Actions around the commit of a checkpoint.
+
+    Both run once per checkpoint, in the writer actor that commits it (the one on the node of
+    the saving process, or of rank 0's coordinator for multi-rank saves), so a hook must pickle.
+    ``pre_commit`` runs after every data file and the manifest are durable and before the
+    marker is written; an exception there fails the save with nothing committed.
+    ``post_commit`` runs after the marker is durable.
+    """
+
+    @abc.abstractmethod
+    def pre_commit(self, path: str, **kwargs: Any) -> None:
+        """Called before the commit marker is written."""
+
+    @abc.abstractmethod
+    def post_commit(self, path: str, **kwargs: Any) -> None:
+        """Called after the commit marker is written."""
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What one writer wrote for one bucket: its data file and the extents in it."""
+
+    file: str
+    file_nbytes: int
+    extents: tuple[Extent, ...]
+    node_id: str
+    write_secs: float
+
+
+class CheckpointWriter:
+    """Writes one staged bucket as one data file: header, aligned extents, checksums, fsync.
+
+    Hosted by the writer actor of a node; plain Python, so it can be subclassed (a custom
+    ``checkpoint_writer_init_fn``) or wrapped to inject faults.
+    """
+
+    def __init__(self, config: CheckpointWriterConfig | None = None) -> None:
+        self.config = config or CheckpointWriterConfig()
+
+    def write_bucket(
+        self,
+        storage: Storage,
+        layout: BucketLayout,
+        arrays: list[np.ndarray],
+        *,
+        rank: int,
+        checkpoint_id: str,
+        checksum: bool,
+        fsync: bool,
+    ) -> tuple[Extent, ...]:
+        if len(arrays) != len(layout.array_nbytes):
+            raise CheckpointWriteError(
+                f"bucket {layout.file} arrived with {len(arrays)} arrays, expected "
+                f"{len(layout.array_nbytes)}"
+            )
+        views = [memoryview(a).cast("B") for a in arrays]
+        buffers: list[memoryview | bytes] = [encode_header(rank, layout.seq, checkpoint_id)]
+        position = HEADER_SIZE
+        for view, offset in zip(views, layout.array_offsets):
+            if offset > position:
+                buffers.append(_ZEROS[: offset - position])
+            buffers.append(view)
+            position = offset + len(view)
+        extents = tuple(
+            Extent(
+                item=seg.item,
+                chunk_offset=seg.chunk_offset,
+                file=layout.file,
+                offset=layout.array_offsets[seg.array] + seg.start,
+                length=seg.length,
+                checksum=(
+                    crc32c(views[seg.array][seg.start : seg.start + seg.length])
+                    if checksum
+                    else None
+                ),
+                rank=rank,
+            )
+            for seg in layout.segments
+        )
+        storage.write_file(layout.file, buffers, fsync=fsync)
+        return extents
+
+
+def default_writer_init_fn(config: CheckpointWriterConfig) -> CheckpointWriter:
+    """The default ``checkpoint_writer_init_fn``: a plain :class:`CheckpointWriter`."""
+    return CheckpointWriter(config)
+
+
+def default_subprocess_init_fn(*_: Any) -> None:
+    """The default ``subprocess_init_fn`` run once in every writer actor: nothing."""
+
+
+# --- the actor --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Slot:
+    event: threading.Event = field(default_factory=threading.Event)
+    outcome: Any = None
+    consumers: int = 2
+    cancelled: bool = False
+    committing: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def begin_commit(self) -> bool:
+        """Claim the right to commit; False when the save was cancelled first."""
+        with self.lock:
+            if self.cancelled:
+                return False
+            self.committing = True
+            return True
+
+
+class _Mailbox:
+    """Per-save meeting point of ``run_save``, ``wait_staged`` and ``end_staging``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._slots: dict[str, _Slot] = {}
+
+    def slot(self, token: str) -> _Slot:
+        with self._lock:
+            return self._slots.setdefault(token, _Slot())
+
+    def deliver(self, token: str, outcome: Any) -> None:
+        slot = self.slot(token)
+        slot.outcome = outcome
+        slot.event.set()
+
+    def take(self, token: str, timeout_secs: float) -> _Slot:
+        """Wait for ``token``'s outcome; the slot is dropped once both consumers took it."""
+        slot = self.slot(token)
+        arrived = slot.event.wait(timeout_secs)
+        with self._lock:
+            slot.consumers -= 1
+            if slot.consumers <= 0:
+                self._slots.pop(token, None)
+        if not arrived:
+            raise CheckpointWriteError(
+                f"staging of save {token} did not finish within {timeout_secs:.0f}s "
+                "(barrier_timeout_secs); the saving process may have died. Nothing was committed."
+            )
+        return slot
+
+
+class _WriterActor:
+    """The Ray actor of one node. See the module docstring for the protocol."""
+
+    def __init__(
+        self,
+        node_id: str,
+        config: CheckpointWriterConfig,
+        writer_init_fn: Callable[..., CheckpointWriter],
+        writer_init_args: dict[str, Any],
+        subprocess_init_fn: Callable[..., None],
+        subprocess_init_args: tuple[Any, ...],
+    ) -> None:
+        logging.basicConfig(level=logging.INFO)
+        subprocess_init_fn(*subprocess_init_args)
+        self._node_id = node_id
+        self._writer = writer_init_fn(config, **writer_init_args)
+        self._mailbox = _Mailbox()
+        self._running: dict[str, _Slot] = {}
+        self._io_slots = threading.BoundedSemaphore(config.io_threads)
+
+    def node_id(self) -> str:
+        return self._node_id
+
+    @ray.method(concurrency_group="io")
+    def write_bucket(
+        self,
+        storage: Storage,
+        layout: BucketLayout,
+        payload: list[ray.ObjectRef],
+        rank: int,
+        checkpoint_id: str,
+        checksum: bool,
+        fsync: bool,
+    ) -> ShardResult:
+        with self._io_slots:
+            start = time.perf_counter()
+            arrays = ray.get(payload[0])
+            extents = self._writer.write_bucket(
+                storage, layout, arrays, rank=rank, checkpoint_id=checkpoint_id,
+                checksum=checksum, fsync=fsync,
+            )
+            del arrays
+        return ShardResult(
+            file=layout.file,
+            file_nbytes=layout.file_nbytes,
+            extents=extents,
+            node_id=self._node_id,
+            write_secs=time.perf_counter() - start,
+        )
+
+    @ray.method(concurrency_group="control")
+    def run_save(self, token: str, request: Any) -> Any:
+        from .coordinator import commit_save
+
+        slot = self._mailbox.slot(token)
+        self._running[token] = slot
+        try:
+            self._mailbox.take(token, request.barrier_timeout_secs)
+            return commit_save(request, slot)
+        finally:
+            self._running.pop(token, None)
+
+    @ray.method(concurrency_group="control")
+    def wait_staged(self, token: str, timeout_secs: float) -> Any:
+        outcome = self._mailbox.take(token, timeout_secs).outcome
+        if outcome.error is not None:
+            raise outcome.error
+        return outcome.stats
+
+    @ray.method(concurrency_group="control")
+    def end_staging(self, token: str, outcome: Any) -> None:
+        self._mailbox.deliver(token, outcome)
+
+    @ray.method(concurrency_group="control")
+    def cancel(self, token: str) -> bool:
+        """Stop save ``token`` before its commit; False once the commit has begun."""
+        slot = self._running.get(token) or self._mailbox.slot(token)
+        with slot.lock:
+            if slot.committing:
+                return False
+            slot.cancelled = True
+            return True
+
+
+# Ray fixes concurrency groups per class; the writer's own semaphore applies io_threads.
+WriterActor = ray.remote(concurrency_groups={"io": 64, "control": 64})(_WriterActor)
+
+
+class WriterPool:
+    """Finds (or creates) the writer actor of a node. One per checkpointer; cheap to keep."""
+
+    def __init__(
+        self,
+        config: CheckpointWriterConfig,
+        namespace: str,
+        *,
+        writer_init_fn: Callable[..., CheckpointWriter] = default_writer_init_fn,
+        writer_init_args: dict[str, Any] | None = None,
+        subprocess_init_fn: Callable[..., None] = default_subprocess_init_fn,
+        subprocess_init_args: tuple[Any, ...] = (),
+    ) -> None:
+        self._config = config
+        self._namespace = namespace
+        self._init = (writer_init_fn, writer_init_args or {}, subprocess_init_fn, subprocess_init_args)
+        self._custom = not (
+            writer_init_fn is default_writer_init_fn
+            and subprocess_init_fn is default_subprocess_init_fn
+            and not writer_init_args
+        )
+        self._pool = _pool_name(self._custom, config)
+        self._handles: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def local_node_id(self) -> str:
+        return str(ray.get_runtime_context().get_node_id())
+
+    def actor_name(self, node_id: str) -> str:
+        return f"ray_ckpt.writer.{self._pool}.{node_id}"
+
+    def for_node(self, node_id: str) -> Any:
+        with self._lock:
+            handle = self._handles.get(node_id)
+            if handle is None:
+                handle = self._handles[node_id] = self._create(node_id)
+            return handle
+
+    def local(self) -> Any:
+        return self.for_node(self.local_node_id())
+
+    def forget(self, node_id: str) -> None:
+        """Drop a cached handle (its actor died for good); the next call finds or creates anew."""
+        with self._lock:
+            self._handles.pop(node_id, None)
+
+    def close(self) -> None:
+        """Kill the writers of a custom pool (shared default writers stay for other users)."""
+        with self._lock:
+            handles, self._handles = list(self._handles.values()), {}
+        if self._custom:
+            for handle in handles:
+                ray.kill(handle, no_restart=True)
+
+    def _create(self, node_id: str) -> Any:
+        writer_init_fn, writer_init_args, subprocess_init_fn, subprocess_init_args = self._init
+        return WriterActor.options(  # type: ignore[attr-defined]
+            name=self.actor_name(node_id),
+            namespace=self._namespace,
+            get_if_exists=True,
+            lifetime=None if self._custom else "detached",
+            num_cpus=0,
+            max_restarts=-1,
+            max_task_retries=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+        ).remote(
+            node_id,
+            self._config,
+            writer_init_fn,
+            writer_init_args,
+            subprocess_init_fn,
+            subprocess_init_args,
+        )
+
+
+def _pool_name(custom: bool, config: CheckpointWriterConfig) -> str:
+    """The default writers are shared by every process of the cluster; writers built by custom
+    init functions belong to one checkpointer and get a name of their own."""
+    if custom:
+        return f"custom-{uuid.uuid4().hex[:12]}"
+    return f"default-io{config.io_threads}"
