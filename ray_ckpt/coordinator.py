@@ -28,6 +28,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +79,7 @@ class SaveResult:
     files: int
     stage_secs: float
     total_secs: float
+    writers: dict[str, int] = field(default_factory=dict)  # node id -> data files written
 
     @property
     def throughput_bytes_per_sec(self) -> float:
@@ -344,6 +346,7 @@ def commit_save(request: SaveRequest, slot: Any) -> SaveResult:
         files=len(shards) + 2,
         stage_secs=stats.stage_secs if stats else 0.0,
         total_secs=time.time() - request.started_unix,
+        writers=dict(Counter(shard.node_id for shard in shards)),
     )
     logger.info(
         "committed %s: %d items, %.1f MiB in %d files, %.3fs (%.2f GB/s)",

@@ -181,7 +181,13 @@ class Storage:
         for attempt in range(1, self.config.max_attempts + 1):
             try:
                 return fn()
-            except (StorageError, CheckpointNotFoundError, FileNotFoundError, FileExistsError):
+            except (
+                StorageError,
+                CheckpointNotFoundError,
+                FileNotFoundError,
+                FileExistsError,
+                NotADirectoryError,
+            ):
                 raise
             except Exception as e:
                 if not is_transient(e) or attempt == self.config.max_attempts:
@@ -219,29 +225,27 @@ class Storage:
             raise FileNotFoundError(path)
         return int(info.size)
 
+    def _list(self) -> list[pafs.FileInfo]:
+        def ls() -> list[pafs.FileInfo]:
+            try:
+                return self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+            except NotADirectoryError:
+                return []
+
+        return self.call("list", self.path, ls)
+
     def list_files(self) -> dict[str, int]:
         """Names and sizes of the files directly in this directory ({} when it is absent)."""
-
-        def ls() -> list[pafs.FileInfo]:
-            return self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
-
-        infos = self.call("list", self.path, ls)
         return {
             info.base_name: int(info.size)
-            for info in infos
+            for info in self._list()
             if info.type == pafs.FileType.File
         }
 
     def list_dirs(self) -> list[str]:
         """Names of the subdirectories directly in this directory."""
-
-        def ls() -> list[pafs.FileInfo]:
-            return self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
-
         return sorted(
-            info.base_name
-            for info in self.call("list", self.path, ls)
-            if info.type == pafs.FileType.Directory
+            info.base_name for info in self._list() if info.type == pafs.FileType.Directory
         )
 
     def make_dir(self) -> None:

@@ -1,0 +1,180 @@
+"""Round trips through the real path: stager -> object store -> writer actor -> disk -> reader."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import ray_ckpt
+from ray_ckpt.format import DTYPES
+
+from .helpers import assert_same, data_files, nested_state, small_config, tiny_model, trained
+
+
+@pytest.fixture(scope="module")
+def ckptr(cluster):
+    with ray_ckpt.make_sync_checkpointer(config=small_config()) as c:
+        yield c
+
+
+def _random_bytes_tensor(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor of ``dtype`` whose bytes are random, NaN and denormal patterns included."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    raw = torch.randint(0, 256, (numel * dtype.itemsize,), dtype=torch.uint8)
+    if dtype == torch.bool:
+        raw = raw % 2
+    return raw.view(dtype).reshape(shape)
+
+
+SAVEABLE = sorted(n for n, d in DTYPES.items() if d.itemsize > 0)
+
+
+def test_every_dtype_round_trips_bit_for_bit(ckptr, tmp_path):
+    state = {name: _random_bytes_tensor(DTYPES[name], (3, 5)) for name in SAVEABLE}
+    state["scalar_bf16"] = torch.tensor(1.5, dtype=torch.bfloat16)
+    ckptr.save(str(tmp_path / "c"), state)
+    loaded = ckptr.load(str(tmp_path / "c"))
+    assert_same(state, loaded)
+    for name in ("bfloat16", "float8_e4m3fn", "float8_e5m2", "complex64", "complex128",
+                 "bool", "uint16", "uint32", "uint64"):
+        assert loaded[name].dtype == DTYPES[name]
+
+
+def test_odd_tensors(ckptr, tmp_path):
+    base = torch.arange(24, dtype=torch.float64).reshape(4, 6)
+    state = {
+        "zero_d": torch.tensor(3.25),
+        "empty": torch.zeros(0, 7),
+        "empty_bf16": torch.empty(0, dtype=torch.bfloat16),
+        "transposed": base.t(),  # non-contiguous
+        "strided": base[::2, 1::3],
+        "view_a": base[1],  # views of one storage
+        "view_b": base[1:3],
+        "conj": torch.tensor([1 + 2j, 3 - 4j]).conj(),
+        "neg": torch.tensor([1.0, -2.0])._neg_view(),
+        "param": torch.nn.Parameter(torch.ones(3)),
+    }
+    ckptr.save(str(tmp_path / "c"), state)
+    loaded = ckptr.load(str(tmp_path / "c"))
+    for key, value in state.items():
+        expected = value.detach().resolve_conj().resolve_neg()
+        assert loaded[key].shape == expected.shape, key
+        assert torch.equal(loaded[key], expected), key
+        assert loaded[key].is_contiguous()
+
+
+def test_tied_tensors_load_as_one_tensor(ckptr, tmp_path):
+    shared = torch.randn(4, 4)
+    ckptr.save(str(tmp_path / "c"), {"embed": shared, "head": shared})
+    loaded = ckptr.load(str(tmp_path / "c"))
+    assert loaded["embed"] is loaded["head"]
+    assert torch.equal(loaded["embed"], shared)
+
+
+def test_nested_structures_and_safe_leaves(ckptr, tmp_path):
+    state = nested_state()
+    ckptr.save(str(tmp_path / "c"), state)
+    assert_same(state, ckptr.load(str(tmp_path / "c")))
+
+
+def test_model_and_adam_resume_identically(ckptr, tmp_path):
+    model = tiny_model()
+    optimizer = trained(model)
+    ckptr.save(str(tmp_path / "c"), {"model": model.state_dict(), "optim": optimizer.state_dict()})
+
+    restored = torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.ReLU(), torch.nn.Linear(32, 4)
+    )
+    restored_opt = torch.optim.Adam(restored.parameters(), lr=1e-2)
+    # the model's tensors are filled in place; None loads the optimizer's subtree whole (a fresh
+    # Adam has no per-parameter state yet to load into)
+    target = {"model": restored.state_dict(), "optim": None}
+    loaded = ckptr.load(str(tmp_path / "c"), target, strict=True)
+    restored_opt.load_state_dict(loaded["optim"])
+
+    # continue both for three steps on the same data: identical to the bit
+    for i in range(3):
+        for m, opt in ((model, optimizer), (restored, restored_opt)):
+            torch.manual_seed(1000 + i)
+            loss = m(torch.randn(8, 16)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for p, q in zip(model.parameters(), restored.parameters()):
+        assert torch.equal(p, q)
+    assert_same(optimizer.state_dict()["state"], restored_opt.state_dict()["state"])
+
+
+def test_ten_thousand_small_tensors(ckptr, tmp_path):
+    state = {f"t{i}": torch.full((i % 7 + 1,), float(i)) for i in range(10_000)}
+    ckptr.save(str(tmp_path / "c"), state)
+    # packed: far fewer files than tensors
+    assert len(data_files(str(tmp_path / "c"))) <= 3
+    assert_same(state, ckptr.load(str(tmp_path / "c")))
+
+
+def test_large_tensor_is_chunked_across_files(ckptr, tmp_path):
+    big = torch.randn(1_000_000)  # 4 MB with 1 MiB buckets
+    ckptr.save(str(tmp_path / "c"), {"big": big, "small": torch.ones(3)})
+    assert len(data_files(str(tmp_path / "c"))) >= 4
+    assert torch.equal(ckptr.load(str(tmp_path / "c"))["big"], big)
+
+
+def test_empty_state_dict(ckptr, tmp_path):
+    ckptr.save(str(tmp_path / "c"), {})
+    assert ckptr.load(str(tmp_path / "c")) == {}
+
+
+def test_hostile_keys_never_name_files(ckptr, tmp_path):
+    keys = ["../../escape", "/abs/path", "a/b", "nul\x00byte", "ключ🔑", "..", ".", "", " "]
+    state = {k: torch.tensor([i]) for i, k in enumerate(keys)}
+    state["nested"] = {"../../../etc/passwd": torch.ones(1)}
+    target = tmp_path / "c"
+    ckptr.save(str(target), state)
+    # nothing was written outside the checkpoint directory, and inside it only our own files
+    assert sorted(os.listdir(tmp_path)) == ["c"]
+    for name in os.listdir(target):
+        assert name.startswith(("r00000-", "manifest-", "ray_ckpt.commit")), name
+    assert_same(state, ckptr.load(str(target)))
+
+
+def test_pickle_needs_allow_pickle_on_save_and_on_load(ckptr, tmp_path):
+    class Custom:
+        def __init__(self) -> None:
+            self.value = 42
+
+    with pytest.raises(ray_ckpt.PickleNotAllowedError, match=r"key 'obj'.*allow_pickle=True"):
+        ckptr.save(str(tmp_path / "refused"), {"obj": Custom()})
+    assert not (tmp_path / "refused" / "ray_ckpt.commit").exists()
+
+    ckptr.save(str(tmp_path / "c"), {"obj": {1, 2, 3}, "t": torch.ones(2)}, allow_pickle=True)
+    with pytest.raises(ray_ckpt.PickleNotAllowedError, match=r"\['obj'\]"):
+        ckptr.load(str(tmp_path / "c"))
+    # tensors can still be loaded without the pickled key, and with allow_pickle all of it
+    assert torch.equal(ckptr.load(str(tmp_path / "c"), {"t": torch.zeros(2)})["t"], torch.ones(2))
+    assert ckptr.load(str(tmp_path / "c"), allow_pickle=True)["obj"] == {1, 2, 3}
+
+
+@pytest.mark.parametrize(
+    "value, match",
+    [
+        (torch.ones(3).to_sparse(), "to_dense"),
+        (torch.empty(3, device="meta"), "meta tensor"),
+        (torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.qint8), "quantized"),
+        (lambda x: x, "allow_pickle"),
+    ],
+    ids=["sparse", "meta", "quantized", "lambda"],
+)
+def test_unsupported_values_name_the_key(ckptr, tmp_path, value, match):
+    with pytest.raises(ray_ckpt.CheckpointError, match=match) as info:
+        ckptr.save(str(tmp_path / "c"), {"layer": {"bad": value}})
+    assert "layer.bad" in str(info.value)
+
+
+def test_non_dict_state_dict_is_refused(ckptr, tmp_path):
+    with pytest.raises(ray_ckpt.UnsupportedValueError, match="must be a dict"):
+        ckptr.save(str(tmp_path / "c"), [torch.ones(1)])  # type: ignore[arg-type]
