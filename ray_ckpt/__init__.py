@@ -9,6 +9,7 @@
 See README.md for the async checkpointer, storage, Ray Train and the CLI.
 """
 
+from .catalog import CheckpointEntry, delete_checkpoint, list_checkpoints
 from .builder import default_rank_info, make_async_checkpointer, make_sync_checkpointer
 from .checkpointer import AsyncCheckpointer, Checkpointer, SyncCheckpointer
 from .config import (
@@ -46,6 +47,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncCheckpointer",
     "BarrierTimeoutError",
+    "CheckpointEntry",
     "CheckpointError",
     "CheckpointExistsError",
     "CheckpointFuture",
@@ -78,6 +80,8 @@ __all__ = [
     "UnsupportedValueError",
     "WriterHook",
     "default_rank_info",
+    "delete_checkpoint",
+    "list_checkpoints",
     "make_async_checkpointer",
     "make_sync_checkpointer",
 ]

@@ -1,0 +1,101 @@
+"""Checkpoints under a root: list them, delete one. Used by the manager and the CLI.
+
+Only ray_ckpt's own files are ever deleted: a directory that holds anything ray_ckpt did not
+write (see :func:`ray_ckpt.format.is_own_file`) is refused whole. Deletion removes the commit
+marker first, so from the first byte deleted on, a reader sees an incomplete checkpoint and
+refuses it, never a checkpoint with files missing.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .config import StorageConfig
+from .errors import CheckpointError, CorruptCheckpointError
+from .format import MARKER_NAME, Marker, is_own_file
+from .storage import Storage
+
+_STEP_RE = re.compile(r"(\d+)(?!.*\d)")
+
+
+@dataclass(frozen=True)
+class CheckpointEntry:
+    """One checkpoint directory under a root, committed or not."""
+
+    name: str
+    path: str
+    committed: bool
+    step: int | None
+    nbytes: int
+    created_unix: float | None
+    checkpoint_id: str | None
+
+
+def step_of(name: str) -> int | None:
+    """The step number in a directory name: its last run of digits (``step-000100`` -> 100)."""
+    match = _STEP_RE.search(name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(
+    root: str, *, filesystem: Any = None, storage_config: StorageConfig | None = None
+) -> list[CheckpointEntry]:
+    """Every directory directly under ``root`` that holds ray_ckpt files, sorted by step then
+    name. Directories without a commit marker are listed with ``committed=False``."""
+    base = Storage.from_path(root, filesystem, storage_config)
+    entries = []
+    for name in base.list_dirs():
+        entry = describe(base.child(name))
+        if entry is not None:
+            entries.append(entry)
+    return sorted(entries, key=lambda e: (e.step is None, e.step or 0, e.name))
+
+
+def describe(storage: Storage) -> CheckpointEntry | None:
+    """What ``storage`` holds: a checkpoint entry, or None when it holds no ray_ckpt file."""
+    files = storage.list_files()
+    own = {n: size for n, size in files.items() if is_own_file(n)}
+    if not own:
+        return None
+    name = storage.path.rstrip("/").rsplit("/", 1)[-1]
+    marker = None
+    if MARKER_NAME in own:
+        try:
+            marker = Marker.from_bytes(storage.read_file(MARKER_NAME), where=storage.display)
+        except CorruptCheckpointError:
+            marker = None
+    return CheckpointEntry(
+        name=name,
+        path=storage.display,
+        committed=marker is not None,
+        step=step_of(name),
+        nbytes=marker.total_nbytes if marker else sum(own.values()),
+        created_unix=marker.created_unix if marker else None,
+        checkpoint_id=marker.checkpoint_id if marker else None,
+    )
+
+
+def delete_checkpoint(
+    path: str, *, filesystem: Any = None, storage_config: StorageConfig | None = None
+) -> None:
+    """Delete the checkpoint (committed or not) at ``path``: marker first, then its files,
+    then the directory. Refuses a directory holding anything ray_ckpt did not write."""
+    storage = Storage.from_path(path, filesystem, storage_config)
+    delete_storage(storage)
+
+
+def delete_storage(storage: Storage) -> None:
+    files = storage.list_files()
+    foreign = sorted(n for n in files if not is_own_file(n)) + storage.list_dirs()
+    if foreign:
+        raise CheckpointError(
+            f"refusing to delete {storage.display}: it holds files ray_ckpt did not write "
+            f"({', '.join(foreign[:5])}). Delete them yourself if they are not needed."
+        )
+    if MARKER_NAME in files:
+        storage.delete_files([MARKER_NAME])
+        storage.sync_dir()
+    storage.delete_files(sorted(n for n in files if n != MARKER_NAME))
+    storage.delete_dir()
