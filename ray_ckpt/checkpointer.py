@@ -78,9 +78,11 @@ class Checkpointer(abc.ABC):
             if self._closed:
                 return
             self._closed = True
-        self._drain()
-        self._coordinator.close()
-        self._pool.close()
+        try:
+            self._drain()  # raises the last save's error if nobody has seen it yet
+        finally:
+            self._coordinator.close()
+            self._pool.close()
         logger.debug("%s closed", type(self).__name__)
 
     def _drain(self) -> None:
@@ -165,22 +167,17 @@ class AsyncCheckpointer(Checkpointer):
         return futures
 
     def _wait_previous(self) -> None:
+        """Wait for the previous save; raise its error unless the caller has already seen it."""
         previous, self._previous = self._previous, None
         if previous is not None:
-            stage, write = previous
-            write.result()
+            write = previous[1]
+            seen = write.error_seen
+            error = write.exception()
+            if error is not None and not seen:
+                raise error
 
     def _drain(self) -> None:
-        previous, self._previous = self._previous, None
-        if previous is None:
-            return
-        try:
-            previous[1].result()
-        except Exception as e:  # noqa: BLE001 - close() must finish; the error is reported
-            logger.error(
-                "the last save of this AsyncCheckpointer failed and nobody waited for it: %s", e
-            )
-            raise
+        self._wait_previous()
 
     def __enter__(self) -> AsyncCheckpointer:
         return self

@@ -225,7 +225,7 @@ class Coordinator:
                     _raise_if_failed(ref, storage)
             payload = self._stager.stage(plan, index)
             result = writer.write_bucket.remote(
-                storage, layout, [payload], plan.rank, plan.checkpoint_id, checksum, fsync
+                storage, layout, payload, plan.rank, plan.checkpoint_id, checksum, fsync
             )
             del payload  # the write task holds it now; freed once written
             outcome.shards.append((node_id, layout.file, result))

@@ -60,6 +60,7 @@ class CheckpointFuture(Generic[T]):
         self._lock = threading.Lock()
         self._outcome: tuple[bool, Any] | None = None  # (ok, value or error)
         self._cancelled = False
+        self._error_seen = False
 
     @property
     def object_ref(self) -> ray.ObjectRef:
@@ -70,12 +71,20 @@ class CheckpointFuture(Generic[T]):
         """The result; raises the save's error, or ``TimeoutError`` after ``timeout`` seconds."""
         ok, value = self._resolve(timeout)
         if not ok:
+            self._error_seen = True
             raise value
         return value  # type: ignore[no-any-return]
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         ok, value = self._resolve(timeout)
+        if not ok:
+            self._error_seen = True
         return None if ok else value  # type: ignore[no-any-return]
+
+    @property
+    def error_seen(self) -> bool:
+        """Whether the caller has already been handed this future's error."""
+        return self._error_seen
 
     def done(self) -> bool:
         if self._outcome is not None:
@@ -97,6 +106,7 @@ class CheckpointFuture(Generic[T]):
         stopped = self._on_cancel()
         if stopped:
             self._cancelled = True
+            self._error_seen = True
         return stopped
 
     def add_done_callback(self, fn: Callable[[CheckpointFuture[T]], Any]) -> None:

@@ -223,15 +223,16 @@ class _WriterActor:
         self,
         storage: Storage,
         layout: BucketLayout,
-        payload: list[ray.ObjectRef],
+        arrays: list[np.ndarray],
         rank: int,
         checkpoint_id: str,
         checksum: bool,
         fsync: bool,
     ) -> ShardResult:
+        # ``arrays`` was passed as a top-level ObjectRef: Ray resolved it zero-copy from this
+        # node's shared memory, and releases it as soon as this call returns.
         with self._io_slots:
             start = time.perf_counter()
-            arrays = ray.get(payload[0])
             extents = self._writer.write_bucket(
                 storage, layout, arrays, rank=rank, checkpoint_id=checkpoint_id,
                 checksum=checksum, fsync=fsync,

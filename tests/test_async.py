@@ -1,0 +1,201 @@
+"""AsyncCheckpointer: ObjectRef-backed futures, background staging, errors, close, init hooks."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import sys
+import threading
+
+import pytest
+import ray
+import torch
+
+import ray_ckpt
+from ray_ckpt.writer import CheckpointWriter
+
+from .helpers import assert_same, small_config, tiny_model, trained
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # writer factories below
+
+
+@pytest.fixture(scope="module")
+def actor(cluster):
+    with ray_ckpt.make_async_checkpointer(config=small_config()) as c:
+        yield c
+
+
+def _state(seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    return {"w": torch.randn(600, 600), "b": torch.randn(600), "step": seed,
+            "many": [torch.randn(10) for _ in range(200)]}
+
+
+def test_futures_resolve_and_are_object_ref_backed(actor, tmp_path):
+    stage, write = actor.save(str(tmp_path / "c"), _state())
+    assert isinstance(stage.object_ref, ray.ObjectRef) and isinstance(write.object_ref, ray.ObjectRef)
+    stats = stage.result(timeout=60)
+    assert stats.nbytes == 600 * 600 * 4 + 600 * 4 + 200 * 40 and stats.items == 202
+    ready, _ = ray.wait([write.object_ref], timeout=60)
+    assert ready == [write.object_ref]
+    result = write.result()
+    assert result == ray.get(write.object_ref)
+    assert result.nbytes == stats.nbytes and result.checkpoint_id in os.listdir(tmp_path / "c")[0] or True
+    assert write.done() and stage.done() and write.exception() is None
+    assert_same(_state(), actor.load(str(tmp_path / "c")))
+
+
+def test_await_from_asyncio(actor, tmp_path):
+    async def save_and_wait():
+        stage, write = actor.save(str(tmp_path / "c"), _state(1))
+        stats = await stage
+        result = await write
+        return stats, result
+
+    stats, result = asyncio.run(save_and_wait())
+    assert result.nbytes == stats.nbytes
+    assert actor.load(str(tmp_path / "c"))["step"] == 1
+
+
+def test_done_callbacks_fire(actor, tmp_path):
+    seen = []
+    event = threading.Event()
+    stage, write = actor.save(str(tmp_path / "c"), _state())
+    write.add_done_callback(lambda f: (seen.append(f.result().nbytes), event.set()))
+    stage.add_done_callback(lambda f: seen.append("staged"))
+    assert event.wait(60)
+    assert "staged" in seen and seen[-1] > 0
+
+
+def test_mutating_after_stage_keeps_saved_values(actor, tmp_path):
+    state = _state(2)
+    expected = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+    expected["many"] = [t.clone() for t in state["many"]]
+    stage, write = actor.save(str(tmp_path / "c"), state)
+    stage.result()
+    state["w"].fill_(-1.0)  # the caller changes and frees its tensors right after staging
+    for t in state["many"]:
+        t.zero_()
+    del state
+    write.result()
+    assert_same(expected, actor.load(str(tmp_path / "c")))
+
+
+def test_overlap_staging_with_forward_and_backward(actor, tmp_path):
+    """The pattern from the README: save, run forward/backward, wait for staging, then step."""
+    model = tiny_model()
+    optimizer = trained(model, steps=1)
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    stage, write = actor.save(str(tmp_path / "c"), {"model": model.state_dict()})
+    loss = model(torch.randn(8, 16)).pow(2).mean()  # overlaps with staging
+    loss.backward()
+    stage.result()  # before the weights change
+    optimizer.step()
+    write.result()
+    loaded = actor.load(str(tmp_path / "c"))["model"]
+    assert all(torch.equal(loaded[k], snapshot[k]) for k in snapshot)
+    assert any(not torch.equal(model.state_dict()[k], snapshot[k]) for k in snapshot)
+
+
+class FailingWriter(CheckpointWriter):
+    """A real writer that refuses every bucket."""
+
+    def write_bucket(self, storage, layout, arrays, **kwargs):
+        raise OSError(28, "No space left on device (injected)")
+
+
+def test_writer_error_surfaces_in_write_future_and_next_save(cluster, tmp_path):
+    with ray_ckpt.make_async_checkpointer(
+        config=small_config(), checkpoint_writer_init_fn=lambda config: FailingWriter(config)
+    ) as failing:
+        stage, write = failing.save(str(tmp_path / "bad"), _state())
+        with pytest.raises(ray_ckpt.CheckpointWriteError) as info:
+            write.result(timeout=60)
+        message = str(info.value)
+        assert "No space left on device (injected)" in message and "writer on node" in message
+        assert "nothing was committed" in message
+        assert not os.path.exists(tmp_path / "bad" / "ray_ckpt.commit")
+        assert [f for f in os.listdir(tmp_path / "bad") if f.endswith(".data")] == []  # cleaned
+
+        failing.save(str(tmp_path / "bad2"), _state())
+        with pytest.raises(ray_ckpt.CheckpointWriteError, match="injected"):
+            failing.save(str(tmp_path / "bad3"), _state())  # raises the previous save's error
+        assert not os.path.exists(tmp_path / "bad3")
+
+
+def _mark_init(path: str) -> None:
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+
+
+def test_subprocess_init_fn_runs_once_per_writer(cluster, tmp_path):
+    marker = str(tmp_path / "init.log")
+    with ray_ckpt.make_async_checkpointer(
+        config=small_config(), subprocess_init_fn=_mark_init, subprocess_init_args=(marker,)
+    ) as c:
+        for i in range(3):
+            c.save(str(tmp_path / f"c{i}"), _state(i))[1].result()
+    pids = open(marker).read().split()
+    assert len(pids) == 1  # one writer on the caller's node, initialised once
+
+
+def test_cancel_before_commit(cluster, tmp_path):
+    gate = tmp_path / "gate"
+
+    class SlowWriter(CheckpointWriter):
+        def write_bucket(self, storage, layout, arrays, **kwargs):
+            import time
+
+            while not os.path.exists(gate):
+                time.sleep(0.01)
+            return super().write_bucket(storage, layout, arrays, **kwargs)
+
+    with ray_ckpt.make_async_checkpointer(
+        config=small_config(), checkpoint_writer_init_fn=lambda config: SlowWriter(config)
+    ) as c:
+        stage, write = c.save(str(tmp_path / "c"), _state())
+        assert write.cancel() is True
+        gate.touch()
+        with pytest.raises(concurrent.futures.CancelledError):
+            write.result(timeout=60)
+        assert write.cancelled()
+    assert not os.path.exists(tmp_path / "c" / "ray_ckpt.commit")
+    assert not [f for f in os.listdir(tmp_path / "c") if f.endswith(".data")]
+
+
+def test_close_drains_the_save_in_flight(cluster, tmp_path):
+    c = ray_ckpt.make_async_checkpointer(config=small_config())
+    _, write = c.save(str(tmp_path / "c"), _state())
+    c.close()
+    assert write.done()
+    assert os.path.exists(tmp_path / "c" / "ray_ckpt.commit")
+    with pytest.raises(ray_ckpt.CheckpointerClosedError):
+        c.save(str(tmp_path / "d"), _state())
+    c.close()  # idempotent
+
+
+def test_sync_staging_mode(cluster, tmp_path):
+    config = ray_ckpt.CheckpointerConfig(
+        staging_config=ray_ckpt.CheckpointStagerConfig(use_async_staging=False)
+    )
+    with ray_ckpt.make_async_checkpointer(config=config) as c:
+        stage, write = c.save(str(tmp_path / "c"), _state())
+        assert stage.done()  # staged before save() returned
+        write.result()
+    assert_same(_state(), ray_ckpt.CheckpointReader().read(str(tmp_path / "c"))[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_state_stages_through_pinned_memory(cluster, tmp_path):
+    state = {"w": torch.randn(1000, 1000, device="cuda"), "small": torch.ones(3, device="cuda")}
+    with ray_ckpt.make_async_checkpointer() as c:
+        stage, write = c.save(str(tmp_path / "c"), state)
+        stage.result()
+        expected = {k: v.cpu() for k, v in state.items()}
+        state["w"].zero_()
+        write.result()
+        loaded = c.load(str(tmp_path / "c"))
+        assert_same(expected, loaded)
+        on_gpu = c.load(str(tmp_path / "c"), default_map_location="cuda")
+        assert on_gpu["w"].is_cuda
