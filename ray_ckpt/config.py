@@ -75,12 +75,17 @@ class CheckpointWriterConfig:
             commit marker is written (local and network filesystems).
         barrier_timeout_secs: how long a save waits for every rank to report before it fails
             on every rank (multi-rank saves), and for staging to finish.
+        spread_across_nodes: hand buckets to the writers of every alive node in turn instead
+            of this node's writer alone. The bytes then cross the network (Ray's object
+            transfer), which pays when one node's storage bandwidth is the bottleneck and the
+            storage is shared (an object store, a network filesystem).
     """
 
     checksum: bool = True
     io_threads: int = 4
     fsync: bool = True
     barrier_timeout_secs: float = 1800.0
+    spread_across_nodes: bool = False
 
     def __post_init__(self) -> None:
         _require(1 <= self.io_threads <= 64, f"io_threads must be in [1, 64], got {self.io_threads}")

@@ -34,6 +34,7 @@ from typing import Any
 
 import ray
 
+from . import metrics
 from .config import CheckpointerConfig
 from .errors import CheckpointError, CheckpointExistsError, CheckpointWriteError, CorruptCheckpointError
 from .format import (
@@ -175,6 +176,7 @@ class Coordinator:
 
         stage_future = CheckpointFuture(stage_ref, local=staged, on_cancel=cancel)
         write_future: CheckpointFuture[SaveResult] = CheckpointFuture(write_ref, on_cancel=cancel)
+        write_future.add_done_callback(_log_summary)
         if background:
             executor = self._staging_executor()
             executor.submit(self._stage_all, plan, storage, session, staged, started)
@@ -207,14 +209,14 @@ class Coordinator:
             session.end_staging.remote(plan.checkpoint_id, outcome)
         if outcome.error is None:
             assert outcome.stats is not None
+            metrics.record_stall(outcome.stats.stage_secs)
             staged.set_result(outcome.stats)
 
     def _stage_buckets(self, plan: StagingPlan, storage: Storage, outcome: StagingOutcome) -> None:
         """Put each bucket and start its write, keeping staged-but-unwritten bytes in budget."""
         budget = self._memory_budget()
         in_flight: dict[ray.ObjectRef, int] = {}
-        node_id = self._pool.local_node_id()
-        writer = self._pool.for_node(node_id)
+        targets = self._placement()
         checksum = self._config.writer_config.checksum
         fsync = self._config.writer_config.fsync
         for index, layout in enumerate(plan.buckets):
@@ -224,12 +226,22 @@ class Coordinator:
                     del in_flight[ref]
                     _raise_if_failed(ref, storage)
             payload = self._stager.stage(plan, index)
+            node_id, writer = targets[index % len(targets)]
             result = writer.write_bucket.remote(
                 storage, layout, payload, plan.rank, plan.checkpoint_id, checksum, fsync
             )
             del payload  # the write task holds it now; freed once written
             outcome.shards.append((node_id, layout.file, result))
             in_flight[result] = layout.nbytes
+
+    def _placement(self) -> list[tuple[str, Any]]:
+        """The writers that write this save's buckets, in turn: this node's own, or (with
+        ``spread_across_nodes``) every alive node's, this node's first."""
+        local = self._pool.local_node_id()
+        nodes = [local]
+        if self._config.writer_config.spread_across_nodes:
+            nodes += sorted(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != local)
+        return [(node, self._pool.for_node(node)) for node in nodes]
 
     def _memory_budget(self) -> int:
         if self._budget_bytes is None:
@@ -259,6 +271,17 @@ class Coordinator:
             self._staging_thread.shutdown(wait=True)
             self._staging_thread = None
         self._stager.close()
+
+
+def _log_summary(future: CheckpointFuture[SaveResult]) -> None:
+    """One INFO line per save, in the saving process, once it committed."""
+    r = future.stats
+    if r is not None:
+        logger.info(
+            "saved %s: %d items, %.1f MiB in %d files, %.3fs (%.2f GB/s), stall %.3fs",
+            r.path, r.items, r.nbytes / 2**20, r.files, r.total_secs,
+            r.throughput_bytes_per_sec / 1e9, r.stage_secs,
+        )
 
 
 def _portable(error: BaseException) -> BaseException:
@@ -331,6 +354,7 @@ def commit_save(request: SaveRequest, slot: Any) -> SaveResult:
             exclusive=not request.overwrite,
         )
     except BaseException:
+        metrics.record_failure()
         discard_files(storage, request.checkpoint_id)
         raise
     if replaced is not None and replaced != request.checkpoint_id:
@@ -348,11 +372,8 @@ def commit_save(request: SaveRequest, slot: Any) -> SaveResult:
         total_secs=time.time() - request.started_unix,
         writers=dict(Counter(shard.node_id for shard in shards)),
     )
-    logger.info(
-        "committed %s: %d items, %.1f MiB in %d files, %.3fs (%.2f GB/s)",
-        result.path, result.items, result.nbytes / 2**20, result.files,
-        result.total_secs, result.throughput_bytes_per_sec / 1e9,
-    )
+    metrics.record_commit(result.nbytes, result.total_secs)
+    logger.debug("committed %s (%s)", result.path, result.checkpoint_id)
     return result
 
 

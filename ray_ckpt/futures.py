@@ -82,6 +82,16 @@ class CheckpointFuture(Generic[T]):
         return None if ok else value  # type: ignore[no-any-return]
 
     @property
+    def stats(self) -> T | None:
+        """The result once the future succeeded, else None: :class:`~ray_ckpt.StageStats`
+        (bytes, items, stall) for a stage future, :class:`~ray_ckpt.SaveResult` (bytes, files,
+        stall, total time, writers) for a write future. Never raises, never blocks."""
+        if not self.done():
+            return None
+        ok, value = self._resolve(None)
+        return value if ok else None
+
+    @property
     def error_seen(self) -> bool:
         """Whether the caller has already been handed this future's error."""
         return self._error_seen

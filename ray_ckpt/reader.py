@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from . import metrics
 from ._checksum import crc32c
 from ._tree import ItemRef, decode, item_refs, key_string, materialize
 from .config import CheckpointReaderConfig, StorageConfig
@@ -174,6 +175,7 @@ class CheckpointReader:
             nbytes / secs / 1e9 if secs > 0 else 0.0,
             f", {len(plan.missing)} keys missing" if plan.missing else "",
         )
+        metrics.record_load(nbytes, secs)
         return result, plan.missing
 
     def _read_items(

@@ -199,3 +199,28 @@ def test_cuda_state_stages_through_pinned_memory(cluster, tmp_path):
         assert_same(expected, loaded)
         on_gpu = c.load(str(tmp_path / "c"), default_map_location="cuda")
         assert on_gpu["w"].is_cuda
+
+
+def test_metrics_reach_rays_prometheus_endpoint(actor, tmp_path):
+    import time
+    import urllib.request
+
+    _, write = actor.save(str(tmp_path / "c"), _state())
+    result = write.result()
+    assert write.stats == result and result.stage_secs > 0
+    node = next(n for n in ray.nodes() if n["NodeID"] == ray.get_runtime_context().get_node_id())
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    deadline = time.monotonic() + 60
+    text = ""
+    while time.monotonic() < deadline:
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        if "ray_ckpt_bytes_written" in text and "ray_ckpt_stall_seconds" in text:
+            break
+        time.sleep(1)
+    written = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        # Ray prefixes application metrics with "ray_"
+        if line.startswith(("ray_ckpt_bytes_written", "ray_ray_ckpt_bytes_written"))
+    ]
+    assert written and max(written) >= result.nbytes, text[-2000:]

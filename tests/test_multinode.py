@@ -83,3 +83,17 @@ def test_writer_on_worker_node_survives_its_creator(cluster, tmp_path, node):
     ray.get(_save_from_this_node.options(**on_node(node_id)).remote(str(tmp_path / "a"), 1))
     _, writers, _ = ray.get(_save_from_this_node.options(**on_node(node_id)).remote(str(tmp_path / "b"), 2))
     assert list(writers) == [node_id]
+
+
+def test_spread_across_nodes_hands_chunks_of_one_tensor_to_every_writer(cluster, tmp_path):
+    config = ray_ckpt.CheckpointerConfig(
+        staging_config=ray_ckpt.CheckpointStagerConfig(bucket_size_bytes=1 << 20),
+        writer_config=ray_ckpt.CheckpointWriterConfig(spread_across_nodes=True),
+    )
+    big = torch.randn(3_000_000)  # 12 MB: 12 chunks of 1 MiB
+    with ray_ckpt.make_async_checkpointer(config=config) as ckptr:
+        _, write = ckptr.save(str(tmp_path / "c"), {"big": big})
+        result = write.result()
+        assert set(result.writers) == set(cluster.node_ids)
+        assert min(result.writers.values()) >= 3
+        assert torch.equal(ckptr.load(str(tmp_path / "c"))["big"], big)
