@@ -1,32 +1,55 @@
 """Storage: every byte ray_ckpt reads or writes goes through this module, on ``pyarrow.fs``.
 
 A :class:`Storage` is one directory on one filesystem, resolved once from a local path, a URI
-(``file://``, ``s3://``, ``gs://``, ``hdfs://``) or an explicit ``pyarrow.fs.FileSystem``. It
-pickles, so the same object travels to the writer actors. On a ``LocalFileSystem`` it talks to
-the OS directly (``pwritev``/``preadv`` straight from and into tensor memory, ``fsync`` of files
-and of the directory); on any other filesystem it streams through pyarrow.
+(``file://``, ``s3://``, ``gs://``, ``hdfs://``) or an explicit ``pyarrow.fs.FileSystem`` (any
+of them: ``S3FileSystem``, ``GcsFileSystem``, a ``PyFileSystem`` wrapping an fsspec filesystem,
+a ``SubTreeFileSystem``). It pickles, so the same object travels to the writer actors; a
+filesystem pickles with its options (an ``S3FileSystem`` with its endpoint and resolved
+credentials). On a ``LocalFileSystem`` it talks to the OS directly (``pwritev``/``preadv``
+straight from and into tensor memory, ``fsync`` of files and of the directory); on any other
+filesystem it streams through pyarrow:
 
-Every call is retried on transient errors (timeouts, 5xx, throttling) with exponential backoff
-up to :class:`~ray_ckpt.config.StorageConfig` ``max_attempts``, logging each attempt; permanent
-errors (permission, missing bucket, disk full) fail at once as
-:class:`~ray_ckpt.errors.StorageError` naming the path and the fix.
+* writes go through ``open_output_stream`` in calls of ``StorageConfig.part_size_bytes``. An
+  ``S3FileSystem`` cuts them into multipart parts of its own fixed size (10 MiB in pyarrow),
+  uploaded in the background by pyarrow's I/O threads; a small object (the marker) is one
+  ``PutObject`` when the filesystem has ``allow_delayed_open=True`` and otherwise a multipart
+  upload of one part, whose completion is just as atomic. Several files are written at once by
+  the writer actor's ``io_threads``.
+* reads are positional (``read_at``, a ranged GET on object stores) of whole extents in pieces
+  of at most :data:`READ_CHUNK_BYTES`, straight into the destination tensor, ``io_threads`` of
+  the reader at a time; nothing reads a whole data file into memory.
 
-Commit strategies (how the marker makes a checkpoint exist):
+Every call is retried on transient errors (timeouts, 5xx, throttling, refused or reset
+connections) with exponential backoff up to :class:`~ray_ckpt.config.StorageConfig`
+``max_attempts``, per object (a write is retried whole: the object is written again from its
+first byte), logging each attempt with its number. pyarrow's ``S3FileSystem`` retries inside
+each call as well (its ``retry_strategy``). Permanent errors (access denied, unknown key, no such
+bucket, disk full, read-only) fail at once as :class:`~ray_ckpt.errors.StorageError` naming the
+path, the bucket on object stores, and the fix.
 
-* :class:`RenameCommit` for filesystems with atomic rename (local and network disks, HDFS):
-  every data file and the manifest were fsynced; the marker is written to a temporary name,
-  fsynced, renamed over ``ray_ckpt.commit``, and the directory is fsynced.
-* :class:`PutCommit` for object stores (S3, GCS), which cannot rename: data objects and the
-  manifest are uploaded first, the marker is uploaded last. A PUT is atomic: readers see the
-  old marker or the new one, never half of one.
+Commit strategies (how the marker makes a checkpoint exist), chosen by
+:func:`commit_strategy_for`:
+
+* :class:`PutCommit` for object stores (S3, GCS, Azure, and fsspec or wrapped filesystems on
+  them), which cannot rename: data objects and the manifest are uploaded first, the marker is
+  uploaded last. An upload is atomic: readers see the old marker or the new one, never half of
+  one, and never a ``.tmp`` object.
+* :class:`RenameCommit` for everything else: local and network disks, HDFS, and filesystems it
+  does not recognise (e.g. fsspec's local filesystem, whose ``mv`` is ``os.rename``): every data
+  file and the manifest were fsynced (local disks); the marker is written to a temporary name,
+  fsynced, renamed over ``ray_ckpt.commit``, and the directory is fsynced. Where ``move`` is
+  atomic this is the strongest commit there is; where it is a copy, it is no weaker than writing
+  the marker in place. Durability on a non-local filesystem is what its ``close`` gives.
 """
 
 from __future__ import annotations
 
 import abc
 import errno
+import functools
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -45,20 +68,36 @@ T = TypeVar("T")
 Buffer = memoryview | bytes
 
 _IOV_MAX = 512
+
+READ_CHUNK_BYTES = 64 << 20
+"""Largest single read (one ranged GET on object stores) when streaming an extent."""
+
 _TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ECONNRESET, errno.EBUSY}
+# Lower-case fragments of transient errors: plain words, HTTP statuses, and the AWS SDK error
+# names pyarrow puts in its messages ("AWS Error SLOW_DOWN during PutObject operation: ...").
 _TRANSIENT_WORDS = (
     "timeout",
     "timed out",
     "throttl",
     "slowdown",
     "slow down",
+    "slow_down",
     "service unavailable",
+    "service_unavailable",
+    "serviceunavailable",
     "internal error",
     "internalerror",
+    "internal_failure",
+    "network_connection",
+    "could not connect",
+    "couldn't connect",
+    "connection refused",
     "connection reset",
     "connection was closed",
     "broken pipe",
     "try again",
+    "requestlimitexceeded",
+    "http status 429",
     "http status 500",
     "http status 502",
     "http status 503",
@@ -66,6 +105,30 @@ _TRANSIENT_WORDS = (
     "error 500",
     "error 503",
     "transient",
+)
+# Errors that no retry can fix; checked before the transient words.
+_NO_BUCKET_WORDS = ("no_such_bucket", "nosuchbucket", "no such bucket", "bucket does not exist")
+_NO_BUCKET_RE = re.compile(r"bucket '[^']*' not found")
+_DENIED_WORDS = (
+    "access_denied",
+    "accessdenied",
+    "access denied",
+    "forbidden",
+    "http status 403",
+    "invalid_access_key_id",
+    "invalidaccesskeyid",
+    "signature_does_not_match",
+    "signaturedoesnotmatch",
+    "expired_token",
+    "expiredtoken",
+    "invalid_token",
+    "permission denied",
+)
+_BUCKET_IN_MESSAGE_RE = re.compile(r"bucket '([^']+)'")
+
+# Names (pyarrow type names, fsspec protocols) of object stores: no rename, atomic uploads.
+OBJECT_STORES = frozenset(
+    {"s3", "s3a", "gcs", "gs", "abfs", "abfss", "az", "adl", "wasb", "wasbs", "oss", "r2"}
 )
 
 
@@ -77,7 +140,9 @@ def resolve(path: str, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.
     anything else is a local path, made absolute.
     """
     if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"a checkpoint path must be a str or os.PathLike, got {type(path).__name__}")
+        raise TypeError(
+            f"a checkpoint path must be a str or os.PathLike, got {type(path).__name__}"
+        )
     path = os.fspath(path)
     if not path:
         raise ValueError("a checkpoint path must not be empty")
@@ -93,8 +158,14 @@ def resolve(path: str, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.
 
 
 def is_transient(error: BaseException) -> bool:
-    """Whether retrying ``error`` may succeed (timeouts, 5xx, throttling, resets)."""
-    if isinstance(error, (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+    """Whether retrying ``error`` may succeed (timeouts, 5xx, throttling, refused or reset
+    connections). Access denied, missing buckets and missing files are never transient."""
+    if isinstance(
+        error, (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError)
+    ):
+        return False
+    text = str(error).lower()
+    if _no_bucket(text) or any(word in text for word in _DENIED_WORDS):
         return False
     if isinstance(error, OSError) and error.errno is not None:
         if error.errno in _TRANSIENT_ERRNOS:
@@ -103,29 +174,86 @@ def is_transient(error: BaseException) -> bool:
             return False
     if isinstance(error, (TimeoutError, ConnectionError)):
         return True
-    text = str(error).lower()
     return any(word in text for word in _TRANSIENT_WORDS)
 
 
-def _permanent_error(error: BaseException, what: str, where: str) -> StorageError:
+def _no_bucket(text: str) -> bool:
+    return any(word in text for word in _NO_BUCKET_WORDS) or bool(_NO_BUCKET_RE.search(text))
+
+
+def _permanent_error(
+    error: BaseException, what: str, where: str, bucket: str | None
+) -> StorageError:
     text = str(error)
     lower = text.lower()
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT) or (
+    found = _BUCKET_IN_MESSAGE_RE.search(text)
+    bucket = found.group(1) if found else bucket
+    if (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) or (
         "no space left" in lower
     ):
         hint = "free space on that device or choose another storage path"
-    elif isinstance(error, PermissionError) or "access denied" in lower or "forbidden" in lower:
+    elif _no_bucket(lower):
         hint = (
-            "check that every node of the cluster has read/write access to the storage path "
-            "(credentials, bucket policy, file permissions)"
+            f"bucket {bucket!r} does not exist: create it, or fix the bucket name in the path "
+            "(and check the endpoint and region the filesystem points at)"
         )
-    elif "nosuchbucket" in lower or "bucket does not exist" in lower or "no such bucket" in lower:
-        hint = "the bucket does not exist: create it or fix the bucket name in the path"
+    elif isinstance(error, PermissionError) or any(word in lower for word in _DENIED_WORDS):
+        if bucket is not None:
+            hint = (
+                f"access to bucket {bucket!r} was denied: give every node of the cluster "
+                "credentials that may list, read, write and delete under this path "
+                "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, an instance profile or role, or "
+                "access_key=/secret_key= on the filesystem) and check the bucket policy"
+            )
+        else:
+            hint = (
+                "check that every node of the cluster has read/write access to the storage "
+                "path (file permissions, mount options)"
+            )
     elif isinstance(error, OSError) and error.errno == errno.EROFS:
         hint = "the filesystem is read-only: choose a writable storage path"
     else:
         hint = "check the storage path and that the storage is reachable from every node"
     return StorageError(f"{what} {where} failed: {type(error).__name__}: {text}. Fix: {hint}.")
+
+
+def _fs_names(fs: Any) -> set[str]:
+    """Lower-case names of ``fs`` and of whatever it wraps: pyarrow type names split into words
+    (``py::fsspec+s3`` -> py, fsspec, s3) and fsspec protocols, looking through
+    ``SubTreeFileSystem``, ``PyFileSystem`` handlers and fsspec wrappers (``DirFileSystem``)."""
+    names: set[str] = set()
+    stack, seen = [fs], 0
+    while stack and seen < 16:
+        obj = stack.pop()
+        seen += 1
+        if isinstance(obj, pafs.FileSystem):
+            names.update(re.split(r"[^a-z0-9]+", obj.type_name.lower()))
+            if isinstance(obj, pafs.SubTreeFileSystem):
+                stack.append(obj.base_fs)
+            elif isinstance(obj, pafs.PyFileSystem):
+                stack.append(obj.handler)
+            continue
+        protocol = getattr(obj, "protocol", None)
+        if isinstance(protocol, str):
+            names.add(protocol.lower())
+        elif isinstance(protocol, (list, tuple)):
+            names.update(str(p).lower() for p in protocol)
+        inner = getattr(obj, "fs", None)  # FSSpecHandler.fs, DirFileSystem.fs, wrappers
+        if inner is not None and inner is not obj:
+            stack.append(inner)
+    names.discard("")
+    return names
+
+
+def is_object_store(fs: Any) -> bool:
+    """Whether ``fs`` is (or wraps) an object store, which cannot rename."""
+    return bool(_fs_names(fs) & OBJECT_STORES)
+
+
+def commit_strategy_for(fs: Any) -> CommitStrategy:
+    """:class:`PutCommit` on object stores, :class:`RenameCommit` everywhere else (see the
+    module docstring for why an unknown filesystem gets the rename)."""
+    return PutCommit() if is_object_store(fs) else RenameCommit()
 
 
 class Storage:
@@ -138,6 +266,7 @@ class Storage:
         self.path = path.rstrip("/") or "/"
         self.config = config or StorageConfig()
         self.is_local = isinstance(fs, pafs.LocalFileSystem)
+        self.is_object_store = not self.is_local and is_object_store(fs)
 
     @classmethod
     def from_path(
@@ -159,6 +288,13 @@ class Storage:
             return self.path
         return f"{self.fs.type_name}://{self.path}"
 
+    @property
+    def bucket(self) -> str | None:
+        """The bucket on object stores (the first component of the path), else None."""
+        if not self.is_object_store:
+            return None
+        return self.path.lstrip("/").split("/", 1)[0] or None
+
     def child(self, name: str) -> Storage:
         return Storage(self.fs, self._join(name), self.config)
 
@@ -169,41 +305,52 @@ class Storage:
 
     @property
     def commit_strategy(self) -> CommitStrategy:
-        if self.fs.type_name in ("s3", "gcs"):
-            return PutCommit()
-        return RenameCommit()
+        return PutCommit() if self.is_object_store else RenameCommit()
 
     # --- retries ------------------------------------------------------------------------------
 
     def call(self, what: str, where: str, fn: Callable[[], T]) -> T:
-        """Run ``fn`` with retries on transient errors; translate permanent ones."""
+        """Run ``fn`` (one storage operation on one object) with retries on transient errors,
+        logging every failed attempt with its number; translate permanent errors into a
+        :class:`StorageError` that names the path, the bucket and the fix."""
         backoff = self.config.retry_initial_backoff_secs
-        for attempt in range(1, self.config.max_attempts + 1):
+        attempts = self.config.max_attempts
+        for attempt in range(1, attempts + 1):
             try:
-                return fn()
+                result = fn()
             except (
                 StorageError,
                 CheckpointNotFoundError,
                 FileNotFoundError,
                 FileExistsError,
                 NotADirectoryError,
+                EOFError,
             ):
                 raise
             except Exception as e:
-                if not is_transient(e) or attempt == self.config.max_attempts:
-                    if is_transient(e):
-                        raise StorageError(
-                            f"{what} {where} failed after {attempt} attempts, the last with "
-                            f"{type(e).__name__}: {e}. Fix: check that the storage is reachable "
-                            "and not overloaded, or raise StorageConfig.max_attempts."
-                        ) from e
-                    raise _permanent_error(e, what, where) from e
+                if not is_transient(e):
+                    raise _permanent_error(e, what, where, self.bucket) from e
+                if attempt == attempts:
+                    logger.error(
+                        "%s %s failed (attempt %d of %d, giving up): %s",
+                        what, where, attempt, attempts, e,
+                    )
+                    raise StorageError(
+                        f"{what} {where} failed after {attempt} attempts, the last with "
+                        f"{type(e).__name__}: {e}. Fix: check that the storage is reachable "
+                        "from every node and not overloaded, or raise "
+                        "StorageConfig.max_attempts."
+                    ) from e
                 logger.warning(
                     "%s %s failed (attempt %d of %d, retrying in %.2fs): %s",
-                    what, where, attempt, self.config.max_attempts, backoff, e,
+                    what, where, attempt, attempts, backoff, e,
                 )
                 time.sleep(backoff)
                 backoff = min(backoff * 2, self.config.retry_max_backoff_secs)
+                continue
+            if attempt > 1:
+                logger.info("%s %s succeeded on attempt %d of %d", what, where, attempt, attempts)
+            return result
         raise AssertionError("unreachable")
 
     # --- directory ----------------------------------------------------------------------------
@@ -249,12 +396,14 @@ class Storage:
         )
 
     def make_dir(self) -> None:
-        self.call("create directory", self.path, lambda: self.fs.create_dir(self.path, recursive=True))
+        self.call(
+            "create directory", self.path, lambda: self.fs.create_dir(self.path, recursive=True)
+        )
 
     def delete_files(self, names: Sequence[str]) -> None:
         for name in names:
             path = self._join(name)
-            self.call("delete", path, lambda p=path: self._delete_file(p))
+            self.call("delete", path, functools.partial(self._delete_file, path))
 
     def _delete_file(self, path: str) -> None:
         try:
@@ -263,6 +412,8 @@ class Storage:
             pass
 
     def delete_dir(self) -> None:
+        """Delete this directory and everything in it (recursive on every filesystem)."""
+
         def rm() -> None:
             try:
                 self.fs.delete_dir(self.path)
@@ -270,6 +421,25 @@ class Storage:
                 pass
 
         self.call("delete directory", self.path, rm)
+
+    def remove_empty_dir(self) -> bool:
+        """Remove this directory if it is empty; True when it is gone. Never deletes a file: on
+        local disks ``rmdir`` refuses a non-empty directory atomically; elsewhere the directory
+        is listed first and only an empty one (a prefix or directory marker) is removed."""
+        if self.is_local:
+            try:
+                os.rmdir(self.path)
+            except FileNotFoundError:
+                return True
+            except OSError as e:
+                if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    return False
+                raise _permanent_error(e, "remove directory", self.path, None) from e
+            return True
+        if self._list():
+            return False
+        self.delete_dir()
+        return True
 
     def sync_dir(self) -> None:
         """Make the directory's entries durable (local filesystems; a no-op elsewhere)."""
@@ -349,7 +519,8 @@ class FileReader:
         handle = self._handle(name, lambda: self._storage.fs.open_input_file(path))
         done = 0
         while done < len(view):
-            chunk = handle.read_at(min(len(view) - done, 64 << 20), offset + done)  # type: ignore[attr-defined]
+            want = min(len(view) - done, READ_CHUNK_BYTES)
+            chunk = handle.read_at(want, offset + done)  # type: ignore[attr-defined]
             if len(chunk) == 0:
                 raise EOFError(f"{path} ends at byte {offset + done}")
             view[done : done + len(chunk)] = memoryview(chunk).cast("B")
