@@ -1,9 +1,15 @@
 """Checkpoints under a root: list them, delete one. Used by the manager and the CLI.
 
+Both work on any storage (local paths, URIs, or paths on an explicit ``filesystem``) and name
+entries with the path the caller would pass back: ``root`` joined with the directory name, in
+the caller's own form (a local path, a URI with its query kept, or a path on ``filesystem``).
+
 Only ray_ckpt's own files are ever deleted: a directory that holds anything ray_ckpt did not
-write (see :func:`ray_ckpt.format.is_own_file`) is refused whole. Deletion removes the commit
-marker first, so from the first byte deleted on, a reader sees an incomplete checkpoint and
-refuses it, never a checkpoint with files missing.
+write (see :func:`ray_ckpt.format.is_own_file`), subdirectories included, is refused whole.
+Deletion removes the commit marker first, so from the first byte deleted on, a reader sees an
+incomplete checkpoint and refuses it, never a checkpoint with files missing; it then deletes the
+files it listed, by name, and removes the directory only once it is empty, so a file that
+appears meanwhile survives.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import StorageConfig
-from .errors import CheckpointError, CorruptCheckpointError
+from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from .format import MARKER_NAME, Marker, is_own_file
 from .storage import Storage
 
@@ -25,7 +31,7 @@ class CheckpointEntry:
     """One checkpoint directory under a root, committed or not."""
 
     name: str
-    path: str
+    path: str  # root joined with name, in the form the caller gave root
     committed: bool
     step: int | None
     nbytes: int
@@ -47,14 +53,21 @@ def list_checkpoints(
     base = Storage.from_path(root, filesystem, storage_config)
     entries = []
     for name in base.list_dirs():
-        entry = describe(base.child(name))
+        entry = describe(base.child(name), path=join_path(root, name))
         if entry is not None:
             entries.append(entry)
     return sorted(entries, key=lambda e: (e.step is None, e.step or 0, e.name))
 
 
-def describe(storage: Storage) -> CheckpointEntry | None:
-    """What ``storage`` holds: a checkpoint entry, or None when it holds no ray_ckpt file."""
+def join_path(root: str, name: str) -> str:
+    """``root``/``name``, keeping a URI's query (``s3://b/run?region=x`` -> ``s3://b/run/n?region=x``)."""
+    base, sep, query = root.partition("?") if "://" in root else (root, "", "")
+    return f"{base.rstrip('/')}/{name}{sep}{query}"
+
+
+def describe(storage: Storage, *, path: str | None = None) -> CheckpointEntry | None:
+    """What ``storage`` holds: a checkpoint entry, or None when it holds no ray_ckpt file.
+    ``path`` is how the entry names it (default: ``storage.display``)."""
     files = storage.list_files()
     own = {n: size for n, size in files.items() if is_own_file(n)}
     if not own:
@@ -68,7 +81,7 @@ def describe(storage: Storage) -> CheckpointEntry | None:
             marker = None
     return CheckpointEntry(
         name=name,
-        path=storage.display,
+        path=path or storage.display,
         committed=marker is not None,
         step=step_of(name),
         nbytes=marker.total_nbytes if marker else sum(own.values()),
@@ -81,13 +94,22 @@ def delete_checkpoint(
     path: str, *, filesystem: Any = None, storage_config: StorageConfig | None = None
 ) -> None:
     """Delete the checkpoint (committed or not) at ``path``: marker first, then its files,
-    then the directory. Refuses a directory holding anything ray_ckpt did not write."""
+    then the directory. Refuses a directory holding anything ray_ckpt did not write; raises
+    :class:`~ray_ckpt.errors.CheckpointNotFoundError` when ``path`` does not exist."""
     storage = Storage.from_path(path, filesystem, storage_config)
     delete_storage(storage)
 
 
 def delete_storage(storage: Storage) -> None:
+    if storage.is_file():
+        raise CheckpointError(
+            f"refusing to delete {storage.display}: it is a file, not a checkpoint directory"
+        )
     files = storage.list_files()
+    if not files and not storage.exists():
+        raise CheckpointNotFoundError(
+            f"nothing to delete at {storage.display}: the path does not exist"
+        )
     foreign = sorted(n for n in files if not is_own_file(n)) + storage.list_dirs()
     if foreign:
         raise CheckpointError(
@@ -98,4 +120,9 @@ def delete_storage(storage: Storage) -> None:
         storage.delete_files([MARKER_NAME])
         storage.sync_dir()
     storage.delete_files(sorted(n for n in files if n != MARKER_NAME))
-    storage.delete_dir()
+    if not storage.remove_empty_dir():
+        raise CheckpointError(
+            f"deleted the checkpoint files of {storage.display}, but the directory is not empty: "
+            "something wrote into it meanwhile and was left alone. Delete it yourself if it is "
+            "not needed."
+        )
