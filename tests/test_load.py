@@ -1,16 +1,20 @@
-"""Loading: partial, strict, in place, relocation, and every way a checkpoint can be bad."""
+"""Loading: partial, strict, in place, relocation, and every way a checkpoint can be bad.
+
+Everything that touches storage runs once per backend (``local``, ``s3`` on a real S3 server,
+``custom`` pyarrow filesystem; see ``backend`` in conftest.py); damage is done through the
+backend's own filesystem. What only exercises the reader's logic (map locations, closed
+checkpointers) runs on local disk alone.
+"""
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
 
 import ray_ckpt
-from ray_ckpt.format import HEADER_SIZE
+from ray_ckpt.format import HEADER_SIZE, MARKER_NAME
 
-from .helpers import data_files, flip_byte, manifest_file, marker, small_config
+from .helpers import small_config
 
 
 @pytest.fixture(scope="module")
@@ -19,51 +23,71 @@ def ckptr(cluster):
         yield c
 
 
-@pytest.fixture
-def saved(ckptr, tmp_path):
-    state = {
+def _state():
+    return {
         "model": {"w": torch.randn(300, 300), "b": torch.arange(5.0)},
         "step": 7,
         "optim": {"lr": 0.1},
     }
+
+
+@pytest.fixture
+def saved(backend):
+    state = _state()
+    path = backend.path("ckpt")
+    backend.ckptr.save(path, state)
+    return path, state
+
+
+@pytest.fixture
+def saved_locally(ckptr, tmp_path):
+    state = _state()
     path = str(tmp_path / "ckpt")
     ckptr.save(path, state)
     return path, state
 
 
-def test_partial_load_reads_only_given_keys_in_place(ckptr, saved):
+def _data_files(backend, path):
+    return backend.files(path, ".data")
+
+
+def _manifest(backend, path):
+    return next(f for f in backend.files(path) if f.startswith("manifest-"))
+
+
+def test_partial_load_reads_only_given_keys_in_place(backend, saved):
     path, state = saved
     w = torch.zeros(300, 300)
     target = {"model": {"w": w}}
-    out = ckptr.load(path, target)
+    out = backend.ckptr.load(path, target)
     assert out is target and out["model"]["w"] is w
     assert torch.equal(w, state["model"]["w"])
     assert set(out["model"]) == {"w"} and "step" not in out
 
 
-def test_partial_load_into_non_contiguous_target(ckptr, saved):
+def test_partial_load_into_non_contiguous_target(backend, saved):
     path, state = saved
     w = torch.zeros(300, 300).t()
-    ckptr.load(path, {"model": {"w": w}})
+    backend.ckptr.load(path, {"model": {"w": w}})
     assert torch.equal(w, state["model"]["w"])
 
 
-def test_none_leaf_loads_the_whole_subtree(ckptr, saved):
+def test_none_leaf_loads_the_whole_subtree(backend, saved):
     path, state = saved
-    out = ckptr.load(path, {"model": None, "step": 0})
+    out = backend.ckptr.load(path, {"model": None, "step": 0})
     assert torch.equal(out["model"]["b"], state["model"]["b"]) and out["step"] == 7
 
 
-def test_strict_names_every_missing_key(ckptr, saved):
+def test_strict_names_every_missing_key(backend, saved):
     path, _ = saved
     target = {"model": {"w": torch.zeros(300, 300), "extra": torch.zeros(1)}, "nope": 1}
     with pytest.raises(ray_ckpt.MissingKeysError) as info:
-        ckptr.load(path, target, strict=True)
+        backend.ckptr.load(path, target, strict=True)
     assert isinstance(info.value, RuntimeError)
     assert info.value.missing_keys == ["model.extra", "nope"]
     assert "model.extra" in str(info.value) and "nope" in str(info.value)
     # without strict the same load succeeds and fills what exists
-    ckptr.load(path, target)
+    backend.ckptr.load(path, target)
     assert torch.count_nonzero(target["model"]["w"]) > 0
 
 
@@ -75,140 +99,148 @@ def test_strict_names_every_missing_key(ckptr, saved):
     ],
     ids=["shape", "dtype"],
 )
-def test_mismatch_names_the_key(ckptr, saved, target, match):
+def test_mismatch_names_the_key(backend, saved, target, match):
     path, _ = saved
     with pytest.raises(ray_ckpt.StateDictMismatchError, match=match) as info:
-        ckptr.load(path, {"model": {"w": target}})
+        backend.ckptr.load(path, {"model": {"w": target}})
     assert "model.w" in str(info.value)
     assert torch.count_nonzero(target) == 0  # nothing was read into it
 
 
-def test_structure_mismatch_names_the_key(ckptr, saved):
+def test_structure_mismatch_names_the_key(backend, saved):
     path, _ = saved
     with pytest.raises(ray_ckpt.StateDictMismatchError, match="'step'"):
-        ckptr.load(path, {"step": torch.zeros(1)})
+        backend.ckptr.load(path, {"step": torch.zeros(1)})
 
 
-def test_map_location(ckptr, saved):
-    path, state = saved
+def test_map_location(ckptr, saved_locally):
+    path, _ = saved_locally
     assert ckptr.load(path, default_map_location="cpu")["model"]["w"].device.type == "cpu"
     moved = ckptr.load(path, default_map_location=lambda t, saved_on: t * 0 + 1)
     assert torch.equal(moved["model"]["b"], torch.ones(5))
-    assert ckptr.load(path, default_map_location={"cuda:0": "cpu"})["model"]["b"].device.type == "cpu"
+    mapped = ckptr.load(path, default_map_location={"cuda:0": "cpu"})
+    assert mapped["model"]["b"].device.type == "cpu"
 
 
-@pytest.mark.parametrize("bad", [42, "not-a-device", "cuda:0"] if not torch.cuda.is_available() else [42, "nope"])
-def test_bad_map_location_is_refused(ckptr, saved, bad):
-    path, _ = saved
+@pytest.mark.parametrize(
+    "bad", [42, "not-a-device", "cuda:0"] if not torch.cuda.is_available() else [42, "nope"]
+)
+def test_bad_map_location_is_refused(ckptr, saved_locally, bad):
+    path, _ = saved_locally
     with pytest.raises(ray_ckpt.UnsupportedValueError, match="default_map_location"):
         ckptr.load(path, default_map_location=bad)
 
 
-def test_missing_path(ckptr, tmp_path):
+def test_missing_path(backend):
     with pytest.raises(ray_ckpt.CheckpointNotFoundError, match="does not exist") as info:
-        ckptr.load(str(tmp_path / "nothing"))
+        backend.ckptr.load(backend.path("nothing"))
     assert isinstance(info.value, FileNotFoundError)
 
 
-def test_path_that_is_a_file(ckptr, tmp_path):
-    (tmp_path / "f").write_text("hello")
+def test_path_that_is_a_file(backend):
+    file = backend.path("f")
+    backend.write(file, b"hello")
     with pytest.raises(ray_ckpt.CheckpointNotFoundError, match="is a file"):
-        ckptr.load(str(tmp_path / "f"))
+        backend.ckptr.load(file)
     with pytest.raises(ray_ckpt.CheckpointExistsError, match="is a file"):
-        ckptr.save(str(tmp_path / "f"), {"a": torch.ones(1)})
-    assert (tmp_path / "f").read_text() == "hello"
+        backend.ckptr.save(file, {"a": torch.ones(1)})
+    assert backend.read(file) == b"hello"
 
 
-def test_incomplete_directory_is_refused(ckptr, saved):
+def test_incomplete_directory_is_refused(backend, saved):
     path, _ = saved
-    os.remove(marker(path))
+    backend.delete(f"{path}/{MARKER_NAME}")
     with pytest.raises(ray_ckpt.IncompleteCheckpointError, match="no commit marker"):
-        ckptr.load(path)
+        backend.ckptr.load(path)
 
 
-def test_flipped_data_byte_names_key_and_file(ckptr, saved):
+def test_flipped_data_byte_names_key_and_file(backend, saved):
     path, _ = saved
-    files = data_files(path)
-    biggest = max(files, key=lambda f: os.path.getsize(os.path.join(path, f)))
-    flip_byte(os.path.join(path, biggest), HEADER_SIZE + 1000)
+    biggest = max(_data_files(backend, path), key=lambda f: backend.size(f"{path}/{f}"))
+    backend.flip_byte(f"{path}/{biggest}", HEADER_SIZE + 1000)
     with pytest.raises(ray_ckpt.CorruptCheckpointError, match="checksum mismatch") as info:
-        ckptr.load(path)
+        backend.ckptr.load(path)
     assert "model.w" in str(info.value) and biggest in str(info.value)
     # an in-place load of the untouched key still works
     b = torch.zeros(5)
-    ckptr.load(path, {"model": {"b": b}})
+    backend.ckptr.load(path, {"model": {"b": b}})
     assert torch.equal(b, torch.arange(5.0))
 
 
-def test_flipped_header_byte_is_detected(ckptr, saved):
+def test_flipped_header_byte_is_detected(backend, saved):
     path, _ = saved
-    file = data_files(path)[0]
-    flip_byte(os.path.join(path, file), 20)
+    file = _data_files(backend, path)[0]
+    backend.flip_byte(f"{path}/{file}", 20)
     with pytest.raises(ray_ckpt.CorruptCheckpointError, match=f"{file} has a damaged header"):
-        ckptr.load(path)
+        backend.ckptr.load(path)
 
 
-def test_flipped_manifest_byte_is_detected(ckptr, saved):
+def test_flipped_manifest_byte_is_detected(backend, saved):
     path, _ = saved
-    flip_byte(os.path.join(path, manifest_file(path)), 100)
-    with pytest.raises(ray_ckpt.CorruptCheckpointError, match="manifest .* does not match"):
-        ckptr.load(path)
+    backend.flip_byte(f"{path}/{_manifest(backend, path)}", 100)
+    with pytest.raises(ray_ckpt.CorruptCheckpointError, match=r"manifest .* does not match"):
+        backend.ckptr.load(path)
 
 
-def test_damaged_marker_is_detected(ckptr, saved):
+def test_damaged_marker_is_detected(backend, saved):
     path, _ = saved
-    flip_byte(marker(path), 2)
+    backend.flip_byte(f"{path}/{MARKER_NAME}", 2)
     with pytest.raises(ray_ckpt.CorruptCheckpointError, match="commit marker"):
-        ckptr.load(path)
+        backend.ckptr.load(path)
 
 
-def test_truncated_file_names_key_and_file(ckptr, saved):
+def test_truncated_file_names_key_and_file(backend, saved):
     path, _ = saved
-    file = data_files(path)[-1]
-    full = os.path.join(path, file)
-    os.truncate(full, os.path.getsize(full) - 10)
+    file = _data_files(backend, path)[-1]
+    full = f"{path}/{file}"
+    backend.truncate(full, backend.size(full) - 10)
     with pytest.raises(ray_ckpt.CorruptCheckpointError, match="truncated") as info:
-        ckptr.load(path)
+        backend.ckptr.load(path)
     assert file in str(info.value) and "model." in str(info.value)
 
 
-def test_deleted_data_file_is_detected_before_reading(ckptr, saved):
+def test_deleted_data_file_is_detected_before_reading(backend, saved):
     path, _ = saved
-    file = data_files(path)[0]
-    os.remove(os.path.join(path, file))
+    file = _data_files(backend, path)[0]
+    backend.delete(f"{path}/{file}")
     with pytest.raises(ray_ckpt.CorruptCheckpointError, match=f"{file} .*missing"):
-        ckptr.load(path)
+        backend.ckptr.load(path)
 
 
-def test_checksums_off_skips_verification(cluster, saved):
+def test_checksums_off_skips_verification(backend, saved):
     path, _ = saved
-    file = max(data_files(path), key=lambda f: os.path.getsize(os.path.join(path, f)))
-    flip_byte(os.path.join(path, file), HEADER_SIZE + 8)
+    file = max(_data_files(backend, path), key=lambda f: backend.size(f"{path}/{f}"))
+    backend.flip_byte(f"{path}/{file}", HEADER_SIZE + 8)
     config = ray_ckpt.CheckpointerConfig(
         reader_config=ray_ckpt.CheckpointReaderConfig(verify_checksums=False)
     )
-    with ray_ckpt.make_sync_checkpointer(config=config) as unchecked:
+    with backend.checkpointer(config) as unchecked:
         unchecked.load(path)  # no error: verification is off
 
 
-def test_overwrite_policy(ckptr, saved):
+def test_overwrite_policy(backend, saved):
     path, _ = saved
+    ckptr = backend.ckptr
+    before = backend.files(path)
     with pytest.raises(ray_ckpt.CheckpointExistsError, match="overwrite=True"):
         ckptr.save(path, {"x": torch.ones(1)})
     assert "model" in ckptr.load(path)  # untouched
+    assert backend.files(path) == before
     ckptr.save(path, {"x": torch.ones(1)}, overwrite=True)
     out = ckptr.load(path)
     assert list(out) == ["x"]
     # the replaced checkpoint's files are gone; only the new one's remain
-    ids = {f.split("-")[-1].split(".")[0] for f in os.listdir(path) if f != "ray_ckpt.commit"}
-    assert len(ids) == 1
+    ids = {f.split("-")[-1].split(".")[0] for f in backend.files(path) if f != MARKER_NAME}
+    assert len(ids) == 1 and not set(before) & set(backend.files(path)) - {MARKER_NAME}
 
 
-def test_directory_with_foreign_files_is_refused(ckptr, tmp_path):
-    (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(ray_ckpt.CheckpointExistsError, match="notes.txt"):
-        ckptr.save(str(tmp_path), {"x": torch.ones(1)})
-    assert (tmp_path / "notes.txt").read_text() == "mine"
+def test_directory_with_foreign_files_is_refused(backend):
+    notes = backend.path("notes.txt")
+    backend.write(notes, b"mine")
+    with pytest.raises(ray_ckpt.CheckpointExistsError, match=r"notes\.txt"):
+        backend.ckptr.save(backend.root, {"x": torch.ones(1)})
+    assert backend.read(notes) == b"mine"
+    assert backend.listdir(backend.root) == ["notes.txt"]
 
 
 def test_closed_checkpointer_refuses(cluster, tmp_path):
