@@ -5,10 +5,12 @@ write to the same disk: the comparison shows what running writers on several nod
 gains when storage is shared, not how a real cluster scales; see README.md for the formula).
 
 One saver actor per node (``num_cpus=0``, pinned with ``NodeAffinitySchedulingStrategy``)
-builds its state dict and a sync checkpointer up front; then
+builds its part of a transformer state dict (split in two parts of equal bytes: the head holds
+both, the worker the second) and a sync checkpointer up front; then
 
-* one node: the head's saver saves the whole state (``nbytes``);
-* two nodes: both savers save half of it each, at the same time, each to its own path.
+* one node: the head's saver saves both parts (``nbytes``);
+* two nodes: the head saves the first part and the worker the second, at the same time, each
+  to its own path.
 
 Throughput is the bytes saved over the time from the first save's start to the last save's
 end (every actor stamps ``time.time()`` on the same machine).
@@ -30,22 +32,27 @@ MiB = 1 << 20
 
 @ray.remote(num_cpus=0)
 class _Saver:
-    def __init__(self, nbytes: int) -> None:
+    """Holds parts ``keep`` of the state split in two, and a sync checkpointer."""
+
+    def __init__(self, nbytes: int, keep: list[int]) -> None:
         import ray_ckpt
 
-        from .state_dicts import nbytes_of, transformer_state
+        from .state_dicts import split, transformer_state
 
-        self.state = transformer_state(nbytes)
-        self.nbytes = nbytes_of(self.state)
+        parts = split(transformer_state(nbytes), 2)
+        self.parts = {i: parts[i] for i in keep}
         self.ckptr = ray_ckpt.make_sync_checkpointer()
 
-    def node_and_bytes(self) -> tuple[str, int]:
-        return ray.get_runtime_context().get_node_id(), self.nbytes
+    def node_id(self) -> str:
+        return str(ray.get_runtime_context().get_node_id())
 
-    def save(self, path: str) -> tuple[float, float, int]:
+    def save(self, path: str, parts: list[int]) -> tuple[float, float, int]:
+        from .state_dicts import nbytes_of
+
+        state = {k: v for i in parts for k, v in self.parts[i].items()}
         start = time.time()
-        self.ckptr.save(path, self.state)
-        return start, time.time(), self.nbytes
+        self.ckptr.save(path, state)
+        return start, time.time(), nbytes_of(state)
 
     def close(self) -> None:
         self.ckptr.close()
@@ -70,21 +77,21 @@ def run(nbytes: int, *, runs: int, warmup: int, scratch: str) -> dict[str, Any]:
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
         head_id, worker_id = cluster.head_node.node_id, worker.node_id
-        whole = _Saver.options(**_on(head_id)).remote(nbytes)
-        halves = [_Saver.options(**_on(n)).remote(nbytes // 2) for n in (head_id, worker_id)]
-        savers = [whole, *halves]
-        placed = ray.get([s.node_and_bytes.remote() for s in savers])
-        if [p[0] for p in placed] != [head_id, head_id, worker_id]:
+        head = _Saver.options(**_on(head_id)).remote(nbytes, [0, 1])
+        other = _Saver.options(**_on(worker_id)).remote(nbytes, [1])
+        savers = [head, other]
+        placed = ray.get([s.node_id.remote() for s in savers])
+        if placed != [head_id, worker_id]:
             raise RuntimeError(f"savers were not placed as asked: {placed}")
         counter = 0
 
-        def timed(group: list[Any]) -> tuple[float, int]:
+        def timed(calls: list[tuple[Any, list[int]]]) -> tuple[float, int]:
             nonlocal counter
             paths = []
-            for _ in group:
+            for _ in calls:
                 counter += 1
                 paths.append(os.path.join(scratch, f"cluster-{counter}"))
-            spans = ray.get([s.save.remote(p) for s, p in zip(group, paths)])
+            spans = ray.get([s.save.remote(p, parts) for (s, parts), p in zip(calls, paths)])
             for p in paths:
                 shutil.rmtree(p, ignore_errors=True)
             secs = max(end for _, end, _ in spans) - min(start for start, _, _ in spans)
@@ -94,8 +101,8 @@ def run(nbytes: int, *, runs: int, warmup: int, scratch: str) -> dict[str, Any]:
         two: list[float] = []
         one_bytes = two_bytes = 0
         for r in range(warmup + runs):
-            secs_one, one_bytes = timed([whole])
-            secs_two, two_bytes = timed(halves)
+            secs_one, one_bytes = timed([(head, [0, 1])])
+            secs_two, two_bytes = timed([(head, [0]), (other, [1])])
             if r >= warmup:
                 one.append(secs_one)
                 two.append(secs_two)

@@ -389,12 +389,13 @@ def plot(results: dict[str, Any], path: str) -> None:
         for i, name in enumerate(names):
             r = by_name.get(name)
             ys.append(i)
-            values.append(r["x_limit"] or 0.0 if r else 0.0)
+            values.append((r["x_limit"] or 0.0) if r else 0.0)
             cols.append(colors[r["row"].group] if r else "white")
-        ax.barh(ys, values, color=cols)
+        ax.barh(ys, [v if v > 0 else float("nan") for v in values], color=cols)
+        ax.set_xscale("log")
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_title(f"{sd['name']}", fontsize=10)
-        ax.set_xlabel("speed × limit of its phase (1 = limit)")
+        ax.set_xlabel("speed × limit of its phase (1 = limit; log scale)")
         for y, v in zip(ys, values):
             if v:
                 ax.text(v, y, f" {v:.2f}", va="center", fontsize=7)

@@ -199,6 +199,17 @@ def copy_flat_into(dst: Any, flat: dict[str, torch.Tensor]) -> None:
         tensor.copy_(flat[key])
 
 
+def split(state: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
+    """``state``'s tensors dealt into ``parts`` dicts of (nearly) equal bytes, largest first."""
+    out: list[dict[str, torch.Tensor]] = [{} for _ in range(parts)]
+    load = [0] * parts
+    for key, tensor in sorted(state.items(), key=lambda kv: -kv[1].numel()):
+        lightest = load.index(min(load))
+        out[lightest][key] = tensor
+        load[lightest] += tensor.numel() * tensor.element_size()
+    return out
+
+
 def same_tensors(a: Any, b: Any) -> bool:
     """Bit-for-bit equality of every tensor of two trees (a sanity check of each method)."""
     ta, tb = dict(tensors(a)), dict(tensors(b))
