@@ -267,6 +267,7 @@ class Storage:
         self.config = config or StorageConfig()
         self.is_local = isinstance(fs, pafs.LocalFileSystem)
         self.is_object_store = not self.is_local and is_object_store(fs)
+        self._bucket_seen = False
 
     @classmethod
     def from_path(
@@ -291,7 +292,7 @@ class Storage:
     @property
     def bucket(self) -> str | None:
         """The bucket on object stores (the first component of the path), else None."""
-        if not self.is_object_store:
+        if not self.is_object_store or isinstance(self.fs, pafs.SubTreeFileSystem):
             return None
         return self.path.lstrip("/").split("/", 1)[0] or None
 
@@ -379,7 +380,25 @@ class Storage:
             except NotADirectoryError:
                 return []
 
-        return self.call("list", self.path, ls)
+        infos = self.call("list", self.path, ls)
+        if not infos:
+            self._check_bucket()
+        return infos
+
+    def _check_bucket(self) -> None:
+        """On object stores, refuse a bucket that does not exist: listing a prefix in one
+        answers "empty", which would otherwise read as "no checkpoint here"."""
+        bucket = self.bucket
+        if bucket is None or self._bucket_seen:
+            return
+        info = self.call("stat", bucket, lambda: self.fs.get_file_info(bucket))
+        if info.type == pafs.FileType.NotFound:
+            raise StorageError(
+                f"list {self.display} failed: bucket {bucket!r} does not exist. Fix: create it, "
+                "or fix the bucket name in the path (and check the endpoint and region the "
+                "filesystem points at)."
+            )
+        self._bucket_seen = True
 
     def list_files(self) -> dict[str, int]:
         """Names and sizes of the files directly in this directory ({} when it is absent)."""
