@@ -18,7 +18,8 @@ A fault fires on the ``nth`` matching call and the ``times - 1`` matching calls 
 (``times=None``: every one from the ``nth`` on). It sleeps ``delay_secs`` (then lets the call
 through when it has no ``error``), raises ``error`` instead of doing the call, or, for writes
 with ``after_bytes``, lets that many bytes through to the real file and then raises (a torn
-write that leaves a partial file behind).
+write that leaves a partial file behind; a file shorter than that lands whole and its close
+raises, as when the answer to a finished upload is lost).
 
 Operations: ``write`` (open_output_stream, open_append_stream), ``read`` (open_input_file,
 open_input_stream), ``stat`` (get_file_info of paths), ``list`` (get_file_info of a selector),
@@ -157,7 +158,8 @@ class FaultPlan:
 
 
 class _TornWriter:
-    """A file object that passes ``limit`` bytes to ``stream``, then closes it and raises."""
+    """A file object that passes ``limit`` bytes to ``stream``, then closes it and raises (at
+    the latest on close)."""
 
     def __init__(self, stream: pa.NativeFile, limit: int, error: BaseException) -> None:
         self._stream = stream
@@ -185,6 +187,7 @@ class _TornWriter:
         if not self.closed:
             self.closed = True
             self._stream.close()
+            raise self._error
 
 
 class FaultyHandler(pafs.FileSystemHandler):
