@@ -285,9 +285,13 @@ class Storage:
     @property
     def display(self) -> str:
         """The directory as a user would write it: a local path or ``scheme://path``."""
-        if self.is_local:
-            return self.path
-        return f"{self.fs.type_name}://{self.path}"
+        return self.show(self.path)
+
+    def show(self, path: str) -> str:
+        """``path`` (on this filesystem) as messages name it: ``scheme://path`` off local disk."""
+        if self.is_local or "://" in path:
+            return path
+        return f"{self.fs.type_name}://{path.lstrip('/') if self.is_object_store else path}"
 
     @property
     def bucket(self) -> str | None:
@@ -316,6 +320,7 @@ class Storage:
         :class:`StorageError` that names the path, the bucket and the fix."""
         backoff = self.config.retry_initial_backoff_secs
         attempts = self.config.max_attempts
+        where = self.show(where)
         for attempt in range(1, attempts + 1):
             try:
                 result = fn()
