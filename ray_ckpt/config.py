@@ -121,8 +121,9 @@ class StorageConfig:
             throttling); permanent errors fail at once.
         retry_initial_backoff_secs: first wait between attempts; doubles each time.
         retry_max_backoff_secs: cap on one wait.
-        part_size_bytes: size of one write to an output stream; object stores upload it as
-            one multipart part.
+        part_size_bytes: bytes handed to a (non-local) output stream per write call.
+            pyarrow's S3 filesystem cuts what it is given into multipart parts of its own
+            fixed size (10 MiB) either way; fsspec filesystems buffer by their block size.
     """
 
     max_attempts: int = 5
