@@ -39,6 +39,17 @@ from .errors import (
 from .futures import CheckpointFuture
 from .reader import CheckpointInfo, CheckpointReader
 from .stager import CheckpointStager, DefaultStager
+from .tools import (
+    CheckpointSummary,
+    DiffReport,
+    ExportResult,
+    Problem,
+    VerifyReport,
+    diff_checkpoints,
+    export_checkpoint,
+    inspect_checkpoint,
+    verify,
+)
 from .types import STATE_DICT, RankInfo
 from .writer import CheckpointWriter, WriterHook
 
@@ -57,6 +68,7 @@ __all__ = [
     "CheckpointReaderConfig",
     "CheckpointStager",
     "CheckpointStagerConfig",
+    "CheckpointSummary",
     "CheckpointWriteError",
     "CheckpointWriter",
     "CheckpointWriterConfig",
@@ -65,10 +77,13 @@ __all__ = [
     "CheckpointerConfig",
     "CorruptCheckpointError",
     "DefaultStager",
+    "DiffReport",
+    "ExportResult",
     "FormatVersionError",
     "IncompleteCheckpointError",
     "MissingKeysError",
     "PickleNotAllowedError",
+    "Problem",
     "RankInfo",
     "STATE_DICT",
     "SaveResult",
@@ -78,10 +93,15 @@ __all__ = [
     "StorageError",
     "SyncCheckpointer",
     "UnsupportedValueError",
+    "VerifyReport",
     "WriterHook",
     "default_rank_info",
     "delete_checkpoint",
+    "diff_checkpoints",
+    "export_checkpoint",
+    "inspect_checkpoint",
     "list_checkpoints",
     "make_async_checkpointer",
     "make_sync_checkpointer",
+    "verify",
 ]

@@ -1,0 +1,129 @@
+"""``export``: a checkpoint as a plain PyTorch file or as Hugging Face safetensors.
+
+Both writers keep memory bounded whatever the checkpoint's size; neither materialises the state
+dict (see :mod:`._safetensors` and :mod:`._torchfile` for how). Output goes to temporary names
+beside the target and is renamed into place once complete, so a failed export never leaves a
+half-written file under the name a user would load.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import StorageConfig
+from ._source import NoProgress, Progress, opened, subtree
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # the transformers default ("5GB")
+FORMATS = ("torch", "safetensors")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What :func:`export_checkpoint` wrote."""
+
+    out: str
+    format: str
+    files: list[str]
+    tensors: int  # tensors and arrays written
+    nbytes: int  # their bytes
+    skipped: list[str]  # keys of values not exported (safetensors holds tensors only)
+
+
+def export_checkpoint(
+    path: str,
+    out: str,
+    *,
+    to: str = "safetensors",
+    only: str | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+    filesystem: Any = None,
+    storage_config: StorageConfig | None = None,
+    progress: Progress | None = None,
+) -> ExportResult:
+    """Export the committed checkpoint at ``path`` to the local path ``out``.
+
+    ``to="torch"``: ``out`` is a file for ``torch.load`` with the checkpoint's structure,
+    tensors, numpy arrays and plain values (pickled objects only with ``allow_pickle=True``,
+    since exporting them means unpickling them). Loading it needs ``weights_only=False`` only
+    when it holds arrays or pickled objects.
+
+    ``to="safetensors"``: ``out`` is a directory that receives ``model.safetensors``, or, when
+    the tensors exceed ``max_shard_bytes``, shards ``model-00001-of-0000N.safetensors`` and a
+    ``model.safetensors.index.json`` (the ``transformers`` convention). Tensors (and arrays) are
+    named by their dotted keys; other values are skipped and listed in the result.
+
+    ``only="model"`` exports just the subtree under that dotted key, with the prefix stripped
+    (``model.0.weight`` becomes ``0.weight``). Existing output is replaced only with
+    ``overwrite=True``.
+    """
+    if to not in FORMATS:
+        raise ValueError(f"export format must be one of {FORMATS}, got {to!r}")
+    if max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    target = local_output(out)
+    progress = progress or NoProgress()
+    with opened(path, filesystem, storage_config) as source:
+        tree = subtree(source.info.tree, only, source.info.storage.display)
+        try:
+            if to == "torch":
+                from ._torchfile import write_torch
+
+                files, tensors, nbytes, skipped = write_torch(
+                    source, tree, target, allow_pickle=allow_pickle, overwrite=overwrite,
+                    progress=progress,
+                )
+            else:
+                from ._safetensors import write_safetensors
+
+                files, tensors, nbytes, skipped = write_safetensors(
+                    source, tree, target, max_shard_bytes=max_shard_bytes, overwrite=overwrite,
+                    progress=progress,
+                )
+        finally:
+            progress.finish()
+        logger.info(
+            "exported %s to %s (%s): %d tensors, %.1f MiB in %d file(s)",
+            source.info.storage.display, target, to, tensors, nbytes / 2**20, len(files),
+        )
+    return ExportResult(target, to, files, tensors, nbytes, skipped)
+
+
+def local_output(out: str) -> str:
+    if "://" in out and not out.startswith("file://"):
+        raise ValueError(
+            f"export writes to a local path, not {out!r}: export locally, then copy the files"
+        )
+    return os.path.abspath(out.removeprefix("file://"))
+
+
+def temp_name(directory: str, name: str) -> str:
+    """Where ``name`` is written before it is complete."""
+    return os.path.join(directory, f".{name}.tmp-{os.getpid()}")
+
+
+def publish(directory: str, temps: list[str], names: list[str], stale: list[str]) -> None:
+    """Rename the finished ``temps`` to ``names``, then delete ``stale`` files of an export
+    they replace; make the directory durable."""
+    for temp, name in zip(temps, names, strict=True):
+        os.replace(temp, os.path.join(directory, name))
+    for name in stale:
+        if name not in names:
+            os.unlink(os.path.join(directory, name))
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def discard(temps: list[str]) -> None:
+    for temp in temps:
+        if os.path.exists(temp):
+            os.unlink(temp)

@@ -1,0 +1,252 @@
+"""``verify``: check every byte of a checkpoint against its checksums, streaming.
+
+Every extent goes through one reusable buffer of ``chunk_bytes`` and its CRC32C is computed as
+the chunks go by, so memory stays at one buffer whatever the checkpoint's size; no tensor is
+ever built. Unlike a load, verification does not stop at the first problem: when data files are
+missing or truncated, the marker and manifest are read again (with the format's own parsers)
+to name every such file, and every other file is still checked, so one run reports every bad
+file and key. It raises only when the storage itself fails
+(:class:`~ray_ckpt.errors.StorageError`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .._checksum import crc32c
+from ..config import StorageConfig
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError
+from ..format import (
+    HEADER_SIZE,
+    MARKER_NAME,
+    Extent,
+    Manifest,
+    Marker,
+    check_header,
+    manifest_from_bytes,
+    parse_manifest,
+)
+from ..storage import FileReader, Storage
+from ._source import DEFAULT_CHUNK_BYTES, NoProgress, Progress, reader_for
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a checkpoint.
+
+    ``kind`` is one of ``not-found``, ``incomplete`` (no commit marker), ``marker``,
+    ``manifest``, ``missing-file``, ``truncated``, ``header`` or ``checksum``; ``file`` and
+    ``key`` name the data file and state-dict key when they are known.
+    """
+
+    kind: str
+    message: str
+    file: str | None = None
+    key: str | None = None
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify` found. ``problems`` is empty when the checkpoint is intact."""
+
+    path: str
+    problems: list[Problem] = field(default_factory=list)
+    files_checked: int = 0
+    extents_checked: int = 0
+    bytes_checked: int = 0
+    extents_without_checksum: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["ok"] = self.ok
+        return doc
+
+
+def verify(
+    path: str,
+    *,
+    filesystem: Any = None,
+    storage_config: StorageConfig | None = None,
+    progress: Progress | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> VerifyReport:
+    """Check the checkpoint at ``path`` completely: the commit marker, the manifest (its size
+    and CRC32C, every row), every data file (present, long enough, intact header) and the
+    CRC32C of every extent, streamed through one buffer of ``chunk_bytes``.
+
+    Returns a :class:`VerifyReport`; ``report.problems`` names every bad file and key (empty
+    when the checkpoint is intact). Raises only when the storage itself fails.
+    """
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    storage = Storage.from_path(path, filesystem, storage_config)
+    report = VerifyReport(storage.display)
+    manifest = _open_for_verify(path, storage, filesystem, storage_config, report)
+    if manifest is None:
+        return report
+    progress = progress or NoProgress()
+    bad_files = {p.file for p in report.problems if p.file}
+    by_file: dict[str, list[tuple[Extent, str]]] = {}
+    for index, extents in manifest.extents.items():
+        for extent in extents:
+            by_file.setdefault(extent.file, []).append((extent, manifest.items[index].key))
+    progress.start(
+        sum(e.length for f, runs in by_file.items() if f not in bad_files for e, _ in runs),
+        "verify",
+    )
+    buffer = memoryview(bytearray(min(chunk_bytes, _largest_extent(by_file)) or 1))
+    try:
+        with storage.reader() as files:
+            for file in sorted(set(by_file) - bad_files):
+                _verify_file(
+                    storage, files, file, by_file[file], manifest, buffer, report, progress
+                )
+    finally:
+        progress.finish()
+    return report
+
+
+def _largest_extent(by_file: dict[str, list[tuple[Extent, str]]]) -> int:
+    return max((e.length for runs in by_file.values() for e, _ in runs), default=0)
+
+
+def _open_for_verify(
+    path: str,
+    storage: Storage,
+    filesystem: Any,
+    storage_config: StorageConfig | None,
+    report: VerifyReport,
+) -> Manifest | None:
+    """The validated manifest, recording every problem found on the way; ``None`` when the
+    checkpoint cannot be read any further (no marker, bad marker, bad manifest)."""
+    try:
+        return reader_for(filesystem, storage_config).open(path).manifest
+    except CheckpointNotFoundError as e:
+        report.problems.append(Problem("not-found", str(e)))
+        return None
+    except IncompleteCheckpointError as e:
+        report.problems.append(Problem("incomplete", str(e), file=MARKER_NAME))
+        return None
+    except CorruptCheckpointError as e:
+        error = e
+    # The marker and manifest may still be sound, with data files missing or truncated: read
+    # them again to report every such file and to check all the others.
+    manifest = _manifest_despite_data_files(storage, report, error)
+    if manifest is None:
+        return None
+    sizes = storage.list_files()
+    _report_file_sizes(storage, manifest, sizes, report)
+    if not report.problems:  # open() refused something else (the tree): report it as is
+        report.problems.append(Problem("manifest", str(error), file=MARKER_NAME))
+    return manifest
+
+
+def _manifest_despite_data_files(
+    storage: Storage, report: VerifyReport, error: CorruptCheckpointError
+) -> Manifest | None:
+    files = storage.list_files()
+    try:
+        marker = Marker.from_bytes(storage.read_file(MARKER_NAME), where=storage.display)
+    except CorruptCheckpointError as e:
+        report.problems.append(Problem("marker", str(e), file=MARKER_NAME))
+        return None
+    if marker.manifest not in files:
+        report.problems.append(Problem("manifest", str(error), file=marker.manifest))
+        return None
+    raw = storage.read_file(marker.manifest)
+    if len(raw) != marker.manifest_nbytes or crc32c(raw) != marker.manifest_crc32c:
+        report.problems.append(Problem("manifest", str(error), file=marker.manifest))
+        return None
+    where = f"{storage.display}/{marker.manifest}"
+    try:
+        return parse_manifest(manifest_from_bytes(raw, where=where), where=where, marker=marker)
+    except CorruptCheckpointError as e:
+        report.problems.append(Problem("manifest", str(e), file=marker.manifest))
+        return None
+
+
+def _report_file_sizes(
+    storage: Storage, manifest: Manifest, sizes: dict[str, int], report: VerifyReport
+) -> None:
+    needed: dict[str, tuple[int, list[str]]] = {}
+    for index, extents in manifest.extents.items():
+        for e in extents:
+            end, keys = needed.setdefault(e.file, (0, []))
+            keys.append(manifest.items[index].key)
+            needed[e.file] = (max(end, e.offset + e.length), keys)
+    for file, (end, keys) in sorted(needed.items()):
+        where = f"{storage.display}/{file}"
+        listed = ", ".join(repr(k) for k in sorted(set(keys))[:5])
+        more = f" and {len(set(keys)) - 5} more" if len(set(keys)) > 5 else ""
+        if file not in sizes:
+            report.problems.append(Problem(
+                "missing-file",
+                f"data file {where} is missing; it holds keys {listed}{more}. Restore it or use "
+                "another checkpoint.",
+                file=file, key=keys[0],
+            ))
+        elif sizes[file] < end:
+            report.problems.append(Problem(
+                "truncated",
+                f"data file {where} is truncated to {sizes[file]} bytes, but the manifest needs "
+                f"{end}; it holds keys {listed}{more}. Restore it or use another checkpoint.",
+                file=file, key=keys[0],
+            ))
+
+
+def _verify_file(
+    storage: Storage,
+    files: FileReader,
+    file: str,
+    runs: list[tuple[Extent, str]],
+    manifest: Manifest,
+    buffer: memoryview,
+    report: VerifyReport,
+    progress: Progress,
+) -> None:
+    where = f"{storage.display}/{file}"
+    header = bytearray(HEADER_SIZE)
+    try:
+        files.read_into(file, 0, memoryview(header))
+        check_header(bytes(header), file=where, checkpoint_id=manifest.checkpoint_id)
+    except (CorruptCheckpointError, EOFError) as e:
+        report.problems.append(Problem("header", str(e), file=file))
+    report.files_checked += 1
+    for extent, key in sorted(runs, key=lambda run: run[0].offset):
+        try:
+            crc = _stream_crc(files, extent, buffer, progress)
+        except EOFError as e:
+            report.problems.append(Problem(
+                "truncated", f"key {key!r}: data file {where} is truncated ({e})",
+                file=file, key=key,
+            ))
+            continue
+        report.extents_checked += 1
+        report.bytes_checked += extent.length
+        if extent.checksum is None:
+            report.extents_without_checksum += 1
+        elif crc != extent.checksum:
+            report.problems.append(Problem(
+                "checksum",
+                f"key {key!r}: checksum mismatch in {where} (bytes {extent.offset}.."
+                f"{extent.offset + extent.length}): the file is damaged. Restore it or use "
+                "another checkpoint.",
+                file=file, key=key,
+            ))
+
+
+def _stream_crc(files: FileReader, extent: Extent, buffer: memoryview, progress: Progress) -> int:
+    crc = 0
+    done = 0
+    while done < extent.length:
+        n = min(len(buffer), extent.length - done)
+        files.read_into(extent.file, extent.offset + done, buffer[:n])
+        crc = crc32c(buffer[:n], crc)
+        done += n
+        progress.advance(n)
+    return crc

@@ -1,0 +1,98 @@
+"""``inspect``: what a checkpoint holds, from its manifest alone (no tensor data is read)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .._tree import ItemRef, key_string
+from ..config import StorageConfig
+from ._source import KIND_OF_TAG, leaves, reader_for
+
+
+@dataclass(frozen=True)
+class LeafSummary:
+    """One leaf of a checkpoint: a stored item (tensor, array, pickle) or a plain value."""
+
+    key: str
+    kind: str  # "tensor", "ndarray", "pickle" or "value"
+    dtype: str | None  # torch dtype name, or the Python type name of a value
+    shape: tuple[int, ...] | None
+    nbytes: int
+    extents: int
+    files: tuple[str, ...]
+    value: str | None = None  # repr of a plain value (truncated)
+    tied_to: str | None = None  # key of the first leaf holding the same stored item
+
+
+@dataclass(frozen=True)
+class CheckpointSummary:
+    """What :func:`inspect_checkpoint` returns: every leaf, and totals."""
+
+    path: str
+    checkpoint_id: str
+    created_unix: float
+    world_size: int
+    total_nbytes: int
+    leaves: list[LeafSummary]
+    data_files: dict[str, int]
+    manifest_nbytes: int
+
+    @property
+    def tensors(self) -> list[LeafSummary]:
+        return [leaf for leaf in self.leaves if leaf.kind in ("tensor", "ndarray")]
+
+    @property
+    def files_nbytes(self) -> int:
+        return sum(self.data_files.values()) + self.manifest_nbytes
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (what ``ray-ckpt inspect --json`` prints)."""
+        doc = asdict(self)
+        doc["leaves"] = [
+            {k: (list(v) if isinstance(v, tuple) else v) for k, v in leaf.items()}
+            for leaf in doc["leaves"]
+        ]
+        doc["tensor_count"] = len(self.tensors)
+        doc["files_nbytes"] = self.files_nbytes
+        return doc
+
+
+
+def inspect_checkpoint(
+    path: str, *, filesystem: Any = None, storage_config: StorageConfig | None = None
+) -> CheckpointSummary:
+    """Describe the committed checkpoint at ``path`` from its manifest alone (no tensor data is
+    read): each leaf's key, kind, dtype, shape, bytes and files, and the totals."""
+    info = reader_for(filesystem, storage_config).open(path)
+    manifest = info.manifest
+    rows = []
+    first_key: dict[int, str] = {}
+    for leaf_path, leaf in leaves(info.tree):
+        key = key_string(leaf_path)
+        if isinstance(leaf, ItemRef):
+            meta = manifest.items[leaf.index]
+            exts = manifest.extents[leaf.index]
+            rows.append(LeafSummary(
+                key=key, kind=KIND_OF_TAG[leaf.tag], dtype=meta.dtype, shape=meta.shape,
+                nbytes=meta.nbytes, extents=len(exts),
+                files=tuple(sorted({e.file for e in exts})),
+                tied_to=first_key.get(leaf.index),
+            ))
+            first_key.setdefault(leaf.index, key)
+        else:
+            text = repr(leaf)
+            rows.append(LeafSummary(
+                key=key, kind="value", dtype=type(leaf).__name__, shape=None, nbytes=0,
+                extents=0, files=(), value=text if len(text) <= 80 else text[:77] + "...",
+            ))
+    return CheckpointSummary(
+        path=info.storage.display,
+        checkpoint_id=info.marker.checkpoint_id,
+        created_unix=info.marker.created_unix,
+        world_size=info.marker.world_size,
+        total_nbytes=info.marker.total_nbytes,
+        leaves=rows,
+        data_files={f: info.file_sizes[f] for f in manifest.files},
+        manifest_nbytes=info.marker.manifest_nbytes,
+    )
