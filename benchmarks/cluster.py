@@ -76,9 +76,11 @@ def run(nbytes: int, *, runs: int, warmup: int, scratch: str) -> dict[str, Any]:
         worker = cluster.add_node(num_cpus=1, object_store_memory=store)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
+        assert cluster.head_node is not None
         head_id, worker_id = cluster.head_node.node_id, worker.node_id
-        head = _Saver.options(**_on(head_id)).remote(nbytes, [0, 1])
-        other = _Saver.options(**_on(worker_id)).remote(nbytes, [1])
+        saver: Any = _Saver
+        head = saver.options(**_on(head_id)).remote(nbytes, [0, 1])
+        other = saver.options(**_on(worker_id)).remote(nbytes, [1])
         savers = [head, other]
         placed = ray.get([s.node_id.remote() for s in savers])
         if placed != [head_id, worker_id]:
@@ -91,7 +93,8 @@ def run(nbytes: int, *, runs: int, warmup: int, scratch: str) -> dict[str, Any]:
             for _ in calls:
                 counter += 1
                 paths.append(os.path.join(scratch, f"cluster-{counter}"))
-            spans = ray.get([s.save.remote(p, parts) for (s, parts), p in zip(calls, paths)])
+            pending = [s.save.remote(p, parts) for (s, parts), p in zip(calls, paths, strict=True)]
+            spans = ray.get(pending)
             for p in paths:
                 shutil.rmtree(p, ignore_errors=True)
             secs = max(end for _, end, _ in spans) - min(start for start, _, _ in spans)

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import ctypes
+import functools
 import gc
 import os
 import shutil
@@ -35,6 +37,7 @@ import ray
 import torch
 
 MiB = 1 << 20
+WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
 
 
 def median_gbps(nbytes: int, fn: Callable[[], Any], runs: int, warmup: int = 1) -> float:
@@ -48,8 +51,13 @@ def median_gbps(nbytes: int, fn: Callable[[], Any], runs: int, warmup: int = 1) 
     return nbytes / statistics.median(times) / 1e9
 
 
+def _fused(read_one: Callable[..., None], slice_bytes: int, i: int) -> None:
+    read_one(i, True, slice_bytes)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.micro", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.micro",
+                                description=(__doc__ or "").split("\n")[0])
     p.add_argument("--gib", type=float, default=1.0)
     p.add_argument("--bucket-mib", type=int, default=64)
     p.add_argument("--runs", type=int, default=5)
@@ -73,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
           f"RAY_preallocate_plasma_memory={os.environ.get('RAY_preallocate_plasma_memory', '0')}")
 
     def copy() -> None:
-        for d, s in zip(dst, src):
+        for d, s in zip(dst, src, strict=True):
             d.copy_(s)
 
     line("copy_ into preallocated tensors", median_gbps(nbytes, copy, args.runs))
@@ -103,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
 
             return fn
 
-        line("ray.put numpy byte views, warm, 2 threads", median_gbps(nbytes, put_threads(2), args.runs))
+        line("ray.put numpy byte views, warm, 2 threads",
+             median_gbps(nbytes, put_threads(2), args.runs))
 
         refs = [ray.put([v]) for v in views]
         tensor_refs = [ray.put([t]) for t in src]
@@ -126,14 +135,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def crc_whole() -> None:
         for v in views:
-            crc32c(v)
+            crc32c(v.data)
 
     def crc_sliced() -> None:
         step = 4 * MiB
         for v in views:
             value = 0
             for i in range(0, len(v), step):
-                value = crc32c(v[i : i + step], value)
+                value = crc32c(v[i : i + step].data, value)
 
     line("crc32c, whole buckets", median_gbps(nbytes, crc_whole, args.runs))
     line("crc32c, 4 MiB slices", median_gbps(nbytes, crc_sliced, args.runs))
@@ -148,15 +157,40 @@ def main(argv: list[str] | None = None) -> int:
     try:
         def write() -> None:
             for i, v in enumerate(views):
-                fd = os.open(os.path.join(scratch, f"{i}.bin"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-                os.write(fd, v)
+                fd = os.open(os.path.join(scratch, f"{i}.bin"), WRITE_FLAGS)
+                os.write(fd, v.data)
                 os.fsync(fd)
                 os.close(fd)
 
         def write_threads(workers: int) -> Callable[[], None]:
             def one(i: int) -> None:
-                fd = os.open(os.path.join(scratch, f"{i}.bin"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-                os.write(fd, views[i])
+                fd = os.open(os.path.join(scratch, f"{i}.bin"), WRITE_FLAGS)
+                os.write(fd, views[i].data)
+                os.fsync(fd)
+                os.close(fd)
+
+            def fn() -> None:
+                with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+                    list(pool.map(one, range(n)))
+
+            return fn
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.sync_file_range.argtypes = [
+            ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint,
+        ]
+        kick = 8 * MiB
+
+        def write_kicked_threads(workers: int) -> Callable[[], None]:
+            """writev in 8 MiB pieces, each followed by sync_file_range(WRITE): the disk starts
+            writing while the rest is copied; fsync at the end waits for less."""
+
+            def one(i: int) -> None:
+                fd = os.open(os.path.join(scratch, f"{i}.bin"), WRITE_FLAGS)
+                view = views[i].data
+                for off in range(0, len(view), kick):
+                    os.pwrite(fd, view[off : off + kick], off)
+                    libc.sync_file_range(fd, off, kick, 2)  # SYNC_FILE_RANGE_WRITE
                 os.fsync(fd)
                 os.close(fd)
 
@@ -169,18 +203,22 @@ def main(argv: list[str] | None = None) -> int:
         line("write+fsync, one file per bucket", median_gbps(nbytes, write, args.runs))
         line("write+fsync, one file per bucket, 4 threads",
              median_gbps(nbytes, write_threads(4), args.runs))
+        line("write+fsync, 4 threads, sync_file_range every 8 MiB",
+             median_gbps(nbytes, write_kicked_threads(4), args.runs))
+        line("write+fsync, 1 thread, sync_file_range every 8 MiB",
+             median_gbps(nbytes, write_kicked_threads(1), args.runs))
 
         def read() -> None:
             for i, d in enumerate(dst):
                 fd = os.open(os.path.join(scratch, f"{i}.bin"), os.O_RDONLY)
-                os.preadv(fd, [d.view(torch.uint8).numpy()], 0)
+                os.preadv(fd, [d.view(torch.uint8).numpy().data], 0)
                 os.close(fd)
 
         def read_crc_fused() -> None:
             step = 4 * MiB
             for i, d in enumerate(dst):
                 fd = os.open(os.path.join(scratch, f"{i}.bin"), os.O_RDONLY)
-                view = memoryview(d.view(torch.uint8).numpy())
+                view = d.view(torch.uint8).numpy().data
                 value = 0
                 for off in range(0, len(view), step):
                     os.preadv(fd, [view[off : off + step]], off)
@@ -190,11 +228,38 @@ def main(argv: list[str] | None = None) -> int:
         def read_then_crc() -> None:
             read()
             for d in dst:
-                crc32c(d.view(torch.uint8).numpy())
+                crc32c(d.view(torch.uint8).numpy().data)
+
+        def threaded(fn_one: Callable[[int], None], workers: int) -> Callable[[], None]:
+            def fn() -> None:
+                with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+                    list(pool.map(fn_one, range(n)))
+
+            return fn
+
+        def read_one(i: int, crc: bool = False, slice_bytes: int = 0) -> None:
+            fd = os.open(os.path.join(scratch, f"{i}.bin"), os.O_RDONLY)
+            view = dst[i].view(torch.uint8).numpy().data
+            step = slice_bytes or len(view)
+            value = 0
+            for off in range(0, len(view), step):
+                os.preadv(fd, [view[off : off + step]], off)
+                if crc and slice_bytes:
+                    value = crc32c(view[off : off + step], value)
+            if crc and not slice_bytes:
+                crc32c(view)
+            os.close(fd)
 
         line("pread into preallocated (page cache)", median_gbps(nbytes, read, args.runs))
         line("pread whole file, then crc32c", median_gbps(nbytes, read_then_crc, args.runs))
         line("pread + crc32c fused in 4 MiB slices", median_gbps(nbytes, read_crc_fused, args.runs))
+        line("pread, 2 threads", median_gbps(nbytes, threaded(read_one, 2), args.runs))
+        line("pread whole file then crc32c, 2 threads",
+             median_gbps(nbytes, threaded(lambda i: read_one(i, crc=True), 2), args.runs))
+        for kib in (256, 1024, 4096):
+            fused = functools.partial(_fused, read_one, kib * 1024)
+            line(f"pread + crc32c fused in {kib} KiB slices, 2 threads",
+                 median_gbps(nbytes, threaded(fused, 2), args.runs))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     _ = np  # numpy views are built through torch

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .state_dicts import copy_flat_into, copy_into, flat_tensors, tensors
+from .state_dicts import copy_into, flat_tensors, tensors
 
 MiB = 1 << 20
 RAW_FILE_BYTES = 64 * MiB  # ray_ckpt's default bucket_size_bytes: one data file per bucket
@@ -166,7 +166,7 @@ def _chunks(views: list[np.ndarray], limit: int) -> list[list[np.ndarray]]:
 
 
 def _write_all(fd: int, views: list[np.ndarray]) -> None:
-    pending = [memoryview(v) for v in views if len(v)]
+    pending = [v.data for v in views if len(v)]
     while pending:
         batch = pending[:_IOV_MAX]
         written = os.writev(fd, batch)
@@ -183,7 +183,7 @@ def _read_all(fd: int, views: list[np.ndarray]) -> None:
     offset = 0
     for view in views:
         done = 0
-        mv = memoryview(view)
+        mv = view.data
         while done < len(mv):
             n = os.preadv(fd, [mv[done:]], offset + done)
             if n == 0:
@@ -199,7 +199,9 @@ class Memcpy(Op):
     rows = (Row(MEMCPY, "limit", "copy"),)
 
     def run(self, ctx: Context) -> dict[str, float]:
-        pairs = [(d, s) for (_, d), (_, s) in zip(tensors(ctx.target), tensors(ctx.state))]
+        pairs = [
+            (d, s) for (_, d), (_, s) in zip(tensors(ctx.target), tensors(ctx.state), strict=True)
+        ]
 
         def copy() -> None:
             for dst, src in pairs:
@@ -421,11 +423,13 @@ class DcpAsyncSave(Op):
         path = ctx.fresh_path("dcp-async")
         with quiet():
             start = time.perf_counter()
-            future = dcp.async_save(
+            response = dcp.async_save(
                 ctx.state,
                 storage_writer=dcp.FileSystemWriter(path, sync_files=True),
                 no_dist=True,
             )
+            # a Future; an AsyncSaveResponse only with a stager that stages asynchronously
+            future: Any = getattr(response, "upload_completion", response)
             stall = time.perf_counter() - start
             future.result()
             total = time.perf_counter() - start
@@ -471,8 +475,11 @@ def _ray_train_copy(source: str, destination: str) -> None:
     ``pyarrow.fs.copy_files`` with 64 MiB chunks)."""
     import pyarrow.fs as pafs
 
+    copy_files: Callable[..., Any]
     try:
-        from ray.train.v2._internal.execution.storage import _pyarrow_fs_copy_files as copy_files
+        from ray.train.v2._internal.execution.storage import _pyarrow_fs_copy_files
+
+        copy_files = _pyarrow_fs_copy_files
     except ImportError:  # older Ray: the same call, written out
 
         def copy_files(src: str, dst: str, **kwargs: Any) -> None:

@@ -89,6 +89,7 @@ class Timers:
 
 
 DRIVER_TIMERS = Timers()
+WRITER_TIMERS: Timers | None = None  # in the writer actor, once installed
 
 
 def install_driver_timers() -> None:
@@ -116,7 +117,7 @@ def install_writer_timers(actor: Any) -> bool:
     import ray_ckpt.writer as writer
 
     global WRITER_TIMERS
-    if "WRITER_TIMERS" in globals():
+    if WRITER_TIMERS is not None:
         return False
     t = WRITER_TIMERS = Timers()
     t.wrap(actor._writer, "write_bucket", "write a bucket (crc32c + writev + fsync)")
@@ -132,7 +133,7 @@ def install_writer_timers(actor: Any) -> bool:
 
 
 def take_writer_timers(_actor: Any) -> dict[str, tuple[int, float]]:
-    return WRITER_TIMERS.take() if "WRITER_TIMERS" in globals() else {}
+    return WRITER_TIMERS.take() if WRITER_TIMERS is not None else {}
 
 
 def actor_pid(_actor: Any) -> int:
@@ -206,7 +207,9 @@ def categories_of(path: str, who: str) -> tuple[collections.Counter[str], int]:
     return counts, len(working)
 
 
-def start_pyspy(pids: dict[str, int], out: str, label: str, rate: int) -> list[tuple[str, Any, str]]:
+def start_pyspy(
+    pids: dict[str, int], out: str, label: str, rate: int
+) -> list[tuple[str, Any, str]]:
     procs = []
     for who, pid in pids.items():
         path = os.path.join(out, f"{label}-{who}.txt")
@@ -291,7 +294,9 @@ def _median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
-def timer_table(title: str, data: dict[str, tuple[int, float]], iterations: int, wall: float) -> str:
+def timer_table(
+    title: str, data: dict[str, tuple[int, float]], iterations: int, wall: float
+) -> str:
     lines = [f"**{title}** (per iteration; % of the median wall time {wall:.3f}s)", "",
              "| step | calls | thread-seconds | % of wall |", "|---|---:|---:|---:|"]
     for name, (calls, secs) in sorted(data.items(), key=lambda kv: -kv[1][1]):
@@ -337,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         amount = int(args.size) if args.kind == "tiny" else parse_size(args.size)
         h = Harness(Spec(args.kind, args.kind, amount), scratch)
         writer = h.writer()
-        pids = {"driver": os.getpid(), "writer": ray.get(writer.__ray_call__.remote(this.actor_pid))}
+        writer_pid = ray.get(writer.__ray_call__.remote(this.actor_pid))
+        pids = {"driver": os.getpid(), "writer": writer_pid}
         report.append(
             f"state: {args.kind}, {h.nbytes / 2**20:.0f} MiB in {count_tensors(h.state)} tensors, "
             f"{args.iterations} iterations; "

@@ -76,9 +76,8 @@ def _mount_of(path: str) -> tuple[str, str]:
         with open("/proc/mounts") as f:
             for line in f:
                 device, mount, fstype = line.split()[:3]
-                if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(
-                    best[2]
-                ):
+                inside = path == mount or path.startswith(mount.rstrip("/") + "/")
+                if inside and len(mount) >= len(best[2]):
                     best = (device, fstype, mount)
     except OSError:
         pass
@@ -266,6 +265,10 @@ def header(results: dict[str, Any]) -> str:
     resident = ", ".join(
         f"{k} {v * 100:.0f}%" for k, v in sorted(cache.items()) if v is not None
     ) or "not measured"
+    reads = (
+        "cold (posix_fadvise DONTNEED before every read)" if s["cold_reads"]
+        else "warm: from the page cache"
+    )
     lines = [
         f"# ray_ckpt benchmark — {m['date']}",
         "",
@@ -275,10 +278,10 @@ def header(results: dict[str, Any]) -> str:
         f"- software: Python {m['python']}, torch {v['torch']}, ray {v['ray']}, pyarrow "
         f"{v['pyarrow']}, safetensors {v['safetensors']}, numpy {v['numpy']}; ray_ckpt at "
         f"{m['git']}",
-        f"- runs: median of {s['runs']} after {s['warmup']} warm-up; Ray object store "
+        f"- runs: median of {s['runs']} (tiny tensors: {s.get('tiny_runs', s['runs'])}) after "
+        f"{s['warmup']} warm-up; Ray object store "
         f"{_gib(s['object_store_bytes'])} (ray_ckpt's staging budget: half of it)",
-        f"- reads: {'cold (posix_fadvise DONTNEED before every read)' if s['cold_reads'] else 'warm: from the page cache'}"
-        f" — resident when read: {resident}",
+        f"- reads: {reads} — resident when read: {resident}",
     ]
     return "\n".join(lines)
 
@@ -308,7 +311,8 @@ def summary_table(results: dict[str, Any]) -> str:
 
 def detail_table(sd: dict[str, Any]) -> str:
     lines = [
-        f"### {sd['name']}: {sd['nbytes'] / 2**20:.0f} MiB in {sd['tensors']} tensors",
+        f"### {sd['name']}: {sd['nbytes'] / 2**20:.1f} MiB in {sd['tensors']:,} tensors, "
+        f"median of {sd.get('runs', '?')} runs",
         "",
         "| | phase | median s | min s | GB/s | × limit | × best peer |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -331,8 +335,8 @@ def cluster_table(c: dict[str, Any]) -> str:
     ratio = c["two_nodes_gbps"] / c["one_node_gbps"] if c["one_node_gbps"] else None
     return "\n".join(
         [
-            f"### 2-node simulated cluster: ray_ckpt sync save, {c['nbytes_one_node'] / 2**20:.0f} MiB "
-            "in all",
+            "### 2-node simulated cluster: ray_ckpt sync save, "
+            f"{c['nbytes_one_node'] / 2**20:.0f} MiB in all",
             "",
             "Both nodes run on this machine and write to the same disk.",
             "",
@@ -383,7 +387,7 @@ def plot(results: dict[str, Any], path: str) -> None:
     colors = {"peer": "#9aa5b1", "ray_ckpt": "#1f77b4"}
     fig, axes = plt.subplots(1, len(sds), figsize=(5.5 * len(sds), 0.34 * len(names) + 2),
                              sharey=True, squeeze=False)
-    for ax, sd in zip(axes[0], sds):
+    for ax, sd in zip(axes[0], sds, strict=True):
         by_name = {r["row"].name: r for r in table_rows(sd)}
         ys, values, cols = [], [], []
         for i, name in enumerate(names):
@@ -396,7 +400,7 @@ def plot(results: dict[str, Any], path: str) -> None:
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_title(f"{sd['name']}", fontsize=10)
         ax.set_xlabel("speed × limit of its phase (1 = limit; log scale)")
-        for y, v in zip(ys, values):
+        for y, v in zip(ys, values, strict=True):
             if v:
                 ax.text(v, y, f" {v:.2f}", va="center", fontsize=7)
     axes[0][0].set_yticks(range(len(names)))

@@ -189,7 +189,7 @@ def copy_into(dst: Any, src: Any) -> None:
         for k, v in dst.items():
             copy_into(v, src[k])
     elif isinstance(dst, (list, tuple)):
-        for d, s in zip(dst, src):
+        for d, s in zip(dst, src, strict=True):
             copy_into(d, s)
 
 
