@@ -47,6 +47,7 @@ class Leaf:
     key: str
     value: Any
     kind: str  # "tensor" or "pickle"
+    path_id: str  # the key path as canonical JSON: unique, unlike the dotted ``key``
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ class _Flattener:
         if known is not None:
             return known
         index = len(self.leaves)
-        self.leaves.append(Leaf(index, key_string(path), tensor, "tensor"))
+        self.leaves.append(Leaf(index, key_string(path), tensor, "tensor", path_id(path)))
         self._tensor_items[id(tensor)] = index
         return index
 
@@ -136,8 +137,30 @@ class _Flattener:
                 "convert it to tensors, numbers, strings, bytes, lists, tuples and dicts."
             )
         index = len(self.leaves)
-        self.leaves.append(Leaf(index, key_string(path), value, "pickle"))
+        self.leaves.append(Leaf(index, key_string(path), value, "pickle", path_id(path)))
         return {"P": index}
+
+
+def path_id(path: tuple[Any, ...]) -> str:
+    """The canonical JSON of a key path: equal on every rank for the same key."""
+    return json.dumps([_encode_key(k, ()) for k in path], separators=(",", ":"))
+
+
+def remap(tree_json: str, mapping: dict[int, int]) -> str:
+    """``tree_json`` with every item index ``i`` replaced by ``mapping[i]``."""
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            if len(node) == 1:
+                ((tag, body),) = node.items()
+                if tag in ("T", "N", "P"):
+                    return {tag: mapping[body]}
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return json.dumps(walk(json.loads(tree_json)), separators=(",", ":"), allow_nan=False)
 
 
 def _encode_key(key: Any, path: tuple[Any, ...]) -> Any:

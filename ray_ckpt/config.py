@@ -38,6 +38,14 @@ class CheckpointStagerConfig:
         memory_budget_bytes: most bytes staged but not yet written at any time. ``None``
             takes half of the object store of this node. A state dict larger than the budget
             stages in pieces: piece k+1 is staged while piece k is written.
+        rank_local_keys: in a multi-rank save, tensors are *replicated* by default (DDP: the
+            same key holds the same tensor on every rank) and written once, by one rank,
+            balanced over the ranks. Keys equal to one of these dotted prefixes, or below one,
+            are *rank-local* instead: every rank writes and later reads its own
+            (``("rng", "dataloader")``; ``("",)`` makes every key rank-local).
+        verify_replicas: every rank checksums its replicated tensors so that the commit can
+            refuse a save in which a "replicated" key in fact differs between ranks (which
+            would otherwise load one rank's value on every rank). CPU tensors only.
     """
 
     use_async_staging: bool = True
@@ -46,6 +54,8 @@ class CheckpointStagerConfig:
     bucket_size_bytes: int = 64 * MiB
     pack_threshold_bytes: int = 1 * MiB
     memory_budget_bytes: int | None = None
+    rank_local_keys: tuple[str, ...] = ()
+    verify_replicas: bool = True
 
     def __post_init__(self) -> None:
         _require(
@@ -61,6 +71,11 @@ class CheckpointStagerConfig:
             self.memory_budget_bytes is None or self.memory_budget_bytes >= self.bucket_size_bytes,
             "memory_budget_bytes must be None (half the object store) or at least "
             f"bucket_size_bytes ({self.bucket_size_bytes}), got {self.memory_budget_bytes}",
+        )
+        _require(
+            isinstance(self.rank_local_keys, tuple)
+            and all(isinstance(k, str) for k in self.rank_local_keys),
+            f"rank_local_keys must be a tuple of dotted key prefixes, got {self.rank_local_keys!r}",
         )
 
 
@@ -88,7 +103,7 @@ class CheckpointWriterConfig:
     spread_across_nodes: bool = False
 
     def __post_init__(self) -> None:
-        _require(1 <= self.io_threads <= 64, f"io_threads must be in [1, 64], got {self.io_threads}")
+        _require(1 <= self.io_threads <= 16, f"io_threads must be in [1, 16], got {self.io_threads}")
         _require(
             self.barrier_timeout_secs > 0,
             f"barrier_timeout_secs must be positive, got {self.barrier_timeout_secs}",

@@ -26,17 +26,20 @@ of the caller's node, so a save commits even while the caller trains on.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import ray
 
 from . import metrics
 from .config import CheckpointerConfig
 from .errors import CheckpointError, CheckpointExistsError, CheckpointWriteError, CorruptCheckpointError
+from ._tree import remap
 from .format import (
     MARKER_NAME,
     Extent,
@@ -45,6 +48,7 @@ from .format import (
     build_manifest,
     is_own_file,
     manifest_file_name,
+    manifest_from_bytes,
     manifest_to_bytes,
     marker_temp_name,
     new_checkpoint_id,
@@ -101,6 +105,7 @@ class SaveRequest:
     fsync: bool
     barrier_timeout_secs: float
     started_unix: float
+    barrier: Any = None  # the checkpoint's coordinator actor, for multi-rank saves
 
 
 @dataclass
@@ -110,6 +115,7 @@ class StagingOutcome:
     shards: list[tuple[str, str, ray.ObjectRef]] = field(default_factory=list)  # node, file, ref
     error: BaseException | None = None
     stats: StageStats | None = None
+    replicas: dict[int, tuple[str, int, int | None]] = field(default_factory=dict)
 
 
 class Coordinator:
@@ -147,12 +153,19 @@ class Coordinator:
         storage = Storage.from_path(path, self._filesystem, self._config.storage_config)
         check_destination(storage, overwrite=overwrite)
         checkpoint_id = new_checkpoint_id()
-        plan = self._stager.plan(
-            state_dict,
-            checkpoint_id=checkpoint_id,
-            rank=self._rank_info.global_rank,
-            allow_pickle=allow_pickle,
-        )
+        barrier = self._barrier(storage, overwrite)
+        try:
+            plan = self._stager.plan(
+                state_dict,
+                checkpoint_id=checkpoint_id,
+                rank=self._rank_info.global_rank,
+                world_size=self._rank_info.global_world_size,
+                allow_pickle=allow_pickle,
+            )
+        except BaseException as e:
+            if barrier is not None:  # fail the save on every rank now, not at the timeout
+                barrier.fail.remote(self._rank_info.global_rank, _portable(e))
+            raise
         writer_config = self._config.writer_config
         request = SaveRequest(
             storage=storage,
@@ -165,9 +178,13 @@ class Coordinator:
             fsync=writer_config.fsync,
             barrier_timeout_secs=writer_config.barrier_timeout_secs,
             started_unix=time.time(),
+            barrier=barrier,
         )
         session = self._pool.local()
         write_ref = session.run_save.remote(checkpoint_id, request)
+        if request.barrier is not None:
+            # the pending write ref is this process's: the coordinator learns of its death
+            request.barrier.join.remote(self._rank_info.global_rank, [write_ref])
         stage_ref = session.wait_staged.remote(checkpoint_id, writer_config.barrier_timeout_secs)
         staged: concurrent.futures.Future[StageStats] = concurrent.futures.Future()
 
@@ -184,6 +201,22 @@ class Coordinator:
             self._stage_all(plan, storage, session, staged, started)
         return stage_future, write_future
 
+    def _barrier(self, storage: Storage, overwrite: bool) -> Any:
+        """The coordinator actor of this checkpoint, for a multi-rank save (else None)."""
+        if self._rank_info.global_world_size == 1:
+            return None
+        from .barrier import coordinator_for
+
+        return coordinator_for(
+            storage,
+            namespace=self._config.namespace,
+            world_size=self._rank_info.global_world_size,
+            overwrite=overwrite,
+            hook=self._hook,
+            fsync=self._config.writer_config.fsync,
+            barrier_timeout_secs=self._config.writer_config.barrier_timeout_secs,
+        )
+
     def _stage_all(
         self,
         plan: StagingPlan,
@@ -195,6 +228,7 @@ class Coordinator:
         outcome = StagingOutcome()
         try:
             self._stage_buckets(plan, storage, outcome)
+            outcome.replicas = self._replica_checksums(plan)
             outcome.stats = StageStats(
                 nbytes=plan.nbytes,
                 items=len(plan.items),
@@ -233,6 +267,16 @@ class Coordinator:
             del payload  # the write task holds it now; freed once written
             outcome.shards.append((node_id, layout.file, result))
             in_flight[result] = layout.nbytes
+
+    def _replica_checksums(self, plan: StagingPlan) -> dict[int, tuple[str, int, int | None]]:
+        """Path, owner and (with ``verify_replicas``, on CPU) CRC32C of each replicated item."""
+        verify = self._config.staging_config.verify_replicas
+        out: dict[int, tuple[str, int, int | None]] = {}
+        for item, replica in plan.replicas.items():
+            raw = plan.host_bytes[item]
+            crc = crc32c(memoryview(raw)) if verify and isinstance(raw, np.ndarray) else None
+            out[item] = (replica.path_id, replica.owner, crc)
+        return out
 
     def _placement(self) -> list[tuple[str, Any]]:
         """The writers that write this save's buckets, in turn: this node's own, or (with
@@ -330,8 +374,24 @@ def check_destination(storage: Storage, *, overwrite: bool) -> None:
 # --- the writer's half (runs in the writer actor) ---------------------------------------------
 
 
+@dataclass(frozen=True)
+class RankReport:
+    """What one rank's save wrote, with item indices local to that rank."""
+
+    rank: int
+    save_id: str
+    items: list[ItemMeta]
+    extents: list[Extent]
+    tree_json: str
+    replicas: dict[int, tuple[str, int, int | None]]  # item -> (path id, owner rank, crc32c)
+    files: list[str]
+    writers: dict[str, int]
+    stage_secs: float
+
+
 def commit_save(request: SaveRequest, slot: Any) -> SaveResult:
-    """Gather every write of the save, then commit it; on any failure delete its files."""
+    """Gather every write of this rank's save, then commit it (one rank) or hand it to the
+    checkpoint's coordinator (several ranks). On failure, delete this save's files."""
     storage = request.storage
     outcome: StagingOutcome = slot.outcome
     try:
@@ -342,39 +402,158 @@ def commit_save(request: SaveRequest, slot: Any) -> SaveResult:
             raise concurrent.futures.CancelledError(
                 f"save to {storage.display} was cancelled; nothing was committed"
             )
-        replaced = _committed_id(storage) if request.overwrite else None
-        marker = write_manifest(request, shards)
+        report = _report(request, outcome, shards)
+        if request.barrier is None:
+            return commit_reports(request, [report], request.checkpoint_id)
+    except BaseException as e:
+        metrics.record_failure()
+        if request.barrier is not None:
+            request.barrier.fail.remote(request.rank_info.global_rank, _portable(e))
+        discard_files(storage, request.checkpoint_id)
+        raise
+    return _through_barrier(request, report)
+
+
+def _report(request: SaveRequest, outcome: StagingOutcome, shards: list[ShardResult]) -> RankReport:
+    return RankReport(
+        rank=request.rank_info.global_rank,
+        save_id=request.checkpoint_id,
+        items=request.items,
+        extents=[e for shard in shards for e in shard.extents],
+        tree_json=request.tree_json,
+        replicas=outcome.replicas,
+        files=[shard.file for shard in shards],
+        writers=dict(Counter(shard.node_id for shard in shards)),
+        stage_secs=outcome.stats.stage_secs if outcome.stats else 0.0,
+    )
+
+
+def _through_barrier(request: SaveRequest, report: RankReport) -> SaveResult:
+    """Hand this rank's report to the checkpoint's coordinator and wait for its decision."""
+    assert request.barrier is not None
+    try:
+        return ray.get(  # type: ignore[no-any-return]
+            request.barrier.arrive.remote(report),
+            timeout=request.barrier_timeout_secs + 60,
+        )
+    except Exception as e:
+        error = unwrap_ray_error(e)
+        if not _committed_with(request.storage, report.files):
+            discard_files(request.storage, request.checkpoint_id)
+        metrics.record_failure()
+        raise error from None
+
+
+def commit_reports(request: SaveRequest, reports: list[RankReport], checkpoint_id: str) -> SaveResult:
+    """Commit the reports of every rank as checkpoint ``checkpoint_id``: manifest (durable),
+    ``pre_commit`` hook, marker (exclusive unless overwriting), ``post_commit`` hook, then the
+    files of the checkpoint this one replaced."""
+    storage = request.storage
+    items, extents, trees = merge_reports(reports, storage)
+    replaced = _committed_files(storage) if request.overwrite else set()
+    table = build_manifest(items, extents, trees[0], checkpoint_id, trees if len(trees) > 1 else None)
+    raw = manifest_to_bytes(table)
+    manifest = manifest_file_name(checkpoint_id)
+    try:
+        storage.write_file(manifest, [raw], fsync=request.fsync)
+        marker = Marker(
+            checkpoint_id=checkpoint_id,
+            manifest=manifest,
+            manifest_nbytes=len(raw),
+            manifest_crc32c=crc32c(raw),
+            created_unix=time.time(),
+            world_size=len(reports),
+            total_nbytes=sum(m.nbytes for m in items),
+        )
         if request.hook is not None:
             request.hook.pre_commit(storage.display)
         storage.commit_strategy.commit(
             storage,
             MARKER_NAME,
             marker.to_bytes(),
-            marker_temp_name(request.checkpoint_id),
+            marker_temp_name(checkpoint_id),
             exclusive=not request.overwrite,
         )
     except BaseException:
-        metrics.record_failure()
-        discard_files(storage, request.checkpoint_id)
+        storage.delete_files([manifest])
         raise
-    if replaced is not None and replaced != request.checkpoint_id:
-        discard_files(storage, replaced)
+    kept = {e.file for e in extents} | {manifest}
+    stale = sorted(replaced - kept)
+    if stale:
+        storage.delete_files(stale)
     if request.hook is not None:
         request.hook.post_commit(storage.display)
-    stats = outcome.stats
+    writers: Counter[str] = Counter()
+    for report in reports:
+        writers.update(report.writers)
     result = SaveResult(
         path=storage.display,
-        checkpoint_id=request.checkpoint_id,
+        checkpoint_id=checkpoint_id,
         nbytes=marker.total_nbytes,
-        items=len(request.items),
-        files=len(shards) + 2,
-        stage_secs=stats.stage_secs if stats else 0.0,
+        items=len(items),
+        files=len({e.file for e in extents}) + 2,
+        stage_secs=max(r.stage_secs for r in reports),
         total_secs=time.time() - request.started_unix,
-        writers=dict(Counter(shard.node_id for shard in shards)),
+        writers=dict(writers),
     )
     metrics.record_commit(result.nbytes, result.total_secs)
     logger.debug("committed %s (%s)", result.path, result.checkpoint_id)
     return result
+
+
+def merge_reports(
+    reports: list[RankReport], storage: Storage
+) -> tuple[list[ItemMeta], list[Extent], list[str]]:
+    """Number every rank's items in one index space (a replicated item once, a rank-local one
+    per rank), check that replicated items agree across ranks, and remap every rank's tree."""
+    reports = sorted(reports, key=lambda r: r.rank)
+    items: list[ItemMeta] = []
+    extents: list[Extent] = []
+    trees: list[str] = []
+    replicated: dict[str, tuple[int, ItemMeta, int, int | None]] = {}  # path -> global, ...
+    problems: list[str] = []
+    for report in reports:
+        mapping: dict[int, int] = {}
+        for meta in report.items:
+            replica = report.replicas.get(meta.item)
+            if replica is None:
+                mapping[meta.item] = len(items)
+                items.append(dataclasses.replace(meta, item=len(items)))
+                continue
+            path, owner, crc = replica
+            known = replicated.get(path)
+            if known is None:
+                index = len(items)
+                replicated[path] = (index, meta, report.rank, crc)
+                items.append(dataclasses.replace(meta, item=index, replicated=True))
+            else:
+                index, first, first_rank, first_crc = known
+                if (first.dtype, first.shape) != (meta.dtype, meta.shape):
+                    problems.append(
+                        f"key {meta.key!r} is {first.dtype} {list(first.shape or ())} on rank "
+                        f"{first_rank} but {meta.dtype} {list(meta.shape or ())} on rank {report.rank}"
+                    )
+                elif None not in (crc, first_crc) and crc != first_crc:
+                    problems.append(
+                        f"key {meta.key!r} holds different values on ranks {first_rank} and "
+                        f"{report.rank}"
+                    )
+            mapping[meta.item] = index
+        extents += [dataclasses.replace(e, item=mapping[e.item]) for e in report.extents]
+        trees.append(remap(report.tree_json, mapping))
+    paths_by_rank = {r.rank: {p for p, _, _ in r.replicas.values()} for r in reports}
+    for path, (_, meta, _, _) in replicated.items():
+        missing = [rank for rank, paths in paths_by_rank.items() if path not in paths]
+        if missing:
+            problems.append(f"key {meta.key!r} is missing on ranks {missing}")
+    if problems:
+        raise CheckpointWriteError(
+            f"save to {storage.display} failed; nothing was committed. Ranks disagree on "
+            "tensors saved as replicated (written once for all ranks):\n  "
+            + "\n  ".join(problems[:20])
+            + "\nMark per-rank tensors with CheckpointStagerConfig(rank_local_keys=(...))."
+        )
+    return items, extents, trees
 
 
 def gather_shards(
@@ -403,24 +582,6 @@ def gather_shards(
     return results
 
 
-def write_manifest(request: SaveRequest, shards: list[ShardResult]) -> Marker:
-    """Write the manifest (durably) and return the marker that will commit it."""
-    extents: list[Extent] = [e for shard in shards for e in shard.extents]
-    table = build_manifest(request.items, extents, request.tree_json, request.checkpoint_id)
-    raw = manifest_to_bytes(table)
-    name = manifest_file_name(request.checkpoint_id)
-    request.storage.write_file(name, [raw], fsync=request.fsync)
-    return Marker(
-        checkpoint_id=request.checkpoint_id,
-        manifest=name,
-        manifest_nbytes=len(raw),
-        manifest_crc32c=crc32c(raw),
-        created_unix=time.time(),
-        world_size=request.rank_info.global_world_size,
-        total_nbytes=sum(m.nbytes for m in request.items),
-    )
-
-
 def discard_files(storage: Storage, checkpoint_id: str) -> None:
     """Delete every file of checkpoint ``checkpoint_id`` in ``storage`` (and nothing else)."""
     try:
@@ -434,19 +595,37 @@ def discard_files(storage: Storage, checkpoint_id: str) -> None:
         )
 
 
-def _committed_id(storage: Storage) -> str | None:
-    """The id of the checkpoint committed in ``storage`` now, if any (to clean it up after an
-    overwrite replaced it)."""
+def _committed_marker(storage: Storage) -> Marker | None:
     if not storage.exists(MARKER_NAME):
         return None
     try:
-        return Marker.from_bytes(storage.read_file(MARKER_NAME), where=storage.display).checkpoint_id
+        return Marker.from_bytes(storage.read_file(MARKER_NAME), where=storage.display)
     except CorruptCheckpointError as e:
+        logger.warning("the commit marker of %s is unreadable: %s", storage.display, e)
+        return None
+
+
+def _committed_files(storage: Storage) -> set[str]:
+    """The files of the checkpoint committed in ``storage`` now (to delete them once an
+    overwrite has replaced it)."""
+    marker = _committed_marker(storage)
+    if marker is None:
+        return set()
+    try:
+        table = manifest_from_bytes(storage.read_file(marker.manifest), where=marker.manifest)
+    except (CorruptCheckpointError, FileNotFoundError) as e:
         logger.warning(
-            "overwriting %s, whose commit marker is unreadable (%s): its files are left for "
+            "overwriting %s, whose manifest is unreadable (%s): its data files are left for "
             "CheckpointManager.cleanup()", storage.display, e,
         )
-        return None
+        return {marker.manifest}
+    return set(table.column("file").to_pylist()) | {marker.manifest}
+
+
+def _committed_with(storage: Storage, files: list[str]) -> bool:
+    """Whether the checkpoint committed in ``storage`` uses any of ``files`` (then they must
+    stay, whatever the caller was told)."""
+    return bool(set(files) & _committed_files(storage))
 
 
 __all__ = ["Coordinator", "SaveResult", "StageStats", "new_checkpoint_id"]

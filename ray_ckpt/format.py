@@ -118,16 +118,21 @@ def encode_header(rank: int, seq: int, checkpoint_id: str) -> bytes:
     return body + struct.pack("<I", crc32c(body))
 
 
-def check_header(raw: bytes, *, file: str, checkpoint_id: str) -> None:
+def check_header(raw: bytes, *, file: str) -> None:
+    """Check a data file's header against its name ``r<rank>-<seq>-<save id>.data``: a file
+    copied over another, or from another checkpoint, is refused."""
     from ._checksum import crc32c
 
+    match = _DATA_RE.match(file.rsplit("/", 1)[-1])
+    if match is None:
+        raise CorruptCheckpointError(f"{file!r} is not a ray_ckpt data file name")
     if len(raw) < HEADER_SIZE:
         raise CorruptCheckpointError(
             f"data file {file} is truncated: {len(raw)} bytes, shorter than its "
             f"{HEADER_SIZE}-byte header"
         )
     body, (crc,) = raw[:60], struct.unpack("<I", raw[60:64])
-    magic, version, _rank, _seq, file_id = _HEADER.unpack(body)
+    magic, version, rank, seq, file_id = _HEADER.unpack(body)
     if magic != HEADER_MAGIC or crc != crc32c(body):
         raise CorruptCheckpointError(
             f"data file {file} has a damaged header (bad magic or header checksum)"
@@ -137,10 +142,12 @@ def check_header(raw: bytes, *, file: str, checkpoint_id: str) -> None:
             f"data file {file} is format version {version}; this ray_ckpt reads version "
             f"{FORMAT_VERSION}. Upgrade ray_ckpt to read it."
         )
-    if file_id.decode("ascii", "replace") != checkpoint_id:
+    expected = (int(match.group(1)), int(match.group(2)), match.group(3))
+    found = (rank, seq, file_id.decode("ascii", "replace"))
+    if found != expected:
         raise CorruptCheckpointError(
-            f"data file {file} belongs to checkpoint {file_id!r}, not to {checkpoint_id!r}: "
-            "files of two checkpoints were mixed"
+            f"data file {file} holds the data of r{found[0]:05d}-{found[1]:06d}-{found[2]}.data: "
+            "files were copied over each other or mixed between checkpoints"
         )
 
 
@@ -231,6 +238,7 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("length", pa.int64(), nullable=False),
         pa.field("checksum", pa.uint32()),
         pa.field("rank", pa.int32(), nullable=False),
+        pa.field("replicated", pa.bool_(), nullable=False),
     ]
 )
 
@@ -238,6 +246,7 @@ META_VERSION = b"ray_ckpt.format_version"
 META_TREE = b"ray_ckpt.tree"
 META_CHECKPOINT_ID = b"ray_ckpt.checkpoint_id"
 META_CHECKSUM = b"ray_ckpt.checksum_algorithm"
+META_TREES = b"ray_ckpt.trees"
 
 
 @dataclass(frozen=True)
@@ -264,11 +273,18 @@ class ItemMeta:
     shape: tuple[int, ...] | None
     device: str | None
     nbytes: int
+    replicated: bool = False
 
 
 def build_manifest(
-    items: list[ItemMeta], extents: list[Extent], tree_json: str, checkpoint_id: str
+    items: list[ItemMeta],
+    extents: list[Extent],
+    tree_json: str,
+    checkpoint_id: str,
+    trees: list[str] | None = None,
 ) -> pa.Table:
+    """The manifest table. ``trees`` holds every rank's tree for a multi-rank save (rank r's
+    at position r); ``tree_json`` is rank 0's."""
     by_item = {m.item: m for m in items}
     extents = sorted(extents, key=lambda e: (e.item, e.chunk_offset))
     cols: dict[str, list[Any]] = {name: [] for name in MANIFEST_SCHEMA.names}
@@ -287,12 +303,15 @@ def build_manifest(
         cols["length"].append(ext.length)
         cols["checksum"].append(ext.checksum)
         cols["rank"].append(ext.rank)
+        cols["replicated"].append(meta.replicated)
     metadata = {
         META_VERSION: str(FORMAT_VERSION).encode(),
         META_TREE: tree_json.encode(),
         META_CHECKPOINT_ID: checkpoint_id.encode(),
         META_CHECKSUM: CHECKSUM_ALGORITHM.encode(),
     }
+    if trees is not None:
+        metadata[META_TREES] = json.dumps(trees).encode()
     return pa.table(cols, schema=MANIFEST_SCHEMA.with_metadata(metadata))
 
 
@@ -319,6 +338,13 @@ class Manifest:
     items: dict[int, ItemMeta]
     extents: dict[int, list[Extent]]
     table: pa.Table
+    trees: tuple[str, ...] = ()  # every rank's tree, for a multi-rank save
+
+    def tree_for(self, rank: int) -> str:
+        """The tree rank ``rank`` saved (rank 0's for ranks the save did not have)."""
+        if rank < len(self.trees):
+            return self.trees[rank]
+        return self.tree_json
 
     @property
     def files(self) -> list[str]:
@@ -351,6 +377,7 @@ def parse_manifest(table: pa.Table, *, where: str, marker: Marker) -> Manifest:
     if missing:
         raise CorruptCheckpointError(f"manifest {where} lacks columns {missing}")
     tree_json = meta.get(META_TREE, b"").decode("utf-8", "replace")
+    trees = _parse_trees(meta.get(META_TREES), where=where)
     rows = table.select(MANIFEST_SCHEMA.names).to_pylist()
     items: dict[int, ItemMeta] = {}
     extents: dict[int, list[Extent]] = {}
@@ -371,7 +398,19 @@ def parse_manifest(table: pa.Table, *, where: str, marker: Marker) -> Manifest:
             f"manifest {where} describes {total} bytes but the commit marker says "
             f"{marker.total_nbytes}"
         )
-    return Manifest(checkpoint_id, tree_json, items, extents, table)
+    return Manifest(checkpoint_id, tree_json, items, extents, table, trees)
+
+
+def _parse_trees(raw: bytes | None, *, where: str) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    try:
+        trees = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCheckpointError(f"manifest {where}: the per-rank trees are not JSON ({e})") from None
+    if not isinstance(trees, list) or not all(isinstance(t, str) for t in trees):
+        raise CorruptCheckpointError(f"manifest {where}: the per-rank trees are malformed")
+    return tuple(trees)
 
 
 def _parse_row(row: dict[str, Any], *, where: str, checkpoint_id: str) -> tuple[ItemMeta, Extent]:
@@ -402,9 +441,8 @@ def _parse_row(row: dict[str, Any], *, where: str, checkpoint_id: str) -> tuple[
     elif kind != KIND_PICKLE:
         raise CorruptCheckpointError(f"{here}: unknown kind {kind!r}")
     file = row["file"]
-    match = _DATA_RE.match(file or "")
-    if match is None or match.group(3) != checkpoint_id:
-        raise CorruptCheckpointError(f"{here}: {file!r} is not a data file of this checkpoint")
+    if _DATA_RE.match(file or "") is None:
+        raise CorruptCheckpointError(f"{here}: {file!r} is not a ray_ckpt data file name")
     for name in ("chunk_offset", "offset", "length"):
         if row[name] is None or row[name] < 0:
             raise CorruptCheckpointError(f"{here}: invalid {name} {row[name]!r}")
@@ -418,6 +456,7 @@ def _parse_row(row: dict[str, Any], *, where: str, checkpoint_id: str) -> tuple[
         shape=shape,
         device=row["device"],
         nbytes=nbytes,
+        replicated=bool(row["replicated"]),
     )
     extent = Extent(
         item=row["item"],

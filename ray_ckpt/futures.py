@@ -148,11 +148,15 @@ class CheckpointFuture(Generic[T]):
                 value = self._local.result(timeout)
             else:
                 value = ray.get(self._ref, timeout=timeout)
-        except (GetTimeoutError, concurrent.futures.TimeoutError):
+        except GetTimeoutError:
             raise TimeoutError(f"the save did not finish within {timeout} seconds") from None
         except concurrent.futures.CancelledError:
             return self._store(False, concurrent.futures.CancelledError())
         except Exception as e:  # noqa: BLE001 - stored, then raised by result()
+            # the save's own error may be a TimeoutError too (BarrierTimeoutError): only a
+            # local future that is still pending means that *this wait* timed out
+            if isinstance(e, TimeoutError) and self._local is not None and not self._local.done():
+                raise TimeoutError(f"the save did not finish within {timeout} seconds") from None
             return self._store(False, unwrap_ray_error(e))
         return self._store(True, value)
 

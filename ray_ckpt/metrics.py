@@ -59,7 +59,8 @@ def record_commit(nbytes: int, total_secs: float) -> None:
     metrics = _get()
     if metrics is not None:
         metrics["saves"].inc()
-        metrics["written"].inc(nbytes)
+        if nbytes > 0:  # Ray's counters refuse increments of 0
+            metrics["written"].inc(nbytes)
         metrics["save_secs"].observe(total_secs)
 
 
@@ -78,5 +79,6 @@ def record_stall(secs: float) -> None:
 def record_load(nbytes: int, secs: float) -> None:
     metrics = _get()
     if metrics is not None:
-        metrics["read"].inc(nbytes)
+        if nbytes > 0:
+            metrics["read"].inc(nbytes)
         metrics["load_secs"].observe(secs)

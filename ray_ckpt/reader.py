@@ -127,7 +127,8 @@ class CheckpointReader:
         where = f"{storage.display}/{marker.manifest}"
         manifest = parse_manifest(manifest_from_bytes(raw, where=where), where=where, marker=marker)
         _check_file_sizes(storage, manifest, files)
-        tree = decode(manifest.tree_json, n_items=max(manifest.items, default=-1) + 1, where=where)
+        tree_json = manifest.tree_for(self._rank_info.global_rank)
+        tree = decode(tree_json, n_items=max(manifest.items, default=-1) + 1, where=where)
         _check_tree(tree, manifest, where)
         return CheckpointInfo(storage, marker, manifest, tree, files)
 
@@ -228,8 +229,7 @@ class CheckpointReader:
                     checked.add(file)
                 raw = bytearray(HEADER_SIZE)
                 files.read_into(file, 0, memoryview(raw))
-                check_header(bytes(raw), file=f"{info.storage.display}/{file}",
-                             checkpoint_id=info.manifest.checkpoint_id)
+                check_header(bytes(raw), file=f"{info.storage.display}/{file}")
 
             def job(extent: Extent, dest: Any, meta: ItemMeta) -> None:
                 header(extent.file)

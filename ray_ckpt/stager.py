@@ -92,6 +92,14 @@ class _Source:
     is_pack: bool
 
 
+@dataclass(frozen=True)
+class Replica:
+    """A replicated item of a multi-rank save: the same key on every rank, written by one."""
+
+    path_id: str
+    owner: int
+
+
 @dataclass
 class StagingPlan:
     """Everything :meth:`CheckpointStager.stage` needs, computed before any byte is copied."""
@@ -106,6 +114,7 @@ class StagingPlan:
     host_bytes: list[torch.Tensor | np.ndarray] = field(repr=False)
     on_cuda: bool = False
     ready_event: Any = field(default=None, repr=False)  # CUDA event recorded at save()
+    replicas: dict[int, Replica] = field(default_factory=dict)  # item index -> replica
 
     @property
     def nbytes(self) -> int:
@@ -122,9 +131,12 @@ class CheckpointStager(abc.ABC):
         *,
         checkpoint_id: str,
         rank: int = 0,
+        world_size: int = 1,
         allow_pickle: bool = False,
     ) -> StagingPlan:
-        """Flatten and validate ``state_dict`` and lay out its buckets. Copies nothing."""
+        """Flatten and validate ``state_dict`` and lay out its buckets. Copies nothing.
+
+        With ``world_size > 1``, replicated tensors owned by other ranks get no bucket."""
 
     @abc.abstractmethod
     def stage(self, plan: StagingPlan, bucket: int) -> ray.ObjectRef:
@@ -151,6 +163,7 @@ class DefaultStager(CheckpointStager):
         *,
         checkpoint_id: str,
         rank: int = 0,
+        world_size: int = 1,
         allow_pickle: bool = False,
     ) -> StagingPlan:
         tree_json, leaves = flatten(state_dict, allow_pickle=allow_pickle)
@@ -162,7 +175,9 @@ class DefaultStager(CheckpointStager):
             items.append(meta)
             host_bytes.append(raw)
             on_cuda = on_cuda or (isinstance(raw, torch.Tensor) and raw.device.type == "cuda")
-        sources = self._layout(items)
+        replicas = self._replicas(leaves, items, world_size)
+        owned = [m for m in items if m.item not in replicas or replicas[m.item].owner == rank]
+        sources = self._layout(owned)
         buckets = [
             _bucket_layout(seq, data_file_name(rank, seq, checkpoint_id), srcs)
             for seq, srcs in enumerate(sources)
@@ -182,7 +197,31 @@ class DefaultStager(CheckpointStager):
             host_bytes=host_bytes,
             on_cuda=on_cuda,
             ready_event=ready_event,
+            replicas=replicas,
         )
+
+    def _replicas(
+        self, leaves: list[Leaf], items: list[ItemMeta], world_size: int
+    ) -> dict[int, Replica]:
+        """Which tensors are replicated across ranks, and which rank writes each.
+
+        Every rank computes the same answer from the same keys and sizes without talking to
+        the others: largest first, each to the least loaded rank (ties: lowest rank)."""
+        if world_size <= 1:
+            return {}
+        prefixes = self._config.rank_local_keys
+        candidates = [
+            (leaf, meta)
+            for leaf, meta in zip(leaves, items)
+            if meta.kind == KIND_TENSOR and not _under_any(leaf.key, prefixes)
+        ]
+        loads = [0] * world_size
+        replicas: dict[int, Replica] = {}
+        for leaf, meta in sorted(candidates, key=lambda lm: (-lm[1].nbytes, lm[0].path_id)):
+            owner = min(range(world_size), key=lambda r: (loads[r], r))
+            loads[owner] += meta.nbytes
+            replicas[meta.item] = Replica(leaf.path_id, owner)
+        return replicas
 
     def _layout(self, items: list[ItemMeta]) -> list[list[_Source]]:
         """Assign every item's bytes to arrays and arrays to buckets of ``bucket_size_bytes``."""
@@ -328,6 +367,10 @@ def _describe(leaf: Leaf) -> tuple[ItemMeta, torch.Tensor | np.ndarray]:
     if tensor.device.type == "cpu":
         return meta, raw_tensor.numpy()
     return meta, raw_tensor
+
+
+def _under_any(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(p == "" or key == p or key.startswith(p + ".") for p in prefixes)
 
 
 def _as_numpy(raw: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -82,8 +82,8 @@ def test_valid_manifest_parses():
     [
         ({"item": 0, "offset": -1}, "invalid offset"),
         ({"item": 0, "offset": 3}, "inside the file header"),
-        ({"item": 0, "file": "../../etc/passwd"}, "not a data file"),
-        ({"item": 0, "file": data_file_name(0, 0, "f" * 16)}, "not a data file"),
+        ({"item": 0, "file": "../../etc/passwd"}, "not a ray_ckpt data file"),
+        ({"item": 0, "file": "r0-0-x.data"}, "not a ray_ckpt data file"),
         ({"item": 0, "dtype": "evil"}, "unknown dtype"),
         ({"item": 0, "shape": (-1,)}, "invalid shape"),
         ({"item": 0, "shape": (2**40, 2**40), "nbytes": 2**82}, None),

@@ -175,6 +175,16 @@ def test_flipped_header_byte_is_detected(backend, saved):
         backend.ckptr.load(path)
 
 
+def test_data_file_from_another_checkpoint_is_detected(backend, saved):
+    path, state = saved
+    other = path + "-other"
+    backend.ckptr.save(other, state)  # same shapes, so the same layout; other file names
+    mine, theirs = _data_files(backend, path)[0], _data_files(backend, other)[0]
+    backend.write(f"{path}/{mine}", backend.read(f"{other}/{theirs}"))
+    with pytest.raises(ray_ckpt.CorruptCheckpointError, match=f"{mine} holds the data of {theirs}"):
+        backend.ckptr.load(path)
+
+
 def test_flipped_manifest_byte_is_detected(backend, saved):
     path, _ = saved
     backend.flip_byte(f"{path}/{_manifest(backend, path)}", 100)

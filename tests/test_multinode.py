@@ -37,7 +37,11 @@ def test_each_node_writes_what_it_staged_with_one_writer_per_node(cluster, tmp_p
         assert torch.equal(loaded["w"], torch.randn(512, 512))
 
     writers = [
-        a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+        a for a in list_actors(
+            address=ray.get_runtime_context().gcs_address,
+            filters=[("state", "=", "ALIVE")],
+            limit=1000,
+        )
         if a.class_name == "_WriterActor" and a.name.startswith("ray_ckpt.writer.default")
     ]
     by_node: dict[str, int] = {}

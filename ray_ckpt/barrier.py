@@ -1,0 +1,216 @@
+"""The coordinator of a multi-rank checkpoint: one named Ray actor per checkpoint, the barrier.
+
+Every rank of a save finds it by name (``ray_ckpt.checkpoint.<hash of the path>``, created by
+whichever rank gets there first) and talks to it twice::
+
+    (each rank, at save())      join(rank, [pending write ref])   the ref is owned by the rank's
+                                                                  process: if that process dies,
+                                                                  the ref fails, and the save with it
+    (each rank's writer session) arrive(report)                   after the rank's data is durable;
+                                                                  returns once the save is decided
+    (a failing rank's session)   fail(rank, error)
+
+It commits (manifest, then marker: :func:`ray_ckpt.coordinator.commit_reports`) once every one
+of the ``world_size`` ranks has arrived, and answers every ``arrive`` with the same
+:class:`~ray_ckpt.SaveResult`. It fails the save on every rank, committing nothing, as soon as
+one rank fails, a joined rank's process dies, or ``barrier_timeout_secs`` pass after the first
+rank joined; the error names the ranks that failed or never arrived. Having answered everyone, it
+exits, so a later save to the same path gets a fresh coordinator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from typing import Any
+
+import ray
+
+from .errors import BarrierTimeoutError, CheckpointWriteError
+from .format import new_checkpoint_id
+from .storage import Storage
+
+logger = logging.getLogger(__name__)
+
+_WATCH_INTERVAL_SECS = 0.5
+_LINGER_SECS = 2.0
+
+
+class _CheckpointCoordinator:
+    """See the module docstring. An async actor: every ``arrive`` waits on one event."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        world_size: int,
+        overwrite: bool,
+        hook: Any,
+        fsync: bool,
+        barrier_timeout_secs: float,
+    ) -> None:
+        from .coordinator import SaveRequest
+        from .types import RankInfo
+
+        self._world_size = world_size
+        self._timeout = barrier_timeout_secs
+        self._checkpoint_id = new_checkpoint_id()
+        self._request = SaveRequest(
+            storage=storage,
+            checkpoint_id=self._checkpoint_id,
+            rank_info=RankInfo(0, world_size),
+            items=[],
+            tree_json="",
+            overwrite=overwrite,
+            hook=hook,
+            fsync=fsync,
+            barrier_timeout_secs=barrier_timeout_secs,
+            started_unix=time.time(),
+        )
+        self._joined: dict[int, ray.ObjectRef] = {}
+        self._reports: dict[int, Any] = {}
+        self._failures: dict[int, str] = {}
+        self._decided: asyncio.Event | None = None
+        self._outcome: tuple[bool, Any] | None = None
+        self._answered = 0
+        self._watchdog: asyncio.Task[None] | None = None
+        self._first_join = time.monotonic()
+
+    def _start(self) -> None:
+        if self._decided is None:
+            self._decided = asyncio.Event()
+            self._first_join = time.monotonic()
+            self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+
+    async def join(self, rank: int, alive: list[ray.ObjectRef]) -> None:
+        self._start()
+        self._joined[rank] = alive[0]
+
+    async def arrive(self, report: Any) -> Any:
+        self._start()
+        assert self._decided is not None
+        if report.rank in self._reports or not 0 <= report.rank < self._world_size:
+            self._failures[report.rank] = "arrived twice, or with a rank outside the world"
+        else:
+            self._reports[report.rank] = report
+        await self._maybe_decide()
+        await self._decided.wait()
+        return self._answer()
+
+    async def fail(self, rank: int, error: BaseException) -> None:
+        self._start()
+        self._failures[rank] = f"{type(error).__name__}: {error}"
+        await self._maybe_decide()
+
+    async def _maybe_decide(self) -> None:
+        assert self._decided is not None
+        if self._decided.is_set():
+            return
+        if self._failures:
+            failed = "; ".join(f"rank {r}: {why}" for r, why in sorted(self._failures.items()))
+            self._decide(False, CheckpointWriteError(
+                f"multi-rank save to {self._request.storage.display} failed on every rank; "
+                f"nothing was committed. {failed}"
+            ))
+        elif len(self._reports) == self._world_size:
+            from .coordinator import commit_reports
+
+            reports = [self._reports[r] for r in sorted(self._reports)]
+            try:
+                result = await asyncio.to_thread(
+                    commit_reports, self._request, reports, self._checkpoint_id
+                )
+            except Exception as e:  # noqa: BLE001 - every rank gets this error
+                self._decide(False, e)
+            else:
+                self._decide(True, result)
+
+    def _decide(self, ok: bool, value: Any) -> None:
+        assert self._decided is not None
+        if not self._decided.is_set():
+            self._outcome = (ok, value)
+            self._decided.set()
+            if not ok:
+                logger.warning("%s", value)
+
+    def _answer(self) -> Any:
+        assert self._outcome is not None
+        self._answered += 1
+        ok, value = self._outcome
+        if ok:
+            return value
+        raise value
+
+    async def _watch(self) -> None:
+        """Fail the save when a joined rank's process dies or the barrier times out; exit once
+        everyone has been answered."""
+        try:
+            await self._watch_ranks()
+        except Exception as e:  # a broken watchdog must fail the save, not hang it
+            logger.exception("the coordinator's watchdog failed")
+            self._decide(False, CheckpointWriteError(
+                f"multi-rank save to {self._request.storage.display} failed: the coordinator's "
+                f"watchdog broke ({type(e).__name__}: {e}); nothing was committed"
+            ))
+        await self._linger_and_exit()
+
+    async def _watch_ranks(self) -> None:
+        assert self._decided is not None
+        while not self._decided.is_set():
+            await asyncio.sleep(_WATCH_INTERVAL_SECS)
+            waiting = {r: ref for r, ref in self._joined.items() if r not in self._reports}
+            if waiting:
+                ready, _ = ray.wait(list(waiting.values()), num_returns=len(waiting), timeout=0,
+                                    fetch_local=False)
+                gone = sorted(r for r, ref in waiting.items() if ref in ready)
+                for rank in gone:
+                    self._failures.setdefault(
+                        rank, "its process died (or its save ended) before reaching the barrier"
+                    )
+                if gone:
+                    await self._maybe_decide()
+            if time.monotonic() - self._first_join > self._timeout and not self._decided.is_set():
+                absent = [r for r in range(self._world_size) if r not in self._reports]
+                self._decide(False, BarrierTimeoutError(
+                    f"multi-rank save to {self._request.storage.display} failed on every rank; "
+                    f"nothing was committed: ranks {absent} did not reach the barrier within "
+                    f"{self._timeout:.0f}s (barrier_timeout_secs). Check those ranks' logs."
+                ))
+
+    async def _linger_and_exit(self) -> None:
+        deadline = time.monotonic() + self._timeout
+        while self._answered < len(self._reports) and time.monotonic() < deadline:
+            await asyncio.sleep(_WATCH_INTERVAL_SECS)
+        await asyncio.sleep(_LINGER_SECS)
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
+
+CheckpointCoordinatorActor = ray.remote(_CheckpointCoordinator)
+
+
+def coordinator_name(storage: Storage) -> str:
+    digest = hashlib.sha1(storage.display.encode()).hexdigest()[:24]
+    return f"ray_ckpt.checkpoint.{digest}"
+
+
+def coordinator_for(
+    storage: Storage,
+    *,
+    namespace: str,
+    world_size: int,
+    overwrite: bool,
+    hook: Any,
+    fsync: bool,
+    barrier_timeout_secs: float,
+) -> Any:
+    """Find (or create) the coordinator of the checkpoint at ``storage``."""
+    return CheckpointCoordinatorActor.options(  # type: ignore[attr-defined]
+        name=coordinator_name(storage),
+        namespace=namespace,
+        get_if_exists=True,
+        lifetime="detached",
+        num_cpus=0,
+        max_restarts=0,
+        max_concurrency=1000,
+    ).remote(storage, world_size, overwrite, hook, fsync, barrier_timeout_secs)

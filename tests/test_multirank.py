@@ -1,0 +1,181 @@
+"""Multi-rank saves: ranks as Ray actors on the simulated cluster, one checkpoint, one barrier."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import pyarrow.ipc as ipc
+import pytest
+import ray
+import torch
+
+import ray_ckpt
+
+from .conftest import on_node
+from .helpers import assert_same, manifest_file
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def _model_state(seed: int = 0) -> dict:
+    torch.manual_seed(seed)  # same seed on every rank: replicated, as under DDP
+    return {f"layer{i}.weight": torch.randn(64 * (i + 1), 64) for i in range(6)} | {
+        "layer0.bias": torch.zeros(64)
+    }
+
+
+class _Rank:
+    def __init__(self, rank: int, world: int, sync: bool, timeout: float = 60.0, **staging) -> None:
+        config = ray_ckpt.CheckpointerConfig(
+            staging_config=ray_ckpt.CheckpointStagerConfig(
+                bucket_size_bytes=256 << 10, pack_threshold_bytes=16 << 10,
+                rank_local_keys=("rng",), **staging
+            ),
+            writer_config=ray_ckpt.CheckpointWriterConfig(barrier_timeout_secs=timeout),
+        )
+        info = ray_ckpt.RankInfo(rank, world)
+        make = ray_ckpt.make_sync_checkpointer if sync else ray_ckpt.make_async_checkpointer
+        self.rank, self.sync = rank, sync
+        self.ckptr = make(config=config, rank_info=info)
+
+    def state(self, seed: int = 0) -> dict:
+        return {"model": _model_state(seed), "rng": torch.full((4,), float(self.rank)),
+                "step": 10, "rank_note": f"rank {self.rank}"}
+
+    def save(self, path: str, seed: int = 0, **kwargs):  # -> SaveResult
+        state = self.state(seed)
+        state.update(kwargs.pop("extra", {}))
+        if self.sync:
+            self.ckptr.save(path, state, **kwargs)
+            return None
+        _, write = self.ckptr.save(path, state, **kwargs)
+        return write.result()
+
+    def load(self, path: str) -> dict:
+        return self.ckptr.load(path)
+
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
+Rank = ray.remote(num_cpus=0)(_Rank)
+
+
+def _ranks(cluster, world: int, sync: bool, **kwargs) -> list:
+    nodes = cluster.node_ids
+    return [
+        Rank.options(**on_node(nodes[r % len(nodes)])).remote(r, world, sync, **kwargs)
+        for r in range(world)
+    ]
+
+
+@pytest.mark.parametrize("world, sync", [(2, True), (3, False)], ids=["2-sync", "3-async"])
+def test_ranks_save_one_checkpoint_with_replicas_written_once(cluster, tmp_path, world, sync):
+    ranks = _ranks(cluster, world, sync)
+    path = str(tmp_path / "step-10")
+    results = ray.get([r.save.remote(path) for r in ranks], timeout=120)
+    if not sync:
+        assert len({res.checkpoint_id for res in results}) == 1
+    table = ipc.open_file(os.path.join(path, manifest_file(path))).read_all().to_pylist()
+
+    # each replicated key is stored once; rank-local keys once per rank
+    replicated = [row for row in table if row["replicated"]]
+    keys = [row["key"] for row in replicated if row["chunk_offset"] == 0]
+    assert sorted(keys) == sorted(f"model.{k}" for k in _model_state())
+    local = [row for row in table if not row["replicated"]]
+    assert sorted((row["key"], row["rank"]) for row in local) == [("rng", r) for r in range(world)]
+
+    # the writing of replicated bytes is balanced, not all on rank 0
+    by_rank = [sum(row["length"] for row in replicated if row["rank"] == r) for r in range(world)]
+    assert min(by_rank) > 0 and max(by_rank) / sum(by_rank) < 0.6, by_rank
+
+    # every rank loads what it saved: the shared model, its own rng and note
+    for rank, loaded in enumerate(ray.get([r.load.remote(path) for r in ranks])):
+        expected = {"model": _model_state(), "rng": torch.full((4,), float(rank)),
+                    "step": 10, "rank_note": f"rank {rank}"}
+        assert_same(expected, loaded)
+    # without a rank, a notebook sees rank 0's view
+    assert ray_ckpt.CheckpointReader().read(path)[0]["rank_note"] == "rank 0"
+
+
+def test_a_rank_that_raises_fails_the_save_everywhere(cluster, tmp_path):
+    ranks = _ranks(cluster, 2, sync=False)
+    path = str(tmp_path / "c")
+    bad = ranks[1].save.remote(path, extra={"oops": object()})  # refused at save time
+    good = ranks[0].save.remote(path)
+    with pytest.raises(ray_ckpt.PickleNotAllowedError):
+        ray.get(bad, timeout=60)
+    with pytest.raises(ray_ckpt.CheckpointWriteError, match=r"rank 1: PickleNotAllowedError"):
+        ray.get(good, timeout=60)
+    assert not os.path.exists(os.path.join(path, "ray_ckpt.commit"))
+    assert not [f for f in os.listdir(path) if f.endswith(".data")]
+
+
+def test_a_rank_that_never_arrives_times_out_on_every_rank(cluster, tmp_path):
+    ranks = _ranks(cluster, 3, sync=False, timeout=3.0)
+    path = str(tmp_path / "c")
+    started = time.monotonic()
+    refs = [ranks[0].save.remote(path), ranks[1].save.remote(path)]  # rank 2 never saves
+    for ref in refs:
+        with pytest.raises(ray_ckpt.BarrierTimeoutError, match=r"ranks \[2\] did not reach"):
+            ray.get(ref, timeout=60)
+    assert time.monotonic() - started < 30
+    assert not os.path.exists(os.path.join(path, "ray_ckpt.commit"))
+    assert not [f for f in os.listdir(path) if f.endswith(".data")]
+
+
+def test_replicas_that_differ_are_refused(cluster, tmp_path):
+    ranks = _ranks(cluster, 2, sync=False)
+    path = str(tmp_path / "c")
+    refs = [r.save.remote(path, seed=rank) for rank, r in enumerate(ranks)]  # models differ
+    for ref in refs:
+        with pytest.raises(ray_ckpt.CheckpointWriteError, match="different values on ranks 0 and 1"):
+            ray.get(ref, timeout=60)
+    assert not os.path.exists(os.path.join(path, "ray_ckpt.commit"))
+
+
+class GatedWriter(ray_ckpt.CheckpointWriter):
+    """A real writer that holds every bucket until a gate file exists."""
+
+    def __init__(self, config, gate: str) -> None:
+        super().__init__(config)
+        self.gate = gate
+
+    def write_bucket(self, storage, layout, arrays, **kwargs):
+        open(self.gate + ".reached", "w").close()
+        while not os.path.exists(self.gate):
+            time.sleep(0.02)
+        return super().write_bucket(storage, layout, arrays, **kwargs)
+
+
+@ray.remote(num_cpus=0)
+class GatedRank(_Rank):
+    def __init__(self, rank: int, world: int, gate: str) -> None:
+        info = ray_ckpt.RankInfo(rank, world)
+        self.rank, self.sync = rank, False
+        self.ckptr = ray_ckpt.make_async_checkpointer(
+            rank_info=info,
+            checkpoint_writer_init_fn=GatedWriter,
+            checkpoint_writer_init_args={"gate": gate},
+        )
+
+
+def test_a_rank_process_that_dies_fails_the_save_quickly(cluster, tmp_path):
+    gate = str(tmp_path / "gate")
+    healthy = _ranks(cluster, 2, sync=False, timeout=600.0)[0]
+    doomed = GatedRank.remote(1, 2, gate)
+    path = str(tmp_path / "c")
+    good = healthy.save.remote(path)
+    doomed.save.remote(path)  # joins the barrier, then hangs in its writer
+    deadline = time.monotonic() + 60
+    while not os.path.exists(gate + ".reached") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ray.kill(doomed)  # its process dies mid-save
+    started = time.monotonic()
+    with pytest.raises(ray_ckpt.CheckpointWriteError, match="rank 1: its process died"):
+        ray.get(good, timeout=60)
+    assert time.monotonic() - started < 20  # not the 600 s barrier timeout
+    open(gate, "w").close()
+    assert not os.path.exists(os.path.join(path, "ray_ckpt.commit"))
