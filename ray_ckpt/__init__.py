@@ -37,6 +37,7 @@ from .errors import (
     UnsupportedValueError,
 )
 from .futures import CheckpointFuture
+from .manager import CheckpointManager
 from .reader import CheckpointInfo, CheckpointReader
 from .stager import CheckpointStager, DefaultStager
 from .tools import (
@@ -63,6 +64,7 @@ __all__ = [
     "CheckpointExistsError",
     "CheckpointFuture",
     "CheckpointInfo",
+    "CheckpointManager",
     "CheckpointNotFoundError",
     "CheckpointReader",
     "CheckpointReaderConfig",

@@ -15,7 +15,7 @@ appears meanwhile survives.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .config import StorageConfig
@@ -37,6 +37,8 @@ class CheckpointEntry:
     nbytes: int
     created_unix: float | None
     checkpoint_id: str | None
+    metadata: dict[str, Any] = field(default_factory=dict)  # saved with save(metadata=...)
+    modified_unix: float = 0.0  # newest modification time of its files
 
 
 def step_of(name: str) -> int | None:
@@ -87,6 +89,10 @@ def describe(storage: Storage, *, path: str | None = None) -> CheckpointEntry | 
         nbytes=marker.total_nbytes if marker else sum(own.values()),
         created_unix=marker.created_unix if marker else None,
         checkpoint_id=marker.checkpoint_id if marker else None,
+        metadata=marker.metadata if marker else {},
+        modified_unix=max(
+            (t for n, t in storage.list_mtimes().items() if n in own), default=0.0
+        ),
     )
 
 

@@ -40,7 +40,9 @@ class Checkpointer(abc.ABC):
         """Save ``state_dict`` as the checkpoint at ``path``.
 
         Keyword arguments: ``allow_pickle=False`` (store objects that have no safe encoding as
-        pickle), ``overwrite=False`` (replace a committed checkpoint at ``path``).
+        pickle), ``overwrite=False`` (replace a committed checkpoint at ``path``),
+        ``metadata=None`` (a small JSON dict, e.g. metrics, kept in the commit marker and shown
+        by :func:`ray_ckpt.list_checkpoints`).
         """
 
     def load(
@@ -112,10 +114,16 @@ class SyncCheckpointer(Checkpointer):
         *,
         allow_pickle: bool = False,
         overwrite: bool = False,
+        metadata: dict[str, Any] | None = None,
     ) -> None:
         self._check_open()
         stage, write = self._coordinator.save(
-            path, state_dict, allow_pickle=allow_pickle, overwrite=overwrite, background=False
+            path,
+            state_dict,
+            allow_pickle=allow_pickle,
+            overwrite=overwrite,
+            background=False,
+            metadata=metadata,
         )
         stage.result()
         write.result()
@@ -153,6 +161,7 @@ class AsyncCheckpointer(Checkpointer):
         *,
         allow_pickle: bool = False,
         overwrite: bool = False,
+        metadata: dict[str, Any] | None = None,
     ) -> tuple[CheckpointFuture[StageStats], CheckpointFuture[SaveResult]]:
         self._check_open()
         self._wait_previous()
@@ -162,9 +171,17 @@ class AsyncCheckpointer(Checkpointer):
             allow_pickle=allow_pickle,
             overwrite=overwrite,
             background=self._use_async_staging,
+            metadata=metadata,
         )
         self._previous = futures
         return futures
+
+    def wait(self) -> SaveResult | None:
+        """Wait for the save in flight; return its result, or raise its error if the caller
+        has not seen it yet (None when there is nothing to wait for)."""
+        previous = self._previous
+        self._wait_previous()
+        return previous[1].stats if previous is not None else None
 
     def _wait_previous(self) -> None:
         """Wait for the previous save; raise its error unless the caller has already seen it."""

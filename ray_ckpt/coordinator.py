@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import logging
 import time
 from collections import Counter
@@ -38,7 +39,13 @@ import ray
 
 from . import metrics
 from .config import CheckpointerConfig
-from .errors import CheckpointError, CheckpointExistsError, CheckpointWriteError, CorruptCheckpointError
+from .errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    UnsupportedValueError,
+)
 from ._tree import remap
 from .format import (
     MARKER_NAME,
@@ -106,6 +113,7 @@ class SaveRequest:
     barrier_timeout_secs: float
     started_unix: float
     barrier: Any = None  # the checkpoint's coordinator actor, for multi-rank saves
+    metadata: dict[str, Any] = field(default_factory=dict)  # JSON, kept in the commit marker
 
 
 @dataclass
@@ -148,8 +156,10 @@ class Coordinator:
         allow_pickle: bool = False,
         overwrite: bool = False,
         background: bool = False,
+        metadata: dict[str, Any] | None = None,
     ) -> tuple[CheckpointFuture[StageStats], CheckpointFuture[SaveResult]]:
         started = time.perf_counter()
+        metadata = _json_metadata(metadata)
         storage = Storage.from_path(path, self._filesystem, self._config.storage_config)
         check_destination(storage, overwrite=overwrite)
         checkpoint_id = new_checkpoint_id()
@@ -179,6 +189,7 @@ class Coordinator:
             barrier_timeout_secs=writer_config.barrier_timeout_secs,
             started_unix=time.time(),
             barrier=barrier,
+            metadata=metadata,
         )
         session = self._pool.local()
         write_ref = session.run_save.remote(checkpoint_id, request)
@@ -317,6 +328,21 @@ class Coordinator:
         self._stager.close()
 
 
+def _json_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
+    """``metadata`` checked to be a JSON object (it is stored in the commit marker)."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise UnsupportedValueError(f"metadata must be a dict, got {type(metadata).__qualname__}")
+    try:
+        return dict(json.loads(json.dumps(metadata, allow_nan=False)))
+    except (TypeError, ValueError) as e:
+        raise UnsupportedValueError(
+            f"metadata must hold only JSON values (str, finite numbers, bool, None, lists, dicts "
+            f"with str keys): {e}"
+        ) from None
+
+
 def _log_summary(future: CheckpointFuture[SaveResult]) -> None:
     """One INFO line per save, in the saving process, once it committed."""
     r = future.stats
@@ -387,6 +413,7 @@ class RankReport:
     files: list[str]
     writers: dict[str, int]
     stage_secs: float
+    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 def commit_save(request: SaveRequest, slot: Any) -> SaveResult:
@@ -425,6 +452,7 @@ def _report(request: SaveRequest, outcome: StagingOutcome, shards: list[ShardRes
         files=[shard.file for shard in shards],
         writers=dict(Counter(shard.node_id for shard in shards)),
         stage_secs=outcome.stats.stage_secs if outcome.stats else 0.0,
+        metadata=request.metadata,
     )
 
 
@@ -464,6 +492,7 @@ def commit_reports(request: SaveRequest, reports: list[RankReport], checkpoint_i
             created_unix=time.time(),
             world_size=len(reports),
             total_nbytes=sum(m.nbytes for m in items),
+            metadata=min(reports, key=lambda r: r.rank).metadata,
         )
         if request.hook is not None:
             request.hook.pre_commit(storage.display)

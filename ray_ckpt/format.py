@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -165,6 +165,7 @@ class Marker:
     created_unix: float
     world_size: int
     total_nbytes: int
+    metadata: dict[str, Any] = field(default_factory=dict)  # the caller's, e.g. metrics
 
     def to_bytes(self) -> bytes:
         doc = {
@@ -177,8 +178,9 @@ class Marker:
             "created_unix": self.created_unix,
             "world_size": self.world_size,
             "total_nbytes": self.total_nbytes,
+            "metadata": self.metadata,
         }
-        return (json.dumps(doc, indent=1) + "\n").encode()
+        return (json.dumps(doc, indent=1, allow_nan=False) + "\n").encode()
 
     @classmethod
     def from_bytes(cls, raw: bytes, *, where: str) -> Marker:
@@ -203,6 +205,7 @@ class Marker:
                 created_unix=float(doc["created_unix"]),
                 world_size=_nonneg_int(doc["world_size"]),
                 total_nbytes=_nonneg_int(doc["total_nbytes"]),
+                metadata=_metadata(doc.get("metadata", {})),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise CorruptCheckpointError(f"commit marker {where} is malformed: {e!r}") from None
@@ -213,6 +216,12 @@ class Marker:
                 f"commit marker {where} names an invalid manifest {marker.manifest!r}"
             )
         return marker
+
+
+def _metadata(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"metadata must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _nonneg_int(value: Any) -> int:

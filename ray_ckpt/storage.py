@@ -413,6 +413,15 @@ class Storage:
             if info.type == pafs.FileType.File
         }
 
+    def list_mtimes(self) -> dict[str, float]:
+        """Names and modification times (seconds since the epoch) of the files directly in this
+        directory."""
+        return {
+            info.base_name: info.mtime.timestamp() if info.mtime is not None else 0.0
+            for info in self._list()
+            if info.type == pafs.FileType.File
+        }
+
     def list_dirs(self) -> list[str]:
         """Names of the subdirectories directly in this directory."""
         return sorted(
