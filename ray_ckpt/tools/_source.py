@@ -68,7 +68,7 @@ class Source:
             return
         raw = bytearray(HEADER_SIZE)
         self.files.read_into(file, 0, memoryview(raw))
-        check_header(bytes(raw), file=self.where(file), checkpoint_id=self.manifest.checkpoint_id)
+        check_header(bytes(raw), file=self.where(file))
         self._headers_checked.add(file)
 
     def read_extent(self, extent: Extent, key: str, dest: memoryview) -> None:

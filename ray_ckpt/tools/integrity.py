@@ -104,7 +104,7 @@ def verify(
         with storage.reader() as files:
             for file in sorted(set(by_file) - bad_files):
                 _verify_file(
-                    storage, files, file, by_file[file], manifest, buffer, report, progress
+                    storage, files, file, by_file[file], buffer, report, progress
                 )
     finally:
         progress.finish()
@@ -204,7 +204,6 @@ def _verify_file(
     files: FileReader,
     file: str,
     runs: list[tuple[Extent, str]],
-    manifest: Manifest,
     buffer: memoryview,
     report: VerifyReport,
     progress: Progress,
@@ -213,7 +212,7 @@ def _verify_file(
     header = bytearray(HEADER_SIZE)
     try:
         files.read_into(file, 0, memoryview(header))
-        check_header(bytes(header), file=where, checkpoint_id=manifest.checkpoint_id)
+        check_header(bytes(header), file=where)
     except (CorruptCheckpointError, EOFError) as e:
         report.problems.append(Problem("header", str(e), file=file))
     report.files_checked += 1
