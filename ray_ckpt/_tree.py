@@ -7,6 +7,7 @@ finite floats, strings); everything else is a one-key object whose key is the ta
 tag    meaning
 ====== ====================================================================================
 ``T``  a tensor: the item index of its bytes in the manifest
+``D``  a sharded tensor: ``{"i": [item indices of every shard], "g": global shape}``
 ``N``  a numpy array: stored like a tensor, loaded as ``numpy.ndarray``
 ``P``  a pickled object (only with ``allow_pickle=True``): its item index
 ``d``  ``dict``: a list of ``[key, value]`` pairs, in insertion order
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 
 from .errors import CorruptCheckpointError, PickleNotAllowedError, UnsupportedValueError
+from .sharding import ShardedTensor, ShardInfo, dtensor_box, is_dtensor
 
 MAX_DEPTH = 512
 
@@ -48,6 +50,15 @@ class Leaf:
     value: Any
     kind: str  # "tensor" or "pickle"
     path_id: str  # the key path as canonical JSON: unique, unlike the dotted ``key``
+    shard: ShardInfo | None = None  # set for the local shard of a DTensor or ShardedTensor
+
+
+@dataclass(frozen=True)
+class ShardedRef:
+    """A placeholder in a decoded tree for a tensor stored as shards (several items)."""
+
+    indices: tuple[int, ...]
+    global_shape: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,8 @@ class _Flattener:
             return int(value)
         if isinstance(value, float):
             return float(value) if math.isfinite(value) else {"f": repr(float(value))}
+        if isinstance(value, ShardedTensor) or is_dtensor(value):
+            return self._sharded(value, path)
         if isinstance(value, torch.Tensor):
             return {"T": self._tensor(value, path)}
         if isinstance(value, np.ndarray):
@@ -129,6 +142,18 @@ class _Flattener:
         self._tensor_items[id(tensor)] = index
         return index
 
+    def _sharded(self, value: Any, path: tuple[Any, ...]) -> Any:
+        key = key_string(path)
+        if isinstance(value, ShardedTensor):
+            local = value.local
+            info = ShardInfo(tuple(value.global_shape), tuple(value.global_offset))
+        else:
+            local, info = dtensor_box(value, key=key)
+        _check_tensor(local, path)
+        index = len(self.leaves)
+        self.leaves.append(Leaf(index, key, local, "tensor", path_id(path), info))
+        return {"D": {"i": [index], "g": list(info.global_shape)}}
+
     def _pickled(self, value: Any, path: tuple[Any, ...]) -> Any:
         if not self.allow_pickle:
             raise PickleNotAllowedError(
@@ -146,8 +171,11 @@ def path_id(path: tuple[Any, ...]) -> str:
     return json.dumps([_encode_key(k, ()) for k in path], separators=(",", ":"))
 
 
-def remap(tree_json: str, mapping: dict[int, int]) -> str:
-    """``tree_json`` with every item index ``i`` replaced by ``mapping[i]``."""
+def remap(
+    tree_json: str, mapping: dict[int, int], shards: dict[int, list[int]] | None = None
+) -> str:
+    """``tree_json`` with every item index ``i`` replaced by ``mapping[i]``; a sharded tensor
+    lists ``shards[mapping[i]]``: every shard of it, from every rank."""
 
     def walk(node: Any) -> Any:
         if isinstance(node, dict):
@@ -155,6 +183,10 @@ def remap(tree_json: str, mapping: dict[int, int]) -> str:
                 ((tag, body),) = node.items()
                 if tag in ("T", "N", "P"):
                     return {tag: mapping[body]}
+                if tag == "D":
+                    (local,) = body["i"]
+                    index = mapping[local]
+                    return {"D": {"i": (shards or {}).get(index, [index]), "g": body["g"]}}
             return {k: walk(v) for k, v in node.items()}
         if isinstance(node, list):
             return [walk(v) for v in node]
@@ -247,9 +279,15 @@ def _decode(raw: Any, n_items: int, depth: int) -> Any:
         raise ValueError(f"unexpected JSON value {str(raw)[:80]}")
     ((tag, body),) = raw.items()
     if tag in ("T", "N", "P"):
-        if isinstance(body, bool) or not isinstance(body, int) or not 0 <= body < n_items:
-            raise ValueError(f"item index {body!r} out of range")
-        return ItemRef(body, tag)
+        return ItemRef(_index(body, n_items), tag)
+    if tag == "D":
+        if not isinstance(body, dict) or set(body) != {"i", "g"}:
+            raise ValueError("a sharded tensor needs exactly 'i' and 'g'")
+        indices = tuple(_index(i, n_items) for i in _as_list(body["i"]))
+        shape = tuple(_index(d, 2**62) for d in _as_list(body["g"]))
+        if not indices or len(shape) > 64:
+            raise ValueError("a sharded tensor needs shards and at most 64 dimensions")
+        return ShardedRef(indices, shape)
     if tag in ("d", "o"):
         pairs = [(_decode_key(k, n_items, depth), _decode(v, n_items, depth + 1)) for k, v in body]
         return OrderedDict(pairs) if tag == "o" else dict(pairs)
@@ -271,6 +309,12 @@ def _decode(raw: Any, n_items: int, depth: int) -> Any:
     raise ValueError(f"unknown tag {tag!r}")
 
 
+def _index(value: Any, bound: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < bound:
+        raise ValueError(f"index {value!r} out of range")
+    return value
+
+
 def _decode_key(raw: Any, n_items: int, depth: int) -> Any:
     key = _decode(raw, 0, depth + 1)
     if isinstance(key, (list, dict)):
@@ -288,6 +332,9 @@ def item_refs(tree: Any) -> Iterable[ItemRef]:
     """Every :class:`ItemRef` in a decoded tree."""
     if isinstance(tree, ItemRef):
         yield tree
+    elif isinstance(tree, ShardedRef):
+        for index in tree.indices:
+            yield ItemRef(index, "S")
     elif isinstance(tree, dict):
         for v in tree.values():
             yield from item_refs(v)
@@ -296,9 +343,9 @@ def item_refs(tree: Any) -> Iterable[ItemRef]:
             yield from item_refs(v)
 
 
-def materialize(tree: Any, resolve: Callable[[ItemRef], Any]) -> Any:
-    """Replace every :class:`ItemRef` in ``tree`` by ``resolve(ref)``."""
-    if isinstance(tree, ItemRef):
+def materialize(tree: Any, resolve: Callable[[Any], Any]) -> Any:
+    """Replace every :class:`ItemRef` and :class:`ShardedRef` in ``tree`` by ``resolve(ref)``."""
+    if isinstance(tree, (ItemRef, ShardedRef)):
         return resolve(tree)
     if isinstance(tree, dict):
         return type(tree)((k, materialize(v, resolve)) for k, v in tree.items())

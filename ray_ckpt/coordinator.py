@@ -29,8 +29,10 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +40,8 @@ import numpy as np
 import ray
 
 from . import metrics
+from ._checksum import crc32c
+from ._tree import remap
 from .config import CheckpointerConfig
 from .errors import (
     CheckpointError,
@@ -46,7 +50,6 @@ from .errors import (
     CorruptCheckpointError,
     UnsupportedValueError,
 )
-from ._tree import remap
 from .format import (
     MARKER_NAME,
     Extent,
@@ -60,8 +63,8 @@ from .format import (
     marker_temp_name,
     new_checkpoint_id,
 )
-from ._checksum import crc32c
 from .futures import CheckpointFuture, unwrap_ray_error
+from .sharding import overlap
 from .stager import CheckpointStager, StagingPlan
 from .storage import Storage
 from .types import RankInfo
@@ -124,6 +127,7 @@ class StagingOutcome:
     error: BaseException | None = None
     stats: StageStats | None = None
     replicas: dict[int, tuple[str, int, int | None]] = field(default_factory=dict)
+    shard_items: dict[int, tuple[str, int]] = field(default_factory=dict)  # item -> path, owner
 
 
 class Coordinator:
@@ -203,7 +207,9 @@ class Coordinator:
             return bool(ray.get(session.cancel.remote(checkpoint_id)))
 
         stage_future = CheckpointFuture(stage_ref, local=staged, on_cancel=cancel)
-        write_future: CheckpointFuture[SaveResult] = CheckpointFuture(write_ref, on_cancel=cancel)
+        write_future: CheckpointFuture[SaveResult] = CheckpointFuture(
+            write_ref, on_cancel=cancel, on_failure=self._pool.forget_dead
+        )
         write_future.add_done_callback(_log_summary)
         if background:
             executor = self._staging_executor()
@@ -240,6 +246,10 @@ class Coordinator:
         try:
             self._stage_buckets(plan, storage, outcome)
             outcome.replicas = self._replica_checksums(plan)
+            outcome.shard_items = {
+                item: (plan.leaves[item].path_id, owner)
+                for item, owner in plan.shard_owners.items()
+            }
             outcome.stats = StageStats(
                 nbytes=plan.nbytes,
                 items=len(plan.items),
@@ -269,7 +279,7 @@ class Coordinator:
                 done, _ = ray.wait(list(in_flight), num_returns=1)
                 for ref in done:
                     del in_flight[ref]
-                    _raise_if_failed(ref, storage)
+                    _raise_if_failed(ref, storage, self._pool.forget_dead)
             payload = self._stager.stage(plan, index)
             node_id, writer = targets[index % len(targets)]
             result = writer.write_bucket.remote(
@@ -364,10 +374,13 @@ def _portable(error: BaseException) -> BaseException:
     )
 
 
-def _raise_if_failed(ref: ray.ObjectRef, storage: Storage) -> None:
+def _raise_if_failed(
+    ref: ray.ObjectRef, storage: Storage, on_failure: Callable[[BaseException], None]
+) -> None:
     try:
         ray.get(ref)
     except Exception as e:
+        on_failure(e)
         cause = unwrap_ray_error(e)
         raise CheckpointWriteError(
             f"save to {storage.display} failed while staging; nothing was committed: "
@@ -410,6 +423,7 @@ class RankReport:
     extents: list[Extent]
     tree_json: str
     replicas: dict[int, tuple[str, int, int | None]]  # item -> (path id, owner rank, crc32c)
+    shard_items: dict[int, tuple[str, int]]  # item -> (path id, owner rank)
     files: list[str]
     writers: dict[str, int]
     stage_secs: float
@@ -449,6 +463,7 @@ def _report(request: SaveRequest, outcome: StagingOutcome, shards: list[ShardRes
         extents=[e for shard in shards for e in shard.extents],
         tree_json=request.tree_json,
         replicas=outcome.replicas,
+        shard_items=outcome.shard_items,
         files=[shard.file for shard in shards],
         writers=dict(Counter(shard.node_id for shard in shards)),
         stage_secs=outcome.stats.stage_secs if outcome.stats else 0.0,
@@ -533,56 +548,129 @@ def commit_reports(request: SaveRequest, reports: list[RankReport], checkpoint_i
 def merge_reports(
     reports: list[RankReport], storage: Storage
 ) -> tuple[list[ItemMeta], list[Extent], list[str]]:
-    """Number every rank's items in one index space (a replicated item once, a rank-local one
-    per rank), check that replicated items agree across ranks, and remap every rank's tree."""
-    reports = sorted(reports, key=lambda r: r.rank)
-    items: list[ItemMeta] = []
-    extents: list[Extent] = []
-    trees: list[str] = []
-    replicated: dict[str, tuple[int, ItemMeta, int, int | None]] = {}  # path -> global, ...
-    problems: list[str] = []
-    for report in reports:
+    """Number every rank's items in one index space (a replicated item or a shard box once, a
+    rank-local item per rank), check that the ranks agree, and remap every rank's tree."""
+    merger = _Merger(storage)
+    mappings = [merger.add(report) for report in sorted(reports, key=lambda r: r.rank)]
+    merger.check()
+    shard_lists = {i: merger.shards[path] for path, ids in merger.shards.items() for i in ids}
+    trees = [
+        remap(report.tree_json, mapping, shard_lists)
+        for report, mapping in zip(sorted(reports, key=lambda r: r.rank), mappings)
+    ]
+    return merger.items, merger.extents, trees
+
+
+class _Merger:
+    """Builds the checkpoint's item list from the ranks' reports; collects every disagreement."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.items: list[ItemMeta] = []
+        self.extents: list[Extent] = []
+        self.problems: list[str] = []
+        self.replicated: dict[str, tuple[int, ItemMeta, int, int | None]] = {}
+        self.boxes: dict[tuple[str, tuple[int, ...]], tuple[int, ItemMeta, int]] = {}
+        self.shards: dict[str, list[int]] = {}
+        self.replica_paths: dict[int, set[str]] = {}
+
+    def _new(self, meta: ItemMeta, **changes: Any) -> int:
+        index = len(self.items)
+        self.items.append(dataclasses.replace(meta, item=index, **changes))
+        return index
+
+    def add(self, report: RankReport) -> dict[int, int]:
         mapping: dict[int, int] = {}
+        self.replica_paths[report.rank] = {p for p, _, _ in report.replicas.values()}
         for meta in report.items:
-            replica = report.replicas.get(meta.item)
-            if replica is None:
-                mapping[meta.item] = len(items)
-                items.append(dataclasses.replace(meta, item=len(items)))
-                continue
-            path, owner, crc = replica
-            known = replicated.get(path)
-            if known is None:
-                index = len(items)
-                replicated[path] = (index, meta, report.rank, crc)
-                items.append(dataclasses.replace(meta, item=index, replicated=True))
+            if meta.item in report.shard_items:
+                mapping[meta.item] = self._shard(meta, report.shard_items[meta.item][0], report.rank)
+            elif meta.item in report.replicas:
+                mapping[meta.item] = self._replica(meta, report.replicas[meta.item], report.rank)
             else:
-                index, first, first_rank, first_crc = known
-                if (first.dtype, first.shape) != (meta.dtype, meta.shape):
-                    problems.append(
-                        f"key {meta.key!r} is {first.dtype} {list(first.shape or ())} on rank "
-                        f"{first_rank} but {meta.dtype} {list(meta.shape or ())} on rank {report.rank}"
+                mapping[meta.item] = self._new(meta)
+        self.extents += [dataclasses.replace(e, item=mapping[e.item]) for e in report.extents]
+        return mapping
+
+    def _replica(self, meta: ItemMeta, replica: tuple[str, int, int | None], rank: int) -> int:
+        path, _, crc = replica
+        known = self.replicated.get(path)
+        if known is None:
+            index = self._new(meta, replicated=True)
+            self.replicated[path] = (index, meta, rank, crc)
+            return index
+        index, first, first_rank, first_crc = known
+        if (first.dtype, first.shape) != (meta.dtype, meta.shape):
+            self.problems.append(
+                f"key {meta.key!r} is {first.dtype} {list(first.shape or ())} on rank "
+                f"{first_rank} but {meta.dtype} {list(meta.shape or ())} on rank {rank}"
+            )
+        elif None not in (crc, first_crc) and crc != first_crc:
+            self.problems.append(
+                f"key {meta.key!r} holds different values on ranks {first_rank} and {rank}"
+            )
+        return index
+
+    def _shard(self, meta: ItemMeta, path: str, rank: int) -> int:
+        assert meta.global_offset is not None
+        known = self.boxes.get((path, meta.global_offset))
+        if known is None:
+            index = self._new(meta)
+            self.boxes[(path, meta.global_offset)] = (index, meta, rank)
+            self.shards.setdefault(path, []).append(index)
+            return index
+        index, first, first_rank = known
+        if (first.dtype, first.shape, first.global_shape) != (meta.dtype, meta.shape, meta.global_shape):
+            self.problems.append(
+                f"key {meta.key!r}: ranks {first_rank} and {rank} disagree on the shard at "
+                f"{list(meta.global_offset)} ({first.dtype} {list(first.shape or ())} of "
+                f"{list(first.global_shape or ())} vs {meta.dtype} {list(meta.shape or ())} of "
+                f"{list(meta.global_shape or ())})"
+            )
+        return index
+
+    def check(self) -> None:
+        for path, (_, meta, _, _) in self.replicated.items():
+            missing = [r for r, paths in self.replica_paths.items() if path not in paths]
+            if missing:
+                self.problems.append(f"key {meta.key!r} is missing on ranks {missing}")
+        for indices in self.shards.values():
+            self._check_tiling([self.items[i] for i in indices])
+        written: Counter[int] = Counter()
+        for extent in self.extents:
+            written[extent.item] += extent.length
+        for meta in self.items:
+            if written[meta.item] != meta.nbytes:
+                self.problems.append(f"key {meta.key!r}: no rank wrote its bytes")
+        if self.problems:
+            raise CheckpointWriteError(
+                f"save to {self.storage.display} failed; nothing was committed. The ranks "
+                "disagree on what they saved:\n  " + "\n  ".join(self.problems[:20])
+                + "\nReplicated tensors must be equal on every rank; mark per-rank tensors "
+                "with CheckpointStagerConfig(rank_local_keys=(...))."
+            )
+
+    def _check_tiling(self, shards: list[ItemMeta]) -> None:
+        """The shards of one tensor must agree on it and cover it exactly once."""
+        first = shards[0]
+        if any((m.dtype, m.global_shape) != (first.dtype, first.global_shape) for m in shards):
+            self.problems.append(f"key {first.key!r}: its shards disagree on dtype or global shape")
+            return
+        total = math.prod(first.global_shape or ())
+        covered = sum(math.prod(m.shape or ()) for m in shards)
+        boxes = [(m.global_offset or (), m.shape or ()) for m in shards]
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1 :]:
+                if math.prod(a[1]) and math.prod(b[1]) and overlap(a, b) is not None:
+                    self.problems.append(
+                        f"key {first.key!r}: shards at {list(a[0])} and {list(b[0])} overlap"
                     )
-                elif None not in (crc, first_crc) and crc != first_crc:
-                    problems.append(
-                        f"key {meta.key!r} holds different values on ranks {first_rank} and "
-                        f"{report.rank}"
-                    )
-            mapping[meta.item] = index
-        extents += [dataclasses.replace(e, item=mapping[e.item]) for e in report.extents]
-        trees.append(remap(report.tree_json, mapping))
-    paths_by_rank = {r.rank: {p for p, _, _ in r.replicas.values()} for r in reports}
-    for path, (_, meta, _, _) in replicated.items():
-        missing = [rank for rank, paths in paths_by_rank.items() if path not in paths]
-        if missing:
-            problems.append(f"key {meta.key!r} is missing on ranks {missing}")
-    if problems:
-        raise CheckpointWriteError(
-            f"save to {storage.display} failed; nothing was committed. Ranks disagree on "
-            "tensors saved as replicated (written once for all ranks):\n  "
-            + "\n  ".join(problems[:20])
-            + "\nMark per-rank tensors with CheckpointStagerConfig(rank_local_keys=(...))."
-        )
-    return items, extents, trees
+                    return
+        if covered != total:
+            self.problems.append(
+                f"key {first.key!r}: its shards cover {covered} of the {total} elements of "
+                f"{list(first.global_shape or ())}"
+            )
 
 
 def gather_shards(

@@ -248,6 +248,8 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("checksum", pa.uint32()),
         pa.field("rank", pa.int32(), nullable=False),
         pa.field("replicated", pa.bool_(), nullable=False),
+        pa.field("global_shape", pa.list_(pa.int64())),
+        pa.field("global_offset", pa.list_(pa.int64())),
     ]
 )
 
@@ -283,6 +285,8 @@ class ItemMeta:
     device: str | None
     nbytes: int
     replicated: bool = False
+    global_shape: tuple[int, ...] | None = None  # a shard: the shape of the whole tensor
+    global_offset: tuple[int, ...] | None = None  # a shard: where this one starts in it
 
 
 def build_manifest(
@@ -313,6 +317,10 @@ def build_manifest(
         cols["checksum"].append(ext.checksum)
         cols["rank"].append(ext.rank)
         cols["replicated"].append(meta.replicated)
+        cols["global_shape"].append(list(meta.global_shape) if meta.global_shape is not None else None)
+        cols["global_offset"].append(
+            list(meta.global_offset) if meta.global_offset is not None else None
+        )
     metadata = {
         META_VERSION: str(FORMAT_VERSION).encode(),
         META_TREE: tree_json.encode(),
@@ -466,6 +474,8 @@ def _parse_row(row: dict[str, Any], *, where: str, checkpoint_id: str) -> tuple[
         device=row["device"],
         nbytes=nbytes,
         replicated=bool(row["replicated"]),
+        global_shape=_global_box(row, shape, here)[0],
+        global_offset=_global_box(row, shape, here)[1],
     )
     extent = Extent(
         item=row["item"],
@@ -477,6 +487,25 @@ def _parse_row(row: dict[str, Any], *, where: str, checkpoint_id: str) -> tuple[
         rank=row["rank"] if row["rank"] is not None else 0,
     )
     return item_meta, extent
+
+
+def _global_box(
+    row: dict[str, Any], shape: tuple[int, ...] | None, here: str
+) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
+    """A shard's global shape and offset, checked to hold its local shape."""
+    gshape, goffset = row.get("global_shape"), row.get("global_offset")
+    if gshape is None and goffset is None:
+        return None, None
+    if shape is None or gshape is None or goffset is None:
+        raise CorruptCheckpointError(f"{here}: a shard needs a shape, a global shape and an offset")
+    if not (len(gshape) == len(goffset) == len(shape)) or any(
+        v is None or o < 0 or o + s > g for g, o, s, v in zip(gshape, goffset, shape, gshape)
+    ):
+        raise CorruptCheckpointError(
+            f"{here}: the shard at {goffset} of shape {list(shape)} does not fit in the global "
+            f"shape {gshape}"
+        )
+    return tuple(gshape), tuple(goffset)
 
 
 def _check_tiling(meta: ItemMeta, exts: list[Extent], *, where: str) -> None:

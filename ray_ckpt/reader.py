@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import math
 import pickle
 import threading
 import time
@@ -28,7 +29,7 @@ import torch
 
 from . import metrics
 from ._checksum import crc32c
-from ._tree import ItemRef, decode, item_refs, key_string, materialize
+from ._tree import ItemRef, ShardedRef, decode, item_refs, key_string, materialize
 from .config import CheckpointReaderConfig, StorageConfig
 from .errors import (
     CheckpointNotFoundError,
@@ -51,7 +52,8 @@ from .format import (
     manifest_from_bytes,
     parse_manifest,
 )
-from .storage import FileReader, Storage
+from .sharding import Box, ShardedTensor, is_dtensor, overlap, runs, slices, target_box
+from .storage import Storage
 from .types import RankInfo
 
 logger = logging.getLogger(__name__)
@@ -79,11 +81,35 @@ class CheckpointInfo:
         return self.marker.total_nbytes
 
 
+@dataclass(frozen=True)
+class _Copy:
+    """Copy the region ``box`` (in the item's own coordinates) of stored item ``item`` into
+    ``dest`` (a tensor of the region's shape: a new tensor, a target, or a view of either)."""
+
+    item: int
+    box: Box
+    dest: torch.Tensor
+
+
 @dataclass
 class _Plan:
-    fresh: set[int] = field(default_factory=set)
-    into: list[tuple[int, torch.Tensor, str]] = field(default_factory=list)
+    copies: list[_Copy] = field(default_factory=list)
+    fresh: dict[Any, Any] = field(default_factory=dict)  # ref key -> value being read
     missing: list[str] = field(default_factory=list)
+    pickled: list[str] = field(default_factory=list)  # keys of pickled items to read
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.dest.numel() * c.dest.element_size() for c in self.copies)
+
+
+@dataclass
+class ReadStats:
+    """What the last ``read`` did: bytes it read from storage, and of them the bytes it could
+    not verify because it read part of an extent (a load into another sharding)."""
+
+    nbytes_read: int = 0
+    nbytes_unverified: int = 0
 
 
 class CheckpointReader:
@@ -101,6 +127,7 @@ class CheckpointReader:
         self._config = config or CheckpointReaderConfig()
         self._storage_config = storage_config
         self._filesystem = filesystem
+        self.last_stats = ReadStats()
 
     # --- open ---------------------------------------------------------------------------------
 
@@ -145,78 +172,71 @@ class CheckpointReader:
         """Read the checkpoint at ``path``.
 
         Without ``state_dict``: the whole state dict, tensors on the CPU (or where
-        ``map_location`` says). With it: only its keys, into its own tensors where they match
-        (anything else is replaced); returns it with the keys the checkpoint lacks.
+        ``map_location`` says); a sharded tensor comes back whole. With it: only its keys, into
+        its own tensors where they match (a DTensor or :class:`~ray_ckpt.ShardedTensor` gets
+        its own shard, whatever sharding the checkpoint was saved with); anything else is
+        replaced. Returns the result with the keys the checkpoint lacks.
         """
         started = time.perf_counter()
         relocate = resolve_map_location(map_location)
         info = self.open(path)
         plan = _Plan()
         if state_dict is None:
-            plan.fresh = {ref.index for ref in item_refs(info.tree)}
+            result = _Walker(info, plan, allow_pickle).fresh_value(info.tree, ())
         else:
             if not isinstance(state_dict, dict):
                 raise UnsupportedValueError(
                     f"state_dict must be a dict to load into, got {type(state_dict).__qualname__}"
                 )
-            _walk(state_dict, info.tree, (), plan, info.manifest, None)
+            _Walker(info, plan, allow_pickle).walk(state_dict, info.tree, ())
         _check_pickles(plan, info, allow_pickle)
-        loaded = self._read_items(info, plan, relocate)
+        self.last_stats = self._run(info, plan.copies)
+        values = {key: _finish(value, info, key, relocate) for key, value in plan.fresh.items()}
         if state_dict is None:
-            result = materialize(info.tree, lambda ref: _finish(loaded[ref.index], ref))
+            result = _assign(result, values)
         else:
-            result = _walk(state_dict, info.tree, (), None, info.manifest, loaded)
+            result = _Walker(info, None, allow_pickle, values).walk(state_dict, info.tree, ())
         secs = time.perf_counter() - started
-        nbytes = sum(info.manifest.items[i].nbytes for i in plan.fresh) + sum(
-            info.manifest.items[i].nbytes for i, _, _ in plan.into
-        )
+        nbytes = plan.nbytes
         logger.info(
-            "loaded %s: %d items, %.1f MiB in %.3fs (%.2f GB/s)%s",
-            info.storage.display, len(plan.fresh) + len(plan.into), nbytes / 2**20, secs,
+            "loaded %s: %d copies, %.1f MiB in %.3fs (%.2f GB/s)%s",
+            info.storage.display, len(plan.copies), nbytes / 2**20, secs,
             nbytes / secs / 1e9 if secs > 0 else 0.0,
             f", {len(plan.missing)} keys missing" if plan.missing else "",
         )
         metrics.record_load(nbytes, secs)
         return result, plan.missing
 
-    def _read_items(
-        self, info: CheckpointInfo, plan: _Plan, relocate: MapLocation
-    ) -> dict[int, Any]:
-        manifest = info.manifest
-        loaded: dict[int, Any] = {}
-        jobs: list[tuple[Extent, np.ndarray | memoryview, ItemMeta]] = []
+    def _run(self, info: CheckpointInfo, copies: list[_Copy]) -> ReadStats:
+        """Read every copy's byte ranges (``io_threads`` at a time), verifying whole extents."""
+        jobs: list[tuple[Extent, int, int, memoryview, ItemMeta]] = []
         finishers: list[Callable[[], None]] = []
-        for index in sorted(plan.fresh):
-            meta = manifest.items[index]
-            if meta.kind == KIND_PICKLE:
-                buf = bytearray(meta.nbytes)
-                loaded[index] = buf
-                jobs += [(e, _slice(memoryview(buf), e), meta) for e in manifest.extents[index]]
-                continue
-            tensor = torch.empty(meta.shape or (), dtype=dtype_from_name(meta.dtype or "", where=meta.key))
-            loaded[index] = tensor
-            dest = _bytes_of(tensor)
-            jobs += [(e, _slice(dest, e), meta) for e in manifest.extents[index]]
-        for index, target, key in plan.into:
-            meta = manifest.items[index]
-            direct = target.device.type == "cpu" and target.is_contiguous()
-            stage = target.detach() if direct else torch.empty(target.shape, dtype=target.dtype)
-            dest = _bytes_of(stage)
-            jobs += [(e, _slice(dest, e), meta) for e in manifest.extents[index]]
+        for copy in copies:
+            meta = info.manifest.items[copy.item]
+            direct = copy.dest.device.type == "cpu" and copy.dest.is_contiguous()
+            stage = copy.dest.detach() if direct else torch.empty(copy.dest.shape, dtype=copy.dest.dtype)
+            dest = memoryview(_bytes_of(stage))
+            itemsize = stage.element_size()
+            position = 0
+            for start, count in runs(_item_shape(meta), copy.box):
+                length = count * itemsize
+                jobs += _pieces(info.manifest.extents[copy.item], start * itemsize, length,
+                                dest[position : position + length], meta)
+                position += length
             if not direct:
-                finishers.append(lambda t=target, s=stage: t.detach().copy_(s))
-        self._run(info, jobs)
+                finishers.append(lambda d=copy.dest, st=stage: d.detach().copy_(st))
+        stats = ReadStats()
+        self._execute(info, jobs, stats)
         for finish in finishers:
             finish()
-        for index in plan.fresh:
-            meta = manifest.items[index]
-            if meta.kind == KIND_PICKLE:
-                loaded[index] = pickle.loads(bytes(loaded[index]))  # allow_pickle was checked
-            else:
-                loaded[index] = relocate(loaded[index], meta.device)
-        return loaded
+        return stats
 
-    def _run(self, info: CheckpointInfo, jobs: list[tuple[Extent, Any, ItemMeta]]) -> None:
+    def _execute(
+        self,
+        info: CheckpointInfo,
+        jobs: list[tuple[Extent, int, int, memoryview, ItemMeta]],
+        stats: ReadStats,
+    ) -> None:
         verify = self._config.verify_checksums
         checked: set[str] = set()
         lock = threading.Lock()
@@ -231,17 +251,22 @@ class CheckpointReader:
                 files.read_into(file, 0, memoryview(raw))
                 check_header(bytes(raw), file=f"{info.storage.display}/{file}")
 
-            def job(extent: Extent, dest: Any, meta: ItemMeta) -> None:
+            def job(extent: Extent, start: int, length: int, dest: memoryview, meta: ItemMeta) -> None:
                 header(extent.file)
-                if extent.length:
+                if length:
                     try:
-                        files.read_into(extent.file, extent.offset, memoryview(dest))
+                        files.read_into(extent.file, extent.offset + start, dest)
                     except EOFError as e:
                         raise CorruptCheckpointError(
                             f"key {meta.key!r}: data file {info.storage.display}/{extent.file} is "
                             f"truncated ({e}). Restore the file or use another checkpoint."
                         ) from None
-                if verify and extent.checksum is not None and crc32c(dest) != extent.checksum:
+                whole = start == 0 and length == extent.length
+                with lock:
+                    stats.nbytes_read += length
+                    if not whole:
+                        stats.nbytes_unverified += length
+                if verify and whole and extent.checksum is not None and crc32c(dest) != extent.checksum:
                     raise CorruptCheckpointError(
                         f"key {meta.key!r}: checksum mismatch in {info.storage.display}/"
                         f"{extent.file} (bytes {extent.offset}..{extent.offset + extent.length}): "
@@ -257,6 +282,21 @@ class CheckpointReader:
                 futures = [pool.submit(job, *args) for args in jobs]
                 for future in futures:
                     future.result()
+
+
+def _pieces(
+    extents: list[Extent], start: int, length: int, dest: memoryview, meta: ItemMeta
+) -> list[tuple[Extent, int, int, memoryview, ItemMeta]]:
+    """Split the item byte range [start, start + length) over the extents that hold it."""
+    pieces = []
+    end = start + length
+    for extent in extents:
+        lo = max(start, extent.chunk_offset)
+        hi = min(end, extent.chunk_offset + extent.length)
+        if lo < hi or (length == 0 and extent.length == 0 and not pieces):
+            pieces.append((extent, lo - extent.chunk_offset, hi - lo if lo < hi else 0,
+                           dest[lo - start : hi - start] if lo < hi else dest[0:0], meta))
+    return pieces
 
 
 def _raise_not_a_checkpoint(storage: Storage, files: dict[str, int]) -> None:
@@ -309,93 +349,207 @@ def _check_tree(tree: Any, manifest: Manifest, where: str) -> None:
 
 
 def _check_pickles(plan: _Plan, info: CheckpointInfo, allow_pickle: bool) -> None:
-    if allow_pickle:
-        return
-    keys = [
-        info.manifest.items[i].key
-        for i in sorted(plan.fresh)
-        if info.manifest.items[i].kind == KIND_PICKLE
-    ]
-    if keys:
+    if plan.pickled and not allow_pickle:
         raise PickleNotAllowedError(
-            f"checkpoint {info.storage.display} stores {len(keys)} pickled object(s) (keys "
-            f"{keys[:10]}); loading them runs code from the file. Pass allow_pickle=True only "
-            "if you trust who wrote it, or load a state_dict without those keys."
+            f"checkpoint {info.storage.display} stores {len(plan.pickled)} pickled object(s) "
+            f"(keys {plan.pickled[:10]}); loading them runs code from the file. Pass "
+            "allow_pickle=True only if you trust who wrote it, or load a state_dict without "
+            "those keys."
         )
 
 
-def _walk(
-    target: Any,
-    stored: Any,
-    path: tuple[Any, ...],
-    plan: _Plan | None,
-    manifest: Manifest,
-    loaded: dict[int, Any] | None,
-) -> Any:
-    """Match ``target`` against the stored tree. With ``plan``: record what to read. With
-    ``loaded``: put the read values into ``target`` and return it."""
-    key = key_string(path)
-    if isinstance(stored, ItemRef):
-        meta = manifest.items[stored.index]
-        if isinstance(target, torch.Tensor) and stored.tag != "P":
-            if plan is not None:
-                _check_match(target, meta, key)
-                plan.into.append((stored.index, target, key))
+class _Walker:
+    """Matches a target state dict against the stored tree. Planning (``plan`` given) records
+    the copies to make and allocates what is loaded fresh; assigning (``values`` given) puts
+    the loaded values into the target and returns it."""
+
+    def __init__(
+        self,
+        info: CheckpointInfo,
+        plan: _Plan | None,
+        allow_pickle: bool,
+        values: dict[Any, Any] | None = None,
+    ) -> None:
+        self.info = info
+        self.plan = plan
+        self.allow_pickle = allow_pickle
+        self.values = values
+
+    def walk(self, target: Any, stored: Any, path: tuple[Any, ...]) -> Any:
+        key = key_string(path)
+        if isinstance(stored, (ItemRef, ShardedRef)) and _is_tensor_target(target):
+            if isinstance(stored, ItemRef) and stored.tag == "P":
+                raise StateDictMismatchError(
+                    f"key {key!r}: the target is a tensor but the checkpoint holds a pickled object"
+                )
+            if self.plan is not None:
+                self._plan_into(target, stored, key)
             return target
-        if isinstance(target, torch.Tensor):
+        if _is_tensor_target(target):
             raise StateDictMismatchError(
-                f"key {key!r}: the target is a tensor but the checkpoint holds a pickled object"
-            )
-        if plan is not None:
-            plan.fresh.add(stored.index)
-            return None
-        assert loaded is not None
-        return _finish(loaded[stored.index], stored)
-    if isinstance(target, torch.Tensor):
-        raise StateDictMismatchError(
-            f"key {key!r}: the target is a tensor but the checkpoint holds a "
-            f"{type(stored).__qualname__}"
-        )
-    if isinstance(target, dict):
-        if not isinstance(stored, dict):
-            raise StateDictMismatchError(
-                f"key {key!r}: the target is a dict but the checkpoint holds a "
+                f"key {key!r}: the target is a tensor but the checkpoint holds a "
                 f"{type(stored).__qualname__}"
             )
-        for k in list(target):
-            if k in stored:
-                value = _walk(target[k], stored[k], (*path, k), plan, manifest, loaded)
-                if loaded is not None:
-                    target[k] = value
-            elif plan is not None:
-                plan.missing.append(key_string((*path, k)))
-        return target
-    if isinstance(target, (list, tuple)) and not isinstance(target, torch.Size):
+        if isinstance(target, dict) and not isinstance(stored, (ItemRef, ShardedRef)):
+            if not isinstance(stored, dict):
+                raise StateDictMismatchError(
+                    f"key {key!r}: the target is a dict but the checkpoint holds a "
+                    f"{type(stored).__qualname__}"
+                )
+            for k in list(target):
+                if k in stored:
+                    value = self.walk(target[k], stored[k], (*path, k))
+                    if self.values is not None:
+                        target[k] = value
+                elif self.plan is not None:
+                    self.plan.missing.append(key_string((*path, k)))
+            return target
+        if isinstance(target, (list, tuple)) and not isinstance(target, torch.Size):
+            return self._sequence(target, stored, path)
+        return self.fresh_value(stored, path)
+
+    def _sequence(self, target: Any, stored: Any, path: tuple[Any, ...]) -> Any:
         if not isinstance(stored, (list, tuple)):
             raise StateDictMismatchError(
-                f"key {key!r}: the target is a {type(target).__name__} but the checkpoint holds "
-                f"a {type(stored).__qualname__}"
+                f"key {key_string(path)!r}: the target is a {type(target).__name__} but the "
+                f"checkpoint holds a {type(stored).__qualname__}"
             )
         values = []
         for i in range(max(len(target), len(stored))):
             current = target[i] if i < len(target) else None
             if i < len(stored):
-                values.append(_walk(current, stored[i], (*path, i), plan, manifest, loaded))
+                values.append(self.walk(current, stored[i], (*path, i)))
             else:
-                if plan is not None:
-                    plan.missing.append(key_string((*path, i)))
+                if self.plan is not None:
+                    self.plan.missing.append(key_string((*path, i)))
                 values.append(current)
-        if loaded is None:
+        if self.values is None:
             return target
         if isinstance(target, list):
             target[:] = values
             return target
         return tuple(values)
-    if plan is not None:
-        plan.fresh.update(ref.index for ref in item_refs(stored))
-        return None
-    assert loaded is not None
-    return materialize(stored, lambda ref: _finish(loaded[ref.index], ref))
+
+    def fresh_value(self, stored: Any, path: tuple[Any, ...]) -> Any:
+        """Plan: allocate what ``stored`` needs and return it with placeholders. Assign: the
+        loaded value."""
+        if self.values is not None:
+            return _assign(stored, self.values)
+        assert self.plan is not None
+        for ref in item_refs(stored):
+            meta = self.info.manifest.items[ref.index]
+            if meta.kind == KIND_PICKLE and meta.key not in self.plan.pickled:
+                self.plan.pickled.append(meta.key)
+        self._allocate(stored)
+        return stored
+
+    def _allocate(self, stored: Any) -> None:
+        assert self.plan is not None
+        if isinstance(stored, ItemRef):
+            if stored.index in self.plan.fresh:
+                return
+            meta = self.info.manifest.items[stored.index]
+            dtype = torch.uint8 if meta.kind == KIND_PICKLE else dtype_from_name(meta.dtype or "", where=meta.key)
+            shape = _item_shape(meta)
+            tensor = torch.empty(shape, dtype=dtype)
+            self.plan.fresh[stored.index] = tensor
+            self.plan.copies.append(_Copy(stored.index, _whole(shape), tensor))
+        elif isinstance(stored, ShardedRef):
+            if stored.indices in self.plan.fresh:
+                return
+            first = self.info.manifest.items[stored.indices[0]]
+            tensor = torch.empty(stored.global_shape, dtype=dtype_from_name(first.dtype or "", where=first.key))
+            self.plan.fresh[stored.indices] = tensor
+            self._plan_region(tensor, _whole(stored.global_shape), stored, first.key)
+        elif isinstance(stored, dict):
+            for v in stored.values():
+                self._allocate(v)
+        elif isinstance(stored, (list, tuple)) and not isinstance(stored, torch.Size):
+            for v in stored:
+                self._allocate(v)
+
+    def _plan_into(self, target: Any, stored: ItemRef | ShardedRef, key: str) -> None:
+        assert self.plan is not None
+        local, box, global_shape = target_box(target)
+        if isinstance(stored, ItemRef):
+            meta = self.info.manifest.items[stored.index]
+            if not _is_sharded_target(target):
+                _check_match(local, meta, key)
+                self.plan.copies.append(_Copy(stored.index, _whole(meta.shape or ()), local))
+                return
+            stored = ShardedRef((stored.index,), meta.shape or ())
+        first = self.info.manifest.items[stored.indices[0]]
+        dtype = dtype_from_name(first.dtype or "", where=key)
+        if tuple(global_shape) != stored.global_shape or local.dtype != dtype:
+            raise StateDictMismatchError(
+                f"key {key!r}: the checkpoint holds {first.dtype} {list(stored.global_shape)} "
+                f"(as {len(stored.indices)} shard(s)) but the target is "
+                f"{str(local.dtype).removeprefix('torch.')} {list(global_shape)}"
+                f"{' (its shard at ' + str(list(box[0])) + ')' if _is_sharded_target(target) else ''}"
+                ". Load into a tensor of the same global shape and dtype."
+            )
+        self._plan_region(local, box, stored, key)
+
+    def _plan_region(self, dest: torch.Tensor, box: Box, stored: ShardedRef, key: str) -> None:
+        """Copies that fill ``dest`` (the region ``box`` of the global tensor) from every stored
+        shard that overlaps it; a region no shard covers is an error naming both layouts."""
+        assert self.plan is not None
+        covered = 0
+        layout = []
+        for index in stored.indices:
+            meta = self.info.manifest.items[index]
+            shard_box = (meta.global_offset or (0,) * len(meta.shape or ()), meta.shape or ())
+            layout.append(shard_box)
+            common = overlap(box, shard_box)
+            if common is None:
+                continue
+            covered += math.prod(common[1])
+            within_shard = (tuple(o - s for o, s in zip(common[0], shard_box[0])), common[1])
+            view = dest[slices(common, box[0])] if dest.dim() else dest
+            self.plan.copies.append(_Copy(index, within_shard, view))
+        if covered != math.prod(box[1]):
+            raise CorruptCheckpointError(
+                f"key {key!r}: the stored shards {[list(b[0]) for b in layout]} (shapes "
+                f"{[list(b[1]) for b in layout]}) cover {covered} of the {math.prod(box[1])} "
+                f"elements of the region at {list(box[0])} of shape {list(box[1])}: a shard is "
+                "missing"
+            )
+
+
+def _assign(tree: Any, values: dict[Any, Any]) -> Any:
+    def resolve(ref: Any) -> Any:
+        if isinstance(ref, ShardedRef):
+            return values[ref.indices]
+        value = values[ref.index]
+        return value.cpu().numpy() if ref.tag == "N" and isinstance(value, torch.Tensor) else value
+
+    return materialize(tree, resolve)
+
+
+def _finish(value: torch.Tensor, info: CheckpointInfo, key: Any, relocate: MapLocation) -> Any:
+    """A value read fresh, made what the caller gets: unpickled, or moved by map_location."""
+    index = key[0] if isinstance(key, tuple) else key
+    meta = info.manifest.items[index]
+    if meta.kind == KIND_PICKLE:
+        return pickle.loads(value.numpy().tobytes())  # allow_pickle was checked when planned
+    return relocate(value, meta.device)
+
+
+def _item_shape(meta: ItemMeta) -> tuple[int, ...]:
+    """A tensor item's shape; a pickled item is a vector of its bytes."""
+    return (meta.nbytes,) if meta.kind == KIND_PICKLE else meta.shape or ()
+
+
+def _whole(shape: tuple[int, ...]) -> Box:
+    return (0,) * len(shape), tuple(shape)
+
+
+def _is_sharded_target(target: Any) -> bool:
+    return isinstance(target, ShardedTensor) or is_dtensor(target)
+
+
+def _is_tensor_target(target: Any) -> bool:
+    return isinstance(target, torch.Tensor) or isinstance(target, ShardedTensor)
 
 
 def _check_match(target: torch.Tensor, meta: ItemMeta, key: str) -> None:
@@ -408,18 +562,8 @@ def _check_match(target: torch.Tensor, meta: ItemMeta, key: str) -> None:
         )
 
 
-def _finish(value: Any, ref: ItemRef) -> Any:
-    if ref.tag == "N" and isinstance(value, torch.Tensor):
-        return value.cpu().numpy()
-    return value
-
-
 def _bytes_of(tensor: torch.Tensor) -> np.ndarray:
     return tensor.reshape(-1).view(torch.uint8).numpy()
-
-
-def _slice(dest: Any, extent: Extent) -> Any:
-    return dest[extent.chunk_offset : extent.chunk_offset + extent.length]
 
 
 def resolve_map_location(map_location: Any) -> MapLocation:

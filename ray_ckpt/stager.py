@@ -115,6 +115,7 @@ class StagingPlan:
     on_cuda: bool = False
     ready_event: Any = field(default=None, repr=False)  # CUDA event recorded at save()
     replicas: dict[int, Replica] = field(default_factory=dict)  # item index -> replica
+    shard_owners: dict[int, int] = field(default_factory=dict)  # shard item -> writing rank
 
     @property
     def nbytes(self) -> int:
@@ -176,7 +177,13 @@ class DefaultStager(CheckpointStager):
             host_bytes.append(raw)
             on_cuda = on_cuda or (isinstance(raw, torch.Tensor) and raw.device.type == "cuda")
         replicas = self._replicas(leaves, items, world_size)
-        owned = [m for m in items if m.item not in replicas or replicas[m.item].owner == rank]
+        shard_owners = {
+            leaf.index: leaf.shard.owner(leaf.path_id, rank)
+            for leaf in leaves
+            if leaf.shard is not None
+        }
+        owners = {i: r.owner for i, r in replicas.items()} | shard_owners
+        owned = [m for m in items if owners.get(m.item, rank) == rank]
         sources = self._layout(owned)
         buckets = [
             _bucket_layout(seq, data_file_name(rank, seq, checkpoint_id), srcs)
@@ -198,6 +205,7 @@ class DefaultStager(CheckpointStager):
             on_cuda=on_cuda,
             ready_event=ready_event,
             replicas=replicas,
+            shard_owners=shard_owners,
         )
 
     def _replicas(
@@ -213,7 +221,9 @@ class DefaultStager(CheckpointStager):
         candidates = [
             (leaf, meta)
             for leaf, meta in zip(leaves, items)
-            if meta.kind == KIND_TENSOR and not _under_any(leaf.key, prefixes)
+            if meta.kind == KIND_TENSOR
+            and leaf.shard is None
+            and not _under_any(leaf.key, prefixes)
         ]
         loads = [0] * world_size
         replicas: dict[int, Replica] = {}
@@ -363,6 +373,8 @@ def _describe(leaf: Leaf) -> tuple[ItemMeta, torch.Tensor | np.ndarray]:
         shape=tuple(tensor.shape),
         device=str(tensor.device),
         nbytes=raw_tensor.numel(),
+        global_shape=leaf.shard.global_shape if leaf.shard else None,
+        global_offset=leaf.shard.global_offset if leaf.shard else None,
     )
     if tensor.device.type == "cpu":
         return meta, raw_tensor.numpy()

@@ -380,10 +380,16 @@ class Storage:
 
     def _list(self) -> list[pafs.FileInfo]:
         def ls() -> list[pafs.FileInfo]:
+            selector = pafs.FileSelector(self.path, allow_not_found=True)
             try:
-                return self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+                return self.fs.get_file_info(selector)
             except NotADirectoryError:
                 return []
+            except FileNotFoundError:
+                # pyarrow's local listing fails when another process (another rank of the same
+                # save) creates the directory between its opendir and its existence check:
+                # the directory exists now, so a second listing succeeds
+                return self.fs.get_file_info(selector)
 
         infos = self.call("list", self.path, ls)
         if not infos:

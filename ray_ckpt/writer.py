@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import ray
+from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ._checksum import crc32c
@@ -335,6 +336,18 @@ class WriterPool:
         """Drop a cached handle (its actor died for good); the next call finds or creates anew."""
         with self._lock:
             self._handles.pop(node_id, None)
+
+    def forget_dead(self, error: BaseException) -> None:
+        """Drop the cached handle of the writer that ``error`` (a ``RayActorError``) reports
+        dead, so that the next save finds it restarted, or creates it anew, instead of calling
+        a handle whose actor is gone for good."""
+        actor_id = getattr(error, "actor_id", None)
+        if not isinstance(error, RayActorError) or not actor_id:
+            return
+        with self._lock:
+            for node_id, handle in list(self._handles.items()):
+                if handle._actor_id.hex() == actor_id:
+                    del self._handles[node_id]
 
     def close(self) -> None:
         """Kill the writers of a custom pool (shared default writers stay for other users)."""

@@ -115,13 +115,14 @@ def test_a_rank_that_raises_fails_the_save_everywhere(cluster, tmp_path):
 
 def test_a_rank_that_never_arrives_times_out_on_every_rank(cluster, tmp_path):
     ranks = _ranks(cluster, 3, sync=False, timeout=3.0)
+    ray.get([r.node.remote() for r in ranks])  # the ranks are up
     path = str(tmp_path / "c")
     started = time.monotonic()
     refs = [ranks[0].save.remote(path), ranks[1].save.remote(path)]  # rank 2 never saves
     for ref in refs:
         with pytest.raises(ray_ckpt.BarrierTimeoutError, match=r"ranks \[2\] did not reach"):
             ray.get(ref, timeout=60)
-    assert time.monotonic() - started < 30
+    assert time.monotonic() - started < 45  # 3 s of barrier plus saving on a busy machine
     assert not os.path.exists(os.path.join(path, "ray_ckpt.commit"))
     assert not [f for f in os.listdir(path) if f.endswith(".data")]
 
