@@ -45,6 +45,7 @@ class CheckpointFuture(Generic[T]):
             the outcome first (staging ends in this process); ``result()`` then returns
             without a round trip to the actor.
         on_cancel: called by :meth:`cancel`; returns whether the save was stopped in time.
+        on_failure: called with the Ray error (before it is unwrapped) when the future fails.
     """
 
     def __init__(
@@ -53,10 +54,12 @@ class CheckpointFuture(Generic[T]):
         *,
         local: concurrent.futures.Future[T] | None = None,
         on_cancel: Callable[[], bool] | None = None,
+        on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
         self._ref = object_ref
         self._local = local
         self._on_cancel = on_cancel
+        self._on_failure = on_failure
         self._lock = threading.Lock()
         self._outcome: tuple[bool, Any] | None = None  # (ok, value or error)
         self._cancelled = False
@@ -135,7 +138,7 @@ class CheckpointFuture(Generic[T]):
                 value = await self._ref
                 self._store(True, value)
             except Exception as e:  # noqa: BLE001 - stored and re-raised below
-                self._store(False, unwrap_ray_error(e))
+                self._failed(e)
         return self.result()
 
     def _resolve(self, timeout: float | None) -> tuple[bool, Any]:
@@ -157,8 +160,13 @@ class CheckpointFuture(Generic[T]):
             # local future that is still pending means that *this wait* timed out
             if isinstance(e, TimeoutError) and self._local is not None and not self._local.done():
                 raise TimeoutError(f"the save did not finish within {timeout} seconds") from None
-            return self._store(False, unwrap_ray_error(e))
+            return self._failed(e)
         return self._store(True, value)
+
+    def _failed(self, error: BaseException) -> tuple[bool, Any]:
+        if self._on_failure is not None and self._outcome is None:
+            self._on_failure(error)
+        return self._store(False, unwrap_ray_error(error))
 
     def _store(self, ok: bool, value: Any) -> tuple[bool, Any]:
         with self._lock:
