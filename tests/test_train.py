@@ -1,0 +1,302 @@
+"""Ray Train v2 integration: TorchTrainer runs (2 CPU workers, gloo, DDP) that save through
+``ray_ckpt.train.report``, resume through ``ray_ckpt.train.load`` after a worker crashed, and
+keep checkpoints by Ray Train's own ``CheckpointConfig``.
+
+Every run trains the same tiny model on batches that depend on (step, rank) alone, so a run
+that crashed and resumed must end bit for bit where an uninterrupted one ends. The reference
+run (async uploads, retention by a score) is in the default suite; the crash runs, which start
+the worker group twice, are marked slow.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+import pytest
+import ray
+import torch
+from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+import ray_ckpt
+import ray_ckpt.train
+from ray_ckpt.storage import Storage
+
+from .helpers import assert_same
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+STEPS = 8
+SAVE_STEPS = (1, 3, 5, 7)  # a checkpoint after each of these steps
+CRASH_AT = 4  # rank 1 raises here, in the first attempt: after the checkpoint of step 3
+SCORES = {1: 0.5, 3: 0.1, 5: 0.9, 7: 0.3}  # not monotonic: retention must pick, not just trim
+POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
+
+def _batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1000 * step + rank)
+    x = torch.randn(16, 8, generator=generator)
+    return x, x.sum(dim=1, keepdim=True).sin()
+
+
+def _build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(0)
+    model = DistributedDataParallel(
+        torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    )
+    return model, torch.optim.AdamW(model.parameters(), lr=0.05)
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    """The training function: the three ray_ckpt.train lines, plus what the tests record."""
+    import ray.train
+
+    import ray_ckpt.train
+
+    rank = ray.train.get_context().get_world_rank()
+    model, optimizer = _build()
+    state = {"model": model, "optim": optimizer, "step": -1}
+
+    checkpoint = ray.train.get_checkpoint()
+    loaded = ray_ckpt.train.load(state, strict=True)
+    start = state["step"] + 1
+    _record(config, f"start-{start}-rank{rank}", checkpoint, loaded, model, optimizer)
+
+    for step in range(start, STEPS):
+        x, y = _batch(step, rank)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step == config["crash_at"] and rank == 1 and not os.path.exists(config["marker"]):
+            _wait_until_registered()  # so that the checkpoint of step 3 is the one to resume
+            Path(config["marker"]).touch()
+            raise RuntimeError(f"injected crash of rank {rank} at step {step}")
+        if step in SAVE_STEPS:
+            state["step"] = step
+            ray_ckpt.train.report(
+                {"step": step, "loss": loss.item(), "score": SCORES[step]},
+                state,
+                checkpoint_upload_mode=config["mode"],
+            )
+
+    if config["reload_at_end"]:  # load the last checkpoint into a fresh model and optimizer
+        _wait_until_registered()
+        _record(config, f"end-rank{rank}", None, None, model, optimizer)
+        fresh_model, fresh_optimizer = _build()
+        last = ray.train.get_checkpoint()
+        loaded = ray_ckpt.train.load({"model": fresh_model, "optim": fresh_optimizer}, strict=True)
+        _record(config, f"reloaded-rank{rank}", last, loaded, fresh_model, fresh_optimizer)
+
+
+def _wait_until_registered() -> None:
+    """Block until Ray Train has registered this worker's latest reported checkpoint."""
+    import ray.train
+
+    ray.train.get_all_reported_checkpoints(
+        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED
+    )
+
+
+def _record(
+    config: dict[str, Any], name: str, checkpoint: Any, loaded: Any,
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+) -> None:
+    """A checkpoint this attempt loaded (or None), and the state it holds from then on."""
+    torch.save(
+        {
+            "checkpoint": None if checkpoint is None else checkpoint.path,
+            "loaded_none": loaded is None,
+            "model": model.state_dict(),
+            "optim": optimizer.state_dict(),
+        },
+        os.path.join(config["record_dir"], f"{name}.pt"),
+    )
+
+
+def _fit(
+    root: Path,
+    *,
+    mode: str,
+    crash_at: int | None = None,
+    max_failures: int = 0,
+    reload_at_end: bool = False,
+    checkpoint_config: CheckpointConfig | None = None,
+) -> tuple[Result, Path]:
+    record_dir = root / "records"
+    record_dir.mkdir(parents=True)
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={
+            "mode": mode,
+            "crash_at": crash_at,
+            "reload_at_end": reload_at_end,
+            "marker": str(root / "crashed-once"),
+            "record_dir": str(record_dir),
+        },
+        scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(
+            name="run",
+            storage_path=str(root / "storage"),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=checkpoint_config or CheckpointConfig(),
+        ),
+    )
+    # The controller polls the workers every 2 s by default, and each report waits for a
+    # poll; Ray Train propagates this variable from the driver to its controller.
+    previous = os.environ.get(POLL_ENV)
+    os.environ[POLL_ENV] = "0.2"
+    try:
+        return trainer.fit(), record_dir
+    finally:
+        if previous is None:
+            del os.environ[POLL_ENV]
+        else:
+            os.environ[POLL_ENV] = previous
+
+
+def _load(path: str, rank: int = 0) -> dict[str, Any]:
+    with ray_ckpt.make_sync_checkpointer(rank_info=ray_ckpt.RankInfo(rank, 2)) as ckptr:
+        return ckptr.load(path)
+
+
+def _records(records: Path, name: str) -> dict[str, Any]:
+    return torch.load(records / f"{name}.pt", weights_only=False)
+
+
+def _checkpoint_dirs(result: Result) -> list[str]:
+    run = Path(result.path)
+    return sorted(str(p) for p in run.iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, tmp_path_factory) -> tuple[Result, Path]:
+    """An uninterrupted run with async uploads that keeps the 2 best checkpoints by score and
+    at the end loads its last checkpoint into a fresh model and optimizer."""
+    result, records = _fit(
+        tmp_path_factory.mktemp("reference"),
+        mode="async",
+        reload_at_end=True,
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=2, checkpoint_score_attribute="score", checkpoint_score_order="min"
+        ),
+    )
+    assert result.error is None, result.error
+    return result, records
+
+
+def test_num_to_keep_deletes_ray_ckpt_checkpoints(reference):
+    """Ray Train's retention works on ray_ckpt checkpoints: of steps 1, 3, 5, 7 (scores 0.5,
+    0.1, 0.9, 0.3, lower is better, 2 kept) it deletes 1 and 5, whole; 3 and 7 stay intact."""
+    result, _ = reference
+    kept = {cp.path: metrics["step"] for cp, metrics in result.best_checkpoints}
+    assert sorted(kept.values()) == [3, 7]
+    assert result.checkpoint is not None and kept[result.checkpoint.path] == 7
+    assert result.metrics["step"] == 7
+    assert _checkpoint_dirs(result) == sorted(kept)  # 1 and 5 are gone, nothing is left over
+    entries = ray_ckpt.list_checkpoints(result.path)
+    assert sorted(e.path for e in entries) == sorted(kept) and all(e.committed for e in entries)
+    for path, step in kept.items():
+        assert ray_ckpt.verify(path).ok
+        for rank in (0, 1):
+            assert _load(path, rank)["step"] == step
+
+
+def test_load_restores_model_and_optimizer_in_a_fresh_process_state(reference):
+    """``load`` into a fresh DDP model and AdamW gives back exactly the state the run had when
+    it saved its last checkpoint, on both ranks (async uploads: reported once committed)."""
+    result, records = reference
+    for rank in (0, 1):
+        trained = _records(records, f"end-rank{rank}")
+        reloaded = _records(records, f"reloaded-rank{rank}")
+        assert reloaded["checkpoint"] == result.checkpoint.path and not reloaded["loaded_none"]
+        assert_same(reloaded["model"], trained["model"])
+        assert_same(reloaded["optim"], trained["optim"])
+        assert reloaded["optim"]["state"], "AdamW's moments were not restored"
+        saved = _load(result.checkpoint.path, rank)
+        assert_same(reloaded["model"], saved["model"])
+        fresh = _records(records, f"start-0-rank{rank}")
+        assert fresh["checkpoint"] is None and fresh["loaded_none"]  # load() -> None at first
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_worker_crash_resumes_from_last_committed_checkpoint(cluster, tmp_path, reference, mode):
+    """Rank 1 raises at step 4 in the first attempt; FailureConfig(max_failures=1) restarts the
+    worker group, which resumes from the checkpoint of step 3 with exactly its parameters and
+    optimizer state, and ends bit for bit where the uninterrupted reference run ends."""
+    result, records = _fit(tmp_path, mode=mode, crash_at=CRASH_AT, max_failures=1)
+    assert result.error is None, result.error
+    assert (tmp_path / "crashed-once").exists(), "the injected crash did not happen"
+    assert sorted(p.name for p in records.iterdir()) == [
+        "start-0-rank0.pt", "start-0-rank1.pt", "start-4-rank0.pt", "start-4-rank1.pt"
+    ]  # attempt 1 started fresh, attempt 2 after step 3, on both ranks
+
+    steps = {metrics["step"]: cp.path for cp, metrics in result.best_checkpoints}
+    assert sorted(steps) == list(SAVE_STEPS)
+    assert all(e.committed for e in ray_ckpt.list_checkpoints(result.path))
+    for rank in (0, 1):
+        fresh = _records(records, f"start-0-rank{rank}")
+        assert fresh["checkpoint"] is None and fresh["loaded_none"]
+        resumed = _records(records, f"start-4-rank{rank}")
+        assert resumed["checkpoint"] == steps[3]
+        saved = _load(steps[3], rank)
+        assert saved["step"] == 3
+        assert_same(resumed["model"], saved["model"])
+        assert_same(resumed["optim"], saved["optim"])
+        assert resumed["optim"]["state"], "AdamW's moments were not restored"
+
+    reference_result, _ = reference
+    assert result.checkpoint is not None and result.checkpoint.path == steps[7]
+    final, expected = _load(steps[7]), _load(reference_result.checkpoint.path)
+    assert_same(final["model"], expected["model"])
+    assert_same(final["optim"], expected["optim"])
+
+
+def test_upload_mode_is_sync_or_async():
+    assert ray_ckpt.train._upload_mode("async") is ray.train.CheckpointUploadMode.ASYNC
+    assert ray_ckpt.train._upload_mode(ray.train.CheckpointUploadMode.SYNC).value == "SYNC"
+    for bad in ("no_upload", ray.train.CheckpointUploadMode.NO_UPLOAD, "later"):
+        with pytest.raises(ValueError, match=r"sync.*async|SYNC or ASYNC"):
+            ray_ckpt.train._upload_mode(bad)
+
+
+def test_report_outside_ray_train_says_where_it_belongs():
+    with pytest.raises(RuntimeError, match="outside of a Ray Train training function"):
+        ray_ckpt.train.report({"loss": 1.0}, {"w": torch.zeros(2)})
+    with pytest.raises(RuntimeError, match="outside of a Ray Train training function"):
+        ray_ckpt.train.load({"w": torch.zeros(2)})
+
+
+class _CreatedWhileListing:
+    """A local filesystem whose first listing fails the way pyarrow's does when another process
+    (another rank saving the same checkpoint) creates the directory in the middle of it."""
+
+    type_name = "local"
+
+    def __init__(self) -> None:
+        self._fs = pafs.LocalFileSystem()
+        self.raced = False
+
+    def get_file_info(self, what: Any) -> Any:
+        if isinstance(what, pafs.FileSelector) and not self.raced:
+            self.raced = True
+            self._fs.create_dir(what.base_dir)
+            raise FileNotFoundError(f"Cannot list directory '{what.base_dir}'")
+        return self._fs.get_file_info(what)
+
+
+def test_listing_a_directory_another_rank_creates_meanwhile(tmp_path):
+    """Two ranks of a Ray Train save check and create the same directory at once; pyarrow's
+    listing of a directory created under it fails with FileNotFoundError, and the storage
+    layer lists again instead of failing the save."""
+    fs = _CreatedWhileListing()
+    storage = Storage(fs, str(tmp_path / "checkpoint_x"))  # type: ignore[arg-type]
+    assert storage.list_files() == {}
+    assert fs.raced
