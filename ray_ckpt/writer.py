@@ -314,6 +314,7 @@ class WriterPool:
         )
         self._pool = _pool_name(self._custom, config)
         self._handles: dict[str, Any] = {}
+        self._died: set[str] = set()  # nodes whose writer died: wait for its successor
         self._lock = threading.Lock()
 
     def local_node_id(self) -> str:
@@ -326,7 +327,11 @@ class WriterPool:
         with self._lock:
             handle = self._handles.get(node_id)
             if handle is None:
-                handle = self._handles[node_id] = self._create(node_id)
+                handle = self._create(node_id)
+                if node_id in self._died:
+                    _wait_until_alive(handle, self.actor_name(node_id))
+                    self._died.discard(node_id)
+                self._handles[node_id] = handle
             return handle
 
     def local(self) -> Any:
@@ -348,6 +353,7 @@ class WriterPool:
             for node_id, handle in list(self._handles.items()):
                 if handle._actor_id.hex() == actor_id:
                     del self._handles[node_id]
+                    self._died.add(node_id)
 
     def close(self) -> None:
         """Kill the writers of a custom pool (shared default writers stay for other users)."""
@@ -377,6 +383,24 @@ class WriterPool:
             subprocess_init_fn,
             subprocess_init_args,
         )
+
+
+_RESTART_TIMEOUT_SECS = 300.0
+
+
+def _wait_until_alive(handle: Any, name: str) -> None:
+    """Wait until the writer behind ``handle`` answers: one that is restarting after its
+    process died (a call to it would fail at once with ActorUnavailableError), or one just
+    created in place of a writer killed for good. The ping is retried across restarts."""
+    try:
+        ray.get(
+            handle.node_id.options(max_task_retries=-1).remote(), timeout=_RESTART_TIMEOUT_SECS
+        )
+    except (RayActorError, ray.exceptions.GetTimeoutError) as e:
+        raise CheckpointWriteError(
+            f"the writer actor {name} died and did not come back within "
+            f"{_RESTART_TIMEOUT_SECS:.0f}s ({type(e).__name__}: {e}); check that its node is alive"
+        ) from None
 
 
 def _pool_name(custom: bool, config: CheckpointWriterConfig) -> str:
