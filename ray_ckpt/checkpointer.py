@@ -32,6 +32,10 @@ class Checkpointer(abc.ABC):
         self._pool = pool
         self._closed = False
         self._lock = threading.Lock()
+        # held by a save from its check that the checkpointer is open until it has started
+        # (async) or committed (sync), and by close() around its drain: close waits for every
+        # save it let in, and a save that comes after close is refused
+        self._save_lock = threading.RLock()
 
     @abc.abstractmethod
     def save(
@@ -80,11 +84,12 @@ class Checkpointer(abc.ABC):
             if self._closed:
                 return
             self._closed = True
-        try:
-            self._drain()  # raises the last save's error if nobody has seen it yet
-        finally:
-            self._coordinator.close()
-            self._pool.close()
+        with self._save_lock:
+            try:
+                self._drain()  # raises the last save's error if nobody has seen it yet
+            finally:
+                self._coordinator.close()
+                self._pool.close()
         logger.debug("%s closed", type(self).__name__)
 
     def _drain(self) -> None:
@@ -116,17 +121,18 @@ class SyncCheckpointer(Checkpointer):
         overwrite: bool = False,
         metadata: dict[str, Any] | None = None,
     ) -> None:
-        self._check_open()
-        stage, write = self._coordinator.save(
-            path,
-            state_dict,
-            allow_pickle=allow_pickle,
-            overwrite=overwrite,
-            background=False,
-            metadata=metadata,
-        )
-        stage.result()
-        write.result()
+        with self._save_lock:
+            self._check_open()
+            stage, write = self._coordinator.save(
+                path,
+                state_dict,
+                allow_pickle=allow_pickle,
+                overwrite=overwrite,
+                background=False,
+                metadata=metadata,
+            )
+            stage.result()
+            write.result()
         return None
 
     def __enter__(self) -> SyncCheckpointer:
@@ -163,17 +169,18 @@ class AsyncCheckpointer(Checkpointer):
         overwrite: bool = False,
         metadata: dict[str, Any] | None = None,
     ) -> tuple[CheckpointFuture[StageStats], CheckpointFuture[SaveResult]]:
-        self._check_open()
-        self._wait_previous()
-        futures = self._coordinator.save(
-            path,
-            state_dict,
-            allow_pickle=allow_pickle,
-            overwrite=overwrite,
-            background=self._use_async_staging,
-            metadata=metadata,
-        )
-        self._previous = futures
+        with self._save_lock:
+            self._check_open()
+            self._wait_previous()
+            futures = self._coordinator.save(
+                path,
+                state_dict,
+                allow_pickle=allow_pickle,
+                overwrite=overwrite,
+                background=self._use_async_staging,
+                metadata=metadata,
+            )
+            self._previous = futures
         return futures
 
     def wait(self) -> SaveResult | None:
