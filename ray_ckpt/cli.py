@@ -167,7 +167,7 @@ def _say(args: argparse.Namespace, text: str) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    summary = inspect_checkpoint(args.path)
+    summary = inspect_checkpoint(args.path, rank=args.rank)
     if args.json:
         _print_json(summary.to_dict(), sys.stdout)
         return EXIT_OK
@@ -176,17 +176,22 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def print_summary(summary: CheckpointSummary, out: TextIO) -> None:
+    view = f" (rank {summary.rank}'s view)" if summary.world_size > 1 else ""
     print(
         f"{summary.path}: checkpoint {summary.checkpoint_id}, committed "
-        f"{_when(summary.created_unix)}, world size {summary.world_size}",
+        f"{_when(summary.created_unix)}, world size {summary.world_size}{view}",
         file=out,
     )
     rows = [["KEY", "KIND", "DTYPE", "SHAPE / VALUE", "SIZE"]]
     rows += [_leaf_row(leaf) for leaf in summary.leaves]
     _table(rows, out, right=(4,))
     values = len(summary.leaves) - len(summary.tensors)
+    ranks = (
+        f" (all ranks: {human_bytes(summary.total_nbytes)})"
+        if summary.tensor_nbytes != summary.total_nbytes else ""
+    )
     print(
-        f"total: {len(summary.tensors)} tensors, {human_bytes(summary.total_nbytes)}"
+        f"total: {len(summary.tensors)} tensors, {human_bytes(summary.tensor_nbytes)}{ranks}"
         f"{f', {values} other values' if values else ''}; {len(summary.data_files)} data "
         f"files + manifest on storage: {human_bytes(summary.files_nbytes)}",
         file=out,
@@ -263,7 +268,7 @@ def _entry_doc(entry: CheckpointEntry) -> dict[str, Any]:
 
 
 def _diff(args: argparse.Namespace) -> int:
-    report = diff_checkpoints(args.a, args.b, progress=_progress(args))
+    report = diff_checkpoints(args.a, args.b, rank=args.rank, progress=_progress(args))
     if args.json:
         _print_json(report.to_dict(), sys.stdout)
     else:
@@ -297,7 +302,8 @@ def print_diff(report: DiffReport, out: TextIO) -> None:
 def _export(args: argparse.Namespace) -> int:
     result = export_checkpoint(
         args.path, args.out, to=args.to, only=args.only, max_shard_bytes=args.max_shard_size,
-        allow_pickle=args.allow_pickle, overwrite=args.overwrite, progress=_progress(args),
+        allow_pickle=args.allow_pickle, overwrite=args.overwrite, rank=args.rank,
+        progress=_progress(args),
     )
     if not args.quiet:
         skipped = (
@@ -357,6 +363,11 @@ def _command(
     return parser
 
 
+def _rank_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rank", type=int, default=0, metavar="R",
+                        help="a multi-rank checkpoint as rank R saved it (default 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
@@ -380,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "  ray-ckpt inspect s3://bucket/run/step-100 --json | jq '.leaves[].key'\n")
     p.add_argument("path", metavar="PATH", help="checkpoint directory")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _rank_option(p)
 
     p = _command(sub, common, "verify", _verify,
                  "check every byte of a checkpoint against its CRC32C checksums",
@@ -414,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--exit-code", action="store_true",
                    help="exit with status 1 when the checkpoints differ")
+    _rank_option(p)
 
     p = _command(sub, common, "export", _export,
                  "write a checkpoint as a torch.save file or as safetensors",
@@ -435,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true",
                    help="torch: export pickled objects too (unpickles them: trusted files only)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export")
+    _rank_option(p)
 
     p = _command(sub, common, "demo", _demo,
                  "save, load and verify a model-plus-optimizer state on a local Ray",

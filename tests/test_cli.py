@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import torch
 
 import ray_ckpt
@@ -25,6 +26,8 @@ from ray_ckpt import cli
 from .helpers import assert_same, flip_byte, manifest_file, small_config
 
 MiB = 1 << 20
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tasks below run on the cluster
 
 
 @pytest.fixture(scope="module")
@@ -384,6 +387,38 @@ def test_export_stops_at_a_damaged_extent_and_leaves_nothing(capsys, copy_of, tm
         assert rc == 1 and "key 'model.emb': checksum mismatch" in err
         assert not out.exists() or not any(out.iterdir())
     assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+
+
+# --- multi-rank checkpoints ---------------------------------------------------------------------
+
+
+@ray.remote(num_cpus=0)
+def _save_as_rank(path: str, rank: int, world: int) -> None:
+    config = ray_ckpt.CheckpointerConfig(
+        staging_config=ray_ckpt.CheckpointStagerConfig(rank_local_keys=("rng",))
+    )
+    state = {"model": {"w": torch.arange(6.0)}, "rng": torch.full((4,), float(rank))}
+    with ray_ckpt.make_sync_checkpointer(config, rank_info=ray_ckpt.RankInfo(rank, world)) as c:
+        c.save(path, state)
+
+
+def test_rank_option_shows_and_exports_one_ranks_view(capsys, cluster, tmp_path):
+    path = str(tmp_path / "two-ranks")
+    ray.get([_save_as_rank.remote(path, rank, 2) for rank in range(2)], timeout=120)
+    rc, out, _ = run(capsys, "inspect", "--rank", "1", path)
+    assert rc == 0 and "world size 2 (rank 1's view)" in out
+    for rank in (0, 1):
+        out_file = tmp_path / f"rank{rank}.pt"
+        rc, _, _ = run(capsys, "export", path, "--to", "torch", "--rank", str(rank), str(out_file))
+        assert rc == 0
+        exported = torch.load(out_file, weights_only=True)
+        assert torch.equal(exported["rng"], torch.full((4,), float(rank)))
+        assert torch.equal(exported["model"]["w"], torch.arange(6.0))
+    rc, _, err = run(capsys, "inspect", "--rank", "2", path)
+    assert rc == 1 and "saved by 2 rank(s); rank 2 is not one of them" in err
+    report = ray_ckpt.verify(path)  # every rank's files
+    files = ray_ckpt.CheckpointReader().open(path).manifest.files
+    assert report.ok and report.files_checked == len(files) >= 2
 
 
 # --- errors, help, progress, bench -------------------------------------------------------------

@@ -22,6 +22,7 @@ from ..errors import CheckpointError, CorruptCheckpointError
 from ..format import HEADER_SIZE, KIND_PICKLE, Extent, Manifest, check_header, dtype_from_name
 from ..reader import CheckpointInfo, CheckpointReader
 from ..storage import FileReader
+from ..types import RankInfo
 
 DEFAULT_CHUNK_BYTES = 16 << 20
 KIND_OF_TAG = {"T": "tensor", "N": "ndarray", "P": "pickle"}
@@ -117,15 +118,35 @@ def bytes_of(tensor: torch.Tensor) -> np.ndarray:
 
 @contextlib.contextmanager
 def opened(
-    path: str, filesystem: Any, storage_config: StorageConfig | None
+    path: str, filesystem: Any, storage_config: StorageConfig | None, rank: int = 0
 ) -> Iterator[Source]:
-    info = reader_for(filesystem, storage_config).open(path)
+    info = open_checkpoint(path, filesystem, storage_config, rank)
     with info.storage.reader() as files:
         yield Source(info, files)
 
 
-def reader_for(filesystem: Any, storage_config: StorageConfig | None) -> CheckpointReader:
-    return CheckpointReader(storage_config=storage_config, filesystem=filesystem)
+def reader_for(
+    filesystem: Any, storage_config: StorageConfig | None, rank: int = 0
+) -> CheckpointReader:
+    if rank < 0:
+        raise ValueError(f"rank must be >= 0, got {rank}")
+    return CheckpointReader(
+        RankInfo(rank, rank + 1), storage_config=storage_config, filesystem=filesystem
+    )
+
+
+def open_checkpoint(
+    path: str, filesystem: Any, storage_config: StorageConfig | None, rank: int = 0
+) -> CheckpointInfo:
+    """:meth:`CheckpointReader.open` as rank ``rank`` sees the checkpoint: the tree is the one
+    that rank saved (rank-local keys differ between ranks of a multi-rank save)."""
+    info = reader_for(filesystem, storage_config, rank).open(path)
+    if rank >= info.marker.world_size:
+        raise CheckpointError(
+            f"checkpoint {info.storage.display} was saved by {info.marker.world_size} rank(s); "
+            f"rank {rank} is not one of them (use 0..{info.marker.world_size - 1})"
+        )
+    return info
 
 
 KeyPath = tuple[Any, ...]

@@ -68,6 +68,7 @@ def diff_checkpoints(
     a: str,
     b: str,
     *,
+    rank: int = 0,
     filesystem: Any = None,
     storage_config: StorageConfig | None = None,
     progress: Progress | None = None,
@@ -75,11 +76,12 @@ def diff_checkpoints(
 ) -> DiffReport:
     """Compare checkpoint ``b`` with checkpoint ``a`` key by key: keys only in ``b`` (added),
     only in ``a`` (removed), and changed, with the number of changed elements and the largest
-    absolute difference of each changed tensor. Reads one item per side at a time."""
+    absolute difference of each changed tensor. Reads one item per side at a time. Multi-rank
+    checkpoints are compared as rank ``rank`` saved them."""
     progress = progress or NoProgress()
     with (
-        opened(a, filesystem, storage_config) as left,
-        opened(b, filesystem, storage_config) as right,
+        opened(a, filesystem, storage_config, rank) as left,
+        opened(b, filesystem, storage_config, rank) as right,
     ):
         report = DiffReport(left.info.storage.display, right.info.storage.display)
         old = dict(leaves(left.info.tree))

@@ -43,6 +43,7 @@ def export_checkpoint(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     allow_pickle: bool = False,
     overwrite: bool = False,
+    rank: int = 0,
     filesystem: Any = None,
     storage_config: StorageConfig | None = None,
     progress: Progress | None = None,
@@ -61,7 +62,7 @@ def export_checkpoint(
 
     ``only="model"`` exports just the subtree under that dotted key, with the prefix stripped
     (``model.0.weight`` becomes ``0.weight``). Existing output is replaced only with
-    ``overwrite=True``.
+    ``overwrite=True``. A multi-rank checkpoint is exported as rank ``rank`` saved it.
     """
     if to not in FORMATS:
         raise ValueError(f"export format must be one of {FORMATS}, got {to!r}")
@@ -69,7 +70,7 @@ def export_checkpoint(
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     target = local_output(out)
     progress = progress or NoProgress()
-    with opened(path, filesystem, storage_config) as source:
+    with opened(path, filesystem, storage_config, rank) as source:
         tree = subtree(source.info.tree, only, source.info.storage.display)
         try:
             if to == "torch":

@@ -7,7 +7,7 @@ from typing import Any
 
 from .._tree import ItemRef, key_string
 from ..config import StorageConfig
-from ._source import KIND_OF_TAG, leaves, reader_for
+from ._source import KIND_OF_TAG, leaves, open_checkpoint
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,8 @@ class CheckpointSummary:
     checkpoint_id: str
     created_unix: float
     world_size: int
-    total_nbytes: int
+    rank: int
+    total_nbytes: int  # every item of every rank
     leaves: list[LeafSummary]
     data_files: dict[str, int]
     manifest_nbytes: int
@@ -41,6 +42,11 @@ class CheckpointSummary:
     @property
     def tensors(self) -> list[LeafSummary]:
         return [leaf for leaf in self.leaves if leaf.kind in ("tensor", "ndarray")]
+
+    @property
+    def tensor_nbytes(self) -> int:
+        """Bytes of this rank's tensors and arrays, tied ones counted once."""
+        return sum(leaf.nbytes for leaf in self.tensors if leaf.tied_to is None)
 
     @property
     def files_nbytes(self) -> int:
@@ -54,17 +60,23 @@ class CheckpointSummary:
             for leaf in doc["leaves"]
         ]
         doc["tensor_count"] = len(self.tensors)
+        doc["tensor_nbytes"] = self.tensor_nbytes
         doc["files_nbytes"] = self.files_nbytes
         return doc
 
 
 
 def inspect_checkpoint(
-    path: str, *, filesystem: Any = None, storage_config: StorageConfig | None = None
+    path: str,
+    *,
+    rank: int = 0,
+    filesystem: Any = None,
+    storage_config: StorageConfig | None = None,
 ) -> CheckpointSummary:
     """Describe the committed checkpoint at ``path`` from its manifest alone (no tensor data is
-    read): each leaf's key, kind, dtype, shape, bytes and files, and the totals."""
-    info = reader_for(filesystem, storage_config).open(path)
+    read): each leaf's key, kind, dtype, shape, bytes and files, and the totals. A multi-rank
+    checkpoint is shown as rank ``rank`` saved it (its rank-local keys; the shared ones)."""
+    info = open_checkpoint(path, filesystem, storage_config, rank)
     manifest = info.manifest
     rows = []
     first_key: dict[int, str] = {}
@@ -91,6 +103,7 @@ def inspect_checkpoint(
         checkpoint_id=info.marker.checkpoint_id,
         created_unix=info.marker.created_unix,
         world_size=info.marker.world_size,
+        rank=rank,
         total_nbytes=info.marker.total_nbytes,
         leaves=rows,
         data_files={f: info.file_sizes[f] for f in manifest.files},
