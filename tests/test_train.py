@@ -10,8 +10,11 @@ the worker group twice, are marked slow.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -148,12 +151,18 @@ def _fit(
             checkpoint_config=checkpoint_config or CheckpointConfig(),
         ),
     )
-    # The controller polls the workers every 2 s by default, and each report waits for a
-    # poll; Ray Train propagates this variable from the driver to its controller.
+    with _fast_polling():
+        return trainer.fit(), record_dir
+
+
+@contextlib.contextmanager
+def _fast_polling() -> Iterator[None]:
+    """Ray Train's controller polls the workers every 2 s by default, and each report waits
+    for a poll; Ray Train propagates this variable from the driver to its controller."""
     previous = os.environ.get(POLL_ENV)
     os.environ[POLL_ENV] = "0.2"
     try:
-        return trainer.fit(), record_dir
+        yield
     finally:
         if previous is None:
             del os.environ[POLL_ENV]
@@ -257,6 +266,36 @@ def test_worker_crash_resumes_from_last_committed_checkpoint(cluster, tmp_path, 
     final, expected = _load(steps[7]), _load(reference_result.checkpoint.path)
     assert_same(final["model"], expected["model"])
     assert_same(final["optim"], expected["optim"])
+
+
+@pytest.mark.slow
+def test_example_fails_once_resumes_and_keeps_the_best(cluster, tmp_path, monkeypatch):
+    """examples/ray_train_example.py: rank 1 fails at step 6, the run resumes and finishes;
+    Ray Train keeps the best checkpoint by loss (and the latest), and deletes the others."""
+    path = Path(__file__).resolve().parents[1] / "examples" / "ray_train_example.py"
+    spec = importlib.util.spec_from_file_location("ray_train_example", path)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, example)
+    spec.loader.exec_module(example)
+    ray.cloudpickle.register_pickle_by_value(example)  # the workers cannot import it by name
+    args = example.parse_args([
+        "--storage-path", str(tmp_path), "--steps", "12", "--every", "4",
+        "--fail-once-at", "6", "--num-to-keep", "1",
+    ])
+    with _fast_polling():
+        result = example.run(args)
+    assert result.error is None, result.error
+    assert (tmp_path / "ray_ckpt_example.failed-once").exists()
+    assert result.metrics["step"] == 11
+    kept = sorted(cp.path for cp, _ in result.best_checkpoints)
+    assert result.checkpoint.path in kept and 1 <= len(kept) <= 2
+    assert all(ray_ckpt.verify(p).ok for p in kept)
+    # the only checkpoints on storage are the kept ones; a save the failure cut short (async:
+    # it may still have been writing) discarded its files and left at most an empty directory
+    assert [e.path for e in ray_ckpt.list_checkpoints(result.path)] == kept
+    assert set(kept) <= set(_checkpoint_dirs(result))
+    assert all(not os.listdir(d) for d in set(_checkpoint_dirs(result)) - set(kept))
 
 
 def test_upload_mode_is_sync_or_async():
