@@ -200,7 +200,10 @@ class Coordinator:
         if request.barrier is not None:
             # the pending write ref is this process's: the coordinator learns of its death
             request.barrier.join.remote(self._rank_info.global_rank, [write_ref])
-        stage_ref = session.wait_staged.remote(checkpoint_id, writer_config.barrier_timeout_secs)
+        # the pending write ref is this process's: the writer learns of its death while staging
+        stage_ref = session.wait_staged.remote(
+            checkpoint_id, writer_config.barrier_timeout_secs, [write_ref]
+        )
         staged: concurrent.futures.Future[StageStats] = concurrent.futures.Future()
 
         def cancel() -> bool:

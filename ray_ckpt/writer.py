@@ -5,7 +5,8 @@ Who calls what::
     caller (stager + coordinator)           writer actor on the caller's node
     ────────────────────────────            ──────────────────────────────────────────
     run_save(token, request)  ───────────►  waits for staging to end, then gathers,
-    wait_staged(token)        ───────────►  (resolves when staging has ended)
+    wait_staged(token, [ref]) ───────────►  (resolves when staging has ended; fails the save
+                                            at once if the caller's process dies first)
     write_bucket(layout, [ref]) ─────────►  any node's writer: ray.get the bucket (zero-copy
                                             from shared memory), checksum, write, fsync
     end_staging(token, outcome) ─────────►  wakes run_save and wait_staged
@@ -48,6 +49,7 @@ from .storage import Storage
 logger = logging.getLogger(__name__)
 
 _ZEROS = bytes(64)
+_CALLER_POLL_SECS = 0.5
 
 
 class WriterHook(abc.ABC):
@@ -260,11 +262,33 @@ class _WriterActor:
             self._running.pop(token, None)
 
     @ray.method(concurrency_group="control")
-    def wait_staged(self, token: str, timeout_secs: float) -> Any:
+    def wait_staged(
+        self, token: str, timeout_secs: float, caller: list[ray.ObjectRef] | None = None
+    ) -> Any:
+        if caller:
+            self._watch_caller(token, caller[0], timeout_secs)
         outcome = self._mailbox.take(token, timeout_secs).outcome
         if outcome.error is not None:
             raise outcome.error
         return outcome.stats
+
+    def _watch_caller(self, token: str, alive: ray.ObjectRef, timeout_secs: float) -> None:
+        """Until staging ends, check that the saving process lives: ``alive`` (the save's write
+        ref, owned by that process) becomes ready only if it dies. Then fail the save, which
+        deletes its files, instead of holding it for ``timeout_secs``."""
+        from .coordinator import StagingOutcome
+
+        slot = self._mailbox.slot(token)
+        deadline = time.monotonic() + timeout_secs
+        while not slot.event.wait(_CALLER_POLL_SECS) and time.monotonic() < deadline:
+            ready, _ = ray.wait([alive], timeout=0, fetch_local=False)
+            if ready:
+                error = CheckpointWriteError(
+                    f"the process that started save {token} died before it finished staging; "
+                    "nothing was committed"
+                )
+                self._mailbox.deliver(token, StagingOutcome(error=error))
+                return
 
     @ray.method(concurrency_group="control")
     def end_staging(self, token: str, outcome: Any) -> None:
