@@ -27,8 +27,10 @@ import time
 from typing import Any
 
 from .catalog import CheckpointEntry, delete_checkpoint, join_path, list_checkpoints
+from .catalog import step_of as _step_of_dir_name
 from .checkpointer import AsyncCheckpointer, Checkpointer
 from .errors import CheckpointError, CheckpointNotFoundError
+from .storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -210,8 +212,27 @@ class CheckpointManager:
                 continue
             delete_checkpoint(entry.path, filesystem=self._filesystem)
             removed.append(entry.path)
+        removed += self._remove_empty_step_dirs(now)
         if removed:
             logger.info("removed %d incomplete checkpoint(s) under %s", len(removed), self.root)
+        return removed
+
+    def _remove_empty_step_dirs(self, now: float) -> list[str]:
+        """Step directories left empty (a save that failed and deleted its files, or died
+        before writing any), untouched for ``incomplete_grace_secs``."""
+        base = Storage.from_path(self.root, self._filesystem)
+        removed = []
+        for name in base.list_dirs():
+            step = _step_of_dir_name(name)
+            path = join_path(self.root, name)
+            if step is None or name != self.dir_name(step) or path == self._in_flight:
+                continue
+            storage = base.child(name)
+            mtime = storage.fs.get_file_info(storage.path).mtime
+            if mtime is not None and now - mtime.timestamp() < self._grace:
+                continue
+            if not storage.list_files() and not storage.list_dirs() and storage.remove_empty_dir():
+                removed.append(path)
         return removed
 
     def _ranked(self, entries: list[CheckpointEntry]) -> list[CheckpointEntry]:
