@@ -15,10 +15,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .._checksum import crc32c
+from .._tree import decode, item_refs
 from ..config import StorageConfig
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError
 from ..format import (
     HEADER_SIZE,
+    KIND_PICKLE,
     MARKER_NAME,
     Extent,
     Manifest,
@@ -103,9 +105,7 @@ def verify(
     try:
         with storage.reader() as files:
             for file in sorted(set(by_file) - bad_files):
-                _verify_file(
-                    storage, files, file, by_file[file], buffer, report, progress
-                )
+                _verify_file(storage, files, file, by_file[file], buffer, report, progress)
     finally:
         progress.finish()
     return report
@@ -122,10 +122,13 @@ def _open_for_verify(
     storage_config: StorageConfig | None,
     report: VerifyReport,
 ) -> Manifest | None:
-    """The validated manifest, recording every problem found on the way; ``None`` when the
-    checkpoint cannot be read any further (no marker, bad marker, bad manifest)."""
+    """The validated manifest, recording every problem found on the way (every rank's tree
+    included); ``None`` when the checkpoint cannot be read any further (no marker, bad marker,
+    bad manifest)."""
     try:
-        return reader_for(filesystem, storage_config).open(path).manifest
+        info = reader_for(filesystem, storage_config).open(path)
+        _check_trees(storage, info.manifest, info.marker.world_size, report)
+        return info.manifest
     except CheckpointNotFoundError as e:
         report.problems.append(Problem("not-found", str(e)))
         return None
@@ -136,19 +139,21 @@ def _open_for_verify(
         error = e
     # The marker and manifest may still be sound, with data files missing or truncated: read
     # them again to report every such file and to check all the others.
-    manifest = _manifest_despite_data_files(storage, report, error)
-    if manifest is None:
+    salvaged = _manifest_despite_data_files(storage, report, error)
+    if salvaged is None:
         return None
-    sizes = storage.list_files()
-    _report_file_sizes(storage, manifest, sizes, report)
-    if not report.problems:  # open() refused something else (the tree): report it as is
-        report.problems.append(Problem("manifest", str(error), file=MARKER_NAME))
+    manifest, marker = salvaged
+    _report_file_sizes(storage, manifest, storage.list_files(), report)
+    if not report.problems:
+        _check_trees(storage, manifest, marker.world_size, report)
+        if not report.problems:  # open() refused something the checks here do not know
+            report.problems.append(Problem("manifest", str(error), file=marker.manifest))
     return manifest
 
 
 def _manifest_despite_data_files(
     storage: Storage, report: VerifyReport, error: CorruptCheckpointError
-) -> Manifest | None:
+) -> tuple[Manifest, Marker] | None:
     files = storage.list_files()
     try:
         marker = Marker.from_bytes(storage.read_file(MARKER_NAME), where=storage.display)
@@ -164,10 +169,36 @@ def _manifest_despite_data_files(
         return None
     where = f"{storage.display}/{marker.manifest}"
     try:
-        return parse_manifest(manifest_from_bytes(raw, where=where), where=where, marker=marker)
+        table = manifest_from_bytes(raw, where=where)
+        return parse_manifest(table, where=where, marker=marker), marker
     except CorruptCheckpointError as e:
         report.problems.append(Problem("manifest", str(e), file=marker.manifest))
         return None
+
+
+def _check_trees(
+    storage: Storage, manifest: Manifest, world_size: int, report: VerifyReport
+) -> None:
+    """Every rank's tree decodes and refers only to items the manifest holds (a load checks
+    only the tree of the rank that loads)."""
+    where = f"{storage.display}/manifest-{manifest.checkpoint_id}.arrow"
+    n_items = max(manifest.items, default=-1) + 1
+    for rank in range(world_size):
+        try:
+            tree = decode(manifest.tree_for(rank), n_items=n_items, where=f"{where}, rank {rank}")
+        except CorruptCheckpointError as e:
+            report.problems.append(Problem("manifest", str(e), file=where.rsplit("/", 1)[1]))
+            continue
+        for ref in item_refs(tree):
+            meta = manifest.items.get(ref.index)
+            if meta is None or (ref.tag == "P") != (meta.kind == KIND_PICKLE):
+                report.problems.append(Problem(
+                    "manifest",
+                    f"{where}: rank {rank}'s tree refers to item {ref.index} as {ref.tag!r}, "
+                    "which the manifest does not hold",
+                    file=where.rsplit("/", 1)[1],
+                ))
+                break
 
 
 def _report_file_sizes(
