@@ -116,8 +116,10 @@ def head() -> Iterator[Head]:
         _wait_for_job_server(running)
         yield running
     finally:
-        _stop(running)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        try:
+            _stop(running)
+        finally:
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _submit(head: Head, *train_args: str) -> str:
