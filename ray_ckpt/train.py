@@ -34,8 +34,9 @@ rank, which fails the run attempt (and ``FailureConfig`` decides whether to rest
 
 Ray Train owns the checkpoints from then on: ``CheckpointConfig(num_to_keep,
 checkpoint_score_attribute)`` deletes a checkpoint by deleting its directory, which holds nothing
-but ray_ckpt's files. A save interrupted by a crash leaves a directory without a commit marker
-that Ray Train never registered (and ray_ckpt refuses to load).
+but ray_ckpt's files. A save that a crash interrupts is never registered; it leaves at most a
+directory without a commit marker (emptied when the writer actors discard its files), which
+ray_ckpt refuses to load.
 
 Loading reads ``ray.train.get_checkpoint()`` (Ray Train hands the latest registered checkpoint
 to every worker it restarts) on each rank with its own ``RankInfo``, so rank *r* gets rank *r*'s
@@ -113,7 +114,9 @@ class TrainCheckpointer:
         Returns the save's write future: done already in ``"sync"`` mode; in ``"async"`` mode it
         resolves once the checkpoint is committed (Ray Train reports it right after).
         """
-        mode = _upload_mode(checkpoint_upload_mode or self._mode)
+        mode = self._mode if checkpoint_upload_mode is None else _upload_mode(
+            checkpoint_upload_mode
+        )
         storage = _run_storage()
         name = collective.broadcast_from_rank_zero(
             checkpoint_dir_name or storage.make_default_checkpoint_dir_name()
