@@ -364,6 +364,8 @@ def _describe(leaf: Leaf) -> tuple[ItemMeta, torch.Tensor | np.ndarray]:
         tensor = tensor.resolve_neg()
     if not tensor.is_contiguous():
         tensor = tensor.contiguous()
+    elif tensor.numel() == 0:  # "contiguous" with any strides (x[1::2] of one element): no bytes
+        tensor = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
     raw_tensor = tensor.reshape(-1).view(torch.uint8)
     meta = ItemMeta(
         item=leaf.index,
