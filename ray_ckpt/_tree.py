@@ -237,7 +237,8 @@ def _check_tensor(tensor: torch.Tensor, path: tuple[Any, ...]) -> None:
 
 def _numpy_as_tensor(array: np.ndarray, path: tuple[Any, ...]) -> torch.Tensor:
     try:
-        return torch.from_numpy(np.ascontiguousarray(array))
+        # ascontiguousarray makes a 0-d array 1-d: keep the shape
+        return torch.from_numpy(np.ascontiguousarray(array).reshape(array.shape))
     except TypeError:
         raise UnsupportedValueError(
             f"key {key_string(path)!r}: numpy dtype {array.dtype} has no torch equivalent"
