@@ -362,10 +362,9 @@ def _describe(leaf: Leaf) -> tuple[ItemMeta, torch.Tensor | np.ndarray]:
         tensor = tensor.resolve_conj()
     if tensor.is_neg():
         tensor = tensor.resolve_neg()
-    if not tensor.is_contiguous():
-        tensor = tensor.contiguous()
-    elif tensor.numel() == 0:  # "contiguous" with any strides (x[1::2] of one element): no bytes
-        tensor = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+    if not tensor.is_contiguous() or tensor.reshape(-1).stride(0) != 1:
+        # a tensor of 0 or 1 elements counts as contiguous whatever its strides (x[::2] of two)
+        tensor = tensor.clone(memory_format=torch.contiguous_format)
     raw_tensor = tensor.reshape(-1).view(torch.uint8)
     meta = ItemMeta(
         item=leaf.index,
