@@ -393,6 +393,13 @@ def parse_manifest(table: pa.Table, *, where: str, marker: Marker) -> Manifest:
     missing = [n for n in MANIFEST_SCHEMA.names if n not in table.schema.names]
     if missing:
         raise CorruptCheckpointError(f"manifest {where} lacks columns {missing}")
+    mistyped = [
+        f"{n} is {table.schema.field(n).type}, not {MANIFEST_SCHEMA.field(n).type}"
+        for n in MANIFEST_SCHEMA.names
+        if not table.schema.field(n).type.equals(MANIFEST_SCHEMA.field(n).type)
+    ]
+    if mistyped:
+        raise CorruptCheckpointError(f"manifest {where}: columns of the wrong type: {mistyped}")
     tree_json = meta.get(META_TREE, b"").decode("utf-8", "replace")
     trees = _parse_trees(meta.get(META_TREES), where=where)
     rows = table.select(MANIFEST_SCHEMA.names).to_pylist()
