@@ -131,9 +131,10 @@ class CheckpointReader:
 
     # --- open ---------------------------------------------------------------------------------
 
-    def open(self, path: str) -> CheckpointInfo:
+    def open(self, path: str, *, check_files: bool = True) -> CheckpointInfo:
         """Validate the checkpoint at ``path`` (marker, manifest, file sizes) without reading
-        tensor data."""
+        tensor data. ``check_files=False`` skips the data files (missing or short ones are then
+        no error here): ``verify`` uses it to report every such file."""
         storage = Storage.from_path(path, self._filesystem, self._storage_config)
         files = storage.list_files()
         if MARKER_NAME not in files:
@@ -153,7 +154,8 @@ class CheckpointReader:
             )
         where = f"{storage.display}/{marker.manifest}"
         manifest = parse_manifest(manifest_from_bytes(raw, where=where), where=where, marker=marker)
-        _check_file_sizes(storage, manifest, files)
+        if check_files:
+            _check_file_sizes(storage, manifest, files)
         tree_json = manifest.tree_for(self._rank_info.global_rank)
         tree = decode(tree_json, n_items=max(manifest.items, default=-1) + 1, where=where)
         _check_tree(tree, manifest, where)
