@@ -2,10 +2,10 @@
 
 Every extent goes through one reusable buffer of ``chunk_bytes`` and its CRC32C is computed as
 the chunks go by, so memory stays at one buffer whatever the checkpoint's size; no tensor is
-ever built. Unlike a load, verification does not stop at the first problem: when data files are
-missing or truncated, the marker and manifest are read again (with the format's own parsers)
-to name every such file, and every other file is still checked, so one run reports every bad
-file and key. It raises only when the storage itself fails
+ever built. Unlike a load, verification does not stop at the first problem: the checkpoint is
+opened without checking its data files (``CheckpointReader.open(check_files=False)``), every
+missing or truncated one is named, and every other file is still checked, so one run reports
+every bad file and key. It raises only when the storage itself fails
 (:class:`~ray_ckpt.errors.StorageError`).
 """
 
@@ -26,8 +26,6 @@ from ..format import (
     Manifest,
     Marker,
     check_header,
-    manifest_from_bytes,
-    parse_manifest,
 )
 from ..storage import FileReader, Storage
 from ._source import DEFAULT_CHUNK_BYTES, NoProgress, Progress, reader_for
@@ -122,13 +120,11 @@ def _open_for_verify(
     storage_config: StorageConfig | None,
     report: VerifyReport,
 ) -> Manifest | None:
-    """The validated manifest, recording every problem found on the way (every rank's tree
-    included); ``None`` when the checkpoint cannot be read any further (no marker, bad marker,
-    bad manifest)."""
+    """The validated manifest, recording every problem found on the way (missing or short data
+    files, every rank's tree); ``None`` when the checkpoint cannot be read any further (no
+    marker, bad marker, bad manifest)."""
     try:
-        info = reader_for(filesystem, storage_config).open(path)
-        _check_trees(storage, info.manifest, info.marker.world_size, report)
-        return info.manifest
+        info = reader_for(filesystem, storage_config).open(path, check_files=False)
     except CheckpointNotFoundError as e:
         report.problems.append(Problem("not-found", str(e)))
         return None
@@ -136,44 +132,20 @@ def _open_for_verify(
         report.problems.append(Problem("incomplete", str(e), file=MARKER_NAME))
         return None
     except CorruptCheckpointError as e:
-        error = e
-    # The marker and manifest may still be sound, with data files missing or truncated: read
-    # them again to report every such file and to check all the others.
-    salvaged = _manifest_despite_data_files(storage, report, error)
-    if salvaged is None:
+        report.problems.append(_marker_or_manifest_problem(storage, e))
         return None
-    manifest, marker = salvaged
-    _report_file_sizes(storage, manifest, storage.list_files(), report)
-    if not report.problems:
-        _check_trees(storage, manifest, marker.world_size, report)
-        if not report.problems:  # open() refused something the checks here do not know
-            report.problems.append(Problem("manifest", str(error), file=marker.manifest))
-    return manifest
+    _report_file_sizes(storage, info.manifest, info.file_sizes, report)
+    _check_trees(storage, info.manifest, info.marker.world_size, report)
+    return info.manifest
 
 
-def _manifest_despite_data_files(
-    storage: Storage, report: VerifyReport, error: CorruptCheckpointError
-) -> tuple[Manifest, Marker] | None:
-    files = storage.list_files()
+def _marker_or_manifest_problem(storage: Storage, error: CorruptCheckpointError) -> Problem:
+    """``open`` refused the marker or the manifest: which one, by reading the marker again."""
     try:
         marker = Marker.from_bytes(storage.read_file(MARKER_NAME), where=storage.display)
-    except CorruptCheckpointError as e:
-        report.problems.append(Problem("marker", str(e), file=MARKER_NAME))
-        return None
-    if marker.manifest not in files:
-        report.problems.append(Problem("manifest", str(error), file=marker.manifest))
-        return None
-    raw = storage.read_file(marker.manifest)
-    if len(raw) != marker.manifest_nbytes or crc32c(raw) != marker.manifest_crc32c:
-        report.problems.append(Problem("manifest", str(error), file=marker.manifest))
-        return None
-    where = f"{storage.display}/{marker.manifest}"
-    try:
-        table = manifest_from_bytes(raw, where=where)
-        return parse_manifest(table, where=where, marker=marker), marker
-    except CorruptCheckpointError as e:
-        report.problems.append(Problem("manifest", str(e), file=marker.manifest))
-        return None
+    except CorruptCheckpointError:
+        return Problem("marker", str(error), file=MARKER_NAME)
+    return Problem("manifest", str(error), file=marker.manifest)
 
 
 def _check_trees(
