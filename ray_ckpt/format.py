@@ -304,7 +304,9 @@ def build_manifest(
     for ext in extents:
         meta = by_item[ext.item]
         cols["item"].append(ext.item)
-        cols["key"].append(meta.key)
+        # Arrow strings are UTF-8: a key's lone surrogates are kept as \udXXX escapes (the tree
+        # keeps the real key)
+        cols["key"].append(meta.key.encode("utf-8", "backslashreplace").decode("utf-8"))
         cols["kind"].append(meta.kind)
         cols["dtype"].append(meta.dtype)
         cols["shape"].append(list(meta.shape) if meta.shape is not None else None)
