@@ -34,6 +34,7 @@ import ray
 import torch
 
 from ._tree import Leaf, flatten
+from .errors import UnsupportedValueError
 from .config import CheckpointStagerConfig
 from .format import (
     HEADER_SIZE,
@@ -354,7 +355,14 @@ class _nullcontext:
 def _describe(leaf: Leaf) -> tuple[ItemMeta, torch.Tensor | np.ndarray]:
     """The manifest entry of a leaf and a flat uint8 view of its bytes (on its device)."""
     if leaf.kind == KIND_PICKLE:
-        raw = np.frombuffer(pickle.dumps(leaf.value, protocol=5), dtype=np.uint8)
+        try:
+            raw = np.frombuffer(pickle.dumps(leaf.value, protocol=5), dtype=np.uint8)
+        except Exception as e:  # noqa: BLE001 - whatever pickle raises, name the key
+            raise UnsupportedValueError(
+                f"key {leaf.key!r}: a {type(leaf.value).__qualname__} cannot be pickled "
+                f"({type(e).__name__}: {e}); convert it to tensors, numbers, strings, bytes, "
+                "lists, tuples and dicts"
+            ) from None
         meta = ItemMeta(leaf.index, leaf.key, KIND_PICKLE, None, None, None, raw.nbytes)
         return meta, raw
     tensor: torch.Tensor = leaf.value.detach()
@@ -364,7 +372,13 @@ def _describe(leaf: Leaf) -> tuple[ItemMeta, torch.Tensor | np.ndarray]:
         tensor = tensor.resolve_neg()
     if not tensor.is_contiguous() or tensor.reshape(-1).stride(0) != 1:
         # a tensor of 0 or 1 elements counts as contiguous whatever its strides (x[::2] of two)
-        tensor = tensor.clone(memory_format=torch.contiguous_format)
+        try:
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        except RuntimeError as e:  # no copy kernel: sub-byte dtypes (int4, uint3, ...)
+            raise UnsupportedValueError(
+                f"key {leaf.key!r}: a non-contiguous {dtype_name(tensor.dtype)} tensor cannot be "
+                f"made contiguous ({e}); save a contiguous one"
+            ) from None
     raw_tensor = tensor.reshape(-1).view(torch.uint8)
     meta = ItemMeta(
         item=leaf.index,
