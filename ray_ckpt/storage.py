@@ -435,9 +435,15 @@ class Storage:
         )
 
     def make_dir(self) -> None:
-        self.call(
-            "create directory", self.path, lambda: self.fs.create_dir(self.path, recursive=True)
-        )
+        try:
+            self.call(
+                "create directory", self.path, lambda: self.fs.create_dir(self.path, recursive=True)
+            )
+        except (NotADirectoryError, FileExistsError) as e:
+            raise StorageError(
+                f"create directory {self.display} failed: a file is in the way ({e}). Fix: "
+                "choose a path whose parents are directories."
+            ) from None
 
     def delete_files(self, names: Sequence[str]) -> None:
         for name in names:
