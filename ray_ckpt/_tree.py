@@ -264,7 +264,8 @@ def decode(tree_json: str, *, n_items: int, where: str) -> Any:
         raise CorruptCheckpointError(f"{where}: the tree is not valid JSON ({e})") from None
     try:
         value = _decode(raw, n_items, 0)
-    except (ValueError, TypeError, KeyError, RecursionError) as e:
+    # RuntimeError: torch.device("nowhere"); OverflowError: torch.Size([1e400])
+    except (ValueError, TypeError, KeyError, RecursionError, RuntimeError, OverflowError) as e:
         raise CorruptCheckpointError(f"{where}: the tree is malformed ({e})") from None
     if not isinstance(value, dict):
         raise CorruptCheckpointError(f"{where}: the tree's root is not a dict")
