@@ -34,8 +34,8 @@ import ray
 import torch
 
 from ._tree import Leaf, flatten
-from .errors import UnsupportedValueError
 from .config import CheckpointStagerConfig
+from .errors import UnsupportedValueError
 from .format import (
     HEADER_SIZE,
     KIND_PICKLE,
