@@ -358,3 +358,54 @@ def backend(
         return Backend(kind, fs, fs, f"{S3_BUCKET}/{unique}", _backend_checkpointers)
     fs = request.getfixturevalue("custom_fs")
     return Backend(kind, fs, fs, unique, _backend_checkpointers)
+
+
+# --- reliability figures: what the fault, corruption and fuzz suites counted ----------------------
+#
+# Fault, corruption and fuzz tests add what they injected, tried and survived to the session's
+# ``reliability`` counts. ``--reliability-report PATH`` writes them to PATH as JSON when the
+# session ends (docs/RELIABILITY.md is built from such a run); without it nothing is written.
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--reliability-report",
+        default=None,
+        metavar="PATH",
+        help="write the fault/corruption/fuzz suites' counts to PATH as JSON "
+        "(e.g. benchmarks/results/reliability.json)",
+    )
+
+
+class ReliabilityCounts:
+    """Counts by section (``faults``, ``corruptions``, ``fuzz``, ``pressure``), by case, by
+    field (``injected``, ``survived``, ``tried``, ``detected``, ...)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, dict[str, dict[str, int]]] = {}
+
+    def add(self, section: str, case: str, field: str, n: int = 1) -> None:
+        fields = self.counts.setdefault(section, {}).setdefault(case, {})
+        fields[field] = fields.get(field, 0) + n
+
+    def most(self, section: str, case: str, field: str, value: int) -> None:
+        """Keep the largest ``value`` seen (e.g. saves in a row)."""
+        fields = self.counts.setdefault(section, {}).setdefault(case, {})
+        fields[field] = max(fields.get(field, 0), value)
+
+
+@pytest.fixture(scope="session")
+def reliability(request: pytest.FixtureRequest) -> Iterator[ReliabilityCounts]:
+    counts = ReliabilityCounts()
+    yield counts
+    path = request.config.getoption("--reliability-report")
+    if path:
+        import json
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        doc = {
+            "command": "./dev test " + " ".join(request.config.invocation_params.args),
+            "finished_unix": time.time(),
+            "counts": {s: dict(sorted(c.items())) for s, c in sorted(counts.counts.items())},
+        }
+        Path(path).write_text(json.dumps(doc, indent=1) + "\n")
