@@ -3,9 +3,12 @@
 safetensors is a small, fully specified format: 8 bytes of little-endian header length, a JSON
 header mapping each tensor name to its dtype, shape and ``[begin, end)`` byte range, padded with
 spaces to a multiple of 8, then the raw little-endian bytes. The header is computed from the
-manifest alone, so each shard is written front to back, one extent at a time (at most one
-extent in memory, ``bucket_size_bytes`` by default). The result is checked against the
-``safetensors`` library in the tests.
+manifest alone, so each shard is written front to back, one window of each tensor at a time
+(:meth:`Source.chunks`: at most :data:`DEFAULT_WINDOW_BYTES` in memory). A sharded tensor is
+consolidated on the way: its windows are filled from the shards they overlap, so the file holds
+the one full tensor in C order. The header holds no checkpoint id, so the same tensors always
+export to the same bytes. The result is checked against the ``safetensors`` library in the
+tests.
 
 Sharding follows ``transformers``: one file ``model.safetensors`` when everything fits in
 ``max_shard_bytes``; otherwise ``model-00001-of-0000N.safetensors`` ... and
@@ -22,10 +25,9 @@ from typing import Any
 
 import torch
 
-from .._tree import ItemRef, key_string
+from .._tree import key_string
 from ..errors import CheckpointError, CheckpointExistsError, UnsupportedValueError
-from ..format import dtype_from_name
-from ._source import Progress, Source, leaves
+from ._source import Progress, Source, TensorLeaf, byte_view, is_tensor_ref, leaves
 from .export import discard, publish, temp_name
 
 SINGLE = "model.safetensors"
@@ -40,7 +42,7 @@ DTYPES: dict[torch.dtype, str] = {
     torch.float8_e4m3fnuz: "F8_E4M3FNUZ", torch.float8_e5m2fnuz: "F8_E5M2FNUZ",
 }
 
-Shard = list[tuple[str, int]]  # (tensor name, item index), in file order
+Shard = list[tuple[str, TensorLeaf]]  # (tensor name, tensor), in file order
 
 
 def write_safetensors(
@@ -49,9 +51,9 @@ def write_safetensors(
 ) -> tuple[list[str], int, int, list[str]]:
     """Write the tensors of ``tree`` into directory ``out``; returns ``(files, tensors, bytes,
     skipped keys)``."""
-    tensors, skipped = _split_leaves(tree)
+    tensors, skipped = _split_leaves(source, tree)
     _check_tensors(source, tensors)
-    shards = _plan_shards(source, tensors, max_shard_bytes)
+    shards = _plan_shards(tensors, max_shard_bytes)
     names = _shard_names(len(shards))
     targets = names + ([INDEX] if len(shards) > 1 else [])
     os.makedirs(out, exist_ok=True)
@@ -61,7 +63,7 @@ def write_safetensors(
             f"{out} already holds an export ({', '.join(previous[:4])}); pass --overwrite "
             "(overwrite=True) to replace it, or export into another directory"
         )
-    total = sum(source.manifest.items[i].nbytes for _, i in tensors)
+    total = sum(tensor.nbytes for _, tensor in tensors)
     progress.start(total, "export")
     temps: list[str] = []
     try:
@@ -78,12 +80,12 @@ def write_safetensors(
     return [os.path.join(out, t) for t in targets], len(tensors), total, skipped
 
 
-def _split_leaves(tree: Any) -> tuple[Shard, list[str]]:
+def _split_leaves(source: Source, tree: Any) -> tuple[Shard, list[str]]:
     tensors: Shard = []
     skipped: list[str] = []
     for path, leaf in leaves(tree):
-        if isinstance(leaf, ItemRef) and leaf.tag != "P":
-            tensors.append((key_string(path), leaf.index))
+        if is_tensor_ref(leaf):
+            tensors.append((key_string(path), source.tensor(leaf)))
         else:
             skipped.append(key_string(path))
     return tensors, skipped
@@ -91,34 +93,32 @@ def _split_leaves(tree: Any) -> tuple[Shard, list[str]]:
 
 def _check_tensors(source: Source, tensors: Shard) -> None:
     seen: set[str] = set()
-    for name, index in tensors:
+    for name, tensor in tensors:
         if name in seen:
             raise CheckpointError(
                 f"checkpoint {source.info.storage.display}: two tensors are both named {name!r} "
                 "as dotted keys; safetensors needs unique names. Export with --to torch."
             )
         seen.add(name)
-        dtype = dtype_from_name(source.manifest.items[index].dtype or "", where=name)
-        if dtype not in DTYPES:
+        if tensor.dtype not in DTYPES:
             raise UnsupportedValueError(
-                f"key {name!r} is {dtype}, which safetensors cannot hold (it holds "
+                f"key {name!r} is {tensor.dtype}, which safetensors cannot hold (it holds "
                 f"{sorted(str(d).removeprefix('torch.') for d in DTYPES)}). Export with "
                 "--to torch, or export a subtree without it with --only."
             )
 
 
-def _plan_shards(source: Source, tensors: Shard, max_shard_bytes: int) -> list[Shard]:
+def _plan_shards(tensors: Shard, max_shard_bytes: int) -> list[Shard]:
     """Tensors in order, cut into shards of at most ``max_shard_bytes`` of data (a larger
     tensor gets a shard of its own); always at least one shard."""
     shards: list[Shard] = [[]]
     size = 0
-    for name, index in tensors:
-        nbytes = source.manifest.items[index].nbytes
-        if shards[-1] and size + nbytes > max_shard_bytes:
+    for name, tensor in tensors:
+        if shards[-1] and size + tensor.nbytes > max_shard_bytes:
             shards.append([])
             size = 0
-        shards[-1].append((name, index))
-        size += nbytes
+        shards[-1].append((name, tensor))
+        size += tensor.nbytes
     return shards
 
 
@@ -135,34 +135,29 @@ def _previous_export(out: str) -> list[str]:
     )
 
 
-def _header(source: Source, shard: Shard) -> bytes:
-    header: dict[str, Any] = {
-        "__metadata__": {"format": "pt", "ray_ckpt.checkpoint_id": source.manifest.checkpoint_id}
-    }
+def _header(shard: Shard) -> bytes:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
-    for name, index in shard:
-        meta = source.manifest.items[index]
+    for name, tensor in shard:
         header[name] = {
-            "dtype": DTYPES[dtype_from_name(meta.dtype or "", where=name)],
-            "shape": list(meta.shape or ()),
-            "data_offsets": [offset, offset + meta.nbytes],
+            "dtype": DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + tensor.nbytes],
         }
-        offset += meta.nbytes
+        offset += tensor.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     return raw + b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
 
 
 def _write_shard(source: Source, shard: Shard, file: str, progress: Progress) -> None:
-    header = _header(source, shard)
+    header = _header(shard)
     with open(file, "wb") as f:
         f.write(struct.pack("<Q", len(header)))
         f.write(header)
-        for name, index in shard:
-            for extent in source.manifest.extents[index]:
-                buffer = bytearray(extent.length)
-                source.read_extent(extent, name, memoryview(buffer))
-                f.write(buffer)
-                progress.advance(extent.length)
+        for _, tensor in shard:
+            for chunk in source.chunks(tensor):
+                f.write(byte_view(chunk))
+                progress.advance(chunk.numel() * chunk.element_size())
         f.flush()
         os.fsync(f.fileno())
 

@@ -4,27 +4,42 @@ A :class:`Source` is a checkpoint opened with :meth:`CheckpointReader.open` (mar
 manifest, decoded tree) plus its open files (:class:`~ray_ckpt.storage.FileReader`). It reads
 one item, or one extent, at a time, checking each data file's header once and every extent's
 CRC32C, so a tool holds at most what it asks for.
+
+Tensors are streamed through :meth:`Source.chunks`: the tensor (a stored item, or a sharded
+tensor whose shards are several items) is cut into *windows*, boxes of the global tensor that
+are consecutive in C order and hold at most ``window_bytes``; each window is filled from the
+shards it overlaps and handed out in turn. A window fixes the indices of the dimensions before
+some ``k``, spans a range of ``k`` and all of the dimensions after it, so its overlap with any
+shard is one contiguous byte range of that shard, and consecutive windows read each shard
+front to back: every extent is read exactly once, in order, and its CRC32C is checked as its
+last byte goes by. Memory: one window (plus, for a shard that splits a later dimension, a
+buffer for its part of the window), whatever the tensor's size or layout.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from .._checksum import crc32c
-from .._tree import key_string
+from .._tree import ItemRef, ShardedRef, key_string
 from ..config import StorageConfig
 from ..errors import CheckpointError, CorruptCheckpointError
 from ..format import HEADER_SIZE, KIND_PICKLE, Extent, Manifest, check_header, dtype_from_name
 from ..reader import CheckpointInfo, CheckpointReader
+from ..sharding import Box, overlap, runs, slices
 from ..storage import FileReader
 from ..types import RankInfo
 
 DEFAULT_CHUNK_BYTES = 16 << 20
+DEFAULT_WINDOW_BYTES = 16 << 20
 KIND_OF_TAG = {"T": "tensor", "N": "ndarray", "P": "pickle"}
 
 
@@ -49,6 +64,56 @@ class NoProgress:
         pass
 
 
+StoredRef = ItemRef | ShardedRef
+
+
+@dataclass(frozen=True)
+class TensorLeaf:
+    """A tensor of a checkpoint as the tools see it: one stored item (``T``/``N``), or a sharded
+    tensor stored as several items, each the box ``(offset, shape)`` of the global tensor."""
+
+    ref: StoredRef
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]  # the global shape
+    shards: tuple[tuple[int, Box], ...]  # (item index, its box), by offset
+
+    @property
+    def ident(self) -> int | tuple[int, ...]:
+        return ref_ident(self.ref)
+
+    @property
+    def sharded(self) -> bool:
+        return isinstance(self.ref, ShardedRef)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+def ref_ident(ref: StoredRef) -> int | tuple[int, ...]:
+    """What identifies a stored tensor: its item, or the items of its shards."""
+    return ref.indices if isinstance(ref, ShardedRef) else ref.index
+
+
+def is_tensor_ref(value: Any) -> bool:
+    """A stored tensor or array (not a pickled object), sharded or not."""
+    return isinstance(value, ShardedRef) or (isinstance(value, ItemRef) and value.tag != "P")
+
+
+def stored_refs(tree: Any) -> Iterator[StoredRef]:
+    """Every stored leaf of a decoded tree (:class:`ItemRef` or :class:`ShardedRef`), once."""
+    seen: set[Any] = set()
+    for _, leaf in leaves(tree):
+        if isinstance(leaf, (ItemRef, ShardedRef)) and ref_ident(leaf) not in seen:
+            seen.add(ref_ident(leaf))
+            yield leaf
+
+
 class Source:
     """An opened checkpoint with its files open: reads items, verifying headers and CRC32Cs."""
 
@@ -56,6 +121,10 @@ class Source:
         self.info = info
         self.files = files
         self._headers_checked: set[str] = set()
+        # Reused by every call of chunks(): freeing and allocating a window per tensor makes
+        # glibc keep the freed windows (its mmap threshold rises to their size), and memory
+        # would grow with the number of tensors.
+        self._scratch: dict[str, torch.Tensor] = {}
 
     @property
     def manifest(self) -> Manifest:
@@ -111,9 +180,89 @@ class Source:
         self.read_into(index, bytes_of(tensor), progress)
         return tensor
 
+    def tensor(self, ref: StoredRef) -> TensorLeaf:
+        """The tensor ``ref`` stands for, checked against the manifest: every shard a tensor of
+        one dtype whose box fits the global shape, the boxes together as large as the tensor."""
+        if isinstance(ref, ItemRef):
+            meta = self.manifest.items[ref.index]
+            shape = meta.shape or ()
+            dtype = dtype_from_name(meta.dtype or "", where=meta.key)
+            return TensorLeaf(ref, meta.key, dtype, shape, ((ref.index, _whole(shape)),))
+        metas = [self.manifest.items[i] for i in ref.indices]
+        key = metas[0].key
+        dtypes = {m.dtype for m in metas}
+        boxes = [(m.global_offset or (0,) * len(m.shape or ()), m.shape or ()) for m in metas]
+        if (
+            len(dtypes) != 1
+            or any(m.kind == KIND_PICKLE or (m.global_shape or m.shape) != ref.global_shape
+                   for m in metas)
+            or sum(math.prod(shape) for _, shape in boxes) != math.prod(ref.global_shape)
+        ):
+            raise CorruptCheckpointError(
+                f"key {key!r} in {self.info.storage.display}: its shards (dtypes "
+                f"{sorted(map(str, dtypes))}, boxes at {[list(o) for o, _ in boxes]} of shapes "
+                f"{[list(s) for _, s in boxes]}) do not tile the global shape "
+                f"{list(ref.global_shape)}: a shard is missing or the manifest is damaged. "
+                "Restore the checkpoint or use another one."
+            )
+        dtype = dtype_from_name(metas[0].dtype or "", where=key)
+        shards = tuple(sorted(zip(ref.indices, boxes), key=lambda s: s[1][0]))
+        return TensorLeaf(ref, key, dtype, tuple(ref.global_shape), shards)
+
+    def chunks(
+        self, leaf: TensorLeaf, window_bytes: int = DEFAULT_WINDOW_BYTES
+    ) -> Iterator[torch.Tensor]:
+        """The elements of ``leaf`` in C order, as consecutive flat tensors of at most
+        ``window_bytes`` (see the module docstring). Each is a view of one reused buffer:
+        use it before asking for the next."""
+        if leaf.numel == 0:
+            return
+        itemsize = leaf.dtype.itemsize
+        streams = {index: _ItemStream(self, index) for index, _ in leaf.shards}
+        for window in _windows(leaf.shape, itemsize, window_bytes):
+            out = self._buffer("window", leaf.dtype, window[1])
+            covered = 0
+            for index, box in leaf.shards:
+                common = overlap(window, box)
+                if common is None or not math.prod(common[1]):
+                    continue
+                covered += math.prod(common[1])
+                within = (tuple(o - b for o, b in zip(common[0], box[0])), common[1])
+                ((start, _),) = runs(box[1], within)  # one run: see the module docstring
+                dest = out[slices(common, window[0])] if out.dim() else out
+                if dest.is_contiguous():
+                    streams[index].read_into(start * itemsize, byte_view(dest))
+                else:
+                    part = self._buffer("part", leaf.dtype, common[1])
+                    streams[index].read_into(start * itemsize, byte_view(part))
+                    dest.copy_(part)
+            if covered != out.numel():
+                raise CorruptCheckpointError(
+                    f"key {leaf.key!r} in {self.info.storage.display}: the shards cover "
+                    f"{covered} of the {out.numel()} elements at {list(window[0])}: a shard is "
+                    "missing or the shards overlap. Restore the checkpoint or use another one."
+                )
+            yield out.reshape(-1)
+        for stream in streams.values():
+            stream.finish()
+
+    def _buffer(self, slot: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """A tensor of ``shape`` in the reusable buffer ``slot`` (grown when too small)."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        buffer = self._scratch.get(slot)
+        if buffer is None or buffer.numel() < nbytes:
+            self._scratch.pop(slot, None)
+            buffer = self._scratch[slot] = torch.empty(max(nbytes, 64), dtype=torch.uint8)
+        return buffer[:nbytes].view(dtype).view(shape)
+
 
 def bytes_of(tensor: torch.Tensor) -> np.ndarray:
     return tensor.reshape(-1).view(torch.uint8).numpy()
+
+
+def byte_view(tensor: torch.Tensor) -> memoryview:
+    """The memory of a contiguous CPU tensor, as bytes."""
+    return memoryview(bytes_of(tensor))  # type: ignore[arg-type]
 
 
 @contextlib.contextmanager
@@ -197,3 +346,87 @@ def subtree(tree: Any, prefix: str | None, where: str) -> Any:
         )
     return node
 
+
+
+class _ItemStream:
+    """Reads one item front to back, in pieces, checking each extent's CRC32C once its last
+    byte has been read."""
+
+    def __init__(self, source: Source, index: int) -> None:
+        self._source = source
+        self._meta = source.manifest.items[index]
+        self._extents = sorted(source.manifest.extents[index], key=lambda e: e.chunk_offset)
+        self._next = 0  # the extent being read
+        self._position = 0  # bytes of the item read so far
+        self._crc = 0  # of the extent being read, so far
+
+    def read_into(self, start: int, dest: memoryview) -> None:
+        if start != self._position:
+            raise CheckpointError(
+                f"internal error: key {self._meta.key!r} read at byte {start}, expected "
+                f"{self._position}"
+            )
+        while len(dest):
+            extent = self._extents[self._next]
+            within = self._position - extent.chunk_offset
+            if within >= extent.length:  # an empty extent
+                self._next += 1
+                continue
+            n = min(len(dest), extent.length - within)
+            self._read(extent, within, dest[:n])
+            self._crc = crc32c(dest[:n], self._crc)
+            self._position += n
+            dest = dest[n:]
+            if within + n == extent.length:
+                self._check(extent)
+
+    def _read(self, extent: Extent, within: int, dest: memoryview) -> None:
+        self._source.check_header(extent.file)
+        try:
+            self._source.files.read_into(extent.file, extent.offset + within, dest)
+        except EOFError as e:
+            raise CorruptCheckpointError(
+                f"key {self._meta.key!r}: data file {self._source.where(extent.file)} is "
+                f"truncated ({e}). Restore the file or use another checkpoint."
+            ) from None
+
+    def _check(self, extent: Extent) -> None:
+        if extent.checksum is not None and self._crc != extent.checksum:
+            raise CorruptCheckpointError(
+                f"key {self._meta.key!r}: checksum mismatch in {self._source.where(extent.file)}"
+                f" (bytes {extent.offset}..{extent.offset + extent.length}): the file is "
+                "damaged. Restore it or use another checkpoint."
+            )
+        self._crc = 0
+        self._next += 1
+
+    def finish(self) -> None:
+        if self._position != self._meta.nbytes:
+            raise CheckpointError(
+                f"internal error: key {self._meta.key!r}: read {self._position} of "
+                f"{self._meta.nbytes} bytes"
+            )
+
+
+def _whole(shape: tuple[int, ...]) -> Box:
+    return (0,) * len(shape), tuple(shape)
+
+
+def _windows(shape: tuple[int, ...], itemsize: int, window_bytes: int) -> Iterator[Box]:
+    """Boxes that tile a tensor of ``shape`` in C order, each of at most ``window_bytes`` (at
+    least one element): the indices of dimensions ``< k`` fixed, a range of ``k``, every later
+    dimension whole, with ``k`` the outermost dimension whose slices fit."""
+    n = len(shape)
+    if n == 0:
+        yield (), ()
+        return
+    if 0 in shape:
+        return
+    k = next(d for d in range(n) if math.prod(shape[d + 1 :]) * itemsize <= window_bytes
+             or d == n - 1)
+    inner = math.prod(shape[k + 1 :]) * itemsize
+    step = max(1, min(shape[k], window_bytes // inner))
+    for lead in itertools.product(*(range(d) for d in shape[:k])):
+        for first in range(0, shape[k], step):
+            size = min(step, shape[k] - first)
+            yield (*lead, first, *(0,) * (n - k - 1)), (*(1,) * k, size, *shape[k + 1 :])

@@ -5,7 +5,7 @@
 1. The state dict's *skeleton* is built: its containers and plain values, numpy arrays and
    (with ``allow_pickle``) unpickled objects read for real (they live in the pickle anyway),
    and a FakeTensor (shape and dtype, no memory) for every tensor, one per stored item so
-   that tied tensors stay tied.
+   that tied tensors stay tied; a sharded tensor gets one FakeTensor of its global shape.
 2. ``torch.serialization.skip_data(materialize_fake_tensors=True)`` saves it: a regular torch
    zip archive with the pickle and a record of the right size, still empty, per storage.
 3. Which record belongs to which item: the file is loaded back with ``torch.load(mmap=True)``
@@ -14,13 +14,14 @@
    base is derived from the zip directory and every tensor is checked to land exactly on a
    record of its size, so no assumption about how ``torch.save`` numbers storages is needed,
    and a change in ``torch.load`` is caught rather than written out wrong.
-4. Each item's extents are read (CRC32C verified), one at a time, and written with ``pwrite``
-   at their place in the record, while the record's zip CRC-32 is computed on the way. That
+4. Each tensor is read in windows (:meth:`Source.chunks`, CRC32C verified; a sharded tensor
+   consolidated from its shards), one at a time, and written with ``pwrite`` at its place in
+   the record, while the record's zip CRC-32 is computed on the way. That
    CRC, left at 0 by ``skip_data``, is then written into the record's data descriptor and its
    central directory entry (zip APPNOTE 4.3.9, 4.3.12), so the file is a valid zip archive for
    any tool, not only for ``torch.load`` (which does not check it).
 
-Memory: one extent at a time (``bucket_size_bytes`` at most), plus the skeleton's arrays and
+Memory: one window at a time (:data:`DEFAULT_WINDOW_BYTES`), plus the skeleton's arrays and
 objects. Needs torch>=2.6 (``skip_data`` with ``materialize_fake_tensors``).
 """
 
@@ -37,11 +38,20 @@ from typing import Any
 
 import torch
 
-from .._tree import ItemRef, item_refs, materialize
+from .._tree import ItemRef, ShardedRef, materialize
 from ..errors import CheckpointError, CheckpointExistsError, PickleNotAllowedError
-from ..format import dtype_from_name
-from ._source import Progress, Source
+from ._source import (
+    Progress,
+    Source,
+    StoredRef,
+    TensorLeaf,
+    byte_view,
+    ref_ident,
+    stored_refs,
+)
 from .export import discard, publish, temp_name
+
+Ident = int | tuple[int, ...]  # an item, or the items of a sharded tensor's shards
 
 
 def write_torch(
@@ -59,23 +69,32 @@ def write_torch(
         )
     if not os.path.isdir(directory):
         raise CheckpointError(f"cannot write {out}: directory {directory} does not exist")
-    refs = {ref.index: ref for ref in item_refs(tree)}
+    refs = {ref_ident(ref): ref for ref in stored_refs(tree)}
     _check_pickles(source, refs, allow_pickle)
-    total = sum(source.manifest.items[i].nbytes for i in refs)
+    tensors = {i: source.tensor(ref) for i, ref in refs.items() if _is_tensor(ref)}
+    total = sum(t.nbytes for t in tensors.values()) + sum(  # + arrays and objects
+        source.manifest.items[ref.index].nbytes for ref in refs.values()
+        if isinstance(ref, ItemRef) and not _is_tensor(ref)
+    )
     progress.start(total, "export")
     temp = temp_name(directory, name)
     try:
-        skeleton = _skeleton(source, tree, refs, progress)
+        skeleton = _skeleton(source, tree, tensors, progress)
         with torch.serialization.skip_data(materialize_fake_tensors=True):
             torch.save(skeleton, temp)
         del skeleton
-        _fill(source, tree, temp, progress)
+        _fill(source, tree, tensors, temp, progress)
         publish(directory, [temp], [name], stale=[])
     except BaseException:
         discard([temp])
         raise
-    tensors = sum(1 for ref in refs.values() if ref.tag in ("T", "N"))
-    return [out], tensors, total, []
+    count = sum(1 for ref in refs.values() if not (isinstance(ref, ItemRef) and ref.tag == "P"))
+    return [out], count, total, []
+
+
+def _is_tensor(ref: StoredRef) -> bool:
+    """Written into a record of its own (numpy arrays live in the pickle, as the skeleton's)."""
+    return isinstance(ref, ShardedRef) or ref.tag == "T"
 
 
 def _require_skip_data() -> None:
@@ -88,8 +107,11 @@ def _require_skip_data() -> None:
         )
 
 
-def _check_pickles(source: Source, refs: dict[int, ItemRef], allow_pickle: bool) -> None:
-    pickled = [source.manifest.items[i].key for i, ref in refs.items() if ref.tag == "P"]
+def _check_pickles(source: Source, refs: dict[Ident, StoredRef], allow_pickle: bool) -> None:
+    pickled = [
+        source.manifest.items[ref.index].key for ref in refs.values()
+        if isinstance(ref, ItemRef) and ref.tag == "P"
+    ]
     if pickled and not allow_pickle:
         raise PickleNotAllowedError(
             f"checkpoint {source.info.storage.display} stores {len(pickled)} pickled object(s) "
@@ -99,20 +121,20 @@ def _check_pickles(source: Source, refs: dict[int, ItemRef], allow_pickle: bool)
         )
 
 
-def _skeleton(source: Source, tree: Any, refs: dict[int, ItemRef], progress: Progress) -> Any:
+def _skeleton(
+    source: Source, tree: Any, tensors: dict[Ident, TensorLeaf], progress: Progress
+) -> Any:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    fakes: dict[int, torch.Tensor] = {}
+    fakes: dict[Ident, torch.Tensor] = {}
     with FakeTensorMode():
-        for index, ref in refs.items():
-            if ref.tag == "T":
-                meta = source.manifest.items[index]
-                dtype = dtype_from_name(meta.dtype or "", where=meta.key)
-                fakes[index] = torch.empty(meta.shape or (), dtype=dtype)
+        for ident, tensor in tensors.items():
+            fakes[ident] = torch.empty(tensor.shape, dtype=tensor.dtype)
 
-    def resolve(ref: ItemRef) -> Any:
-        if ref.tag == "T":
-            return fakes[ref.index]
+    def resolve(ref: StoredRef) -> Any:
+        if _is_tensor(ref):
+            return fakes[ref_ident(ref)]
+        assert isinstance(ref, ItemRef)
         value = source.read_item(ref.index, progress)
         if ref.tag == "P":
             assert isinstance(value, bytes)
@@ -123,14 +145,16 @@ def _skeleton(source: Source, tree: Any, refs: dict[int, ItemRef], progress: Pro
     return materialize(tree, resolve)
 
 
-def _fill(source: Source, tree: Any, file: str, progress: Progress) -> None:
+def _fill(
+    source: Source, tree: Any, tensors: dict[Ident, TensorLeaf], file: str, progress: Progress
+) -> None:
     records = _records(file)
-    places = _places(source, tree, file, records)
+    places = _places(tree, tensors, file, records)
     crcs: dict[str, int] = {}
     fd = os.open(file, os.O_WRONLY)
     try:
-        for index, name in places.items():
-            crcs[name] = _write_item(source, index, fd, records[name][0], progress)
+        for ident, name in places.items():
+            crcs[name] = _write_tensor(source, tensors[ident], fd, records[name][0], progress)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -150,29 +174,30 @@ def _records(file: str) -> dict[str, tuple[int, int]]:
 
 
 def _places(
-    source: Source, tree: Any, file: str, records: dict[str, tuple[int, int]]
-) -> dict[int, str]:
-    """``{item index: name of the zip record that holds its bytes}``."""
+    tree: Any, tensors: dict[Ident, TensorLeaf], file: str, records: dict[str, tuple[int, int]]
+) -> dict[Ident, str]:
+    """``{tensor: name of the zip record that holds its bytes}``."""
     loaded = torch.load(file, mmap=True, weights_only=False, map_location="cpu")
     # Our own file, just written from the skeleton; it may hold arrays (and, with
     # allow_pickle, objects) that the weights-only loader refuses. No data page is touched.
-    addresses: dict[int, int] = {}
+    addresses: dict[Ident, int] = {}
     for ref, tensor in _pair_items(tree, loaded):
-        if ref.tag == "T" and source.manifest.items[ref.index].nbytes:
+        ident = ref_ident(ref)
+        if ident in tensors and tensors[ident].nbytes:
             if not isinstance(tensor, torch.Tensor):
                 raise CheckpointError(f"internal error: {file} holds no tensor for {ref}")
-            addresses[ref.index] = tensor.untyped_storage().data_ptr()
+            addresses[ident] = tensor.untyped_storage().data_ptr()
     del loaded
     if not addresses:
         return {}
     data = {
         start: name for name, (start, size) in records.items() if size and "/data/" in name
     }
-    # The item at the lowest address sits in one of the records: find the base that puts
-    # every item exactly on a record of its size.
+    # The tensor at the lowest address sits in one of the records: find the base that puts
+    # every tensor exactly on a record of its size.
     lowest = min(addresses.values())
     for start in sorted(data):
-        places = _placed(source, addresses, data, records, lowest - start)
+        places = _placed(tensors, addresses, data, records, lowest - start)
         if places is not None:
             return places
     raise CheckpointError(
@@ -182,42 +207,42 @@ def _places(
 
 
 def _placed(
-    source: Source,
-    addresses: dict[int, int],
+    tensors: dict[Ident, TensorLeaf],
+    addresses: dict[Ident, int],
     data: dict[int, str],
     records: dict[str, tuple[int, int]],
     base: int,
-) -> dict[int, str] | None:
+) -> dict[Ident, str] | None:
     places = {}
-    for index, address in addresses.items():
+    for ident, address in addresses.items():
         name = data.get(address - base)
-        if name is None or records[name][1] != source.manifest.items[index].nbytes:
+        if name is None or records[name][1] != tensors[ident].nbytes:
             return None
-        places[index] = name
+        places[ident] = name
     return places
 
 
-def _write_item(source: Source, index: int, fd: int, start: int, progress: Progress) -> int:
-    """Write item ``index`` at ``start``, one extent at a time; returns its zip CRC-32."""
-    meta = source.manifest.items[index]
+def _write_tensor(
+    source: Source, tensor: TensorLeaf, fd: int, start: int, progress: Progress
+) -> int:
+    """Write ``tensor`` at ``start``, one window at a time; returns its zip CRC-32."""
     crc = 0
-    for extent in source.manifest.extents[index]:  # in chunk order
-        buffer = bytearray(extent.length)
-        source.read_extent(extent, meta.key, memoryview(buffer))
+    position = start
+    for chunk in source.chunks(tensor):
+        buffer = byte_view(chunk)
         written = 0
         while written < len(buffer):
-            written += os.pwrite(
-                fd, memoryview(buffer)[written:], start + extent.chunk_offset + written
-            )
+            written += os.pwrite(fd, buffer[written:], position + written)
         crc = zlib.crc32(buffer, crc)
-        progress.advance(extent.length)
+        position += len(buffer)
+        progress.advance(len(buffer))
     return crc
 
 
-def _pair_items(tree: Any, loaded: Any) -> Iterator[tuple[ItemRef, Any]]:
-    """Each stored item of ``tree`` with the value at the same place in ``loaded``. Only the
+def _pair_items(tree: Any, loaded: Any) -> Iterator[tuple[StoredRef, Any]]:
+    """Each stored leaf of ``tree`` with the value at the same place in ``loaded``. Only the
     tree's structure is walked (an unpickled object may itself be a dict)."""
-    if isinstance(tree, ItemRef):
+    if isinstance(tree, (ItemRef, ShardedRef)):
         yield tree, loaded
     elif isinstance(tree, dict):
         for key, value in tree.items():

@@ -1,11 +1,14 @@
 """``diff``: two checkpoints compared key by key.
 
-Keys are the leaves of the two trees (stored items and plain values). For a tensor present on
-both sides with the same dtype and shape, both items are read (one per side at a time, checked
-against their CRC32Cs) and compared bit for bit; for the elements that differ, the largest
-absolute difference is computed in float64 (complex128 for complex tensors), a few million
-elements at a time so temporaries stay small. Pickled items are compared as bytes, never
-unpickled.
+Keys are the leaves of the two trees (stored items and plain values). Tensors are compared by
+their global value: a sharded tensor (saved from several ranks) is read back whole in C order,
+so a checkpoint saved sharded and one saved on a single rank compare as equal when their
+values are. For a tensor present on both sides with the same dtype and shape, both sides are
+streamed in step, one window of :data:`~._source.DEFAULT_WINDOW_BYTES` per side at a time
+(checked against their CRC32Cs), and compared bit for bit; for the elements that differ, the
+largest absolute difference is computed in float64 (complex128 for complex tensors), a few
+million elements at a time so temporaries stay small. Pickled items are compared as bytes,
+never unpickled.
 """
 
 from __future__ import annotations
@@ -16,10 +19,19 @@ from typing import Any
 
 import torch
 
-from .._tree import ItemRef, key_string
+from .._tree import ItemRef, ShardedRef, key_string
 from ..config import StorageConfig
 from ..format import KIND_PICKLE
-from ._source import KIND_OF_TAG, NoProgress, Progress, Source, leaves, opened
+from ._source import (
+    DEFAULT_WINDOW_BYTES,
+    KIND_OF_TAG,
+    NoProgress,
+    Progress,
+    Source,
+    is_tensor_ref,
+    leaves,
+    opened,
+)
 
 
 @dataclass(frozen=True)
@@ -106,43 +118,67 @@ def diff_checkpoints(
 
 
 def _compare_nbytes(left: Source, right: Source, x: Any, y: Any) -> int:
-    if not (isinstance(x, ItemRef) and isinstance(y, ItemRef)):
-        return 0
-    mx, my = left.manifest.items[x.index], right.manifest.items[y.index]
-    if (mx.kind, mx.dtype, mx.shape) != (my.kind, my.dtype, my.shape):
-        return 0
-    return mx.nbytes + my.nbytes
+    if is_tensor_ref(x) and is_tensor_ref(y):
+        tx, ty = left.tensor(x), right.tensor(y)
+        return tx.nbytes + ty.nbytes if (tx.dtype, tx.shape) == (ty.dtype, ty.shape) else 0
+    if isinstance(x, ItemRef) and isinstance(y, ItemRef) and x.tag == y.tag == "P":
+        return left.manifest.items[x.index].nbytes + right.manifest.items[y.index].nbytes
+    return 0
 
 
 def _diff_leaf(
     key: str, left: Source, right: Source, x: Any, y: Any, progress: Progress, chunk_numel: int
 ) -> Change | None:
-    if isinstance(x, ItemRef) != isinstance(y, ItemRef) or (
-        isinstance(x, ItemRef) and (x.tag == "P") != (y.tag == "P")
-    ):
-        return Change(key, "kind", f"{_describe(left, x)} -> {_describe(right, y)}")
-    if not isinstance(x, ItemRef):
-        if _same_value(x, y):
-            return None
-        return Change(key, "value", f"{_short(repr(x))} -> {_short(repr(y))}")
-    mx, my = left.manifest.items[x.index], right.manifest.items[y.index]
-    if mx.dtype != my.dtype:
-        return Change(key, "dtype", f"{mx.dtype} -> {my.dtype}")
-    if mx.shape != my.shape:
-        return Change(key, "shape", f"{list(mx.shape or ())} -> {list(my.shape or ())}")
-    tx, ty = left.read_item(x.index, progress), right.read_item(y.index, progress)
-    if isinstance(tx, bytes) or isinstance(ty, bytes):
-        return None if tx == ty else Change(key, "pickle", "pickled bytes differ")
-    numel, max_diff = _tensor_difference(tx, ty, chunk_numel)
+    if is_tensor_ref(x) and is_tensor_ref(y):
+        return _diff_tensors(key, left, right, x, y, progress, chunk_numel)
+    stored_x, stored_y = isinstance(x, (ItemRef, ShardedRef)), isinstance(y, (ItemRef, ShardedRef))
+    if stored_x or stored_y:
+        if not (isinstance(x, ItemRef) and isinstance(y, ItemRef) and x.tag == y.tag == "P"):
+            return Change(key, "kind", f"{_describe(left, x)} -> {_describe(right, y)}")
+        px, py = left.read_item(x.index, progress), right.read_item(y.index, progress)
+        return None if px == py else Change(key, "pickle", "pickled bytes differ")
+    if _same_value(x, y):
+        return None
+    return Change(key, "value", f"{_short(repr(x))} -> {_short(repr(y))}")
+
+
+def _diff_tensors(
+    key: str, left: Source, right: Source, x: Any, y: Any, progress: Progress, chunk_numel: int
+) -> Change | None:
+    """Two tensors (either may be sharded), compared by value, one window per side at a time."""
+    tx, ty = left.tensor(x), right.tensor(y)
+    if tx.dtype != ty.dtype:
+        return Change(key, "dtype", f"{_dtype(tx.dtype)} -> {_dtype(ty.dtype)}")
+    if tx.shape != ty.shape:
+        return Change(key, "shape", f"{list(tx.shape)} -> {list(ty.shape)}")
+    numel, max_diff = 0, 0.0
+    pairs = zip(
+        left.chunks(tx, DEFAULT_WINDOW_BYTES), right.chunks(ty, DEFAULT_WINDOW_BYTES), strict=True
+    )
+    for cx, cy in pairs:
+        progress.advance(2 * cx.numel() * cx.element_size())
+        if torch.equal(cx.view(torch.uint8), cy.view(torch.uint8)):  # no temporaries
+            continue
+        n, worst = _tensor_difference(cx, cy, chunk_numel)
+        numel += n
+        if n:
+            max_diff = worst if math.isnan(worst) or math.isnan(max_diff) else max(max_diff, worst)
     if numel == 0:
         return None
     return Change(
-        key, "values", f"{numel} of {tx.numel()} elements differ, max |a-b| = {max_diff:.6g}",
+        key, "values", f"{numel} of {tx.numel} elements differ, max |a-b| = {max_diff:.6g}",
         numel_changed=numel, max_abs_diff=max_diff,
     )
 
 
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _describe(source: Source, leaf: Any) -> str:
+    if isinstance(leaf, ShardedRef):
+        tensor = source.tensor(leaf)
+        return f"sharded tensor {_dtype(tensor.dtype)} {list(tensor.shape)}"
     if isinstance(leaf, ItemRef):
         meta = source.manifest.items[leaf.index]
         if meta.kind == KIND_PICKLE:

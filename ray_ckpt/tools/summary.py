@@ -1,13 +1,26 @@
-"""``inspect``: what a checkpoint holds, from its manifest alone (no tensor data is read)."""
+"""``inspect``: what a checkpoint holds, from its manifest alone (no tensor data is read).
+
+A sharded tensor (saved from several ranks as DTensor or ShardedTensor shards) is one leaf with
+its global shape and total bytes; ``shards`` lists where each shard sits in it."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .._tree import ItemRef, key_string
+from .._tree import ItemRef, ShardedRef, key_string
 from ..config import StorageConfig
+from ..format import Manifest
 from ._source import KIND_OF_TAG, leaves, open_checkpoint
+
+
+@dataclass(frozen=True)
+class ShardSummary:
+    """One shard of a sharded tensor: its box in the global tensor, and the rank that wrote it."""
+
+    offset: tuple[int, ...]
+    shape: tuple[int, ...]
+    rank: int
 
 
 @dataclass(frozen=True)
@@ -23,6 +36,7 @@ class LeafSummary:
     files: tuple[str, ...]
     value: str | None = None  # repr of a plain value (truncated)
     tied_to: str | None = None  # key of the first leaf holding the same stored item
+    shards: tuple[ShardSummary, ...] = ()  # a sharded tensor's shards (shape is the global one)
 
 
 @dataclass(frozen=True)
@@ -55,15 +69,20 @@ class CheckpointSummary:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (what ``ray-ckpt inspect --json`` prints)."""
         doc = asdict(self)
-        doc["leaves"] = [
-            {k: (list(v) if isinstance(v, tuple) else v) for k, v in leaf.items()}
-            for leaf in doc["leaves"]
-        ]
+        doc["leaves"] = [_listed(leaf) for leaf in doc["leaves"]]
         doc["tensor_count"] = len(self.tensors)
         doc["tensor_nbytes"] = self.tensor_nbytes
         doc["files_nbytes"] = self.files_nbytes
         return doc
 
+
+def _listed(value: Any) -> Any:
+    """``value`` with every tuple made a list, for JSON."""
+    if isinstance(value, dict):
+        return {k: _listed(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_listed(v) for v in value]
+    return value
 
 
 def inspect_checkpoint(
@@ -92,6 +111,8 @@ def inspect_checkpoint(
                 tied_to=first_key.get(leaf.index),
             ))
             first_key.setdefault(leaf.index, key)
+        elif isinstance(leaf, ShardedRef):
+            rows.append(_sharded_summary(key, leaf, manifest))
         else:
             text = repr(leaf)
             rows.append(LeafSummary(
@@ -108,4 +129,22 @@ def inspect_checkpoint(
         leaves=rows,
         data_files={f: info.file_sizes[f] for f in manifest.files},
         manifest_nbytes=info.marker.manifest_nbytes,
+    )
+
+
+def _sharded_summary(key: str, ref: ShardedRef, manifest: Manifest) -> LeafSummary:
+    metas = [manifest.items[i] for i in ref.indices]
+    extents = [e for i in ref.indices for e in manifest.extents[i]]
+    shards = sorted((
+        ShardSummary(
+            offset=m.global_offset or (0,) * len(m.shape or ()),
+            shape=m.shape or (),
+            rank=manifest.extents[m.item][0].rank,
+        )
+        for m in metas
+    ), key=lambda shard: shard.offset)
+    return LeafSummary(
+        key=key, kind="tensor", dtype=metas[0].dtype, shape=ref.global_shape,
+        nbytes=sum(m.nbytes for m in metas), extents=len(extents),
+        files=tuple(sorted({e.file for e in extents})), shards=tuple(shards),
     )
