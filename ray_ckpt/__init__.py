@@ -39,15 +39,18 @@ from .errors import (
 from .futures import CheckpointFuture
 from .manager import CheckpointManager
 from .reader import CheckpointInfo, CheckpointReader
+from .sharding import ShardedTensor
 from .stager import CheckpointStager, DefaultStager
 from .tools import (
     CheckpointSummary,
     DiffReport,
     ExportResult,
+    ImportResult,
     Problem,
     VerifyReport,
     diff_checkpoints,
     export_checkpoint,
+    import_checkpoint,
     inspect_checkpoint,
     verify,
 )
@@ -82,6 +85,7 @@ __all__ = [
     "DiffReport",
     "ExportResult",
     "FormatVersionError",
+    "ImportResult",
     "IncompleteCheckpointError",
     "MissingKeysError",
     "PickleNotAllowedError",
@@ -89,6 +93,7 @@ __all__ = [
     "RankInfo",
     "STATE_DICT",
     "SaveResult",
+    "ShardedTensor",
     "StageStats",
     "StateDictMismatchError",
     "StorageConfig",
@@ -101,6 +106,7 @@ __all__ = [
     "delete_checkpoint",
     "diff_checkpoints",
     "export_checkpoint",
+    "import_checkpoint",
     "inspect_checkpoint",
     "list_checkpoints",
     "make_async_checkpointer",

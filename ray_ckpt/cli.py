@@ -36,6 +36,7 @@ from .tools import (
     VerifyReport,
     diff_checkpoints,
     export_checkpoint,
+    import_checkpoint,
     inspect_checkpoint,
     verify,
 )
@@ -182,9 +183,10 @@ def print_summary(summary: CheckpointSummary, out: TextIO) -> None:
         f"{_when(summary.created_unix)}, world size {summary.world_size}{view}",
         file=out,
     )
-    rows = [["KEY", "KIND", "DTYPE", "SHAPE / VALUE", "SIZE"]]
-    rows += [_leaf_row(leaf) for leaf in summary.leaves]
-    _table(rows, out, right=(4,))
+    sharded = any(leaf.shards for leaf in summary.leaves)
+    rows = [["KEY", "KIND", "DTYPE", "SHAPE / VALUE", "SIZE", *(["SHARDS"] if sharded else [])]]
+    rows += [_leaf_row(leaf, sharded) for leaf in summary.leaves]
+    _table(rows, out, right=(4, 5))
     values = len(summary.leaves) - len(summary.tensors)
     ranks = (
         f" (all ranks: {human_bytes(summary.total_nbytes)})"
@@ -198,12 +200,15 @@ def print_summary(summary: CheckpointSummary, out: TextIO) -> None:
     )
 
 
-def _leaf_row(leaf: LeafSummary) -> list[str]:
+def _leaf_row(leaf: LeafSummary, sharded: bool) -> list[str]:
+    """A table row; with ``sharded``, a last column with the number of shards of each sharded
+    tensor (its SHAPE is the global shape, its SIZE the bytes of all its shards)."""
+    shards = [str(len(leaf.shards)) if leaf.shards else ""] if sharded else []
     if leaf.kind == "value":
-        return [leaf.key, "value", leaf.dtype or "", leaf.value or "", ""]
+        return [leaf.key, "value", leaf.dtype or "", leaf.value or "", "", *shards]
     shape = "" if leaf.shape is None else str(list(leaf.shape))
     size = f"= {leaf.tied_to}" if leaf.tied_to else human_bytes(leaf.nbytes)
-    return [leaf.key, leaf.kind, leaf.dtype or "", shape, size]
+    return [leaf.key, leaf.kind, leaf.dtype or "", shape, size, *shards]
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -320,6 +325,19 @@ def _export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _import(args: argparse.Namespace) -> int:
+    result = import_checkpoint(
+        args.src, args.dest, under=args.under, overwrite=args.overwrite,
+        allow_pickle=args.allow_pickle,
+    )
+    if not args.quiet:
+        print(
+            f"imported {result.tensors} tensors ({human_bytes(result.nbytes)}) from "
+            f"{result.source} ({result.format}, {len(result.files)} file(s)) to {result.path}"
+        )
+    return EXIT_OK
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run
 
@@ -376,8 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log what ray_ckpt does (INFO), with tracebacks on errors")
     parser = argparse.ArgumentParser(
         prog="ray-ckpt", parents=[common],
-        description="Ray-native checkpointing for PyTorch: inspect, verify, list, compare and "
-        "export checkpoints. PATH and ROOT may be local paths or URIs (s3://, gs://, "
+        description="Ray-native checkpointing for PyTorch: inspect, verify, list, compare, "
+        "export and import checkpoints. PATH and ROOT may be local paths or URIs (s3://, gs://, "
         "file://). Exit status: 0 success, 1 bad checkpoint or failure, 2 usage error.",
         epilog="Run 'ray-ckpt COMMAND --help' for a command's options and examples.",
     )
@@ -386,7 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, common, "inspect", _inspect,
                  "keys, dtypes, shapes and sizes of a checkpoint (reads no tensor data)",
                  "Print every key of a committed checkpoint with its kind, dtype, shape (or "
-                 "value) and size, and the totals, read from the manifest alone.",
+                 "value) and size, and the totals, read from the manifest alone. A sharded "
+                 "tensor (DTensor shards saved by several ranks) is one key with its global "
+                 "shape and its number of shards; --json lists each shard's box.",
                  "  ray-ckpt inspect /tmp/run/step-100\n"
                  "  ray-ckpt inspect s3://bucket/run/step-100 --json | jq '.leaves[].key'\n")
     p.add_argument("path", metavar="PATH", help="checkpoint directory")
@@ -418,7 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
                  "keys added, removed and changed between two checkpoints",
                  "Compare checkpoint B with checkpoint A key by key: keys only in B (+), only "
                  "in A (-), and changed (~) with the number of elements that differ and the "
-                 "largest absolute difference. Reads one tensor per side at a time.",
+                 "largest absolute difference. Sharded tensors compare by their global value "
+                 "(a sharded and an unsharded save of one model are equal). Streams one "
+                 "window of each tensor per side at a time.",
                  "  ray-ckpt diff /tmp/run/step-100 /tmp/run/step-200\n"
                  "  ray-ckpt diff A B --exit-code >/dev/null && echo identical\n")
     p.add_argument("a", metavar="A", help="the old checkpoint")
@@ -434,7 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "one file for torch.load (structure and plain values kept). --to safetensors "
                  "writes OUT/model.safetensors, or shards model-0000k-of-0000n.safetensors "
                  "plus model.safetensors.index.json when larger than --max-shard-size (the "
-                 "Hugging Face layout); non-tensor values are skipped.",
+                 "Hugging Face layout); non-tensor values are skipped. Sharded tensors are "
+                 "consolidated into one full tensor each.",
                  "  ray-ckpt export /tmp/run/step-100 --to torch model.pt\n"
                  "  ray-ckpt export /tmp/run/step-100 --to safetensors --only model hf-model/\n")
     p.add_argument("path", metavar="PATH", help="checkpoint directory")
@@ -449,6 +472,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch: export pickled objects too (unpickles them: trusted files only)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export")
     _rank_option(p)
+
+    p = _command(sub, common, "import", _import,
+                 "save a torch.save file or safetensors model as a checkpoint",
+                 "Import SRC, a torch.save file, a .safetensors file, or a Hugging Face model "
+                 "directory (model.safetensors, or model.safetensors.index.json and its "
+                 "shards), as the checkpoint DEST (a local path or a URI). Tensors are memory-"
+                 "mapped, not read into memory, and saved through a checkpointer on a local "
+                 "Ray (or the cluster in RAY_ADDRESS). torch files are loaded weights-only: "
+                 "one holding arbitrary objects is refused. safetensors names stay flat keys "
+                 "(model.layers.0.weight).",
+                 "  ray-ckpt import model.pt /tmp/run/step-0\n"
+                 "  ray-ckpt import hf-model/ s3://bucket/base --under model\n")
+    p.add_argument("src", metavar="SRC", help="torch.save file, .safetensors file or model dir")
+    p.add_argument("dest", metavar="DEST", help="checkpoint directory to write")
+    p.add_argument("--under", metavar="KEY",
+                   help="put the imported state under this key (e.g. model)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="store values ray_ckpt keeps only as pickle (loading needs it too)")
+    p.add_argument("--overwrite", action="store_true", help="replace a committed DEST")
 
     p = _command(sub, common, "demo", _demo,
                  "save, load and verify a model-plus-optimizer state on a local Ray",

@@ -442,7 +442,7 @@ def test_errors_are_one_line_with_exit_status_1_or_2(capsys, run_root, tmp_path)
 
 
 def test_every_command_has_help_with_an_example(capsys):
-    for command in ("inspect", "verify", "ls", "diff", "export", "demo", "bench"):
+    for command in ("inspect", "verify", "ls", "diff", "export", "import", "demo", "bench"):
         rc, out, _ = run(capsys, command, "--help")
         assert rc == 0 and "examples:\n  ray-ckpt " + command in out, command
 
