@@ -25,6 +25,7 @@ a tree can name a class, a function or a file.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 from collections import OrderedDict
@@ -49,8 +50,13 @@ class Leaf:
     key: str
     value: Any
     kind: str  # "tensor" or "pickle"
-    path_id: str  # the key path as canonical JSON: unique, unlike the dotted ``key``
+    path: tuple[Any, ...]  # the keys leading to it
     shard: ShardInfo | None = None  # set for the local shard of a DTensor or ShardedTensor
+
+    @functools.cached_property
+    def path_id(self) -> str:
+        """The key path as canonical JSON: unique, unlike the dotted ``key``."""
+        return path_id(self.path)
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,7 @@ class ItemRef:
 
 def key_string(path: Iterable[Any]) -> str:
     """The readable, dotted form of a key path, as shown in the manifest and in errors."""
-    return ".".join(str(p) for p in path)
+    return ".".join(map(str, path))
 
 
 class _Flattener:
@@ -82,16 +88,18 @@ class _Flattener:
         self._stack: set[int] = set()
 
     def encode(self, value: Any, path: tuple[Any, ...]) -> Any:
+        if isinstance(value, torch.Tensor):  # the common leaf first
+            if is_dtensor(value):
+                return self._sharded(value, path)
+            return {"T": self._tensor(value, path)}
         if value is None or isinstance(value, (bool, str)):
             return value
         if isinstance(value, int):
             return int(value)
         if isinstance(value, float):
             return float(value) if math.isfinite(value) else {"f": repr(float(value))}
-        if isinstance(value, ShardedTensor) or is_dtensor(value):
+        if isinstance(value, ShardedTensor):
             return self._sharded(value, path)
-        if isinstance(value, torch.Tensor):
-            return {"T": self._tensor(value, path)}
         if isinstance(value, np.ndarray):
             return {"N": self._tensor(_numpy_as_tensor(value, path), path)}
         if isinstance(value, (np.integer, np.floating, np.bool_)):
@@ -138,7 +146,7 @@ class _Flattener:
         if known is not None:
             return known
         index = len(self.leaves)
-        self.leaves.append(Leaf(index, key_string(path), tensor, "tensor", path_id(path)))
+        self.leaves.append(Leaf(index, key_string(path), tensor, "tensor", path))
         self._tensor_items[id(tensor)] = index
         return index
 
@@ -151,7 +159,7 @@ class _Flattener:
             local, info = dtensor_box(value, key=key)
         _check_tensor(local, path)
         index = len(self.leaves)
-        self.leaves.append(Leaf(index, key, local, "tensor", path_id(path), info))
+        self.leaves.append(Leaf(index, key, local, "tensor", path, info))
         return {"D": {"i": [index], "g": list(info.global_shape)}}
 
     def _pickled(self, value: Any, path: tuple[Any, ...]) -> Any:
@@ -162,7 +170,7 @@ class _Flattener:
                 "convert it to tensors, numbers, strings, bytes, lists, tuples and dicts."
             )
         index = len(self.leaves)
-        self.leaves.append(Leaf(index, key_string(path), value, "pickle", path_id(path)))
+        self.leaves.append(Leaf(index, key_string(path), value, "pickle", path))
         return {"P": index}
 
 
@@ -211,6 +219,15 @@ def _encode_key(key: Any, path: tuple[Any, ...]) -> Any:
 
 
 def _check_tensor(tensor: torch.Tensor, path: tuple[Any, ...]) -> None:
+    kind = type(tensor)
+    if (
+        (kind is torch.Tensor or kind is torch.nn.Parameter)
+        and tensor.layout == torch.strided
+        and not tensor.is_quantized
+        and not tensor.is_nested
+        and not tensor.is_meta
+    ):
+        return  # the common case, checked without building the key string
     key = key_string(path)
     if tensor.layout != torch.strided:
         raise UnsupportedValueError(

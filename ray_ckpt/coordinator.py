@@ -65,7 +65,7 @@ from .format import (
 )
 from .futures import CheckpointFuture, unwrap_ray_error
 from .sharding import overlap
-from .stager import CheckpointStager, StagingPlan
+from .stager import CheckpointStager, StagingPlan, byte_view
 from .storage import Storage
 from .types import RankInfo
 from .writer import ShardResult, WriterHook, WriterPool
@@ -297,7 +297,7 @@ class Coordinator:
         verify = self._config.staging_config.verify_replicas
         out: dict[int, tuple[str, int, int | None]] = {}
         for item, replica in plan.replicas.items():
-            raw = plan.host_bytes[item]
+            raw = byte_view(plan.host_bytes[item])
             crc = crc32c(memoryview(raw)) if verify and isinstance(raw, np.ndarray) else None
             out[item] = (replica.path_id, replica.owner, crc)
         return out

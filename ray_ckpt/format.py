@@ -58,8 +58,11 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
+_DTYPE_NAMES = {d: name for name, d in DTYPES.items()}
+
+
 def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+    return _DTYPE_NAMES.get(dtype) or str(dtype).removeprefix("torch.")
 
 
 def dtype_from_name(name: str, *, where: str) -> torch.dtype:

@@ -15,6 +15,7 @@ that the overlap does not span whole.
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -72,12 +73,21 @@ def check_box(offset: tuple[int, ...], shape: tuple[int, ...], global_shape: tup
             )
 
 
-def is_dtensor(value: Any) -> bool:
+@functools.cache
+def _dtensor_type() -> type | None:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch built without distributed
+        return None
+    return DTensor
+
+
+def is_dtensor(value: Any) -> bool:
+    kind = type(value)
+    if kind is torch.Tensor or kind is torch.nn.Parameter:
         return False
-    return isinstance(value, DTensor)
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(value, dtensor)
 
 
 def dtensor_box(tensor: Any, *, key: str) -> tuple[torch.Tensor, ShardInfo]:

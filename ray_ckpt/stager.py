@@ -37,6 +37,7 @@ from ._tree import Leaf, flatten
 from .config import CheckpointStagerConfig
 from .errors import UnsupportedValueError
 from .format import (
+    ALIGNMENT,
     HEADER_SIZE,
     KIND_PICKLE,
     KIND_TENSOR,
@@ -91,6 +92,8 @@ class _Source:
     parts: list[tuple[int, int, int]]
     nbytes: int
     is_pack: bool
+    # a pack: its groups, (start in pack, leaf indices) of items of one dtype laid back to back
+    groups: list[tuple[int, list[int]]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -235,43 +238,46 @@ class DefaultStager(CheckpointStager):
         return replicas
 
     def _layout(self, items: list[ItemMeta]) -> list[list[_Source]]:
-        """Assign every item's bytes to arrays and arrays to buckets of ``bucket_size_bytes``."""
+        """Assign every item's bytes to arrays and arrays to buckets of ``bucket_size_bytes``.
+
+        Small items go to the bucket's pack, grouped by dtype: a group starts at a 64-byte
+        aligned offset and holds its items back to back (each at a multiple of its itemsize),
+        so that a group is staged with one ``torch.cat``. Larger items are chunks of their own.
+        """
         limit = self._config.bucket_size_bytes
         small = self._config.pack_threshold_bytes
         buckets: list[list[_Source]] = []
-        current: list[_Source] = []
-        current_bytes = 0
-        pack: _Source | None = None
+        chunks: list[_Source] = []
+        groups: dict[str, list[ItemMeta]] = {}
+        used = 0
 
         def close_bucket() -> None:
-            nonlocal current, current_bytes, pack
-            if current:
-                buckets.append(current)
-            current, current_bytes, pack = [], 0, None
+            nonlocal chunks, groups, used
+            if groups:
+                chunks.insert(0, _pack(groups))
+            if chunks:
+                buckets.append(chunks)
+            chunks, groups, used = [], {}, 0
 
         for meta in items:
             if meta.nbytes <= small:
-                used = align(pack.nbytes) if pack is not None else 0
-                growth = align(used + meta.nbytes) - used
-                if current and current_bytes + growth > limit:
+                group = meta.dtype or "bytes"
+                needed = meta.nbytes + (0 if group in groups else ALIGNMENT)
+                if (chunks or groups) and used + needed > limit:
                     close_bucket()
-                    used, growth = 0, align(meta.nbytes)
-                if pack is None:
-                    pack = _Source(parts=[], nbytes=0, is_pack=True)
-                    current.insert(0, pack)
-                pack.parts.append((meta.item, used, meta.nbytes))
-                pack.nbytes = used + meta.nbytes
-                current_bytes += growth
+                    needed = meta.nbytes + ALIGNMENT
+                groups.setdefault(group, []).append(meta)
+                used += needed
                 continue
             done = 0
             while done < meta.nbytes:
-                room = limit - current_bytes
+                room = limit - used
                 if room <= 0 or room < min(limit // 4, meta.nbytes - done):
                     close_bucket()
                     room = limit
                 length = min(room, meta.nbytes - done)
-                current.append(_Source(parts=[(meta.item, done, length)], nbytes=length, is_pack=False))
-                current_bytes += align(length)
+                chunks.append(_Source(parts=[(meta.item, done, length)], nbytes=length, is_pack=False))
+                used += align(length)
                 done += length
         close_bucket()
         return buckets
@@ -289,10 +295,13 @@ class DefaultStager(CheckpointStager):
     def _cpu_array(self, plan: StagingPlan, src: _Source) -> np.ndarray:
         if not src.is_pack:
             ((leaf, start, length),) = src.parts
-            return _as_numpy(plan.host_bytes[leaf])[start : start + length]
+            return byte_view(plan.host_bytes[leaf])[start : start + length]
+        if len(src.groups) == 1:
+            return _group_bytes([plan.host_bytes[i] for i in src.groups[0][1]])
         pack = np.zeros(src.nbytes, dtype=np.uint8)
-        for leaf, start, length in src.parts:
-            pack[start : start + length] = _as_numpy(plan.host_bytes[leaf])
+        for start, leaves in src.groups:
+            data = _group_bytes([plan.host_bytes[i] for i in leaves])
+            pack[start : start + data.nbytes] = data
         return pack
 
     def _via_pinned(self, plan: StagingPlan, sources: list[_Source]) -> list[np.ndarray]:
@@ -311,7 +320,7 @@ class DefaultStager(CheckpointStager):
                 if src.is_pack:
                     region.zero_()
                 for leaf, start, length in src.parts:
-                    raw = plan.host_bytes[leaf]
+                    raw = byte_view(plan.host_bytes[leaf])
                     if src.is_pack:
                         target, source_range = region[start : start + length], slice(0, length)
                     else:
@@ -365,13 +374,16 @@ def _describe(leaf: Leaf) -> tuple[ItemMeta, torch.Tensor | np.ndarray]:
             ) from None
         meta = ItemMeta(leaf.index, leaf.key, KIND_PICKLE, None, None, None, raw.nbytes)
         return meta, raw
-    tensor: torch.Tensor = leaf.value.detach()
-    if tensor.is_conj():
-        tensor = tensor.resolve_conj()
-    if tensor.is_neg():
-        tensor = tensor.resolve_neg()
-    if not tensor.is_contiguous() or tensor.reshape(-1).stride(0) != 1:
-        # a tensor of 0 or 1 elements counts as contiguous whatever its strides (x[::2] of two)
+    tensor: torch.Tensor = leaf.value
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    if tensor.is_conj() or tensor.is_neg():
+        tensor = tensor.resolve_conj().resolve_neg()
+    numel = tensor.numel()
+    if numel == 0:  # "contiguous" with any strides (x[1::2] of one element): no bytes
+        tensor = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+    elif not tensor.is_contiguous() or (numel == 1 and tensor.reshape(-1).stride(0) != 1):
+        # a one-element tensor counts as contiguous whatever its strides (x[::2] of two)
         try:
             tensor = tensor.clone(memory_format=torch.contiguous_format)
         except RuntimeError as e:  # no copy kernel: sub-byte dtypes (int4, uint3, ...)
@@ -379,29 +391,53 @@ def _describe(leaf: Leaf) -> tuple[ItemMeta, torch.Tensor | np.ndarray]:
                 f"key {leaf.key!r}: a non-contiguous {dtype_name(tensor.dtype)} tensor cannot be "
                 f"made contiguous ({e}); save a contiguous one"
             ) from None
-    raw_tensor = tensor.reshape(-1).view(torch.uint8)
     meta = ItemMeta(
         item=leaf.index,
         key=leaf.key,
         kind=KIND_TENSOR,
         dtype=dtype_name(tensor.dtype),
         shape=tuple(tensor.shape),
-        device=str(tensor.device),
-        nbytes=raw_tensor.numel(),
+        device="cpu" if tensor.is_cpu else str(tensor.device),
+        nbytes=numel * tensor.element_size(),
         global_shape=leaf.shard.global_shape if leaf.shard else None,
         global_offset=leaf.shard.global_offset if leaf.shard else None,
     )
-    if tensor.device.type == "cpu":
-        return meta, raw_tensor.numpy()
-    return meta, raw_tensor
+    return meta, tensor
+
+
+def _pack(groups: dict[str, list[ItemMeta]]) -> _Source:
+    parts: list[tuple[int, int, int]] = []
+    spans: list[tuple[int, list[int]]] = []
+    position = 0
+    for metas in groups.values():
+        position = align(position)
+        spans.append((position, [m.item for m in metas]))
+        for meta in metas:
+            parts.append((meta.item, position, meta.nbytes))
+            position += meta.nbytes
+    return _Source(parts=parts, nbytes=position, is_pack=True, groups=spans)
+
+
+def byte_view(raw: torch.Tensor | np.ndarray) -> Any:
+    """A flat uint8 view of a staged value: numpy on the CPU, a tensor on a device."""
+    if isinstance(raw, np.ndarray):
+        return raw
+    flat = raw.reshape(-1).view(torch.uint8)
+    return flat.numpy() if raw.is_cpu else flat
+
+
+def _group_bytes(values: list[torch.Tensor | np.ndarray]) -> np.ndarray:
+    """The bytes of CPU values of one dtype, back to back: one copy for the whole group."""
+    if isinstance(values[0], np.ndarray):
+        return np.concatenate(values)  # type: ignore[arg-type]
+    try:
+        return torch.cat([t.reshape(-1) for t in values]).view(torch.uint8).numpy()
+    except (RuntimeError, NotImplementedError):  # dtypes without a cat kernel (uint3, ...)
+        return np.concatenate([byte_view(t) for t in values])
 
 
 def _under_any(key: str, prefixes: tuple[str, ...]) -> bool:
     return any(p == "" or key == p or key.startswith(p + ".") for p in prefixes)
-
-
-def _as_numpy(raw: torch.Tensor | np.ndarray) -> np.ndarray:
-    return raw if isinstance(raw, np.ndarray) else raw.numpy()
 
 
 def _bucket_layout(seq: int, file: str, sources: list[_Source]) -> BucketLayout:
