@@ -294,6 +294,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(os.cpu_count() or 1)
         for spec in specs(args):
             results["state_dicts"].append(run_state_dict(spec, args, checkpointers, scratch))
+            _save_partial(results, args.out)
             gc.collect()
         for ckptr in checkpointers.values():
             ckptr.close()
@@ -325,6 +326,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def _save_partial(results: dict[str, Any], out: str) -> None:
+    """What is measured so far, in case a long run dies later (removed when it finishes)."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.partial.json"), "w") as f:
+        json.dump(results, f, indent=1, default=str)
+
+
 def save_results(results: dict[str, Any], out: str, *, plot: bool) -> str:
     os.makedirs(out, exist_ok=True)
     text = report.markdown(results)
@@ -334,6 +342,9 @@ def save_results(results: dict[str, Any], out: str, *, plot: bool) -> str:
         json.dump(results, f, indent=1, default=str)
     if plot:
         report.plot(results, os.path.join(out, "results.png"))
+    partial = os.path.join(out, "results.partial.json")
+    if os.path.exists(partial):
+        os.unlink(partial)
     return text
 
 

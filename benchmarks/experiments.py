@@ -14,8 +14,10 @@ lean on internals of the commit they were written against (``CheckpointReader._r
   slice so the disk starts writing while the rest of the bucket is copied, and ``fsync`` finds
   less to do. Compared with the current writer, both in writer actors of their own (custom
   pools), A/B alternated, async save → total time.
-* **E2 cold**: the stall of the first async save on a fresh object store, and of the second,
-  with and without ``RAY_preallocate_plasma_memory=1`` (Ray touches the store's pages at start).
+* **E2 cold**: the stall of the first three async saves on a fresh object store: as is; with
+  ``RAY_preallocate_plasma_memory=1`` (Ray allocates the store's pages at start); and after
+  the driver has put and freed as many bytes as the state once (it faults the pages into its
+  own mapping, which a checkpointer could do in the background when it is created).
 * **E3 reader**: read in 1 MiB slices and checksum each slice as it lands (cache-hot); read runs
   of small adjacent extents with one ``preadv`` (their alignment gaps into a scratch buffer);
   hand each of the ``io_threads`` threads one list of work instead of one task per extent.
@@ -178,13 +180,25 @@ def experiment_writer(args: argparse.Namespace) -> None:
 # --- E2: the first stall ----------------------------------------------------------------------
 
 
-def _cold_child(size: str) -> None:
+def prefault_object_store(nbytes: int, piece: int = 64 * MiB) -> float:
+    """Touch ``nbytes`` of this node's object store from this process, then free it: the
+    pages stay mapped, so the next puts run at warm speed. Returns the seconds it took."""
+    start = time.perf_counter()
+    zeros = np.zeros(piece, dtype=np.uint8)
+    refs = [ray.put([zeros]) for _ in range(max(1, nbytes // piece))]
+    del refs
+    return time.perf_counter() - start
+
+
+def _cold_child(size: str, prefault: bool) -> None:
     import ray_ckpt
 
     ray.init(address="local", num_cpus=2, object_store_memory=parse_size("3g"),
              include_dashboard=False, log_to_driver=False)
     try:
         state = transformer_state(parse_size(size))
+        if prefault:
+            print(f"PREFAULT {prefault_object_store(nbytes_of(state)):.3f}")
         scratch = tempfile.mkdtemp(prefix="ray_ckpt_exp_")
         with ray_ckpt.make_async_checkpointer() as ckptr:
             stalls = []
@@ -204,16 +218,16 @@ def _cold_child(size: str) -> None:
 
 def experiment_cold(args: argparse.Namespace) -> None:
     print(f"E2 cold store: async stall of saves 1, 2, 3 of a {args.size} state on a fresh Ray")
-    for env_value in ("0", "1"):
+    for env_value, prefault in (("0", False), ("1", False), ("0", True)):
         env = dict(os.environ, RAY_preallocate_plasma_memory=env_value)
-        start = time.perf_counter()
-        out = subprocess.run(
-            [sys.executable, "-m", "benchmarks.experiments", "_cold_child", "--size", args.size],
-            env=env, capture_output=True, text=True, check=True,
-        ).stdout
+        command = [sys.executable, "-m", "benchmarks.experiments", "_cold_child", "--size",
+                   args.size] + (["--prefault"] if prefault else [])
+        out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
         line = next((x for x in out.splitlines() if x.startswith("STALLS")), "STALLS ?")
-        print(f"  RAY_preallocate_plasma_memory={env_value}: stalls {line[7:]} s "
-              f"(whole child run {time.perf_counter() - start:.0f}s, Ray start included)")
+        touched = next((x[9:] for x in out.splitlines() if x.startswith("PREFAULT")), None)
+        how = (f"prefault from the driver first ({touched}s, off the critical path)" if prefault
+               else f"RAY_preallocate_plasma_memory={env_value}")
+        print(f"  {how}: stalls {line[7:]} s")
 
 
 # --- E3: the reader ---------------------------------------------------------------------------
@@ -223,13 +237,16 @@ COALESCE_GAP = 4096
 
 
 def make_fast_reader(config: Any) -> Any:
+    """A CheckpointReader whose ``_execute`` (the step that reads the planned byte ranges)
+    reads big ranges in slices checksummed as they land, small adjacent ones with one
+    ``preadv``, and gives each thread one list of work."""
     from ray_ckpt._checksum import crc32c
     from ray_ckpt.errors import CorruptCheckpointError
     from ray_ckpt.format import HEADER_SIZE, check_header
     from ray_ckpt.reader import CheckpointReader
 
     class FastReader(CheckpointReader):
-        def _run(self, info: Any, jobs: list[tuple[Any, Any, Any]]) -> None:
+        def _execute(self, info: Any, jobs: list[Any], stats: Any) -> None:
             verify = self._config.verify_checksums
             tasks = _plan_reads(jobs)
             threads = min(self._config.io_threads, max(1, len(tasks)))
@@ -239,70 +256,59 @@ def make_fast_reader(config: Any) -> Any:
                 i = loads.index(min(loads))
                 shares[i].append(task)
                 loads[i] += task[0]
-            with info.storage.reader() as files:
-                for file in {job[0].file for job in jobs}:
+            files = sorted({job[0].file for job in jobs})
+            fds = {f: os.open(info.storage._join(f), os.O_RDONLY) for f in files}
+            try:
+                for file, fd in fds.items():
                     raw = bytearray(HEADER_SIZE)
-                    files.read_into(file, 0, memoryview(raw))
-                    check_header(bytes(raw), file=f"{info.storage.display}/{file}",
-                                 checkpoint_id=info.manifest.checkpoint_id)
-                fds: dict[str, int] = {}
+                    os.preadv(fd, [raw], 0)
+                    check_header(bytes(raw), file=f"{info.storage.display}/{file}")
 
-                def fd_of(file: str) -> int:
-                    if file not in fds:
-                        fds[file] = os.open(info.storage._join(file), os.O_RDONLY)
-                    return fds[file]
+                def fill(fd: int, iov: list[memoryview], offset: int) -> None:
+                    want = sum(len(b) for b in iov)
+                    got = 0
+                    while got < want:  # a short read is finished buffer by buffer
+                        n = os.preadv(fd, _skip(iov, got), offset + got)
+                        if n == 0:
+                            raise CorruptCheckpointError("data file truncated")
+                        got += n
 
-                for file in {job[0].file for job in jobs}:
-                    fd_of(file)
+                def check(extent: Any, value: int, meta: Any) -> None:
+                    if value != extent.checksum:
+                        raise CorruptCheckpointError(f"checksum mismatch: {meta.key}")
 
                 def run_share(share: list[Any]) -> None:
                     for _, kind, payload in share:
                         if kind == "big":
-                            extent, dest, meta = payload
-                            view = memoryview(dest).cast("B")
+                            extent, start, length, dest, meta = payload
+                            whole = verify and start == 0 and length == extent.length
+                            whole = whole and extent.checksum is not None
                             value = 0
-                            fd = fds[extent.file]
-                            for a in range(0, len(view), READ_SLICE):
-                                piece = view[a : a + READ_SLICE]
-                                got = 0
-                                while got < len(piece):
-                                    n = os.preadv(fd, [piece[got:]], extent.offset + a + got)
-                                    if n == 0:
-                                        raise CorruptCheckpointError(f"{extent.file} truncated")
-                                    got += n
-                                if verify and extent.checksum is not None:
+                            for a in range(0, length, READ_SLICE):
+                                piece = dest[a : a + READ_SLICE]
+                                fill(fds[extent.file], [piece], extent.offset + start + a)
+                                if whole:
                                     value = crc32c(piece, value)
-                            if verify and extent.checksum is not None and value != extent.checksum:
-                                raise CorruptCheckpointError(f"checksum mismatch: {meta.key}")
+                            if whole:
+                                check(extent, value, meta)
                         else:
-                            file, start, iov, members = payload
-                            want = sum(len(b) for b in iov)
-                            got = 0
-                            fd = fds[file]
-                            while got < want:  # a short read is finished buffer by buffer
-                                n = os.preadv(fd, _skip(iov, got), start + got)
-                                if n == 0:
-                                    raise CorruptCheckpointError(f"{file} truncated")
-                                got += n
-                            if verify:
-                                for extent, dest, meta in members:
-                                    if extent.checksum is not None and crc32c(
-                                        memoryview(dest).cast("B")
-                                    ) != extent.checksum:
-                                        raise CorruptCheckpointError(
-                                            f"checksum mismatch: {meta.key}"
-                                        )
+                            file, offset, iov, members = payload
+                            fill(fds[file], iov, offset)
+                            for extent, start, length, dest, meta in members:
+                                if (verify and start == 0 and length == extent.length
+                                        and extent.checksum is not None):
+                                    check(extent, crc32c(dest), meta)
 
-                try:
-                    if threads == 1:
-                        run_share(shares[0])
-                    else:
-                        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-                            for future in [pool.submit(run_share, s) for s in shares]:
-                                future.result()
-                finally:
-                    for fd in fds.values():
-                        os.close(fd)
+                if threads == 1:
+                    run_share(shares[0])
+                else:
+                    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+                        for future in [pool.submit(run_share, s) for s in shares]:
+                            future.result()
+                stats.nbytes_read += sum(job[2] for job in jobs)
+            finally:
+                for fd in fds.values():
+                    os.close(fd)
 
     return FastReader(config=config)
 
@@ -318,34 +324,36 @@ def _skip(iov: list[memoryview], n: int) -> list[memoryview]:
     return out
 
 
-def _plan_reads(jobs: list[tuple[Any, Any, Any]]) -> list[tuple[int, str, Any]]:
-    """(bytes, kind, payload): big extents alone; runs of small adjacent ones in one preadv."""
+def _plan_reads(jobs: list[Any]) -> list[tuple[int, str, Any]]:
+    """(bytes, kind, payload): big ranges alone; runs of small adjacent ones in one preadv.
+    A job is ``(extent, start, length, dest, meta)``: ``length`` bytes from ``extent.offset +
+    start`` of ``extent.file`` into ``dest``."""
     tasks: list[tuple[int, str, Any]] = []
-    by_file: dict[str, list[tuple[Any, Any, Any]]] = {}
+    by_file: dict[str, list[Any]] = {}
     for job in jobs:
-        if job[0].length >= READ_SLICE:
-            tasks.append((job[0].length, "big", job))
-        elif job[0].length:
+        if job[2] >= READ_SLICE:
+            tasks.append((job[2], "big", job))
+        elif job[2]:
             by_file.setdefault(job[0].file, []).append(job)
     for file, small in by_file.items():
-        small.sort(key=lambda j: j[0].offset)
+        small.sort(key=lambda j: j[0].offset + j[1])
         run: list[Any] = []
         iov: list[memoryview] = []
         start = end = 0
         for job in small:
-            extent = job[0]
-            gap = extent.offset - end
+            offset = job[0].offset + job[1]
+            gap = offset - end
             full = len(iov) >= 1000 or end - start > 16 * MiB
             if run and (gap < 0 or gap > COALESCE_GAP or full):
                 tasks.append((end - start, "run", (file, start, iov, run)))
                 run, iov = [], []
             if not run:
-                start = end = extent.offset
+                start = end = offset
             elif gap:
                 iov.append(memoryview(bytearray(gap)))
-            iov.append(memoryview(job[1]).cast("B"))
+            iov.append(job[3])
             run.append(job)
-            end = extent.offset + extent.length
+            end = offset + job[2]
         if run:
             tasks.append((end - start, "run", (file, start, iov, run)))
     return tasks
@@ -405,9 +413,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="1g")
     p.add_argument("--tiny", type=int, default=50_000)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--prefault", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.experiment == "_cold_child":
-        _cold_child(args.size)
+        _cold_child(args.size, args.prefault)
         return 0
     if args.experiment == "cold":
         experiment_cold(args)

@@ -188,10 +188,11 @@ def parse_raw(path: str) -> dict[str, list[tuple[list[str], int]]]:
 
 
 def is_work(thread: str, frames: list[str], who: str) -> bool:
-    """Samples of the work: the driver's main and staging threads; in the writer, samples
-    inside ``write_bucket`` or ``run_save`` (its 128 pool threads are idle otherwise)."""
+    """Samples of the work: in the driver, the main thread and every thread running ray_ckpt
+    code (staging, the reader's pool); in the writer, samples inside ``write_bucket`` or
+    ``run_save`` (its 128 pool threads are idle otherwise)."""
     if who == "driver":
-        return "MainThread" in thread or "ray_ckpt-staging" in thread
+        return "MainThread" in thread or any("ray_ckpt/" in f for f in frames)
     return any("write_bucket" in f or "run_save" in f for f in frames)
 
 
