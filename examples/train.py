@@ -5,13 +5,16 @@ Meant for ``ray job submit`` (it also runs as a plain script, on a local Ray it 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
         python examples/train.py --ckpt-root /tmp/ray_ckpt_run --steps 200 --every 50
 
-Every ``--every`` steps (and at the last step) it saves ``{"model", "optim", "step"}`` to
-``<ckpt-root>/step-<step:06d>`` with an ``AsyncCheckpointer``: training goes on while the
-writer actors write, and waits only for staging (the copy into Ray's object store) before the
-next optimizer step changes the weights. Started again with the same root, it resumes from the
+Checkpoints go through a :class:`ray_ckpt.CheckpointManager` over an ``AsyncCheckpointer``:
+every ``--every`` steps (and at the last step) it saves ``{"model", "optim", "step"}`` (with the
+loss as a metric) to ``<ckpt-root>/step-<step:09d>``; training goes on while the writer actors
+write, and waits only for staging (the copy into Ray's object store) before the next optimizer
+step changes the weights. Once a save has committed, the manager deletes all but the newest
+``--keep-last`` committed checkpoints. Started again with the same root, it resumes from the
 newest *committed* checkpoint (an incomplete one, from a save that a crash interrupted, is
-never loaded) and continues to ``--steps``. ``--ckpt-root`` may be a local path on a shared
-disk or a URI (``s3://bucket/run``, ``gs://bucket/run``) that every node can reach.
+never loaded; ``cleanup`` removes such leftovers once they are old) and continues to
+``--steps``. ``--ckpt-root`` may be a local path on a shared disk or a URI
+(``s3://bucket/run``, ``gs://bucket/run``) that every node can reach.
 
 The data is synthetic and a function of the step number alone, so a resumed run sees exactly
 the batches an uninterrupted one would have.
@@ -22,7 +25,6 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from typing import Any
 
 import torch
 
@@ -47,32 +49,30 @@ def batch(step: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def resume(
-    ckptr: ray_ckpt.Checkpointer, root: str, model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    manager: ray_ckpt.CheckpointManager, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> int:
-    """Load the newest committed checkpoint under ``root``; returns its step (0: none)."""
-    committed = [e for e in ray_ckpt.list_checkpoints(root) if e.committed and e.step is not None]
-    if not committed:
-        logger.info("no committed checkpoint under %s: starting from step 0", root)
+    """Load the newest committed checkpoint; returns its step (0: none)."""
+    removed = manager.cleanup()  # leftovers of saves that crashed long enough ago
+    if removed:
+        logger.info("removed incomplete checkpoints %s", removed)
+    step = manager.latest()
+    if step is None:
+        logger.info("no committed checkpoint under %s: starting from step 0", manager.root)
         return 0
-    latest = committed[-1]
-    state = ckptr.load(latest.path)
+    state = manager.load(step)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optim"])
-    logger.info("resuming from %s at step %d", latest.path, state["step"])
+    logger.info("resuming from %s at step %d", manager.path(step), state["step"])
     return int(state["step"])
-
-
-def checkpoint_path(root: str, step: int) -> str:
-    return f"{root.rstrip('/')}/step-{step:06d}"
 
 
 def train(args: argparse.Namespace) -> list[ray_ckpt.CheckpointEntry]:
     model = build_model(args.width)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     with ray_ckpt.make_async_checkpointer() as ckptr:
-        start = resume(ckptr, args.ckpt_root, model, optimizer)
-        pending: tuple[str, Any] | None = None
+        manager = ray_ckpt.CheckpointManager(args.ckpt_root, ckptr, keep_last=args.keep_last)
+        start = resume(manager, model, optimizer)
+        pending: str | None = None
         for step in range(start + 1, args.steps + 1):
             x, y = batch(step, args.batch_size)
             loss = torch.nn.functional.mse_loss(model(x), y)
@@ -82,10 +82,10 @@ def train(args: argparse.Namespace) -> list[ray_ckpt.CheckpointEntry]:
             if step % args.log_every == 0:
                 logger.info("step %d loss %.4f", step, loss.item())
             if step % args.every == 0 or step == args.steps:
-                pending = save(ckptr, args.ckpt_root, step, model, optimizer, pending)
+                pending = save(manager, step, model, optimizer, loss.item(), pending)
         if pending is not None:
-            pending[1].result()  # raises if the last save failed
-            logger.info("checkpoint committed: %s", pending[0])
+            manager.wait()  # raises if the last save failed; then applies retention
+            logger.info("checkpoint committed: %s", pending)
     entries = ray_ckpt.list_checkpoints(args.ckpt_root)
     for entry in entries:
         logger.info(
@@ -96,21 +96,21 @@ def train(args: argparse.Namespace) -> list[ray_ckpt.CheckpointEntry]:
 
 
 def save(
-    ckptr: ray_ckpt.AsyncCheckpointer, root: str, step: int, model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer, previous: tuple[str, Any] | None,
-) -> tuple[str, Any]:
-    """Start an async save of this step; log the previous one's commit (``save`` has waited
-    for it). Returns ``(path, write_future)``."""
-    path = checkpoint_path(root, step)
+    manager: ray_ckpt.CheckpointManager, step: int, model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer, loss: float, previous: str | None,
+) -> str:
+    """Start an async save of this step; log the previous one's commit (``manager.save`` has
+    waited for it and applied retention). Returns the new checkpoint's path."""
     started = time.perf_counter()
     state = {"model": model.state_dict(), "optim": optimizer.state_dict(), "step": step}
-    stage_future, write_future = ckptr.save(path, state)
+    stage_future, _ = manager.save(step, state, metrics={"loss": loss})
     if previous is not None:
-        logger.info("checkpoint committed: %s", previous[0])
+        logger.info("checkpoint committed: %s", previous)
     stage_future.result()  # the tensors are in the object store: training may change them
+    path = manager.path(step)
     logger.info("checkpoint %s staged in %.3fs, writing in the background", path,
                 time.perf_counter() - started)
-    return path, write_future
+    return path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -119,13 +119,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="where checkpoints go: a shared path, s3://bucket/dir, gs://...")
     parser.add_argument("--steps", type=int, default=200, help="train up to this step")
     parser.add_argument("--every", type=int, default=50, help="checkpoint every N steps")
+    parser.add_argument("--keep-last", type=int, default=3,
+                        help="keep the newest N committed checkpoints (default 3)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--width", type=int, default=256, help="hidden width of the MLP")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--log-every", type=int, default=25, help="log the loss every N steps")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.every < 1 or args.log_every < 1:
-        parser.error("--steps, --every and --log-every must be positive")
+    if min(args.steps, args.every, args.log_every, args.keep_last) < 1:
+        parser.error("--steps, --every, --log-every and --keep-last must be positive")
     return args
 
 

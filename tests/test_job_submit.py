@@ -162,19 +162,18 @@ def test_job_checkpoints_and_resumes_from_the_newest_committed(head, tmp_path):
     assert f"no committed checkpoint under {root}: starting from step 0" in first
     entries = ray_ckpt.list_checkpoints(str(root))
     assert [(e.name, e.committed) for e in entries] == [
-        ("step-000020", True), ("step-000040", True), ("step-000050", True)
+        ("step-000000020", True), ("step-000000040", True), ("step-000000050", True)
     ]
 
     second = _submit(head, *args, "--steps", "90")
-    assert f"resuming from {root}/step-000050 at step 50" in second
-    assert f"checkpoint committed: {root}/step-000090" in second
-    assert [e.step for e in ray_ckpt.list_checkpoints(str(root)) if e.committed] == [
-        20, 40, 50, 60, 80, 90
-    ]
+    assert f"resuming from {root}/step-000000050 at step 50" in second
+    assert f"checkpoint committed: {root}/step-000000090" in second
+    # --keep-last 3: the manager deleted the older ones once the newer had committed
+    assert [e.step for e in ray_ckpt.list_checkpoints(str(root)) if e.committed] == [60, 80, 90]
     for entry in ray_ckpt.list_checkpoints(str(root)):
         assert ray_ckpt.verify(entry.path).ok, entry.path
 
-    _assert_same_as_uninterrupted(root / "step-000090", steps=90, width=64)
+    _assert_same_as_uninterrupted(root / "step-000000090", steps=90, width=64)
 
 
 def _assert_same_as_uninterrupted(path: Path, steps: int, width: int) -> None:
@@ -205,13 +204,15 @@ def test_train_script_resumes_in_process(cluster, tmp_path, caplog):
     caplog.set_level("INFO", logger="train")
     assert train.main([*args, "--steps", "30"]) == 0
     assert f"no committed checkpoint under {root}: starting from step 0" in caplog.text
-    incomplete = root / "step-000045"  # newer, but it never committed: not to resume from
+    incomplete = root / "step-000000045"  # newer, but it never committed: not to resume from
     incomplete.mkdir()
-    shutil.copy(next((root / "step-000030").glob("*.data")), incomplete)
+    shutil.copy(next((root / "step-000000030").glob("*.data")), incomplete)
     caplog.clear()
     assert train.main([*args, "--steps", "50"]) == 0
-    assert f"resuming from {root}/step-000030 at step 30" in caplog.text
+    assert f"resuming from {root}/step-000000030 at step 30" in caplog.text
+    # --keep-last 3 deleted step 20 once 50 had committed; the incomplete save is left alone
+    # (cleanup removes one only after it has been untouched for 10 minutes)
     assert [(e.step, e.committed) for e in ray_ckpt.list_checkpoints(str(root))] == [
-        (20, True), (30, True), (40, True), (45, False), (50, True)
+        (30, True), (40, True), (45, False), (50, True)
     ]
-    _assert_same_as_uninterrupted(root / "step-000050", steps=50, width=64)
+    _assert_same_as_uninterrupted(root / "step-000000050", steps=50, width=64)
