@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="small sizes, one run (a smoke test: under a minute)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--report-only", metavar="RESULTS_JSON",
+                   help="measure nothing: write the table and plot of an earlier results.json")
     return p
 
 
@@ -355,7 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     # a SIGTERM (a timeout, a kill) still deletes the files and stops Ray
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    results = run(args)
+    if args.report_only:
+        with open(args.report_only) as f:
+            results = json.load(f)
+    else:
+        results = run(args)
     text = save_results(results, args.out, plot=not args.no_plot)
     print(text)
     log(f"wrote {args.out}/results.md, results.json" + ("" if args.no_plot else ", results.png"))
