@@ -383,6 +383,7 @@ def plot(results: dict[str, Any], path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     sds = results["state_dicts"]
     if not sds:
@@ -401,6 +402,8 @@ def plot(results: dict[str, Any], path: str) -> None:
             cols.append(colors[r["row"].group] if r else "white")
         ax.barh(ys, [v if v > 0 else float("nan") for v in values], color=cols)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_title(f"{sd['name']}", fontsize=10)
         ax.set_xlabel("speed × limit of its phase (1 = limit; log scale)")
