@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from .errors import CorruptCheckpointError, FormatVersionError
@@ -407,17 +408,24 @@ def parse_manifest(table: pa.Table, *, where: str, marker: Marker) -> Manifest:
         raise CorruptCheckpointError(f"manifest {where}: columns of the wrong type: {mistyped}")
     tree_json = meta.get(META_TREE, b"").decode("utf-8", "replace")
     trees = _parse_trees(meta.get(META_TREES), where=where)
-    rows = table.select(MANIFEST_SCHEMA.names).to_pylist()
+    table = table.select(MANIFEST_SCHEMA.names)
+    _check_columns(table, where=where)
+    cols = {name: table.column(name).to_pylist() for name in MANIFEST_SCHEMA.names}
     items: dict[int, ItemMeta] = {}
     extents: dict[int, list[Extent]] = {}
-    for row in rows:
-        item_meta, extent = _parse_row(row, where=where, checkpoint_id=checkpoint_id)
-        known = items.setdefault(item_meta.item, item_meta)
-        if known != item_meta:
+    for row in range(table.num_rows):
+        index = cols["item"][row]
+        item_meta = items.get(index)
+        if item_meta is None:
+            item_meta = items[index] = _parse_item({n: c[row] for n, c in cols.items()}, where=where)
+        elif (cols["key"][row], cols["item_nbytes"][row]) != (item_meta.key, item_meta.nbytes):
             raise CorruptCheckpointError(
-                f"manifest {where}: rows of item {item_meta.item} ({item_meta.key!r}) disagree"
+                f"manifest {where}: rows of item {index} ({item_meta.key!r}) disagree"
             )
-        extents.setdefault(item_meta.item, []).append(extent)
+        extents.setdefault(index, []).append(
+            Extent(index, cols["chunk_offset"][row], cols["file"][row], cols["offset"][row],
+                   cols["length"][row], cols["checksum"][row], cols["rank"][row] or 0)
+        )
     for item, exts in extents.items():
         _check_tiling(items[item], exts, where=where)
     _check_no_overlap([e for exts in extents.values() for e in exts], where=where)
@@ -428,6 +436,36 @@ def parse_manifest(table: pa.Table, *, where: str, marker: Marker) -> Manifest:
             f"{marker.total_nbytes}"
         )
     return Manifest(checkpoint_id, tree_json, items, extents, table, trees)
+
+
+def _check_columns(table: pa.Table, *, where: str) -> None:
+    """Whole-column checks, before any row is looked at: no nulls where a value is needed,
+    no negative sizes or offsets, no offset inside a header, only data-file names."""
+    keys = table.column("key")
+    for name in ("item", "key", "kind", "item_nbytes", "chunk_offset", "file", "offset", "length"):
+        column = table.column(name)
+        if column.null_count:
+            row = pc.index(pc.is_null(column), True).as_py()
+            raise CorruptCheckpointError(
+                f"manifest {where}, row {row} (key {keys[row].as_py()!r}): {name} is missing"
+            )
+    for name, low in (("item", 0), ("item_nbytes", 0), ("chunk_offset", 0), ("length", 0),
+                      ("offset", HEADER_SIZE)):
+        column = table.column(name)
+        bad = pc.less(column, low)
+        if table.num_rows and pc.any(bad).as_py():
+            row = pc.index(bad, True).as_py()
+            value = column[row].as_py()
+            problem = (f"offset {value} lies inside the file header" if name == "offset" and value >= 0
+                       else f"invalid {name} {value!r}")
+            raise CorruptCheckpointError(f"manifest {where}, key {keys[row].as_py()!r}: {problem}")
+    for file in pc.unique(table.column("file")).to_pylist():
+        if _DATA_RE.match(file) is None:
+            row = pc.index(table.column("file"), file).as_py()
+            raise CorruptCheckpointError(
+                f"manifest {where}, key {keys[row].as_py()!r}: {file!r} is not a ray_ckpt data "
+                "file name"
+            )
 
 
 def _parse_trees(raw: bytes | None, *, where: str) -> tuple[str, ...]:
@@ -442,17 +480,14 @@ def _parse_trees(raw: bytes | None, *, where: str) -> tuple[str, ...]:
     return tuple(trees)
 
 
-def _parse_row(row: dict[str, Any], *, where: str, checkpoint_id: str) -> tuple[ItemMeta, Extent]:
+def _parse_item(row: dict[str, Any], *, where: str) -> ItemMeta:
+    """The item described by its first row (the column checks have run)."""
     key = row["key"]
-    here = f"manifest {where}, key {key!r}"
-    if row["item"] is None or row["item"] < 0:
-        raise CorruptCheckpointError(f"{here}: invalid item index {row['item']!r}")
     kind = row["kind"]
     nbytes = row["item_nbytes"]
-    if nbytes is None or nbytes < 0:
-        raise CorruptCheckpointError(f"{here}: invalid size {nbytes!r}")
     shape: tuple[int, ...] | None = None
     if kind == KIND_TENSOR:
+        here = f"manifest {where}, key {key!r}"
         dtype = dtype_from_name(row["dtype"] or "", where=here)
         if row["shape"] is None or any(d is None or d < 0 for d in row["shape"]):
             raise CorruptCheckpointError(f"{here}: invalid shape {row['shape']!r}")
@@ -467,17 +502,12 @@ def _parse_row(row: dict[str, Any], *, where: str, checkpoint_id: str) -> tuple[
                 f"{here}: shape {list(shape)} of {row['dtype']} needs {numel * dtype.itemsize} "
                 f"bytes but the manifest records {nbytes}"
             )
-    elif kind != KIND_PICKLE:
-        raise CorruptCheckpointError(f"{here}: unknown kind {kind!r}")
-    file = row["file"]
-    if _DATA_RE.match(file or "") is None:
-        raise CorruptCheckpointError(f"{here}: {file!r} is not a ray_ckpt data file name")
-    for name in ("chunk_offset", "offset", "length"):
-        if row[name] is None or row[name] < 0:
-            raise CorruptCheckpointError(f"{here}: invalid {name} {row[name]!r}")
-    if row["offset"] < HEADER_SIZE:
-        raise CorruptCheckpointError(f"{here}: offset {row['offset']} lies inside the file header")
-    item_meta = ItemMeta(
+        global_shape, global_offset = _global_box(row, shape, here)
+    elif kind == KIND_PICKLE:
+        global_shape = global_offset = None
+    else:
+        raise CorruptCheckpointError(f"manifest {where}, key {key!r}: unknown kind {kind!r}")
+    return ItemMeta(
         item=row["item"],
         key=key,
         kind=kind,
@@ -486,19 +516,9 @@ def _parse_row(row: dict[str, Any], *, where: str, checkpoint_id: str) -> tuple[
         device=row["device"],
         nbytes=nbytes,
         replicated=bool(row["replicated"]),
-        global_shape=_global_box(row, shape, here)[0],
-        global_offset=_global_box(row, shape, here)[1],
+        global_shape=global_shape,
+        global_offset=global_offset,
     )
-    extent = Extent(
-        item=row["item"],
-        chunk_offset=row["chunk_offset"],
-        file=file,
-        offset=row["offset"],
-        length=row["length"],
-        checksum=row["checksum"],
-        rank=row["rank"] if row["rank"] is not None else 0,
-    )
-    return item_meta, extent
 
 
 def _global_box(

@@ -53,7 +53,7 @@ from .format import (
     parse_manifest,
 )
 from .sharding import Box, ShardedTensor, is_dtensor, overlap, runs, slices, target_box
-from .storage import Storage
+from .storage import FileReader, Storage
 from .types import RankInfo
 
 logger = logging.getLogger(__name__)
@@ -210,95 +210,184 @@ class CheckpointReader:
         return result, plan.missing
 
     def _run(self, info: CheckpointInfo, copies: list[_Copy]) -> ReadStats:
-        """Read every copy's byte ranges (``io_threads`` at a time), verifying whole extents."""
-        jobs: list[tuple[Extent, int, int, memoryview, ItemMeta]] = []
+        """Read every copy's byte ranges, verifying whole extents, and finish the copies that
+        went through a staging tensor (non-contiguous or off-CPU destinations)."""
+        pieces: list[_Piece] = []
         finishers: list[Callable[[], None]] = []
+        extents = info.manifest.extents
         for copy in copies:
             meta = info.manifest.items[copy.item]
-            direct = copy.dest.device.type == "cpu" and copy.dest.is_contiguous()
-            stage = copy.dest.detach() if direct else torch.empty(copy.dest.shape, dtype=copy.dest.dtype)
+            dest_tensor = copy.dest
+            direct = dest_tensor.is_cpu and dest_tensor.is_contiguous()
+            stage = (
+                dest_tensor.detach()
+                if direct
+                else torch.empty(dest_tensor.shape, dtype=dest_tensor.dtype)
+            )
             dest = memoryview(_bytes_of(stage))
-            itemsize = stage.element_size()
-            position = 0
-            for start, count in runs(_item_shape(meta), copy.box):
-                length = count * itemsize
-                jobs += _pieces(info.manifest.extents[copy.item], start * itemsize, length,
+            shape = _item_shape(meta)
+            if copy.box[1] == shape:  # the whole item: one run
+                _add_pieces(pieces, extents[copy.item], 0, len(dest), dest, meta)
+            else:
+                itemsize = stage.element_size()
+                position = 0
+                for start, count in runs(shape, copy.box):
+                    length = count * itemsize
+                    _add_pieces(pieces, extents[copy.item], start * itemsize, length,
                                 dest[position : position + length], meta)
-                position += length
+                    position += length
             if not direct:
-                finishers.append(lambda d=copy.dest, st=stage: d.detach().copy_(st))
+                finishers.append(lambda d=dest_tensor, st=stage: d.detach().copy_(st))
         stats = ReadStats()
-        self._execute(info, jobs, stats)
+        self._execute(info, _coalesce(pieces), stats)
         for finish in finishers:
             finish()
         return stats
 
-    def _execute(
-        self,
-        info: CheckpointInfo,
-        jobs: list[tuple[Extent, int, int, memoryview, ItemMeta]],
-        stats: ReadStats,
-    ) -> None:
+    def _execute(self, info: CheckpointInfo, reads: list[_Read], stats: ReadStats) -> None:
+        """Run the reads on ``io_threads`` threads, each with its own share of the bytes."""
         verify = self._config.verify_checksums
-        checked: set[str] = set()
-        lock = threading.Lock()
+        display = info.storage.display
         with info.storage.reader() as files:
-
-            def header(file: str) -> None:
-                with lock:
-                    if file in checked:
-                        return
-                    checked.add(file)
+            for file in sorted({read.file for read in reads}):
                 raw = bytearray(HEADER_SIZE)
-                files.read_into(file, 0, memoryview(raw))
-                check_header(bytes(raw), file=f"{info.storage.display}/{file}")
+                try:
+                    files.read_into(file, 0, memoryview(raw))
+                except EOFError:
+                    pass  # check_header names the truncation
+                check_header(bytes(raw), file=f"{display}/{file}")
+            shares = _balance(reads, min(self._config.io_threads, max(1, len(reads))))
 
-            def job(extent: Extent, start: int, length: int, dest: memoryview, meta: ItemMeta) -> None:
-                header(extent.file)
-                if length:
-                    try:
-                        files.read_into(extent.file, extent.offset + start, dest)
-                    except EOFError as e:
-                        raise CorruptCheckpointError(
-                            f"key {meta.key!r}: data file {info.storage.display}/{extent.file} is "
-                            f"truncated ({e}). Restore the file or use another checkpoint."
-                        ) from None
-                whole = start == 0 and length == extent.length
-                with lock:
-                    stats.nbytes_read += length
-                    if not whole:
-                        stats.nbytes_unverified += length
-                if verify and whole and extent.checksum is not None and crc32c(dest) != extent.checksum:
-                    raise CorruptCheckpointError(
-                        f"key {meta.key!r}: checksum mismatch in {info.storage.display}/"
-                        f"{extent.file} (bytes {extent.offset}..{extent.offset + extent.length}): "
-                        "the file is damaged. Restore it or use another checkpoint."
-                    )
+            def work(share: list[_Read]) -> ReadStats:
+                done = ReadStats()
+                for read in share:
+                    _perform(files, read, verify, display, done)
+                return done
 
-            threads = min(self._config.io_threads, max(1, len(jobs)))
-            if threads == 1:
-                for args in jobs:
-                    job(*args)
-                return
-            with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-                futures = [pool.submit(job, *args) for args in jobs]
-                for future in futures:
-                    future.result()
+            if len(shares) == 1:
+                results = [work(shares[0])]
+            else:
+                with concurrent.futures.ThreadPoolExecutor(len(shares)) as pool:
+                    results = list(pool.map(work, shares))
+            for result in results:
+                stats.nbytes_read += result.nbytes_read
+                stats.nbytes_unverified += result.nbytes_unverified
 
 
-def _pieces(
-    extents: list[Extent], start: int, length: int, dest: memoryview, meta: ItemMeta
-) -> list[tuple[Extent, int, int, memoryview, ItemMeta]]:
+@dataclass
+class _Piece:
+    """Bytes ``[start, start + length)`` of ``extent``, for ``dest`` (same length)."""
+
+    extent: Extent
+    start: int
+    length: int
+    dest: memoryview
+    meta: ItemMeta
+
+    @property
+    def file_offset(self) -> int:
+        return self.extent.offset + self.start
+
+
+@dataclass
+class _Read:
+    """One read of a file range that serves one or more pieces (adjacent in the file)."""
+
+    file: str
+    offset: int
+    length: int
+    pieces: list[_Piece]
+
+
+# Pieces this close in one file are read together (the gap is alignment padding or another
+# item's bytes): one system call instead of one per item.
+_COALESCE_GAP_BYTES = 64 << 10
+_COALESCE_MAX_BYTES = 16 << 20
+
+
+def _add_pieces(
+    pieces: list[_Piece],
+    extents: list[Extent],
+    start: int,
+    length: int,
+    dest: memoryview,
+    meta: ItemMeta,
+) -> None:
     """Split the item byte range [start, start + length) over the extents that hold it."""
-    pieces = []
     end = start + length
     for extent in extents:
         lo = max(start, extent.chunk_offset)
         hi = min(end, extent.chunk_offset + extent.length)
-        if lo < hi or (length == 0 and extent.length == 0 and not pieces):
-            pieces.append((extent, lo - extent.chunk_offset, hi - lo if lo < hi else 0,
-                           dest[lo - start : hi - start] if lo < hi else dest[0:0], meta))
-    return pieces
+        if lo < hi:
+            pieces.append(
+                _Piece(extent, lo - extent.chunk_offset, hi - lo, dest[lo - start : hi - start], meta)
+            )
+        elif length == 0 and extent.length == 0:
+            pieces.append(_Piece(extent, 0, 0, dest[0:0], meta))
+            return
+
+
+def _coalesce(pieces: list[_Piece]) -> list[_Read]:
+    """Group pieces by file and merge neighbours into single reads."""
+    reads: list[_Read] = []
+    for piece in sorted(pieces, key=lambda p: (p.extent.file, p.file_offset)):
+        last = reads[-1] if reads else None
+        if (
+            last is not None
+            and last.file == piece.extent.file
+            and 0 <= piece.file_offset - (last.offset + last.length) <= _COALESCE_GAP_BYTES
+            and piece.file_offset + piece.length - last.offset <= _COALESCE_MAX_BYTES
+        ):
+            last.length = piece.file_offset + piece.length - last.offset
+            last.pieces.append(piece)
+        else:
+            reads.append(_Read(piece.extent.file, piece.file_offset, piece.length, [piece]))
+    return reads
+
+
+def _balance(reads: list[_Read], shares: int) -> list[list[_Read]]:
+    """Split the reads over ``shares`` threads, largest first to the least loaded."""
+    loads = [0] * shares
+    out: list[list[_Read]] = [[] for _ in range(shares)]
+    for read in sorted(reads, key=lambda r: -r.length):
+        i = loads.index(min(loads))
+        out[i].append(read)
+        loads[i] += read.length
+    return out
+
+
+def _perform(files: FileReader, read: _Read, verify: bool, display: str, stats: ReadStats) -> None:
+    """Read one file range (into its only piece's memory, or a scratch buffer that is then
+    scattered) and check the CRC32C of every whole extent while its bytes are hot."""
+    single = len(read.pieces) == 1
+    buffer = read.pieces[0].dest if single else memoryview(bytearray(read.length))
+    if read.length:
+        try:
+            files.read_into(read.file, read.offset, buffer)
+        except EOFError as e:
+            keys = sorted({p.meta.key for p in read.pieces})
+            raise CorruptCheckpointError(
+                f"key {keys[0]!r}: data file {display}/{read.file} is truncated ({e}). Restore "
+                "the file or use another checkpoint."
+            ) from None
+    for piece in read.pieces:
+        if single:
+            data = buffer
+        else:
+            at = piece.file_offset - read.offset
+            data = buffer[at : at + piece.length]
+            piece.dest[:] = data
+        whole = piece.start == 0 and piece.length == piece.extent.length
+        stats.nbytes_read += piece.length
+        if not whole:
+            stats.nbytes_unverified += piece.length
+        elif verify and piece.extent.checksum is not None and crc32c(data) != piece.extent.checksum:
+            extent = piece.extent
+            raise CorruptCheckpointError(
+                f"key {piece.meta.key!r}: checksum mismatch in {display}/{extent.file} (bytes "
+                f"{extent.offset}..{extent.offset + extent.length}): the file is damaged. "
+                "Restore it or use another checkpoint."
+            )
 
 
 def _raise_not_a_checkpoint(storage: Storage, files: dict[str, int]) -> None:
