@@ -553,6 +553,10 @@ def merge_reports(
 ) -> tuple[list[ItemMeta], list[Extent], list[str]]:
     """Number every rank's items in one index space (a replicated item or a shard box once, a
     rank-local item per rank), check that the ranks agree, and remap every rank's tree."""
+    if len(reports) == 1 and not reports[0].replicas and not reports[0].shard_items:
+        only = reports[0]  # one rank, nothing shared: its numbering is the checkpoint's
+        _check_written(only.items, only.extents, storage)
+        return only.items, only.extents, [only.tree_json]
     merger = _Merger(storage)
     mappings = [merger.add(report) for report in sorted(reports, key=lambda r: r.rank)]
     merger.check()
@@ -562,6 +566,22 @@ def merge_reports(
         for report, mapping in zip(sorted(reports, key=lambda r: r.rank), mappings)
     ]
     return merger.items, merger.extents, trees
+
+
+def _unwritten(items: list[ItemMeta], extents: list[Extent]) -> list[str]:
+    written: Counter[int] = Counter()
+    for extent in extents:
+        written[extent.item] += extent.length
+    return [f"key {m.key!r}: no rank wrote its bytes" for m in items if written[m.item] != m.nbytes]
+
+
+def _check_written(items: list[ItemMeta], extents: list[Extent], storage: Storage) -> None:
+    problems = _unwritten(items, extents)
+    if problems:
+        raise CheckpointWriteError(
+            f"save to {storage.display} failed; nothing was committed: "
+            + "; ".join(problems[:20])
+        )
 
 
 class _Merger:
@@ -639,12 +659,7 @@ class _Merger:
                 self.problems.append(f"key {meta.key!r} is missing on ranks {missing}")
         for indices in self.shards.values():
             self._check_tiling([self.items[i] for i in indices])
-        written: Counter[int] = Counter()
-        for extent in self.extents:
-            written[extent.item] += extent.length
-        for meta in self.items:
-            if written[meta.item] != meta.nbytes:
-                self.problems.append(f"key {meta.key!r}: no rank wrote its bytes")
+        self.problems += _unwritten(self.items, self.extents)
         if self.problems:
             raise CheckpointWriteError(
                 f"save to {self.storage.display} failed; nothing was committed. The ranks "

@@ -456,8 +456,9 @@ def _check_columns(table: pa.Table, *, where: str) -> None:
         if table.num_rows and pc.any(bad).as_py():
             row = pc.index(bad, True).as_py()
             value = column[row].as_py()
+            label = "item index" if name == "item" else name
             problem = (f"offset {value} lies inside the file header" if name == "offset" and value >= 0
-                       else f"invalid {name} {value!r}")
+                       else f"invalid {label} {value!r}")
             raise CorruptCheckpointError(f"manifest {where}, key {keys[row].as_py()!r}: {problem}")
     for file in pc.unique(table.column("file")).to_pylist():
         if _DATA_RE.match(file) is None:
