@@ -85,6 +85,9 @@ def _parts(
         filesystem=filesystem,
         commit_hook=commit_hook,
     )
+    # Start this node's writer now, in the background: its process start (seconds: it imports
+    # torch) then overlaps whatever the caller does before its first save.
+    pool.local().node_id.remote()
     return coordinator, reader
 
 
