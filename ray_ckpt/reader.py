@@ -303,6 +303,7 @@ class _Read:
 # item's bytes): one system call instead of one per item.
 _COALESCE_GAP_BYTES = 64 << 10
 _COALESCE_MAX_BYTES = 16 << 20
+_SLICE_BYTES = 1 << 20  # read and checksum granularity: fits in the CPU cache
 
 
 def _add_pieces(
@@ -361,15 +362,20 @@ def _perform(files: FileReader, read: _Read, verify: bool, display: str, stats: 
     scattered) and check the CRC32C of every whole extent while its bytes are hot."""
     single = len(read.pieces) == 1
     buffer = read.pieces[0].dest if single else memoryview(bytearray(read.length))
-    if read.length:
-        try:
-            files.read_into(read.file, read.offset, buffer)
-        except EOFError as e:
-            keys = sorted({p.meta.key for p in read.pieces})
-            raise CorruptCheckpointError(
-                f"key {keys[0]!r}: data file {display}/{read.file} is truncated ({e}). Restore "
-                "the file or use another checkpoint."
-            ) from None
+    crc = 0
+    try:
+        # slice by slice, checksumming each slice while it is still in the CPU cache
+        for at in range(0, read.length, _SLICE_BYTES):
+            piece_of = buffer[at : at + _SLICE_BYTES]
+            files.read_into(read.file, read.offset + at, piece_of)
+            if single and verify:
+                crc = crc32c(piece_of, crc)
+    except EOFError as e:
+        keys = sorted({p.meta.key for p in read.pieces})
+        raise CorruptCheckpointError(
+            f"key {keys[0]!r}: data file {display}/{read.file} is truncated ({e}). Restore "
+            "the file or use another checkpoint."
+        ) from None
     for piece in read.pieces:
         if single:
             data = buffer
@@ -377,11 +383,12 @@ def _perform(files: FileReader, read: _Read, verify: bool, display: str, stats: 
             at = piece.file_offset - read.offset
             data = buffer[at : at + piece.length]
             piece.dest[:] = data
+            crc = crc32c(data) if verify else 0
         whole = piece.start == 0 and piece.length == piece.extent.length
         stats.nbytes_read += piece.length
         if not whole:
             stats.nbytes_unverified += piece.length
-        elif verify and piece.extent.checksum is not None and crc32c(data) != piece.extent.checksum:
+        elif verify and piece.extent.checksum is not None and crc != piece.extent.checksum:
             extent = piece.extent
             raise CorruptCheckpointError(
                 f"key {piece.meta.key!r}: checksum mismatch in {display}/{extent.file} (bytes "
