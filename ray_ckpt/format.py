@@ -195,10 +195,14 @@ class Marker:
         if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
             raise CorruptCheckpointError(f"commit marker {where} is not a ray_ckpt marker")
         version = doc.get("format_version")
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise CorruptCheckpointError(
+                f"commit marker {where} is malformed: format_version is {version!r}, not an integer"
+            )
         if version != FORMAT_VERSION:
             raise FormatVersionError(
-                f"checkpoint {where} is format version {version!r}; this ray_ckpt reads version "
-                f"{FORMAT_VERSION}. Upgrade ray_ckpt to read it."
+                f"commit marker {where}: the checkpoint is format version {version!r}; this "
+                f"ray_ckpt reads version {FORMAT_VERSION}. Upgrade ray_ckpt to read it."
             )
         try:
             marker = cls(
