@@ -87,6 +87,16 @@ class _CheckpointCoordinator:
         self._start()
         self._joined[rank] = alive[0]
 
+    async def status(self) -> dict[str, Any]:
+        """Which ranks have joined and arrived, and the failures so far (for operators)."""
+        return {
+            "world_size": self._world_size,
+            "joined": sorted(self._joined),
+            "arrived": sorted(self._reports),
+            "failures": dict(self._failures),
+            "decided": self._outcome is not None,
+        }
+
     async def arrive(self, report: Any) -> Any:
         self._start()
         assert self._decided is not None

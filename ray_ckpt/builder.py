@@ -154,4 +154,5 @@ def make_async_checkpointer(
         reader,
         pool,
         use_async_staging=config.staging_config.use_async_staging,
+        write_during_staging=config.staging_config.async_write_during_staging,
     )

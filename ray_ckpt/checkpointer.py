@@ -155,9 +155,11 @@ class AsyncCheckpointer(Checkpointer):
         pool: WriterPool,
         *,
         use_async_staging: bool = True,
+        write_during_staging: bool = False,
     ) -> None:
         super().__init__(coordinator, reader, pool)
         self._use_async_staging = use_async_staging
+        self._overlap_writes = write_during_staging
         self._previous: tuple[CheckpointFuture[StageStats], CheckpointFuture[SaveResult]] | None = None
 
     def save(
@@ -178,6 +180,7 @@ class AsyncCheckpointer(Checkpointer):
                 allow_pickle=allow_pickle,
                 overwrite=overwrite,
                 background=self._use_async_staging,
+                overlap_writes=self._overlap_writes,
                 metadata=metadata,
             )
             self._previous = futures

@@ -43,6 +43,11 @@ class CheckpointStagerConfig:
             balanced over the ranks. Keys equal to one of these dotted prefixes, or below one,
             are *rank-local* instead: every rank writes and later reads its own
             (``("rng", "dataloader")``; ``("",)`` makes every key rank-local).
+        async_write_during_staging: ``AsyncCheckpointer`` only: hand each bucket to a writer
+            as soon as it is staged. Writing then competes with the copy for the cores and the
+            memory bus: measured on 2 cores, the stall grows from 1.2x to 1.8x a memcpy while
+            the total falls from 1.25x to 0.9x a sync save. Off by default: the stall is what
+            an async caller waits for. (A sync save always overlaps.)
         verify_replicas: every rank checksums its replicated tensors so that the commit can
             refuse a save in which a "replicated" key in fact differs between ranks (which
             would otherwise load one rank's value on every rank). CPU tensors only.
@@ -56,6 +61,7 @@ class CheckpointStagerConfig:
     memory_budget_bytes: int | None = None
     rank_local_keys: tuple[str, ...] = ()
     verify_replicas: bool = True
+    async_write_during_staging: bool = False
 
     def __post_init__(self) -> None:
         _require(

@@ -49,6 +49,7 @@ from .storage import Storage
 logger = logging.getLogger(__name__)
 
 _ZEROS = bytes(64)
+_SLICE_BYTES = 8 << 20  # write and checksum granularity
 _CALLER_POLL_SECS = 0.5
 
 
@@ -109,13 +110,38 @@ class CheckpointWriter:
                 f"{len(layout.array_nbytes)}"
             )
         views = [memoryview(a).cast("B") for a in arrays]
-        buffers: list[memoryview | bytes] = [encode_header(rank, layout.seq, checkpoint_id)]
-        position = HEADER_SIZE
-        for view, offset in zip(views, layout.array_offsets):
-            if offset > position:
-                buffers.append(_ZEROS[: offset - position])
-            buffers.append(view)
-            position = offset + len(view)
+        crcs: list[int | None] = [None] * len(layout.segments)
+        # the segments of each array: a chunk (one segment, the whole array) is checksummed
+        # slice by slice as it is written, while the slice is in the CPU cache
+        by_array: list[list[int]] = [[] for _ in views]
+        for index, seg in enumerate(layout.segments):
+            by_array[seg.array].append(index)
+
+        def produce(write: Callable[[memoryview | bytes], None]) -> None:
+            write(encode_header(rank, layout.seq, checkpoint_id))
+            position = HEADER_SIZE
+            for array, (view, offset) in enumerate(zip(views, layout.array_offsets)):
+                if offset > position:
+                    write(_ZEROS[: offset - position])
+                segs = by_array[array]
+                whole = len(segs) == 1 and layout.segments[segs[0]].length == len(view)
+                if whole:
+                    crc = 0
+                    for start in range(0, len(view), _SLICE_BYTES):
+                        piece = view[start : start + _SLICE_BYTES]
+                        if checksum:
+                            crc = crc32c(piece, crc)
+                        write(piece)
+                    crcs[segs[0]] = crc if checksum else None
+                else:
+                    if checksum:
+                        for index in segs:
+                            seg = layout.segments[index]
+                            crcs[index] = crc32c(view[seg.start : seg.start + seg.length])
+                    write(view)
+                position = offset + len(view)
+
+        storage.write_stream(layout.file, produce, fsync=fsync)
         extents = tuple(
             Extent(
                 item=seg.item,
@@ -123,16 +149,11 @@ class CheckpointWriter:
                 file=layout.file,
                 offset=layout.array_offsets[seg.array] + seg.start,
                 length=seg.length,
-                checksum=(
-                    crc32c(views[seg.array][seg.start : seg.start + seg.length])
-                    if checksum
-                    else None
-                ),
+                checksum=crcs[index],
                 rank=rank,
             )
-            for seg in layout.segments
+            for index, seg in enumerate(layout.segments)
         )
-        storage.write_file(layout.file, buffers, fsync=fsync)
         return extents
 
 

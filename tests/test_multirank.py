@@ -13,6 +13,8 @@ import torch
 
 import ray_ckpt
 
+from ray_ckpt.barrier import coordinator_name
+
 from .conftest import on_node
 from .helpers import assert_same, manifest_file
 
@@ -173,6 +175,11 @@ def test_a_rank_process_that_dies_fails_the_save_quickly(cluster, tmp_path):
     deadline = time.monotonic() + 60
     while not os.path.exists(gate + ".reached") and time.monotonic() < deadline:
         time.sleep(0.05)
+    coordinator = ray.get_actor(
+        coordinator_name(ray_ckpt.storage.Storage.from_path(path)), namespace="ray_ckpt"
+    )
+    while 1 not in ray.get(coordinator.status.remote())["joined"]:
+        time.sleep(0.05)  # rank 1's join is on its way from its process
     ray.kill(doomed)  # its process dies mid-save
     started = time.monotonic()
     with pytest.raises(ray_ckpt.CheckpointWriteError, match="rank 1: its process died"):
