@@ -403,8 +403,12 @@ def reliability(request: pytest.FixtureRequest) -> Iterator[ReliabilityCounts]:
         import json
 
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+        args = list(request.config.invocation_params.args)
+        for i in range(len(args) - 1):
+            if args[i : i + 2] == ["-m", "slow or not slow"]:  # how ./dev passes --slow
+                args[i : i + 2] = ["--slow", ""]
         doc = {
-            "command": "./dev test " + " ".join(request.config.invocation_params.args),
+            "command": "./dev test " + " ".join(a for a in args if a),
             "finished_unix": time.time(),
             "counts": {s: dict(sorted(c.items())) for s, c in sorted(counts.counts.items())},
         }

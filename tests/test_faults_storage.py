@@ -283,14 +283,14 @@ def test_slow_storage_saves_without_retries_and_without_stalling_staging(
     plan = FaultPlan(
         tmp_path / "faults",
         [
-            Fault("write", "r*.data", times=None, delay_secs=0.4),
-            Fault("write", "manifest-*", times=None, delay_secs=0.4),
-            Fault("read", "r*.data", times=None, delay_secs=0.2),
+            Fault("write", "r*.data", times=None, delay_secs=0.25),
+            Fault("write", "manifest-*", times=None, delay_secs=0.25),
+            Fault("read", "r*.data", times=None, delay_secs=0.1),
         ],
     )
     fs = faulty(pafs.LocalFileSystem(), plan)
     path = str(tmp_path / "c")
-    reliability.add("faults", "slow storage (0.4 s per write, 0.2 s per read)", "injected")
+    reliability.add("faults", "slow storage (0.25 s per write, 0.1 s per read)", "injected")
     with ray_ckpt.make_async_checkpointer(config=_config(io_threads=1), filesystem=fs) as c:
         stage, write = c.save(path, _state(1))
         stage.result(timeout=60)
@@ -299,25 +299,25 @@ def test_slow_storage_saves_without_retries_and_without_stalling_staging(
         assert_same(_state(1), c.load(path))
     names = [call.name for call in plan.journal("write")]
     assert len(names) == len(set(names)), "a slow write was retried"
-    reliability.add("faults", "slow storage (0.4 s per write, 0.2 s per read)", "survived")
+    reliability.add("faults", "slow storage (0.25 s per write, 0.1 s per read)", "survived")
 
 
 def test_stuck_storage_fails_the_save_at_the_barrier_timeout(cluster, tmp_path, reliability):
     """A data write that does not return for longer than barrier_timeout_secs fails the save
     then, naming the writer and the file; nothing is committed. (The stuck write may still land
     later: that file is refused as incomplete and removed by CheckpointManager.cleanup().)"""
-    plan = FaultPlan(tmp_path / "faults", [Fault("write", "r*.data", nth=2, delay_secs=12.0)])
+    plan = FaultPlan(tmp_path / "faults", [Fault("write", "r*.data", nth=2, delay_secs=10.0)])
     fs = faulty(pafs.LocalFileSystem(), plan)
     root = tmp_path / "run"
     path = root / "step-000000001"
     reliability.add("faults", "stuck storage (a write that never returns in time)", "injected")
     with ray_ckpt.make_sync_checkpointer(
-        config=_config(barrier_timeout_secs=4), filesystem=fs
+        config=_config(barrier_timeout_secs=3), filesystem=fs
     ) as c:
         started = time.monotonic()
-        with pytest.raises(ray_ckpt.CheckpointWriteError, match="no answer in 4s") as info:
+        with pytest.raises(ray_ckpt.CheckpointWriteError, match="no answer in 3s") as info:
             c.save(str(path), _state(1))
-        assert time.monotonic() - started < 12, "the save waited for the stuck write"
+        assert time.monotonic() - started < 10, "the save waited for the stuck write"
         stuck = next(call.name for call in plan.journal() if call.fault == 0)
         assert stuck in str(info.value) and "nothing was committed" in str(info.value)
         assert not (path / MARKER_NAME).exists()
