@@ -53,6 +53,7 @@ from .errors import (
 from .format import (
     MARKER_NAME,
     Extent,
+    PackedRows,
     ItemMeta,
     Marker,
     build_manifest,
@@ -62,6 +63,7 @@ from .format import (
     manifest_to_bytes,
     marker_temp_name,
     new_checkpoint_id,
+    without_gc,
 )
 from .futures import CheckpointFuture, unwrap_ray_error
 from .sharding import overlap
@@ -490,7 +492,7 @@ def _report(request: SaveRequest, outcome: StagingOutcome, shards: list[ShardRes
         rank=request.rank_info.global_rank,
         save_id=request.checkpoint_id,
         items=request.items,
-        extents=[e for shard in shards for e in shard.extents],
+        extents=PackedRows(e for shard in shards for e in shard.extents),
         tree_json=request.tree_json,
         replicas=outcome.replicas,
         shard_items=outcome.shard_items,
@@ -517,6 +519,7 @@ def _through_barrier(request: SaveRequest, report: RankReport) -> SaveResult:
         raise error from None
 
 
+@without_gc
 def commit_reports(request: SaveRequest, reports: list[RankReport], checkpoint_id: str) -> SaveResult:
     """Commit the reports of every rank as checkpoint ``checkpoint_id``: manifest (durable),
     ``pre_commit`` hook, marker (exclusive unless overwriting), ``post_commit`` hook, then the
@@ -626,7 +629,7 @@ class _Merger:
 
     def _new(self, meta: ItemMeta, **changes: Any) -> int:
         index = len(self.items)
-        self.items.append(dataclasses.replace(meta, item=index, **changes))
+        self.items.append(meta._replace(item=index, **changes))
         return index
 
     def add(self, report: RankReport) -> dict[int, int]:
@@ -639,7 +642,7 @@ class _Merger:
                 mapping[meta.item] = self._replica(meta, report.replicas[meta.item], report.rank)
             else:
                 mapping[meta.item] = self._new(meta)
-        self.extents += [dataclasses.replace(e, item=mapping[e.item]) for e in report.extents]
+        self.extents += [e._replace(item=mapping[e.item]) for e in report.extents]
         return mapping
 
     def _replica(self, meta: ItemMeta, replica: tuple[str, int, int | None], rank: int) -> int:

@@ -19,11 +19,15 @@ This module knows names, layouts and validation. It does no I/O of its own.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import re
+import functools
 import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -238,6 +242,59 @@ def _nonneg_int(value: Any) -> int:
     return value
 
 
+# --- bulk bookkeeping -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while building tens of thousands of small objects
+    (one per tensor): otherwise each burst of allocations triggers a collection that walks the
+    whole heap, which measured 3 to 4 times the cost of the work itself for 50,000 items. What
+    is built here holds no reference cycles; the collector resumes afterwards."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def without_gc(fn: F) -> F:
+    """Run ``fn`` with the collector paused (see :func:`gc_paused`)."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with gc_paused():
+            return fn(*args, **kwargs)
+
+    return run  # type: ignore[return-value]
+
+
+# --- rows that travel between processes ------------------------------------------------------
+
+
+class PackedRows(list):  # type: ignore[type-arg]
+    """A list of named-tuple rows (items, extents, segments) that pickles column by column.
+
+    A save of 50,000 tiny tensors ships 50,000 of each between the caller, the writer and the
+    commit; pickled as objects they cost about a second (measured), as columns a few
+    hundredths. It is a plain list to everything that reads it."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        if not self:
+            return (PackedRows, ())
+        return (_unpack_rows, (type(self[0]), tuple(map(list, zip(*self)))))
+
+
+def _unpack_rows(cls: Any, columns: tuple[list[Any], ...]) -> PackedRows:
+    with gc_paused():
+        return PackedRows(map(cls._make, zip(*columns)))
+
+
 # --- manifest ---------------------------------------------------------------------------------
 
 MANIFEST_SCHEMA = pa.schema(
@@ -268,8 +325,7 @@ META_CHECKSUM = b"ray_ckpt.checksum_algorithm"
 META_TREES = b"ray_ckpt.trees"
 
 
-@dataclass(frozen=True)
-class Extent:
+class Extent(NamedTuple):
     """One contiguous run of an item's bytes in one data file: one manifest row."""
 
     item: int
@@ -281,8 +337,7 @@ class Extent:
     rank: int
 
 
-@dataclass(frozen=True)
-class ItemMeta:
+class ItemMeta(NamedTuple):
     """What the manifest says about one stored leaf (a tensor or a pickled object)."""
 
     item: int
@@ -297,6 +352,15 @@ class ItemMeta:
     global_offset: tuple[int, ...] | None = None  # a shard: where this one starts in it
 
 
+def _storable_key(key: str) -> str:
+    """Arrow strings are UTF-8: a key's lone surrogates are kept as \\udXXX escapes (the tree
+    keeps the real key)."""
+    if key.isascii():
+        return key
+    return key.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+@without_gc
 def build_manifest(
     items: list[ItemMeta],
     extents: list[Extent],
@@ -308,29 +372,27 @@ def build_manifest(
     at position r); ``tree_json`` is rank 0's."""
     by_item = {m.item: m for m in items}
     extents = sorted(extents, key=lambda e: (e.item, e.chunk_offset))
-    cols: dict[str, list[Any]] = {name: [] for name in MANIFEST_SCHEMA.names}
-    for ext in extents:
-        meta = by_item[ext.item]
-        cols["item"].append(ext.item)
-        # Arrow strings are UTF-8: a key's lone surrogates are kept as \udXXX escapes (the tree
-        # keeps the real key)
-        cols["key"].append(meta.key.encode("utf-8", "backslashreplace").decode("utf-8"))
-        cols["kind"].append(meta.kind)
-        cols["dtype"].append(meta.dtype)
-        cols["shape"].append(list(meta.shape) if meta.shape is not None else None)
-        cols["device"].append(meta.device)
-        cols["item_nbytes"].append(meta.nbytes)
-        cols["chunk_offset"].append(ext.chunk_offset)
-        cols["file"].append(ext.file)
-        cols["offset"].append(ext.offset)
-        cols["length"].append(ext.length)
-        cols["checksum"].append(ext.checksum)
-        cols["rank"].append(ext.rank)
-        cols["replicated"].append(meta.replicated)
-        cols["global_shape"].append(list(meta.global_shape) if meta.global_shape is not None else None)
-        cols["global_offset"].append(
-            list(meta.global_offset) if meta.global_offset is not None else None
-        )
+    metas = [by_item[e.item] for e in extents]
+    cols: dict[str, list[Any]] = {
+        "item": [e.item for e in extents],
+        "key": [_storable_key(m.key) for m in metas],
+        "kind": [m.kind for m in metas],
+        "dtype": [m.dtype for m in metas],
+        "shape": [list(m.shape) if m.shape is not None else None for m in metas],
+        "device": [m.device for m in metas],
+        "item_nbytes": [m.nbytes for m in metas],
+        "chunk_offset": [e.chunk_offset for e in extents],
+        "file": [e.file for e in extents],
+        "offset": [e.offset for e in extents],
+        "length": [e.length for e in extents],
+        "checksum": [e.checksum for e in extents],
+        "rank": [e.rank for e in extents],
+        "replicated": [m.replicated for m in metas],
+        "global_shape": [list(m.global_shape) if m.global_shape is not None else None for m in metas],
+        "global_offset": [
+            list(m.global_offset) if m.global_offset is not None else None for m in metas
+        ],
+    }
     metadata = {
         META_VERSION: str(FORMAT_VERSION).encode(),
         META_TREE: tree_json.encode(),
@@ -378,6 +440,7 @@ class Manifest:
         return sorted({e.file for exts in self.extents.values() for e in exts})
 
 
+@without_gc
 def parse_manifest(table: pa.Table, *, where: str, marker: Marker) -> Manifest:
     """Validate a manifest table completely before a single byte of tensor data is read.
 

@@ -48,6 +48,7 @@ from .format import (
     Manifest,
     Marker,
     check_header,
+    without_gc,
     dtype_from_name,
     manifest_from_bytes,
     parse_manifest,
@@ -163,6 +164,7 @@ class CheckpointReader:
 
     # --- read ---------------------------------------------------------------------------------
 
+    @without_gc
     def read(
         self,
         path: str,

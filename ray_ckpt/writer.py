@@ -42,7 +42,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ._checksum import crc32c
 from .config import CheckpointWriterConfig
 from .errors import CheckpointWriteError
-from .format import HEADER_SIZE, Extent, encode_header
+from .format import HEADER_SIZE, Extent, PackedRows, encode_header, without_gc
 from .stager import BucketLayout
 from .storage import Storage
 
@@ -78,7 +78,7 @@ class ShardResult:
 
     file: str
     file_nbytes: int
-    extents: tuple[Extent, ...]
+    extents: list[Extent]  # PackedRows: cheap to send
     node_id: str
     write_secs: float
 
@@ -93,6 +93,7 @@ class CheckpointWriter:
     def __init__(self, config: CheckpointWriterConfig | None = None) -> None:
         self.config = config or CheckpointWriterConfig()
 
+    @without_gc
     def write_bucket(
         self,
         storage: Storage,
@@ -103,7 +104,7 @@ class CheckpointWriter:
         checkpoint_id: str,
         checksum: bool,
         fsync: bool,
-    ) -> tuple[Extent, ...]:
+    ) -> list[Extent]:
         if len(arrays) != len(layout.array_nbytes):
             raise CheckpointWriteError(
                 f"bucket {layout.file} arrived with {len(arrays)} arrays, expected "
@@ -142,7 +143,7 @@ class CheckpointWriter:
                 position = offset + len(view)
 
         storage.write_stream(layout.file, produce, fsync=fsync)
-        extents = tuple(
+        extents = PackedRows(
             Extent(
                 item=seg.item,
                 chunk_offset=seg.chunk_offset,
