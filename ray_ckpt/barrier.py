@@ -10,7 +10,7 @@ whichever rank gets there first) and talks to it twice::
                                                                   returns once the save is decided
     (a failing rank's session)   fail(rank, error)
 
-It commits (manifest, then marker: :func:`ray_ckpt.coordinator.commit_reports`) once every one
+It commits (manifest, then marker: :func:`ray_ckpt.commit.commit_reports`) once every one
 of the ``world_size`` ranks has arrived, and answers every ``arrive`` with the same
 :class:`~ray_ckpt.SaveResult`. It fails the save on every rank, committing nothing, as soon as
 one rank fails, a joined rank's process dies, or ``barrier_timeout_secs`` pass after the first
@@ -124,7 +124,7 @@ class _CheckpointCoordinator:
                 f"nothing was committed. {failed}"
             ))
         elif len(self._reports) == self._world_size:
-            from .coordinator import commit_reports
+            from .commit import commit_reports
 
             reports = [self._reports[r] for r in sorted(self._reports)]
             try:

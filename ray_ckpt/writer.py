@@ -273,7 +273,7 @@ class _WriterActor:
 
     @ray.method(concurrency_group="control")
     def run_save(self, token: str, request: Any) -> Any:
-        from .coordinator import commit_save
+        from .commit import commit_save
 
         slot = self._mailbox.slot(token)
         self._running[token] = slot
