@@ -92,7 +92,7 @@ class Checkpointer(abc.ABC):
                 self._pool.close()
         logger.debug("%s closed", type(self).__name__)
 
-    def _drain(self) -> None:
+    def _drain(self) -> None:  # noqa: B027 - a no-op unless a subclass has saves in flight
         """Wait for saves in flight (async only)."""
 
     def _check_open(self) -> None:

@@ -118,7 +118,7 @@ def _through_barrier(request: SaveRequest, report: RankReport) -> SaveResult:
             request.barrier.arrive.remote(report),
             timeout=request.barrier_timeout_secs + 60,
         )
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - every failure is re-raised after the clean-up
         error = unwrap_ray_error(e)
         if not _committed_with(request.storage, report.files):
             discard_files(request.storage, request.checkpoint_id)
@@ -333,7 +333,7 @@ def gather_shards(
 ) -> list[ShardResult]:
     """Wait for every write; raise one error naming every failed writer, node and cause."""
     refs = [ref for _, _, ref in shards]
-    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_secs)
+    _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_secs)
     results: list[ShardResult] = []
     failures: list[str] = []
     pending_set = set(pending)

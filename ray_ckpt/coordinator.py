@@ -397,7 +397,7 @@ def _raise_if_failed(
 ) -> None:
     try:
         ray.get(ref)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - re-raised below as the save's error
         on_failure(e)
         cause = unwrap_ray_error(e)
         raise CheckpointWriteError(

@@ -17,7 +17,6 @@ import concurrent.futures
 import logging
 import math
 import pickle
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,10 +47,10 @@ from .format import (
     Manifest,
     Marker,
     check_header,
-    without_gc,
     dtype_from_name,
     manifest_from_bytes,
     parse_manifest,
+    without_gc,
 )
 from .sharding import Box, ShardedTensor, is_dtensor, overlap, runs, slices, target_box
 from .storage import FileReader, Storage

@@ -48,7 +48,6 @@ import abc
 import ctypes
 import errno
 import functools
-import functools
 import logging
 import os
 import re
