@@ -9,8 +9,8 @@
 See README.md for the async checkpointer, storage, Ray Train and the CLI.
 """
 
-from .catalog import CheckpointEntry, delete_checkpoint, list_checkpoints
 from .builder import default_rank_info, make_async_checkpointer, make_sync_checkpointer
+from .catalog import CheckpointEntry, delete_checkpoint, list_checkpoints
 from .checkpointer import AsyncCheckpointer, Checkpointer, SyncCheckpointer
 from .config import (
     CheckpointerConfig,
@@ -22,8 +22,8 @@ from .config import (
 from .coordinator import SaveResult, StageStats
 from .errors import (
     BarrierTimeoutError,
-    CheckpointError,
     CheckpointerClosedError,
+    CheckpointError,
     CheckpointExistsError,
     CheckpointNotFoundError,
     CheckpointWriteError,

@@ -75,8 +75,8 @@ class GatedWriter(ray_ckpt.CheckpointWriter):
         self.gate = gate
 
     def write_bucket(self, storage: Any, layout: Any, arrays: Any, **kwargs: Any) -> Any:
-        if layout.seq > 0:
-            open(self.gate + ".reached", "w").close()
+        if layout.seq > 0 and not os.path.exists(self.gate):
+            open(self.gate + ".reached", "w").close()  # only when it really holds a bucket
             while not os.path.exists(self.gate):
                 time.sleep(0.02)
         return super().write_bucket(storage, layout, arrays, **kwargs)

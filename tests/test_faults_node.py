@@ -65,15 +65,18 @@ def _config(spread: bool) -> ray_ckpt.CheckpointerConfig:
 
 
 class NodeGatedWriter(ray_ckpt.CheckpointWriter):
-    """A real writer that, on node ``node_id`` only, holds every bucket until ``gate`` exists."""
+    """A real writer that, on node ``node_id`` only, holds every bucket until ``gate`` exists,
+    touching ``gate + ".reached"`` when it starts holding one."""
 
     def __init__(self, config: Any, gate: str, node_id: str) -> None:
         super().__init__(config)
         self.gate, self.node_id = gate, node_id
 
     def write_bucket(self, storage: Any, layout: Any, arrays: Any, **kwargs: Any) -> Any:
-        if ray.get_runtime_context().get_node_id() == self.node_id:
-            open(self.gate + ".reached", "w").close()
+        if ray.get_runtime_context().get_node_id() == self.node_id and not os.path.exists(
+            self.gate
+        ):
+            open(self.gate + ".reached", "w").close()  # only when it really holds a bucket
             while not os.path.exists(self.gate):
                 time.sleep(0.02)
         return super().write_bucket(storage, layout, arrays, **kwargs)

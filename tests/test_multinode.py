@@ -36,13 +36,15 @@ def test_each_node_writes_what_it_staged_with_one_writer_per_node(cluster, tmp_p
         loaded = ray_ckpt.CheckpointReader().read(path)[0]
         assert torch.equal(loaded["w"], torch.randn(512, 512))
 
+    # The cluster is shared with other modules, whose writers may use other pools (io_threads)
+    pool = f"ray_ckpt.writer.default-io{small_config().writer_config.io_threads}."
     writers = [
         a for a in list_actors(
             address=ray.get_runtime_context().gcs_address,
             filters=[("state", "=", "ALIVE")],
             limit=1000,
         )
-        if a.class_name == "_WriterActor" and a.name.startswith("ray_ckpt.writer.default")
+        if a.class_name == "_WriterActor" and a.name.startswith(pool)
     ]
     by_node: dict[str, int] = {}
     for actor in writers:
