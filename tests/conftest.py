@@ -412,4 +412,58 @@ def reliability(request: pytest.FixtureRequest) -> Iterator[ReliabilityCounts]:
             "finished_unix": time.time(),
             "counts": {s: dict(sorted(c.items())) for s, c in sorted(counts.counts.items())},
         }
-        Path(path).write_text(json.dumps(doc, indent=1) + "\n")
+        if path.endswith(".md"):
+            Path(path).write_text(render_reliability(doc))
+        else:
+            Path(path).write_text(json.dumps(doc, indent=1) + "\n")
+
+
+_SECTIONS = {
+    "faults": "Faults injected",
+    "pressure": "Pressure: saves in a row, state larger than the object store",
+    "corruptions": "Corruptions tried",
+    "hostile": "Hostile checkpoints",
+    "bad arguments": "Bad arguments",
+    "fuzz": "Fuzzing (hypothesis)",
+}
+
+
+def render_reliability(doc: dict[str, Any]) -> str:
+    """The counts as markdown: one table per section, one row per case, one column per field."""
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(doc["finished_unix"]))
+    lines = [
+        "# Reliability figures",
+        "",
+        "Written by the test suite itself, from what its fault, corruption, hostile-input and fuzz",
+        "tests counted in one run. Every count is of an outcome the test asserted: a fault counts",
+        "as survived only after the test checked that nothing broken was committed and that the",
+        "last good checkpoint still loads bit for bit; a corruption counts as detected only when",
+        "load raised a `CheckpointError` naming the file (and `verify` found it without loading).",
+        "",
+        f"Run of {when}, reproduced with:",
+        "",
+        "```bash",
+        f"{doc['command']}",
+        "```",
+        "",
+    ]
+    counts = doc["counts"]
+    for section in [*_SECTIONS, *sorted(set(counts) - set(_SECTIONS))]:
+        cases = counts.get(section)
+        if not cases:
+            continue
+        fields = sorted({f for c in cases.values() for f in c}, key=_field_order)
+        totals = {f: sum(c.get(f, 0) for c in cases.values()) for f in fields}
+        lines += [f"## {_SECTIONS.get(section, section)}", ""]
+        lines.append("| case | " + " | ".join(fields) + " |")
+        lines.append("| --- |" + " ---: |" * len(fields))
+        for case, c in cases.items():
+            lines.append(f"| {case} | " + " | ".join(str(c.get(f, "")) for f in fields) + " |")
+        lines.append("| **all** | " + " | ".join(f"**{totals[f]}**" for f in fields) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _field_order(field: str) -> tuple[int, str]:
+    first = ("injected", "tried", "cases", "survived", "detected by load", "detected by verify")
+    return (first.index(field) if field in first else len(first), field)
