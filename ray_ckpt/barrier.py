@@ -5,7 +5,7 @@ whichever rank gets there first) and talks to it twice::
 
     (each rank, at save())      join(rank, [pending write ref])   the ref is owned by the rank's
                                                                   process: if that process dies,
-                                                                  the ref fails, and the save with it
+                                                                  the ref fails, so does the save
     (each rank's writer session) arrive(report)                   after the rank's data is durable;
                                                                   returns once the save is decided
     (a failing rank's session)   fail(rank, error)

@@ -26,7 +26,9 @@ logger = logging.getLogger(__name__)
 class Checkpointer(abc.ABC):
     """Saves and loads state dicts. Use as a context manager, or call :meth:`close`."""
 
-    def __init__(self, coordinator: Coordinator, reader: CheckpointReader, pool: WriterPool) -> None:
+    def __init__(
+        self, coordinator: Coordinator, reader: CheckpointReader, pool: WriterPool
+    ) -> None:
         self._coordinator = coordinator
         self._reader = reader
         self._pool = pool
@@ -160,7 +162,9 @@ class AsyncCheckpointer(Checkpointer):
         super().__init__(coordinator, reader, pool)
         self._use_async_staging = use_async_staging
         self._overlap_writes = write_during_staging
-        self._previous: tuple[CheckpointFuture[StageStats], CheckpointFuture[SaveResult]] | None = None
+        self._previous: (
+            tuple[CheckpointFuture[StageStats], CheckpointFuture[SaveResult]] | None
+        ) = None
 
     def save(
         self,

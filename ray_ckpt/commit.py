@@ -127,14 +127,17 @@ def _through_barrier(request: SaveRequest, report: RankReport) -> SaveResult:
 
 
 @without_gc
-def commit_reports(request: SaveRequest, reports: list[RankReport], checkpoint_id: str) -> SaveResult:
+def commit_reports(
+    request: SaveRequest, reports: list[RankReport], checkpoint_id: str
+) -> SaveResult:
     """Commit the reports of every rank as checkpoint ``checkpoint_id``: manifest (durable),
     ``pre_commit`` hook, marker (exclusive unless overwriting), ``post_commit`` hook, then the
     files of the checkpoint this one replaced."""
     storage = request.storage
     items, extents, trees = merge_reports(reports, storage)
     replaced = _committed_files(storage) if request.overwrite else set()
-    table = build_manifest(items, extents, trees[0], checkpoint_id, trees if len(trees) > 1 else None)
+    rank_trees = trees if len(trees) > 1 else None
+    table = build_manifest(items, extents, trees[0], checkpoint_id, rank_trees)
     raw = manifest_to_bytes(table)
     manifest = manifest_file_name(checkpoint_id)
     try:
@@ -244,7 +247,8 @@ class _Merger:
         self.replica_paths[report.rank] = {p for p, _, _ in report.replicas.values()}
         for meta in report.items:
             if meta.item in report.shard_items:
-                mapping[meta.item] = self._shard(meta, report.shard_items[meta.item][0], report.rank)
+                box = report.shard_items[meta.item][0]
+                mapping[meta.item] = self._shard(meta, box, report.rank)
             elif meta.item in report.replicas:
                 mapping[meta.item] = self._replica(meta, report.replicas[meta.item], report.rank)
             else:
@@ -280,7 +284,8 @@ class _Merger:
             self.shards.setdefault(path, []).append(index)
             return index
         index, first, first_rank = known
-        if (first.dtype, first.shape, first.global_shape) != (meta.dtype, meta.shape, meta.global_shape):
+        layout = (meta.dtype, meta.shape, meta.global_shape)
+        if (first.dtype, first.shape, first.global_shape) != layout:
             self.problems.append(
                 f"key {meta.key!r}: ranks {first_rank} and {rank} disagree on the shard at "
                 f"{list(meta.global_offset)} ({first.dtype} {list(first.shape or ())} of "

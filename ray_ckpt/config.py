@@ -109,7 +109,9 @@ class CheckpointWriterConfig:
     spread_across_nodes: bool = False
 
     def __post_init__(self) -> None:
-        _require(1 <= self.io_threads <= 16, f"io_threads must be in [1, 16], got {self.io_threads}")
+        _require(
+            1 <= self.io_threads <= 16, f"io_threads must be in [1, 16], got {self.io_threads}"
+        )
         _require(
             self.barrier_timeout_secs > 0,
             f"barrier_timeout_secs must be positive, got {self.barrier_timeout_secs}",
@@ -130,7 +132,9 @@ class CheckpointReaderConfig:
     io_threads: int = 2
 
     def __post_init__(self) -> None:
-        _require(1 <= self.io_threads <= 64, f"io_threads must be in [1, 64], got {self.io_threads}")
+        _require(
+            1 <= self.io_threads <= 64, f"io_threads must be in [1, 64], got {self.io_threads}"
+        )
 
 
 @dataclass(frozen=True)
@@ -161,7 +165,8 @@ class StorageConfig:
         )
         _require(
             self.part_size_bytes >= 5 * MiB,
-            f"part_size_bytes must be at least 5 MiB (the S3 minimum part), got {self.part_size_bytes}",
+            "part_size_bytes must be at least 5 MiB (the S3 minimum part), "
+            f"got {self.part_size_bytes}",
         )
 
 

@@ -20,10 +20,11 @@ This module knows names, layouts and validation. It does no I/O of its own.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
+import itertools
 import json
 import re
-import functools
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -388,7 +389,9 @@ def build_manifest(
         "checksum": [e.checksum for e in extents],
         "rank": [e.rank for e in extents],
         "replicated": [m.replicated for m in metas],
-        "global_shape": [list(m.global_shape) if m.global_shape is not None else None for m in metas],
+        "global_shape": [
+            list(m.global_shape) if m.global_shape is not None else None for m in metas
+        ],
         "global_offset": [
             list(m.global_offset) if m.global_offset is not None else None for m in metas
         ],
@@ -415,7 +418,9 @@ def manifest_from_bytes(raw: bytes, *, where: str) -> pa.Table:
     try:
         return pa.ipc.open_file(pa.py_buffer(raw)).read_all()
     except (pa.ArrowInvalid, pa.ArrowException, OSError) as e:
-        raise CorruptCheckpointError(f"manifest {where} is not a readable Arrow file: {e}") from None
+        raise CorruptCheckpointError(
+            f"manifest {where} is not a readable Arrow file: {e}"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -484,7 +489,8 @@ def parse_manifest(table: pa.Table, *, where: str, marker: Marker) -> Manifest:
         index = cols["item"][row]
         item_meta = items.get(index)
         if item_meta is None:
-            item_meta = items[index] = _parse_item({n: c[row] for n, c in cols.items()}, where=where)
+            row_values = {n: c[row] for n, c in cols.items()}
+            item_meta = items[index] = _parse_item(row_values, where=where)
         elif (cols["key"][row], cols["item_nbytes"][row]) != (item_meta.key, item_meta.nbytes):
             raise CorruptCheckpointError(
                 f"manifest {where}: rows of item {index} ({item_meta.key!r}) disagree"
@@ -524,8 +530,11 @@ def _check_columns(table: pa.Table, *, where: str) -> None:
             row = pc.index(bad, True).as_py()
             value = column[row].as_py()
             label = "item index" if name == "item" else name
-            problem = (f"offset {value} lies inside the file header" if name == "offset" and value >= 0
-                       else f"invalid {label} {value!r}")
+            problem = (
+                f"offset {value} lies inside the file header"
+                if name == "offset" and value >= 0
+                else f"invalid {label} {value!r}"
+            )
             raise CorruptCheckpointError(f"manifest {where}, key {keys[row].as_py()!r}: {problem}")
     for file in pc.unique(table.column("file")).to_pylist():
         if _DATA_RE.match(file) is None:
@@ -542,7 +551,9 @@ def _parse_trees(raw: bytes | None, *, where: str) -> tuple[str, ...]:
     try:
         trees = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptCheckpointError(f"manifest {where}: the per-rank trees are not JSON ({e})") from None
+        raise CorruptCheckpointError(
+            f"manifest {where}: the per-rank trees are not JSON ({e})"
+        ) from None
     if not isinstance(trees, list) or not all(isinstance(t, str) for t in trees):
         raise CorruptCheckpointError(f"manifest {where}: the per-rank trees are malformed")
     return tuple(trees)
@@ -630,7 +641,7 @@ def _check_no_overlap(exts: list[Extent], *, where: str) -> None:
         by_file.setdefault(ext.file, []).append(ext)
     for file, runs in by_file.items():
         runs.sort(key=lambda e: e.offset)
-        for before, after in zip(runs, runs[1:]):
+        for before, after in itertools.pairwise(runs):
             if before.offset + before.length > after.offset and before.length and after.length:
                 raise CorruptCheckpointError(
                     f"manifest {where}: byte ranges of items {before.item} and {after.item} "

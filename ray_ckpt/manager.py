@@ -188,7 +188,9 @@ class CheckpointManager:
         if self._keep_last:
             keep.update(e.step for e in committed[-self._keep_last:])
         if self._keep_every:
-            keep.update(e.step for e in committed if e.step is not None and e.step % self._keep_every == 0)
+            keep.update(
+                e.step for e in committed if e.step is not None and e.step % self._keep_every == 0
+            )
         if self._keep_best:
             keep.update(e.step for e in self._ranked(committed)[: self._keep_best])
         deleted = []
@@ -240,6 +242,7 @@ class CheckpointManager:
         scored = []
         for entry in entries:
             value = entry.metadata.get(_METRICS_KEY, {}).get(self._metric)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if is_number and math.isfinite(value):
                 scored.append((value if self._mode == "min" else -value, -(entry.step or 0), entry))
         return [entry for *_, entry in sorted(scored, key=lambda t: t[:2])]

@@ -322,7 +322,9 @@ def _add_pieces(
         hi = min(end, extent.chunk_offset + extent.length)
         if lo < hi:
             pieces.append(
-                _Piece(extent, lo - extent.chunk_offset, hi - lo, dest[lo - start : hi - start], meta)
+                _Piece(
+                    extent, lo - extent.chunk_offset, hi - lo, dest[lo - start : hi - start], meta
+                )
             )
         elif length == 0 and extent.length == 0:
             pieces.append(_Piece(extent, 0, 0, dest[0:0], meta))
@@ -548,7 +550,11 @@ class _Walker:
             if stored.index in self.plan.fresh:
                 return
             meta = self.info.manifest.items[stored.index]
-            dtype = torch.uint8 if meta.kind == KIND_PICKLE else dtype_from_name(meta.dtype or "", where=meta.key)
+            dtype = (
+                torch.uint8
+                if meta.kind == KIND_PICKLE
+                else dtype_from_name(meta.dtype or "", where=meta.key)
+            )
             shape = _item_shape(meta)
             tensor = torch.empty(shape, dtype=dtype)
             self.plan.fresh[stored.index] = tensor
@@ -557,7 +563,8 @@ class _Walker:
             if stored.indices in self.plan.fresh:
                 return
             first = self.info.manifest.items[stored.indices[0]]
-            tensor = torch.empty(stored.global_shape, dtype=dtype_from_name(first.dtype or "", where=first.key))
+            dtype = dtype_from_name(first.dtype or "", where=first.key)
+            tensor = torch.empty(stored.global_shape, dtype=dtype)
             self.plan.fresh[stored.indices] = tensor
             self._plan_region(tensor, _whole(stored.global_shape), stored, first.key)
         elif isinstance(stored, dict):
@@ -584,8 +591,8 @@ class _Walker:
                 f"key {key!r}: the checkpoint holds {first.dtype} {list(stored.global_shape)} "
                 f"(as {len(stored.indices)} shard(s)) but the target is "
                 f"{str(local.dtype).removeprefix('torch.')} {list(global_shape)}"
-                f"{' (its shard at ' + str(list(box[0])) + ')' if _is_sharded_target(target) else ''}"
-                ". Load into a tensor of the same global shape and dtype."
+                + (f" (its shard at {list(box[0])})" if _is_sharded_target(target) else "")
+                + ". Load into a tensor of the same global shape and dtype."
             )
         self._plan_region(local, box, stored, key)
 
@@ -694,13 +701,16 @@ def _device(value: Any) -> torch.device:
     try:
         device = torch.device(value)
     except (RuntimeError, ValueError) as e:
-        raise UnsupportedValueError(f"default_map_location {value!r} is not a device: {e}") from None
+        raise UnsupportedValueError(
+            f"default_map_location {value!r} is not a device: {e}"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UnsupportedValueError(
             f"default_map_location {value!r} asks for CUDA, which this process does not have; "
             "use 'cpu' or load on a GPU machine"
         )
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+    index = device.index
+    if device.type == "cuda" and index is not None and index >= torch.cuda.device_count():
         raise UnsupportedValueError(
             f"default_map_location {value!r}: this process sees {torch.cuda.device_count()} GPUs"
         )

@@ -44,9 +44,9 @@ from .format import (
     ItemMeta,
     PackedRows,
     align,
-    without_gc,
     data_file_name,
     dtype_name,
+    without_gc,
 )
 
 logger = logging.getLogger(__name__)
@@ -278,7 +278,9 @@ class DefaultStager(CheckpointStager):
                     close_bucket()
                     room = limit
                 length = min(room, meta.nbytes - done)
-                chunks.append(_Source(parts=[(meta.item, done, length)], nbytes=length, is_pack=False))
+                chunks.append(
+                    _Source(parts=[(meta.item, done, length)], nbytes=length, is_pack=False)
+                )
                 used += align(length)
                 done += length
         close_bucket()
@@ -328,7 +330,8 @@ class DefaultStager(CheckpointStager):
                     else:
                         target, source_range = region, slice(start, start + length)
                     source = raw if isinstance(raw, torch.Tensor) else torch.from_numpy(raw)
-                    target.copy_(source[source_range], non_blocking=self._config.use_non_blocking_copy)
+                    non_blocking = self._config.use_non_blocking_copy
+                    target.copy_(source[source_range], non_blocking=non_blocking)
                 host_views.append(region.numpy())
                 position += align(src.nbytes)
         if stream is not None:

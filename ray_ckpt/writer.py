@@ -352,7 +352,8 @@ class WriterPool:
     ) -> None:
         self._config = config
         self._namespace = namespace
-        self._init = (writer_init_fn, writer_init_args or {}, subprocess_init_fn, subprocess_init_args)
+        writer_args = writer_init_args or {}
+        self._init = (writer_init_fn, writer_args, subprocess_init_fn, subprocess_init_args)
         self._custom = not (
             writer_init_fn is default_writer_init_fn
             and subprocess_init_fn is default_subprocess_init_fn

@@ -46,7 +46,8 @@ def assert_same(a: Any, b: Any, path: str = "") -> None:
         isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
     ), f"{path}: {type(a)} != {type(b)}"
     if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape, f"{path}: {a.dtype}{a.shape} != {b.dtype}{b.shape}"
+        same_layout = a.dtype == b.dtype and a.shape == b.shape
+        assert same_layout, f"{path}: {a.dtype}{a.shape} != {b.dtype}{b.shape}"
         assert a.device.type == b.device.type or b.device.type == "cpu"
         assert torch.equal(
             a.detach().cpu().contiguous().reshape(-1).view(torch.uint8),

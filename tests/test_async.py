@@ -34,14 +34,18 @@ def _state(seed: int = 0) -> dict:
 
 def test_futures_resolve_and_are_object_ref_backed(actor, tmp_path):
     stage, write = actor.save(str(tmp_path / "c"), _state())
-    assert isinstance(stage.object_ref, ray.ObjectRef) and isinstance(write.object_ref, ray.ObjectRef)
+    assert isinstance(stage.object_ref, ray.ObjectRef)
+    assert isinstance(write.object_ref, ray.ObjectRef)
     stats = stage.result(timeout=60)
     assert stats.nbytes == 600 * 600 * 4 + 600 * 4 + 200 * 40 and stats.items == 202
     ready, _ = ray.wait([write.object_ref], timeout=60)
     assert ready == [write.object_ref]
     result = write.result()
     assert result == ray.get(write.object_ref)
-    assert result.nbytes == stats.nbytes and result.checkpoint_id in os.listdir(tmp_path / "c")[0] or True
+    assert result.nbytes == stats.nbytes and result.items == stats.items
+    files = os.listdir(tmp_path / "c")
+    assert f"manifest-{result.checkpoint_id}.arrow" in files
+    assert len([f for f in files if f.endswith(f"-{result.checkpoint_id}.data")]) == result.files
     assert write.done() and stage.done() and write.exception() is None
     assert_same(_state(), actor.load(str(tmp_path / "c")))
 
@@ -109,7 +113,7 @@ def test_writer_error_surfaces_in_write_future_and_next_save(cluster, tmp_path):
     with ray_ckpt.make_async_checkpointer(
         config=small_config(), checkpoint_writer_init_fn=lambda config: FailingWriter(config)
     ) as failing:
-        stage, write = failing.save(str(tmp_path / "bad"), _state())
+        _, write = failing.save(str(tmp_path / "bad"), _state())
         with pytest.raises(ray_ckpt.CheckpointWriteError) as info:
             write.result(timeout=60)
         message = str(info.value)
@@ -154,7 +158,7 @@ def test_cancel_before_commit(cluster, tmp_path):
     with ray_ckpt.make_async_checkpointer(
         config=small_config(), checkpoint_writer_init_fn=lambda config: SlowWriter(config)
     ) as c:
-        stage, write = c.save(str(tmp_path / "c"), _state())
+        _, write = c.save(str(tmp_path / "c"), _state())
         assert write.cancel() is True
         gate.touch()
         with pytest.raises(concurrent.futures.CancelledError):

@@ -41,7 +41,7 @@ def _config(**staging) -> ray_ckpt.CheckpointerConfig:
 
 
 @functools.cache
-def _gcs_state(address: str):  # noqa: ANN202 - Ray's internal GlobalState
+def _gcs_state(address: str):
     return get_state_from_address(address)
 
 

@@ -27,7 +27,8 @@ CKPT_ID = "0123456789abcdef"
 
 
 def _plan(sizes: list[int], bucket: int = 4096, pack: int = 256):
-    stager = DefaultStager(CheckpointStagerConfig(bucket_size_bytes=bucket, pack_threshold_bytes=pack))
+    config = CheckpointStagerConfig(bucket_size_bytes=bucket, pack_threshold_bytes=pack)
+    stager = DefaultStager(config)
     state = {f"t{i}": torch.zeros(n, dtype=torch.uint8) for i, n in enumerate(sizes)}
     return stager.plan(state, checkpoint_id=CKPT_ID)
 
@@ -64,11 +65,14 @@ def _manifest(rows: list[dict], total: int | None = None) -> tuple[pa.Table, Mar
     items = {}
     extents = []
     for r in rows:
-        items[r["item"]] = ItemMeta(r["item"], r.get("key", f"k{r['item']}"), r.get("kind", "tensor"),
-                                    r.get("dtype", "float32"), r.get("shape", (2,)), "cpu",
-                                    r.get("nbytes", 8))
-        extents.append(Extent(r["item"], r.get("chunk_offset", 0), r.get("file", data_file_name(0, 0, CKPT_ID)),
-                              r.get("offset", HEADER_SIZE), r.get("length", 8), 0, 0))
+        items[r["item"]] = ItemMeta(
+            r["item"], r.get("key", f"k{r['item']}"), r.get("kind", "tensor"),
+            r.get("dtype", "float32"), r.get("shape", (2,)), "cpu", r.get("nbytes", 8),
+        )
+        extents.append(Extent(
+            r["item"], r.get("chunk_offset", 0), r.get("file", data_file_name(0, 0, CKPT_ID)),
+            r.get("offset", HEADER_SIZE), r.get("length", 8), 0, 0,
+        ))
     table = build_manifest(list(items.values()), extents, '{"d":[]}', CKPT_ID)
     nbytes = sum(m.nbytes for m in items.values()) if total is None else total
     return table, Marker(CKPT_ID, f"manifest-{CKPT_ID}.arrow", 0, 0, 0.0, 1, nbytes)

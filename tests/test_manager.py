@@ -75,7 +75,7 @@ def test_async_checkpointer_retention_after_commit(cluster, tmp_path):
     with ray_ckpt.make_async_checkpointer(config=small_config()) as actor:
         manager = ray_ckpt.CheckpointManager(str(tmp_path), actor, keep_last=2)
         for step in range(4):
-            stage, write = manager.save(step, _state(step))
+            stage, _ = manager.save(step, _state(step))
             stage.result()
         manager.wait()
         assert manager.steps() == [2, 3]

@@ -20,14 +20,16 @@ def _save_from_this_node(path: str, seed: int) -> tuple[str, dict[str, int], int
     with ray_ckpt.make_async_checkpointer(config=small_config()) as ckptr:
         _, write = ckptr.save(path, state)
         result = write.result()
-    return ray.get_runtime_context().get_node_id(), result.writers, int(state["w"].sum().item() * 1000)
+    node_id = ray.get_runtime_context().get_node_id()
+    return node_id, result.writers, int(state["w"].sum().item() * 1000)
 
 
 def test_each_node_writes_what_it_staged_with_one_writer_per_node(cluster, tmp_path):
     runs = []
     for i, node_id in enumerate(cluster.node_ids):
         path = str(tmp_path / f"from-{i}")
-        runs.append((path, node_id, i, _save_from_this_node.options(**on_node(node_id)).remote(path, i)))
+        ref = _save_from_this_node.options(**on_node(node_id)).remote(path, i)
+        runs.append((path, node_id, i, ref))
     for path, node_id, seed, ref in runs:
         ran_on, writers, _ = ray.get(ref)
         assert ran_on == node_id
@@ -87,7 +89,8 @@ def test_writer_on_worker_node_survives_its_creator(cluster, tmp_path, node):
     """Writers are detached: the task that created one has ended, and the writer still serves."""
     node_id = cluster.node_ids[node]
     ray.get(_save_from_this_node.options(**on_node(node_id)).remote(str(tmp_path / "a"), 1))
-    _, writers, _ = ray.get(_save_from_this_node.options(**on_node(node_id)).remote(str(tmp_path / "b"), 2))
+    save = _save_from_this_node.options(**on_node(node_id))
+    _, writers, _ = ray.get(save.remote(str(tmp_path / "b"), 2))
     assert list(writers) == [node_id]
 
 

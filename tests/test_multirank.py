@@ -12,7 +12,6 @@ import ray
 import torch
 
 import ray_ckpt
-
 from ray_ckpt.barrier import coordinator_name
 
 from .conftest import on_node
@@ -134,7 +133,8 @@ def test_replicas_that_differ_are_refused(cluster, tmp_path):
     path = str(tmp_path / "c")
     refs = [r.save.remote(path, seed=rank) for rank, r in enumerate(ranks)]  # models differ
     for ref in refs:
-        with pytest.raises(ray_ckpt.CheckpointWriteError, match="different values on ranks 0 and 1"):
+        differ = "different values on ranks 0 and 1"
+        with pytest.raises(ray_ckpt.CheckpointWriteError, match=differ):
             ray.get(ref, timeout=60)
     assert not os.path.exists(os.path.join(path, "ray_ckpt.commit"))
 
