@@ -43,6 +43,9 @@ RAW_WRITE = "raw write+fsync, 64 MiB files"
 RAW_WRITE_ONE = "raw write+fsync, one file"
 RAW_WRITE_THREADS = "raw write+fsync, 64 MiB files, 4 at a time"
 RAW_READ = "raw read into preallocated"
+# bounds of particular phases, shown to say what bounds a target that is not met
+OBJECT_STORE_PUT = "ray.put of the bytes, 64 MiB objects"
+RAW_READ_CRC = "raw read + crc32c, 2 threads"
 
 LIMIT_OF_PHASE = {"save": RAW_WRITE, "stall": MEMCPY, "load": RAW_READ}
 
@@ -179,8 +182,7 @@ def _write_all(fd: int, views: list[np.ndarray]) -> None:
             pending[0] = pending[0][written:]
 
 
-def _read_all(fd: int, views: list[np.ndarray]) -> None:
-    offset = 0
+def _read_all(fd: int, views: list[np.ndarray], offset: int = 0) -> None:
     for view in views:
         done = 0
         mv = view.data
@@ -271,6 +273,61 @@ class RawRead(Op):
                     os.close(fd)
 
         return {RAW_READ: timed(read)}
+
+
+class ObjectStorePut(Op):
+    """``ray.put`` of the state's bytes as numpy byte views, one object per 64 MiB (what the
+    stager puts, without planning or packing): the floor of an async save's stall, which must
+    copy every byte into Ray's object store before the caller may go on."""
+
+    rows = (Row(OBJECT_STORE_PUT, "limit", "copy"),)
+
+    def run(self, ctx: Context) -> dict[str, float]:
+        import ray
+
+        groups = _chunks([byte_view(t) for _, t in tensors(ctx.state)], RAW_FILE_BYTES)
+        refs: list[Any] = []
+
+        def put() -> None:
+            refs.extend(ray.put(group) for group in groups)
+
+        secs = timed(put)
+        refs.clear()  # frees the objects
+        return {OBJECT_STORE_PUT: secs}
+
+
+class RawReadVerified(Op):
+    """The raw read, with a CRC32C of every 1 MiB slice as it lands (as ray_ckpt's reader
+    checks), on two threads: the bound of any load that verifies every byte on this machine,
+    one copy out of the page cache plus one checksum pass over the same bytes."""
+
+    rows = (Row(RAW_READ_CRC, "limit", "read"),)
+    artifact = "raw"
+
+    def run(self, ctx: Context) -> dict[str, float]:
+        from ray_ckpt._checksum import crc32c
+
+        root = ctx.artifacts["raw"]
+        files = _chunks([byte_view(t) for _, t in tensors(ctx.target)], RAW_FILE_BYTES)
+
+        def read_one(i: int) -> None:
+            fd = os.open(os.path.join(root, f"{i:05d}.bin"), os.O_RDONLY)
+            try:
+                offset = 0
+                for view in files[i]:
+                    for at in range(0, len(view), MiB):
+                        piece = view[at : at + MiB]
+                        _read_all(fd, [piece], offset + at)
+                        crc32c(piece)
+                    offset += len(view)
+            finally:
+                os.close(fd)
+
+        def read() -> None:
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                list(pool.map(read_one, range(len(files))))
+
+        return {RAW_READ_CRC: timed(read)}
 
 
 def make_raw_artifact(ctx: Context) -> str:
@@ -665,6 +722,8 @@ def all_ops() -> list[Op]:
         RawWrite(one_file=True),
         RawWrite(threads=4),
         RawRead(),
+        ObjectStorePut(),
+        RawReadVerified(),
         TorchSave(),
         TorchLoad(),
         SafetensorsSave(),
