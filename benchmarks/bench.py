@@ -137,12 +137,15 @@ def start_ray(object_store_bytes: int) -> None:
     path = os.environ.get("PYTHONPATH", "")
     if REPO_ROOT not in path.split(os.pathsep):
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, path) if p)
+    from ray_ckpt.builder import LOCAL_RAY_SYSTEM_CONFIG
+
     ray.init(
         address="local",
         num_cpus=2,
         object_store_memory=object_store_bytes,
         include_dashboard=False,
         log_to_driver=False,
+        _system_config=LOCAL_RAY_SYSTEM_CONFIG,  # as the local Ray that ray_ckpt starts
     )
 
 

@@ -65,11 +65,17 @@ def _on(node_id: str) -> dict[str, Any]:
 def run(nbytes: int, *, runs: int, warmup: int, scratch: str) -> dict[str, Any]:
     """Start the 2-node cluster, time both layouts, shut the cluster down."""
     from ray.cluster_utils import Cluster
+    from ray_ckpt.builder import LOCAL_RAY_SYSTEM_CONFIG
 
     store = max(2 * nbytes + 64 * MiB, 256 * MiB)  # budget (half) holds the whole state
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 2, "object_store_memory": store, "include_dashboard": False},
+        head_node_args={
+            "num_cpus": 2,
+            "object_store_memory": store,
+            "include_dashboard": False,
+            "_system_config": LOCAL_RAY_SYSTEM_CONFIG,
+        },
     )
     savers: list[Any] = []
     try:

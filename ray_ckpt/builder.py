@@ -45,6 +45,14 @@ def default_rank_info() -> RankInfo:
     return RankInfo(0, 1)
 
 
+# Ray's raylet frees objects that went out of scope in batches, every
+# ``free_objects_period_milliseconds`` (1000 by default): a written bucket would then hold its
+# object-store memory for up to a second after its write, beyond the staging budget, and the
+# next save's puts would land in fresh (cold) pages. The local Ray that ray_ckpt starts frees
+# every 10 ms; on a cluster, set RAY_free_objects_period_milliseconds=10 on every node.
+LOCAL_RAY_SYSTEM_CONFIG = {"free_objects_period_milliseconds": 10}
+
+
 def ensure_ray(config: CheckpointerConfig) -> None:
     """Connect to Ray unless this process already is.
 
@@ -60,7 +68,9 @@ def ensure_ray(config: CheckpointerConfig) -> None:
         ray.init(address=address)
     else:
         logger.info("ray_ckpt: starting a local Ray instance")
-        ray.init(address="local", include_dashboard=False)
+        ray.init(
+            address="local", include_dashboard=False, _system_config=LOCAL_RAY_SYSTEM_CONFIG
+        )
 
 
 def _parts(

@@ -44,8 +44,11 @@ def test_futures_resolve_and_are_object_ref_backed(actor, tmp_path):
     assert result == ray.get(write.object_ref)
     assert result.nbytes == stats.nbytes and result.items == stats.items
     files = os.listdir(tmp_path / "c")
-    assert f"manifest-{result.checkpoint_id}.arrow" in files
-    assert len([f for f in files if f.endswith(f"-{result.checkpoint_id}.data")]) == result.files
+    data = [f for f in files if f.endswith(f"-{result.checkpoint_id}.data")]
+    assert len(data) == sum(result.writers.values()) > 0
+    manifest = f"manifest-{result.checkpoint_id}.arrow"
+    assert sorted(files) == sorted([*data, manifest, "ray_ckpt.commit"])
+    assert result.files == len(files)  # data files, manifest and marker
     assert write.done() and stage.done() and write.exception() is None
     assert_same(_state(), actor.load(str(tmp_path / "c")))
 

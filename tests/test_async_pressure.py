@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import gc
 import os
+import threading
 import time
 
 import pytest
@@ -18,12 +19,18 @@ from ray._private.internal_api import get_memory_info_reply, get_state_from_addr
 from ray.util.state import list_actors
 
 import ray_ckpt
+from ray_ckpt.builder import LOCAL_RAY_SYSTEM_CONFIG
 
 from .conftest import CLUSTERS, MiB, ensure_cluster
 from .helpers import assert_same
 
 CLUSTERS["small_store"] = {
-    "head": {"num_cpus": 2, "object_store_memory": 100 * MiB},
+    # frees every 10 ms, as the README advises for clusters (Ray's default batches frees for 1 s)
+    "head": {
+        "num_cpus": 2,
+        "object_store_memory": 100 * MiB,
+        "_system_config": LOCAL_RAY_SYSTEM_CONFIG,
+    },
     "workers": [{"num_cpus": 1, "object_store_memory": 100 * MiB}],
 }
 
@@ -91,6 +98,45 @@ def test_state_larger_than_the_object_store_saves(small_cluster, tmp_path):
         assert result.nbytes == 400_000_000
         loaded = ckptr.load(str(tmp_path / "big"))
     assert_same(state, loaded)
+
+
+def test_peak_memory_of_an_async_save_is_the_state_plus_the_budget(small_cluster, tmp_path):
+    """While a 200 MB state saves through a 100 MiB store, the object store never holds more
+    than the staging budget (plus the bucket being put), and neither the caller's nor the
+    writer's own heap takes a copy of the state: staging copies straight into the store."""
+    torch.manual_seed(2)
+    state = {f"layer{i}": torch.randn(2_500_000) for i in range(20)}  # 200 MB
+    budget, bucket = 32 * MiB, 8 * MiB
+    node_id = ray.get_runtime_context().get_node_id()
+    me = os.getpid()
+    with ray_ckpt.make_async_checkpointer(config=_config(memory_budget_bytes=budget)) as ckptr:
+        ckptr.save(str(tmp_path / "warm"), {"w": torch.ones(10)})[1].result(timeout=120)
+        gc.collect()
+        base_driver, base_writer = _heap_bytes(me), _writer_heap(node_id)
+        peaks = {"store": 0, "driver": 0, "writer": 0}
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peaks["store"] = max(peaks["store"], _store_used_bytes())
+                peaks["driver"] = max(peaks["driver"], _heap_bytes(me) - base_driver)
+                peaks["writer"] = max(peaks["writer"], _writer_heap(node_id) - base_writer)
+                time.sleep(0.005)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            stage, write = ckptr.save(str(tmp_path / "big"), state)
+            stage.result(timeout=300)
+            write.result(timeout=300)
+        finally:
+            done.set()
+            sampler.join()
+        assert_same(state, ckptr.load(str(tmp_path / "big")))
+    store_peak = peaks["store"]
+    assert 0 < store_peak <= budget + bucket, f"object store peaked at {store_peak / MiB:.0f} MiB"
+    assert peaks["driver"] < 48 * MiB, f"caller's heap grew by {peaks['driver'] / MiB:.0f} MiB"
+    assert peaks["writer"] < 48 * MiB, f"writer's heap grew by {peaks['writer'] / MiB:.0f} MiB"
 
 
 def test_explicit_budget_smaller_than_the_store(small_cluster, tmp_path):
