@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -408,7 +409,7 @@ def reliability(request: pytest.FixtureRequest) -> Iterator[ReliabilityCounts]:
             if args[i : i + 2] == ["-m", "slow or not slow"]:  # how ./dev passes --slow
                 args[i : i + 2] = ["--slow", ""]
         doc = {
-            "command": "./dev test " + " ".join(a for a in args if a),
+            "command": "./dev test " + shlex.join(a for a in args if a),
             "finished_unix": time.time(),
             "counts": {s: dict(sorted(c.items())) for s, c in sorted(counts.counts.items())},
         }
@@ -425,6 +426,17 @@ _SECTIONS = {
     "hostile": "Hostile checkpoints",
     "bad arguments": "Bad arguments",
     "fuzz": "Fuzzing (hypothesis)",
+}
+
+
+_NOTES = {
+    "corruptions": "*harmless, loads exactly*: the damaged bytes are never read as data (the "
+    "alignment padding between extents, a marker field that only describes the save) and the "
+    "load returned exactly the saved tensors.",
+    "fuzz": "Each case must load or be refused with a `CheckpointError` within 30 s and without "
+    "growing the peak memory by 64 MiB; anything else fails the test. *loaded*: the mutation, "
+    "re-signed with the right checksums as a buggy or hostile writer would, still described "
+    "valid data, every byte of which passed its CRC32C.",
 }
 
 
@@ -455,6 +467,8 @@ def render_reliability(doc: dict[str, Any]) -> str:
         fields = sorted({f for c in cases.values() for f in c}, key=_field_order)
         totals = {f: sum(c.get(f, 0) for c in cases.values()) for f in fields}
         lines += [f"## {_SECTIONS.get(section, section)}", ""]
+        if section in _NOTES:
+            lines += [_NOTES[section], ""]
         lines.append("| case | " + " | ".join(fields) + " |")
         lines.append("| --- |" + " ---: |" * len(fields))
         for case, c in cases.items():

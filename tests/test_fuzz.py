@@ -520,10 +520,8 @@ def test_random_bytes_as_marker_or_manifest_are_refused(base, workdir, reliabili
             else:
                 (path / _manifest_name(path)).write_bytes(raw)
                 _resign(path)
-            assert (
-                load_bounded(path, reliability, f"random bytes as the {target.split('.')[0]}")
-                == "refused"
-            )
+            case = "random bytes as the " + ("marker" if target == MARKER_NAME else "manifest")
+            assert load_bounded(path, reliability, case) == "refused"
         finally:
             shutil.rmtree(path, ignore_errors=True)
 

@@ -126,8 +126,9 @@ def _submit(head: Head, *train_args: str) -> str:
     """Submit examples/train.py as a job from the repository root, wait for it, return its
     output (the job's logs, streamed by ``ray job submit``). The job server answers before the
     head's job agent has registered; until then a submission is refused (and not created), so
-    it is retried for up to a minute."""
-    deadline = time.monotonic() + 60
+    it is retried for up to three minutes (on a loaded 2-core machine one minute was not always
+    enough)."""
+    deadline = time.monotonic() + 180
     while True:
         submission = f"train-{secrets.token_hex(4)}"
         result = subprocess.run(
@@ -140,9 +141,19 @@ def _submit(head: Head, *train_args: str) -> str:
         if "No available agent to submit job" not in output or time.monotonic() > deadline:
             break
         time.sleep(2)
-    assert result.returncode == 0, output
+    assert result.returncode == 0, output + _agent_log(head)
     assert f"Job '{submission}' succeeded" in output, output
     return output
+
+
+def _agent_log(head: Head) -> str:
+    """The end of the head's dashboard agent log, to say why a submission was refused."""
+    logs = sorted(Path(head.env["RAY_TMPDIR"]).glob("session_*/logs/dashboard_agent*.log"))
+    tails = [
+        f"\n--- {p} ---\n" + "\n".join(p.read_text(errors="replace").splitlines()[-30:])
+        for p in logs
+    ]
+    return "".join(tails) or "\n(no dashboard agent log)"
 
 
 def _train_module():
