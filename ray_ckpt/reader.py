@@ -366,13 +366,17 @@ def _perform(files: FileReader, read: _Read, verify: bool, display: str, stats: 
     single = len(read.pieces) == 1
     buffer = read.pieces[0].dest if single else memoryview(bytearray(read.length))
     crc = 0
+
+    def checksum(start: int, piece_of: memoryview) -> None:
+        nonlocal crc
+        crc = crc32c(piece_of, crc if start else 0)  # a retried read starts again at 0
+
     try:
         # slice by slice, checksumming each slice while it is still in the CPU cache
-        for at in range(0, read.length, _SLICE_BYTES):
-            piece_of = buffer[at : at + _SLICE_BYTES]
-            files.read_into(read.file, read.offset + at, piece_of)
-            if single and verify:
-                crc = crc32c(piece_of, crc)
+        files.read_into(
+            read.file, read.offset, buffer[: read.length], slice_bytes=_SLICE_BYTES,
+            on_slice=checksum if single and verify else None,
+        )
     except EOFError as e:
         keys = sorted({p.meta.key for p in read.pieces})
         raise CorruptCheckpointError(
