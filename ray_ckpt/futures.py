@@ -111,9 +111,9 @@ class CheckpointFuture(Generic[T]):
         return self._cancelled
 
     def cancel(self) -> bool:
-        """Stop the save before it commits. True when it was stopped (nothing is committed and
-        the future raises ``concurrent.futures.CancelledError``); False when it had already
-        committed or failed."""
+        """Stop the save before it commits. True when it was stopped: nothing is committed,
+        and ``result()`` raises ``concurrent.futures.CancelledError`` once the writer has
+        deleted the save's files. False when it had already committed or failed."""
         if self._on_cancel is None or self._outcome is not None:
             return False
         stopped = self._on_cancel()
@@ -145,7 +145,12 @@ class CheckpointFuture(Generic[T]):
         if self._outcome is not None:
             return self._outcome
         if self._cancelled:
-            return False, concurrent.futures.CancelledError()
+            # wait for the writer to finish with the save (and delete its files), so that
+            # once result() raises, nothing of the cancelled save is left behind
+            ready, _ = ray.wait([self._ref], timeout=timeout, fetch_local=False)
+            if not ready:
+                raise TimeoutError(f"the cancelled save did not wind up within {timeout} seconds")
+            return self._store(False, concurrent.futures.CancelledError())
         try:
             if self._local is not None:
                 value = self._local.result(timeout)

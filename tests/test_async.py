@@ -154,9 +154,10 @@ def test_cancel_before_commit(cluster, tmp_path):
         def write_bucket(self, storage, layout, arrays, **kwargs):
             import time
 
-            while not os.path.exists(gate):
+            extents = super().write_bucket(storage, layout, arrays, **kwargs)
+            while not os.path.exists(gate):  # the data file is on disk when the save is cancelled
                 time.sleep(0.01)
-            return super().write_bucket(storage, layout, arrays, **kwargs)
+            return extents
 
     with ray_ckpt.make_async_checkpointer(
         config=small_config(), checkpoint_writer_init_fn=lambda config: SlowWriter(config)
@@ -167,6 +168,8 @@ def test_cancel_before_commit(cluster, tmp_path):
         with pytest.raises(concurrent.futures.CancelledError):
             write.result(timeout=60)
         assert write.cancelled()
+        # result() raised only once the writer had deleted what the save wrote
+        assert not [f for f in os.listdir(tmp_path / "c") if f.endswith(".data")]
     assert not os.path.exists(tmp_path / "c" / "ray_ckpt.commit")
     assert not [f for f in os.listdir(tmp_path / "c") if f.endswith(".data")]
 
