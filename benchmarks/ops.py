@@ -44,7 +44,7 @@ RAW_WRITE_ONE = "raw write+fsync, one file"
 RAW_WRITE_THREADS = "raw write+fsync, 64 MiB files, 4 at a time"
 RAW_READ = "raw read into preallocated"
 # bounds of particular phases, shown to say what bounds a target that is not met
-OBJECT_STORE_PUT = "ray.put of the bytes, 64 MiB objects"
+OBJECT_STORE_PUT = "ray.put of the bytes, 256 MiB objects"
 RAW_READ_CRC = "raw read + crc32c, 2 threads"
 
 LIMIT_OF_PHASE = {"save": RAW_WRITE, "stall": MEMCPY, "load": RAW_READ}
@@ -276,16 +276,20 @@ class RawRead(Op):
 
 
 class ObjectStorePut(Op):
-    """``ray.put`` of the state's bytes as numpy byte views, one object per 64 MiB (what the
-    stager puts, without planning or packing): the floor of an async save's stall, which must
-    copy every byte into Ray's object store before the caller may go on."""
+    """``ray.put`` of the state's bytes as numpy byte views, one object per 256 MiB made of
+    64 MiB buckets (what an async save's stager puts, without planning or packing): the floor
+    of an async save's stall, which must copy every byte into Ray's object store before the
+    caller may go on."""
 
     rows = (Row(OBJECT_STORE_PUT, "limit", "copy"),)
 
     def run(self, ctx: Context) -> dict[str, float]:
         import ray
+        from ray_ckpt.coordinator import ASYNC_PUT_BYTES
 
-        groups = _chunks([byte_view(t) for _, t in tensors(ctx.state)], RAW_FILE_BYTES)
+        files = _chunks([byte_view(t) for _, t in tensors(ctx.state)], RAW_FILE_BYTES)
+        per_put = ASYNC_PUT_BYTES // RAW_FILE_BYTES
+        groups = [files[i : i + per_put] for i in range(0, len(files), per_put)]
         refs: list[Any] = []
 
         def put() -> None:

@@ -3,11 +3,14 @@
 Call order, all in the caller's process::
 
     plan = stager.plan(state_dict, ...)     # flatten, validate, lay out buckets; no copies
-    for i in range(len(plan.buckets)):      # in order, within the memory budget
-        ref = stager.stage(plan, i)         # one copy per byte, into the object store
+    for group in groups:                    # consecutive bucket indices, within the budget
+        ref = stager.stage(plan, group)     # one copy per byte, into the object store
     stager.close()                          # releases pinned host buffers
 
-A bucket is one ``ray.put`` and becomes one data file. Its payload is a list of byte arrays:
+A bucket becomes one data file. ``stage`` puts a group of buckets as one object (a list with
+one payload per bucket): a sync save stages one bucket at a time, to start writing at once; an
+async save stages up to 256 MiB a put, since each ``ray.put`` has a fixed cost (see
+``coordinator.ASYNC_PUT_BYTES``). A bucket's payload is a list of byte arrays:
 
 * at most one *pack*: tensors up to ``pack_threshold_bytes`` copied side by side, each at a
   64-byte aligned offset, so that 50,000 tiny tensors cost a handful of puts, not 50,000;
@@ -26,6 +29,7 @@ from __future__ import annotations
 import abc
 import logging
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -145,8 +149,9 @@ class CheckpointStager(abc.ABC):
         With ``world_size > 1``, replicated tensors owned by other ranks get no bucket."""
 
     @abc.abstractmethod
-    def stage(self, plan: StagingPlan, bucket: int) -> ray.ObjectRef:
-        """Copy bucket ``bucket`` of ``plan`` into the object store and return its ref."""
+    def stage(self, plan: StagingPlan, buckets: Sequence[int]) -> ray.ObjectRef:
+        """Copy buckets ``buckets`` of ``plan`` into the object store as one object, a list
+        holding each bucket's list of byte arrays, and return its ref."""
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -288,13 +293,12 @@ class DefaultStager(CheckpointStager):
 
     # --- stage --------------------------------------------------------------------------------
 
-    def stage(self, plan: StagingPlan, bucket: int) -> ray.ObjectRef:
-        sources = plan.sources[bucket]
+    def stage(self, plan: StagingPlan, buckets: Sequence[int]) -> ray.ObjectRef:
         if plan.on_cuda:
-            arrays = self._via_pinned(plan, sources)
+            payload = self._via_pinned(plan, [plan.sources[b] for b in buckets])
         else:
-            arrays = [self._cpu_array(plan, src) for src in sources]
-        return ray.put(arrays)
+            payload = [[self._cpu_array(plan, src) for src in plan.sources[b]] for b in buckets]
+        return ray.put(payload)
 
     def _cpu_array(self, plan: StagingPlan, src: _Source) -> np.ndarray:
         if not src.is_pack:
@@ -308,36 +312,48 @@ class DefaultStager(CheckpointStager):
             pack[start : start + data.nbytes] = data
         return pack
 
-    def _via_pinned(self, plan: StagingPlan, sources: list[_Source]) -> list[np.ndarray]:
-        """Copy a bucket with CUDA sources into the reusable host buffer, then view it."""
-        total = sum(align(src.nbytes) for src in sources)
+    def _via_pinned(
+        self, plan: StagingPlan, buckets: list[list[_Source]]
+    ) -> list[list[np.ndarray]]:
+        """Copy buckets with CUDA sources into the reusable host buffer, then view it."""
+        total = sum(align(src.nbytes) for sources in buckets for src in sources)
         host = self._host_buffer(total)
         stream = self._side_stream()
-        host_views: list[np.ndarray] = []
+        payload: list[list[np.ndarray]] = []
         position = 0
         context = torch.cuda.stream(stream) if stream is not None else _nullcontext()
         with context:
             if stream is not None and plan.ready_event is not None:
                 stream.wait_event(plan.ready_event)
-            for src in sources:
-                region = host[position : position + src.nbytes]
-                if src.is_pack:
-                    region.zero_()
-                for leaf, start, length in src.parts:
-                    raw = byte_view(plan.host_bytes[leaf])
-                    if src.is_pack:
-                        target, source_range = region[start : start + length], slice(0, length)
-                    else:
-                        target, source_range = region, slice(start, start + length)
-                    source = raw if isinstance(raw, torch.Tensor) else torch.from_numpy(raw)
-                    non_blocking = self._config.use_non_blocking_copy
-                    target.copy_(source[source_range], non_blocking=non_blocking)
-                host_views.append(region.numpy())
-                position += align(src.nbytes)
+            for sources in buckets:
+                payload.append(self._copy_to_host(host, position, sources, plan))
+                position += sum(align(src.nbytes) for src in sources)
         if stream is not None:
             stream.synchronize()
         else:
             torch.cuda.synchronize()
+        return payload
+
+    def _copy_to_host(
+        self, host: torch.Tensor, position: int, sources: list[_Source], plan: StagingPlan
+    ) -> list[np.ndarray]:
+        """Enqueue the copies of one bucket into ``host`` from ``position`` on; views of it."""
+        host_views: list[np.ndarray] = []
+        for src in sources:
+            region = host[position : position + src.nbytes]
+            if src.is_pack:
+                region.zero_()
+            for leaf, start, length in src.parts:
+                raw = byte_view(plan.host_bytes[leaf])
+                if src.is_pack:
+                    target, source_range = region[start : start + length], slice(0, length)
+                else:
+                    target, source_range = region, slice(start, start + length)
+                source = raw if isinstance(raw, torch.Tensor) else torch.from_numpy(raw)
+                non_blocking = self._config.use_non_blocking_copy
+                target.copy_(source[source_range], non_blocking=non_blocking)
+            host_views.append(region.numpy())
+            position += align(src.nbytes)
         return host_views
 
     def _host_buffer(self, nbytes: int) -> torch.Tensor:

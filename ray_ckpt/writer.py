@@ -248,14 +248,18 @@ class _WriterActor:
         self,
         storage: Storage,
         layout: BucketLayout,
-        arrays: list[np.ndarray],
+        payload: list[list[np.ndarray]],
+        part: int,
         rank: int,
         checkpoint_id: str,
         checksum: bool,
         fsync: bool,
     ) -> ShardResult:
-        # ``arrays`` was passed as a top-level ObjectRef: Ray resolved it zero-copy from this
-        # node's shared memory, and releases it as soon as this call returns.
+        # ``payload`` (a group of buckets; this call writes bucket ``part`` of it) was passed as
+        # a top-level ObjectRef: Ray resolved it zero-copy from this node's shared memory, and
+        # releases it once every call given it has returned.
+        arrays = payload[part]
+        del payload
         with self._io_slots:
             start = time.perf_counter()
             extents = self._writer.write_bucket(

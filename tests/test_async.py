@@ -13,6 +13,7 @@ import ray
 import torch
 
 import ray_ckpt
+from ray_ckpt.stager import DefaultStager
 from ray_ckpt.writer import CheckpointWriter
 
 from .helpers import assert_same, small_config, tiny_model, trained
@@ -234,3 +235,27 @@ def test_metrics_reach_rays_prometheus_endpoint(actor, tmp_path):
         if line.startswith(("ray_ckpt_bytes_written", "ray_ray_ckpt_bytes_written"))
     ]
     assert written and max(written) >= result.nbytes, text[-2000:]
+
+
+def test_async_save_puts_buckets_in_groups_and_a_sync_save_one_at_a_time(
+    cluster, tmp_path, monkeypatch
+):
+    calls: list[list[int]] = []
+    stage = DefaultStager.stage
+
+    def recording(self, plan, buckets):
+        calls.append(list(buckets))
+        return stage(self, plan, buckets)
+
+    monkeypatch.setattr(DefaultStager, "stage", recording)
+    state = {f"w{i}": torch.randn(300_000) for i in range(10)}  # 12 MB in 1 MiB buckets
+    with ray_ckpt.make_async_checkpointer(config=small_config()) as c:
+        c.save(str(tmp_path / "async"), state)[1].result()
+    buckets = len(calls[0])
+    assert buckets >= 12 and calls == [list(range(buckets))]  # one put: far below 256 MiB
+    calls.clear()
+    with ray_ckpt.make_sync_checkpointer(config=small_config()) as c:
+        c.save(str(tmp_path / "sync"), state)
+    assert calls == [[i] for i in range(buckets)]  # each bucket written as soon as it is put
+    for name in ("async", "sync"):
+        assert_same(state, ray_ckpt.CheckpointReader().read(str(tmp_path / name))[0])

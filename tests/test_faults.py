@@ -323,11 +323,11 @@ _DRIVER = textwrap.dedent(
 
     if mode == "hang-in-staging":  # stage bucket 0, then never finish staging
         stage = DefaultStager.stage
-        def stuck(self, plan, index):
-            if index == 1:
+        def stuck(self, plan, buckets):
+            if 1 in buckets:
                 print("stuck", flush=True)
                 time.sleep(3600)
-            return stage(self, plan, index)
+            return stage(self, plan, buckets)
         DefaultStager.stage = stuck
 
     ray.init(address=address, log_to_driver=False)
