@@ -258,3 +258,23 @@ def test_closed_checkpointer_refuses(cluster, tmp_path):
     c.close()
     with pytest.raises(ray_ckpt.CheckpointerClosedError, match="closed"):
         c.save(str(tmp_path / "c"), {"x": torch.ones(1)})
+
+
+def test_reads_coalesce_small_neighbours_only_and_never_past_one_slice():
+    """Neighbouring small items share a read (through a scratch buffer, then copied out);
+    an item larger than a slice is read alone, straight into its tensor."""
+    from ray_ckpt.format import Extent
+    from ray_ckpt.reader import _SLICE_BYTES, _coalesce, _Piece
+
+    sizes = [1000] * 300 + [4 << 20, 4 << 20, 3000, 3000]
+    pieces, offset = [], 64
+    for item, size in enumerate(sizes):
+        extent = Extent(item, 0, "f.data", offset, size, None, 0)
+        pieces.append(_Piece(extent, 0, size, memoryview(bytearray(0)), None))
+        offset += (size + 63) // 64 * 64
+    reads = _coalesce(pieces)
+    assert sorted(p.extent.item for r in reads for p in r.pieces) == list(range(len(sizes)))
+    assert all(r.length <= _SLICE_BYTES for r in reads if len(r.pieces) > 1)
+    big = [r for r in reads if r.length > _SLICE_BYTES]
+    assert [len(r.pieces) for r in big] == [1, 1]
+    assert [len(r.pieces) for r in reads] == [300, 1, 1, 2]
