@@ -108,6 +108,12 @@ def head() -> Iterator[Head]:
              f"--port={_free_port()}", "--dashboard-host=127.0.0.1",
              f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
              f"--ray-client-server-port={_free_port()}", "--num-cpus=2",
+             # the agent's HTTP port is fixed (52365) by default: another Ray on this loopback
+             # (the suite's shared cluster) may hold it, and then no agent takes jobs
+             f"--dashboard-agent-listen-port={_free_port()}",
+             f"--dashboard-agent-grpc-port={_free_port()}",
+             f"--runtime-env-agent-port={_free_port()}",
+             f"--metrics-export-port={_free_port()}",
              f"--temp-dir={temp_dir}", "--disable-usage-stats"],
             env=env, stdout=out, stderr=subprocess.STDOUT, cwd=temp_dir,
         )
