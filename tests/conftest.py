@@ -364,8 +364,10 @@ def backend(
 # --- reliability figures: what the fault, corruption and fuzz suites counted ----------------------
 #
 # Fault, corruption and fuzz tests add what they injected, tried and survived to the session's
-# ``reliability`` counts. ``--reliability-report PATH`` writes them to PATH as JSON when the
-# session ends (docs/RELIABILITY.md is built from such a run); without it nothing is written.
+# ``reliability`` counts. ``--reliability-report=PATH`` writes them to PATH when the session
+# ends, as markdown for a ``.md`` path, else JSON (docs/RELIABILITY.md is built from such a run);
+# without it nothing is written. Give it with ``=``: pytest takes a bare path argument that
+# exists for a place to start collecting from, and would then not load this file.
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
