@@ -301,7 +301,6 @@ class Coordinator:
         put_limit = 0 if overlap_writes else min(ASYNC_PUT_BYTES, budget // 4, share)
         staged: list[tuple[int, list[int], Any]] = []  # put, not yet handed to a writer
         held: dict[int, int] = {}  # group -> bytes in the object store (staged or in flight)
-        pending: dict[int, int] = {}  # group -> writes not yet finished
         in_flight: dict[ray.ObjectRef, int] = {}  # write -> its group
 
         def dispatch() -> None:
@@ -315,16 +314,14 @@ class Coordinator:
                     )
                     outcome.shards.append((node_id, layout.file, result))
                     in_flight[result] = group
-                pending[group] = len(buckets)
             staged.clear()
 
         def wait_for_a_write() -> None:
             done, _ = ray.wait(list(in_flight), num_returns=1)
             for ref in done:
                 group = in_flight.pop(ref)
-                pending[group] -= 1
-                if not pending[group]:  # its object is freed once every part is written
-                    del pending[group], held[group]
+                if group not in in_flight.values():  # its object is freed once all are written
+                    del held[group]
                 _raise_if_failed(ref, storage, self._pool.forget_dead)
 
         for group, buckets in enumerate(_groups(plan.buckets, put_limit)):
