@@ -52,6 +52,11 @@ class CheckpointStagerConfig:
         verify_replicas: every rank checksums its replicated tensors so that the commit can
             refuse a save in which a "replicated" key in fact differs between ranks (which
             would otherwise load one rank's value on every rank). CPU tensors only.
+        put_threads: ``AsyncCheckpointer`` only: how many groups of buckets (up to 256 MiB
+            each) are copied into the object store at the same time, each copy on its own
+            thread. Measured on 2 cores, 1 GiB: 2 threads 1.07x a memcpy, 1 thread 1.18x.
+            CUDA tensors are staged by one thread (through one pinned buffer). A custom
+            ``CheckpointStager`` must allow this many concurrent ``stage`` calls, or set 1.
     """
 
     use_async_staging: bool = True
@@ -63,8 +68,12 @@ class CheckpointStagerConfig:
     rank_local_keys: tuple[str, ...] = ()
     verify_replicas: bool = True
     async_write_during_staging: bool = False
+    put_threads: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
 
     def __post_init__(self) -> None:
+        _require(
+            1 <= self.put_threads <= 16, f"put_threads must be in [1, 16], got {self.put_threads}"
+        )
         _require(
             self.bucket_size_bytes >= 4096,
             f"bucket_size_bytes must be at least 4096, got {self.bucket_size_bytes}",

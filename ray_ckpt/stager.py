@@ -10,7 +10,8 @@ Call order, all in the caller's process::
 A bucket becomes one data file. ``stage`` puts a group of buckets as one object (a list with
 one payload per bucket): a sync save stages one bucket at a time, to start writing at once; an
 async save stages up to 256 MiB a put, since each ``ray.put`` has a fixed cost (see
-``coordinator.ASYNC_PUT_BYTES``). A bucket's payload is a list of byte arrays:
+``coordinator.ASYNC_PUT_BYTES``). A bucket's payload is a list of byte arrays, each put as a
+list of *pieces* of at most ``PUT_PIECE_BYTES`` (views, no copy; see there why):
 
 * at most one *pack*: tensors up to ``pack_threshold_bytes`` copied side by side, each at a
   64-byte aligned offset, so that 50,000 tiny tensors cost a handful of puts, not 50,000;
@@ -54,6 +55,13 @@ from .format import (
 )
 
 logger = logging.getLogger(__name__)
+
+# Ray copies each out-of-band buffer of a put into the object store with one memcpy when it is
+# under 1 MiB, and with 6 threads started and joined for that buffer alone when it is larger.
+# Handing it pieces just under 1 MiB (a multiple of 64 bytes, so they stay aligned) makes the
+# put one plain memcpy per piece: measured, 1 GiB in 256 MiB objects, 2 cores, 1.11x a torch
+# copy_ against 1.37x with 64 MiB buffers (and 2.0x with pieces of exactly 1 MiB).
+PUT_PIECE_BYTES = (1 << 20) - 64
 
 
 class Segment(NamedTuple):
@@ -151,7 +159,8 @@ class CheckpointStager(abc.ABC):
     @abc.abstractmethod
     def stage(self, plan: StagingPlan, buckets: Sequence[int]) -> ray.ObjectRef:
         """Copy buckets ``buckets`` of ``plan`` into the object store as one object, a list
-        holding each bucket's list of byte arrays, and return its ref."""
+        holding each bucket's list of byte arrays (each a list of consecutive pieces), and
+        return its ref."""
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -295,10 +304,10 @@ class DefaultStager(CheckpointStager):
 
     def stage(self, plan: StagingPlan, buckets: Sequence[int]) -> ray.ObjectRef:
         if plan.on_cuda:
-            payload = self._via_pinned(plan, [plan.sources[b] for b in buckets])
+            arrays = self._via_pinned(plan, [plan.sources[b] for b in buckets])
         else:
-            payload = [[self._cpu_array(plan, src) for src in plan.sources[b]] for b in buckets]
-        return ray.put(payload)
+            arrays = [[self._cpu_array(plan, src) for src in plan.sources[b]] for b in buckets]
+        return ray.put([[pieces(a) for a in bucket] for bucket in arrays])
 
     def _cpu_array(self, plan: StagingPlan, src: _Source) -> np.ndarray:
         if not src.is_pack:
@@ -437,6 +446,11 @@ def _pack(groups: dict[str, list[ItemMeta]]) -> _Source:
             parts.append((meta.item, position, meta.nbytes))
             position += meta.nbytes
     return _Source(parts=parts, nbytes=position, is_pack=True, groups=spans)
+
+
+def pieces(array: np.ndarray) -> list[np.ndarray]:
+    """Views of consecutive ``PUT_PIECE_BYTES`` of a flat byte array."""
+    return [array[i : i + PUT_PIECE_BYTES] for i in range(0, len(array), PUT_PIECE_BYTES)]
 
 
 def byte_view(raw: torch.Tensor | np.ndarray) -> Any:

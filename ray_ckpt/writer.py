@@ -26,6 +26,8 @@ custom writer (``checkpoint_writer_init_fn``) or a test that injects faults can 
 from __future__ import annotations
 
 import abc
+import bisect
+import itertools
 import logging
 import threading
 import time
@@ -49,7 +51,6 @@ from .storage import Storage
 logger = logging.getLogger(__name__)
 
 _ZEROS = bytes(64)
-_SLICE_BYTES = 8 << 20  # write and checksum granularity
 _CALLER_POLL_SECS = 0.5
 
 
@@ -98,22 +99,30 @@ class CheckpointWriter:
         self,
         storage: Storage,
         layout: BucketLayout,
-        arrays: list[np.ndarray],
+        arrays: list[list[np.ndarray]],
         *,
         rank: int,
         checkpoint_id: str,
         checksum: bool,
         fsync: bool,
     ) -> list[Extent]:
+        """Write bucket ``layout`` from ``arrays``: each array of the layout, given as the list
+        of its consecutive pieces (as the stager puts them)."""
         if len(arrays) != len(layout.array_nbytes):
             raise CheckpointWriteError(
                 f"bucket {layout.file} arrived with {len(arrays)} arrays, expected "
                 f"{len(layout.array_nbytes)}"
             )
-        views = [memoryview(a).cast("B") for a in arrays]
+        views = [_Pieces(array) for array in arrays]
+        for index, (view, nbytes) in enumerate(zip(views, layout.array_nbytes)):
+            if view.nbytes != nbytes:
+                raise CheckpointWriteError(
+                    f"bucket {layout.file}: array {index} arrived with {view.nbytes} bytes, "
+                    f"expected {nbytes}"
+                )
         crcs: list[int | None] = [None] * len(layout.segments)
         # the segments of each array: a chunk (one segment, the whole array) is checksummed
-        # slice by slice as it is written, while the slice is in the CPU cache
+        # piece by piece as it is written, while the piece is in the CPU cache
         by_array: list[list[int]] = [[] for _ in views]
         for index, seg in enumerate(layout.segments):
             by_array[seg.array].append(index)
@@ -125,11 +134,10 @@ class CheckpointWriter:
                 if offset > position:
                     write(_ZEROS[: offset - position])
                 segs = by_array[array]
-                whole = len(segs) == 1 and layout.segments[segs[0]].length == len(view)
+                whole = len(segs) == 1 and layout.segments[segs[0]].length == view.nbytes
                 if whole:
                     crc = 0
-                    for start in range(0, len(view), _SLICE_BYTES):
-                        piece = view[start : start + _SLICE_BYTES]
+                    for piece in view.pieces:
                         if checksum:
                             crc = crc32c(piece, crc)
                         write(piece)
@@ -138,9 +146,10 @@ class CheckpointWriter:
                     if checksum:
                         for index in segs:
                             seg = layout.segments[index]
-                            crcs[index] = crc32c(view[seg.start : seg.start + seg.length])
-                    write(view)
-                position = offset + len(view)
+                            crcs[index] = view.crc32c(seg.start, seg.length)
+                    for piece in view.pieces:
+                        write(piece)
+                position = offset + view.nbytes
 
         storage.write_stream(layout.file, produce, fsync=fsync)
         extents = PackedRows(
@@ -156,6 +165,28 @@ class CheckpointWriter:
             for index, seg in enumerate(layout.segments)
         )
         return extents
+
+
+class _Pieces:
+    """One staged array, as the consecutive pieces it was put in."""
+
+    def __init__(self, pieces: list[np.ndarray]) -> None:
+        self.pieces = [memoryview(p).cast("B") for p in pieces]
+        self.starts = list(itertools.accumulate((len(p) for p in self.pieces), initial=0))
+        self.nbytes = self.starts[-1]
+
+    def crc32c(self, start: int, length: int) -> int:
+        """The CRC32C of bytes ``[start, start + length)``, which may span pieces."""
+        crc = 0
+        index = bisect.bisect_right(self.starts, start) - 1
+        end = start + length
+        while start < end:
+            piece, base = self.pieces[index], self.starts[index]
+            stop = min(end, base + len(piece))
+            crc = crc32c(piece[start - base : stop - base], crc)
+            start = stop
+            index += 1
+        return crc
 
 
 def default_writer_init_fn(config: CheckpointWriterConfig) -> CheckpointWriter:
@@ -248,14 +279,15 @@ class _WriterActor:
         self,
         storage: Storage,
         layout: BucketLayout,
-        payload: list[list[np.ndarray]],
+        payload: list[list[list[np.ndarray]]],
         part: int,
         rank: int,
         checkpoint_id: str,
         checksum: bool,
         fsync: bool,
     ) -> ShardResult:
-        # ``payload`` (a group of buckets; this call writes bucket ``part`` of it) was passed as
+        # ``payload`` (a group of buckets, each a list of arrays, each a list of pieces; this
+        # call writes bucket ``part`` of it) was passed as
         # a top-level ObjectRef: Ray resolved it zero-copy from this node's shared memory, and
         # releases it once every call given it has returned.
         arrays = payload[part]

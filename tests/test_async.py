@@ -259,3 +259,56 @@ def test_async_save_puts_buckets_in_groups_and_a_sync_save_one_at_a_time(
     assert calls == [[i] for i in range(buckets)]  # each bucket written as soon as it is put
     for name in ("async", "sync"):
         assert_same(state, ray_ckpt.CheckpointReader().read(str(tmp_path / name))[0])
+
+
+def test_async_save_puts_groups_on_several_threads_within_the_budget(
+    cluster, tmp_path, monkeypatch
+):
+    """With ``put_threads=2`` two groups are copied at the same time (each waits at a barrier
+    for the other: one at a time, the barrier breaks and the save fails), and the checkpoint
+    is exact."""
+    both = threading.Barrier(2, timeout=30)
+    threads: set[str] = set()
+    stage = DefaultStager.stage
+
+    def concurrent_stage(self, plan, buckets):
+        threads.add(threading.current_thread().name)
+        if buckets[0] < 2 * len(buckets):  # the first two groups
+            both.wait()
+        return stage(self, plan, buckets)
+
+    monkeypatch.setattr(DefaultStager, "stage", concurrent_stage)
+    state = {f"w{i}": torch.randn(300_000) for i in range(10)}  # 12 MB in 1 MiB buckets
+    # groups of budget // 4 = 2 MiB: 6 of them, at most 8 MiB staged and unwritten at once
+    config = small_config(memory_budget_bytes=8 << 20, put_threads=2)
+    with ray_ckpt.make_async_checkpointer(config=config) as c:
+        stage_future, write_future = c.save(str(tmp_path / "c"), state)
+        stage_future.result(timeout=60)
+        write_future.result(timeout=60)
+    assert len(threads) == 2 and all(t.startswith("ray_ckpt-put") for t in threads)
+    assert_same(state, ray_ckpt.CheckpointReader().read(str(tmp_path / "c"))[0])
+
+
+def test_a_failed_put_fails_the_save_and_the_next_save_works(cluster, tmp_path, monkeypatch):
+    """A put that fails on a put thread while another group is being copied: both futures
+    raise it, nothing is committed or left on disk, and the checkpointer saves again."""
+    stage = DefaultStager.stage
+
+    def failing_stage(self, plan, buckets):
+        if buckets[0] == 2 * len(buckets):  # the third group
+            raise OSError("object store refused the put")
+        return stage(self, plan, buckets)
+
+    state = {f"w{i}": torch.randn(300_000) for i in range(10)}
+    config = small_config(memory_budget_bytes=8 << 20, put_threads=2)
+    with ray_ckpt.make_async_checkpointer(config=config) as c:
+        monkeypatch.setattr(DefaultStager, "stage", failing_stage)
+        stage_future, write_future = c.save(str(tmp_path / "bad"), state)
+        with pytest.raises(OSError, match="refused the put"):
+            stage_future.result(timeout=60)
+        with pytest.raises(ray_ckpt.CheckpointError, match="refused the put"):
+            write_future.result(timeout=60)
+        assert not os.path.exists(tmp_path / "bad") or os.listdir(tmp_path / "bad") == []
+        monkeypatch.setattr(DefaultStager, "stage", stage)
+        c.save(str(tmp_path / "good"), state)[1].result(timeout=60)
+    assert_same(state, ray_ckpt.CheckpointReader().read(str(tmp_path / "good"))[0])

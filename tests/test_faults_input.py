@@ -389,3 +389,19 @@ def test_hostile_tree_leaves_are_refused_by_load(ckptr, victim, leaf, reliabilit
     with pytest.raises(ray_ckpt.CorruptCheckpointError, match="tree"):
         ckptr.load(str(victim))
     reliability.add("hostile", "hostile tree leaf", "refused")
+
+
+@pytest.mark.parametrize(
+    "make, field",
+    [
+        (lambda: ray_ckpt.CheckpointStagerConfig(put_threads=0), "put_threads"),
+        (lambda: ray_ckpt.CheckpointStagerConfig(bucket_size_bytes=100), "bucket_size_bytes"),
+        (lambda: ray_ckpt.CheckpointStagerConfig(memory_budget_bytes=1), "memory_budget_bytes"),
+        (lambda: ray_ckpt.CheckpointWriterConfig(io_threads=0), "io_threads"),
+        (lambda: ray_ckpt.CheckpointReaderConfig(io_threads=100), "io_threads"),
+        (lambda: ray_ckpt.StorageConfig(part_size_bytes=1), "part_size_bytes"),
+    ],
+)
+def test_bad_config_values_are_refused_naming_the_field(make, field):
+    with pytest.raises(ValueError, match=f"^{field} must be"):
+        make()
