@@ -35,7 +35,10 @@ class CheckpointStagerConfig:
             Small tensors are packed together up to this size; larger tensors are split into
             chunks of this size that different writers can write in parallel.
         pack_threshold_bytes: tensors at or below this size are copied into a shared pack
-            buffer, so that thousands of tiny tensors cost one ``ray.put``, not thousands.
+            buffer (in the caller's heap, until it is put), so that thousands of tiny tensors
+            cost one array of a put, not thousands; larger ones are put straight from their
+            own memory. Measured, 512 MiB of 256 KiB tensors: stall 1.9x a memcpy with 64 KiB,
+            2.5x with 1 MiB (packing copies them twice).
         memory_budget_bytes: most bytes staged but not yet written at any time. ``None``
             takes half of the object store of this node. A state dict larger than the budget
             stages in pieces: piece k+1 is staged while piece k is written.
@@ -63,7 +66,7 @@ class CheckpointStagerConfig:
     use_pinned_memory: bool = True
     use_non_blocking_copy: bool = True
     bucket_size_bytes: int = 64 * MiB
-    pack_threshold_bytes: int = 1 * MiB
+    pack_threshold_bytes: int = 64 * 1024
     memory_budget_bytes: int | None = None
     rank_local_keys: tuple[str, ...] = ()
     verify_replicas: bool = True
