@@ -337,13 +337,19 @@ class Coordinator:
                 nbytes = sum(plan.buckets[b].nbytes for b in buckets)
                 if staged and sum(held.values()) + nbytes > budget:
                     dispatch()
+                pressed = False
                 while in_flight and sum(held.values()) + nbytes > budget:
                     wait_for_a_write()
+                    pressed = True
                 if puts is None:
                     put: concurrent.futures.Future[Any] = concurrent.futures.Future()
                     put.set_result(self._stager.stage(plan, buckets))
                 else:
                     put = puts.submit(self._stager.stage, plan, buckets)
+                    if pressed:
+                        # a written group's bytes leave the store only when Ray frees them,
+                        # some milliseconds later: at the budget, put one group at a time
+                        put.result()
                 staged.append((group, buckets, put))
                 held[group] = nbytes
                 if overlap_writes:

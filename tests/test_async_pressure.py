@@ -102,8 +102,10 @@ def test_state_larger_than_the_object_store_saves(small_cluster, tmp_path):
 
 def test_peak_memory_of_an_async_save_is_the_state_plus_the_budget(small_cluster, tmp_path):
     """While a 200 MB state saves through a 100 MiB store, the object store never holds more
-    than the staging budget (plus the bucket being put), and neither the caller's nor the
-    writer's own heap takes a copy of the state: staging copies straight into the store."""
+    than the staging budget plus two buckets (a written bucket leaves the store when Ray frees
+    it, in batches every 10 ms on this cluster; staging may put a bucket or two meanwhile), and
+    neither the caller's nor the writer's own heap takes a copy of the state: staging copies
+    straight into the store."""
     torch.manual_seed(2)
     state = {f"layer{i}": torch.randn(2_500_000) for i in range(20)}  # 200 MB
     budget, bucket = 32 * MiB, 8 * MiB
@@ -134,7 +136,7 @@ def test_peak_memory_of_an_async_save_is_the_state_plus_the_budget(small_cluster
             sampler.join()
         assert_same(state, ckptr.load(str(tmp_path / "big")))
     store_peak = peaks["store"]
-    assert 0 < store_peak <= budget + bucket, f"object store peaked at {store_peak / MiB:.0f} MiB"
+    assert 0 < store_peak <= budget + 2 * bucket, f"store peaked at {store_peak / MiB:.0f} MiB"
     assert peaks["driver"] < 48 * MiB, f"caller's heap grew by {peaks['driver'] / MiB:.0f} MiB"
     assert peaks["writer"] < 48 * MiB, f"writer's heap grew by {peaks['writer'] / MiB:.0f} MiB"
 
