@@ -12,10 +12,11 @@ How a run goes, per state dict (see benchmarks/README.md for what each row means
 1. build the state dict and preallocated tensors of the same structure (the in-place target);
 2. saves, and the memcpy limit, round-robin: warm-up round(s), then ``--runs`` rounds, each
    save into a fresh directory that is deleted right after (untimed);
-3. loads, in batches whose files fit in the page cache together: write each artifact once
+3. the peak memory of an async save, untimed (:mod:`benchmarks.memory`);
+4. loads, in batches whose files fit in the page cache together: write each artifact once
    (untimed), warm up each load (its first warm-up run also checks every byte it loaded), then
    ``--runs`` rounds, round-robin;
-4. free everything, delete every file.
+5. free everything, delete every file.
 
 Then the 2-node cluster part (it needs a Ray of its own), then the table (stdout and
 ``results.md``), ``results.json`` and ``results.png`` under ``--out``.
@@ -38,7 +39,7 @@ from typing import Any
 
 import torch
 
-from . import ops, report
+from . import memory, ops, report
 from .state_dicts import (
     GiB,
     Spec,
@@ -227,6 +228,10 @@ def run_state_dict(
                 result = op.run(ctx)
                 if r >= args.warmup:
                     _record(times, result)
+        peaks = None
+        if any(op.rows[0].name == ops.rc_stall(True) for op in save_ops):
+            log(f"[{spec.name}] peak memory of an async save")
+            peaks = memory.measure(state, nbytes, root)
         for batch in _load_batches(load_ops, nbytes):
             names = list(dict.fromkeys(op.artifact for op in batch if op.artifact))
             log(f"[{spec.name}] loads of {', '.join(names)}")
@@ -260,6 +265,7 @@ def run_state_dict(
         "times": dict(times),
         "page_cache": residency,
         "runs": runs,
+        "memory": peaks,
     }
 
 

@@ -10,7 +10,8 @@ reported as
   (above 1.00 = faster than every peer).
 
 Targets of issues 3 and 7 are checked in their own words (a stall "at most 1.2× one memcpy"
-is a ratio of times; "at least 0.95× the raw fsync write" a ratio of speeds).
+is a ratio of times; "at least 0.95× the raw fsync write" a ratio of speeds; peak memory
+"under state size + memory budget + a small constant" from :mod:`benchmarks.memory`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import statistics
 import subprocess
 from typing import Any
 
+from .memory import SLACK_BYTES
 from .ops import (
     DCP_ASYNC_STALL,
     DCP_LOAD,
@@ -215,6 +217,17 @@ def targets(result: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     def have(*names: str) -> bool:
         return all(n in m for n in names)
 
+    for peak in result.get("memory") or []:
+        extra = sum(peak[k] for k in (
+            "store_peak_bytes", "caller_heap_peak_bytes", "writer_heap_peak_bytes"))
+        budget = peak["budget_bytes"]
+        checks.append((
+            f"async save peak memory ≤ state + budget ({_mib(budget)}) + {_mib(SLACK_BYTES)}",
+            f"state + {_mib(extra)} (object store {_mib(peak['store_peak_bytes'])}, caller heap "
+            f"{_mib(peak['caller_heap_peak_bytes'])}, writer heap "
+            f"{_mib(peak['writer_heap_peak_bytes'])})",
+            extra <= budget + SLACK_BYTES,
+        ))
     kind = result["kind"]
     if kind == "tiny":
         if have(rc_save(True), TORCH_SAVE):
@@ -265,6 +278,10 @@ def _fmt(value: float | None, digits: int = 2, suffix: str = "") -> str:
     if value is None:
         return "–"
     return f"{value:.{digits}f}{suffix}"
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:,.0f} MiB"
 
 
 def _gib(nbytes: int | None) -> str:
