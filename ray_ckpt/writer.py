@@ -287,9 +287,9 @@ class _WriterActor:
         fsync: bool,
     ) -> ShardResult:
         # ``payload`` (a group of buckets, each a list of arrays, each a list of pieces; this
-        # call writes bucket ``part`` of it) was passed as
-        # a top-level ObjectRef: Ray resolved it zero-copy from this node's shared memory, and
-        # releases it once every call given it has returned.
+        # call writes bucket ``part`` of it) was passed as a top-level ObjectRef: Ray resolved
+        # it zero-copy from this node's shared memory, and releases it once every call given
+        # it has returned.
         arrays = payload[part]
         del payload
         with self._io_slots:
