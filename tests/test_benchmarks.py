@@ -102,14 +102,14 @@ def test_two_node_part_and_plot(quick_run):
 
 
 def test_peak_memory_of_an_async_save_is_measured_and_judged(quick_run):
-    """Every state dict reports what an async save added to memory: the object store's bytes
-    (the staged state: at most the budget) and the two heaps, judged against the target."""
+    """Every state dict reports what an async save added to memory, judged against the target:
+    the object store within the staging budget, and no copy of a (non-packed) state on the
+    caller's heap. (Upper bounds only: a sample can miss a short peak, never invent one.)"""
     results, table, _ = quick_run
     for sd in results["state_dicts"]:
         (peak,) = sd["memory"]  # quick sizes are too small for a second, quarter budget
         assert 0 < peak["budget_bytes"] <= results["settings"]["object_store_bytes"]
-        assert peak["store_peak_bytes"] <= peak["budget_bytes"] + (8 << 20)
-        if sd["nbytes"] >= 16 << 20:  # staged whole, and held while written (tens of ms)
-            assert peak["store_peak_bytes"] >= 0.9 * sd["nbytes"], sd["name"]
-        assert peak["caller_heap_peak_bytes"] >= 0 and peak["writer_heap_peak_bytes"] >= 0
+        assert peak["store_peak_bytes"] <= peak["budget_bytes"] + (8 << 20), sd["name"]
+        if sd["kind"] != "tiny":  # tiny tensors are packed: copied through the caller's heap
+            assert peak["caller_heap_peak_bytes"] < sd["nbytes"] // 2, sd["name"]
     assert table.count("| async save peak memory ≤ state + budget") == len(results["state_dicts"])
