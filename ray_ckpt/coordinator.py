@@ -307,8 +307,7 @@ class Coordinator:
         in_flight: dict[ray.ObjectRef, int] = {}  # write -> its group
         # an async save copies several groups at once, each ray.put on its own thread (CUDA:
         # one at a time, through the stager's one pinned buffer)
-        concurrent_puts = not (overlap_writes or plan.on_cuda)
-        puts = self._put_executor() if concurrent_puts else None
+        puts = None if overlap_writes or plan.on_cuda else self._put_executor()
 
         def dispatch() -> None:
             for group, buckets, put in staged:
