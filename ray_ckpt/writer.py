@@ -36,7 +36,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import ray
 from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -99,7 +98,7 @@ class CheckpointWriter:
         self,
         storage: Storage,
         layout: BucketLayout,
-        arrays: list[list[np.ndarray]],
+        arrays: list[list[Any]],
         *,
         rank: int,
         checkpoint_id: str,
@@ -107,7 +106,8 @@ class CheckpointWriter:
         fsync: bool,
     ) -> list[Extent]:
         """Write bucket ``layout`` from ``arrays``: each array of the layout, given as the list
-        of its consecutive pieces (as the stager puts them)."""
+        of its consecutive pieces (as the stager puts them; anything with the buffer
+        protocol)."""
         if len(arrays) != len(layout.array_nbytes):
             raise CheckpointWriteError(
                 f"bucket {layout.file} arrived with {len(arrays)} arrays, expected "
@@ -170,7 +170,7 @@ class CheckpointWriter:
 class _Pieces:
     """One staged array, as the consecutive pieces it was put in."""
 
-    def __init__(self, pieces: list[np.ndarray]) -> None:
+    def __init__(self, pieces: list[Any]) -> None:
         self.pieces = [memoryview(p).cast("B") for p in pieces]
         self.starts = list(itertools.accumulate((len(p) for p in self.pieces), initial=0))
         self.nbytes = self.starts[-1]
@@ -279,7 +279,7 @@ class _WriterActor:
         self,
         storage: Storage,
         layout: BucketLayout,
-        payload: list[list[list[np.ndarray]]],
+        payload: list[list[list[Any]]],
         part: int,
         rank: int,
         checkpoint_id: str,

@@ -68,7 +68,7 @@ def test_layout_covers_every_byte_once_aligned_and_bounded(sizes):
 
 def test_pieces_are_views_under_a_mebibyte_that_cover_the_array():
     array = np.arange(3 * PUT_PIECE_BYTES + 100, dtype=np.int64).view(np.uint8)[: 3 << 20]
-    parts = pieces(array)
+    parts = [np.frombuffer(p, np.uint8) for p in pieces(array)]
     assert [len(p) for p in parts] == [PUT_PIECE_BYTES] * 3 + [(3 << 20) - 3 * PUT_PIECE_BYTES]
     assert PUT_PIECE_BYTES < 1 << 20 and PUT_PIECE_BYTES % ALIGNMENT == 0
     assert all(np.shares_memory(p, array) for p in parts)  # no copy before ray.put
