@@ -17,8 +17,8 @@ list of *pieces* of at most ``PUT_PIECE_BYTES`` (views, no copy; see there why):
   64-byte aligned offset, so that 50,000 tiny tensors cost a handful of puts, not 50,000;
 * *chunks*: byte views of larger tensors (a whole tensor, or a ``bucket_size_bytes`` slice of
   a larger one). On CPU a chunk is a numpy view of the tensor's own memory; ``ray.put`` copies
-  it straight into shared memory (numpy buffers travel out of band: torch tensors would be
-  pickled). That copy is the only one.
+  it straight into shared memory (its pieces travel out of band as ``PickleBuffer``s; torch
+  tensors would be pickled). That copy is the only one.
 
 CUDA tensors are first copied into a page-locked host buffer laid out exactly like the bucket
 (on a side stream, non-blocking, synchronised before the put); the buffer is reused for every
