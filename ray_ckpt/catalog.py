@@ -20,7 +20,8 @@ from typing import Any
 
 from .config import StorageConfig
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
-from .format import MARKER_NAME, Marker, is_own_file
+from .format import MARKER_NAME, is_own_file
+from .reader import read_marker
 from .storage import Storage
 
 _STEP_RE = re.compile(r"(\d+)(?!.*\d)")
@@ -39,6 +40,7 @@ class CheckpointEntry:
     checkpoint_id: str | None
     metadata: dict[str, Any] = field(default_factory=dict)  # saved with save(metadata=...)
     modified_unix: float = 0.0  # newest modification time of its files
+    problem: str | None = None  # why its commit marker cannot be read (then not committed)
 
 
 def step_of(name: str) -> int | None:
@@ -76,11 +78,12 @@ def describe(storage: Storage, *, path: str | None = None) -> CheckpointEntry | 
         return None
     name = storage.path.rstrip("/").rsplit("/", 1)[-1]
     marker = None
+    problem = None
     if MARKER_NAME in own:
         try:
-            marker = Marker.from_bytes(storage.read_file(MARKER_NAME), where=storage.display)
-        except CorruptCheckpointError:
-            marker = None
+            marker = read_marker(storage, files)
+        except CorruptCheckpointError as e:
+            problem = str(e)
     return CheckpointEntry(
         name=name,
         path=path or storage.display,
@@ -93,6 +96,7 @@ def describe(storage: Storage, *, path: str | None = None) -> CheckpointEntry | 
         modified_unix=max(
             (t for n, t in storage.list_mtimes().items() if n in own), default=0.0
         ),
+        problem=problem,
     )
 
 

@@ -79,12 +79,25 @@ def parse_size(text: str) -> int:
     return int(value * units[unit])
 
 
+def clean(text: Any) -> str:
+    """``text`` safe for a terminal: every control or format character (ESC, BEL, newline,
+    bidi overrides, lone surrogates, ...) shown as its escape, never raw. Checkpoint keys come
+    from whoever wrote the checkpoint."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
+    )
+
+
 def _when(unix: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(unix)) if unix else "-"
 
 
 def _table(rows: Sequence[Sequence[str]], out: TextIO, right: Sequence[int] = ()) -> None:
     """Print ``rows`` (the first is the header) as aligned columns."""
+    rows = [[clean(cell) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         cells = [
@@ -161,7 +174,7 @@ def _progress(args: argparse.Namespace) -> ProgressBar:
 def _say(args: argparse.Namespace, text: str) -> None:
     """A line that is not the command's result: left out with --quiet."""
     if not args.quiet:
-        print(text, file=sys.stderr)
+        print(clean(text), file=sys.stderr)
 
 
 # --- commands --------------------------------------------------------------------------------
@@ -179,7 +192,7 @@ def _inspect(args: argparse.Namespace) -> int:
 def print_summary(summary: CheckpointSummary, out: TextIO) -> None:
     view = f" (rank {summary.rank}'s view)" if summary.world_size > 1 else ""
     print(
-        f"{summary.path}: checkpoint {summary.checkpoint_id}, committed "
+        f"{clean(summary.path)}: checkpoint {summary.checkpoint_id}, committed "
         f"{_when(summary.created_unix)}, world size {summary.world_size}{view}",
         file=out,
     )
@@ -218,7 +231,7 @@ def _verify(args: argparse.Namespace) -> int:
         _print_json(report.to_dict(), sys.stdout)
     elif report.ok:
         if not args.quiet:
-            print(_verify_line(report))
+            print(clean(_verify_line(report)))
     else:
         print_problems(report, sys.stdout)
     return EXIT_OK if report.ok else EXIT_FAILED
@@ -237,9 +250,9 @@ def _verify_line(report: VerifyReport) -> str:
 
 def print_problems(report: VerifyReport, out: TextIO) -> None:
     count = len(report.problems)
-    print(f"FAILED {report.path}: {count} problem{'s' if count != 1 else ''}", file=out)
+    print(f"FAILED {clean(report.path)}: {count} problem{'s' if count != 1 else ''}", file=out)
     for problem in report.problems:
-        print(f"  [{problem.kind}] {problem.message}", file=out)
+        print(f"  [{problem.kind}] {clean(problem.message)}", file=out)
 
 
 def _ls(args: argparse.Namespace) -> int:
@@ -256,12 +269,21 @@ def _ls(args: argparse.Namespace) -> int:
     rows = [["NAME", "STEP", "STATE", "SIZE", "COMMITTED AT"]]
     rows += [
         [e.name, "-" if e.step is None else str(e.step),
-         "committed" if e.committed else "incomplete", human_bytes(e.nbytes),
+         _state(e), human_bytes(e.nbytes),
          _when(e.created_unix)]
         for e in entries
     ]
     _table(rows, sys.stdout, right=(1, 3))
+    for e in entries:
+        if e.problem is not None:
+            _say(args, f"{e.name}: bad: {e.problem}")
     return EXIT_OK
+
+
+def _state(entry: CheckpointEntry) -> str:
+    if entry.problem is not None:
+        return "bad"
+    return "committed" if entry.committed else "incomplete"
 
 
 def _entry_doc(entry: CheckpointEntry) -> dict[str, Any]:
@@ -269,6 +291,7 @@ def _entry_doc(entry: CheckpointEntry) -> dict[str, Any]:
         "name": entry.name, "path": entry.path, "step": entry.step,
         "committed": entry.committed, "nbytes": entry.nbytes,
         "created_unix": entry.created_unix, "checkpoint_id": entry.checkpoint_id,
+        "problem": entry.problem,
     }
 
 
@@ -282,11 +305,11 @@ def _diff(args: argparse.Namespace) -> int:
 
 
 def print_diff(report: DiffReport, out: TextIO) -> None:
-    print(f"--- {report.a}\n+++ {report.b}", file=out)
+    print(f"--- {clean(report.a)}\n+++ {clean(report.b)}", file=out)
     for key in report.removed:
-        print(f"- {key}", file=out)
+        print(f"- {clean(key)}", file=out)
     for key in report.added:
-        print(f"+ {key}", file=out)
+        print(f"+ {clean(key)}", file=out)
     if report.changed:
         rows = [["CHANGED", "WHAT", "ELEMENTS", "MAX |A-B|", "DETAIL"]]
         for c in report.changed:
@@ -316,12 +339,12 @@ def _export(args: argparse.Namespace) -> int:
             f"({', '.join(result.skipped[:5])}{', ...' if len(result.skipped) > 5 else ''})"
             if result.skipped else ""
         )
-        print(
+        print(clean(
             f"exported {result.tensors} tensors ({human_bytes(result.nbytes)}) to "
             f"{result.out} as {result.format}: {len(result.files)} file(s){skipped}"
-        )
+        ))
         for file in result.files:
-            print(f"  {file}")
+            print(f"  {clean(file)}")
     return EXIT_OK
 
 
@@ -331,10 +354,10 @@ def _import(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle,
     )
     if not args.quiet:
-        print(
+        print(clean(
             f"imported {result.tensors} tensors ({human_bytes(result.nbytes)}) from "
             f"{result.source} ({result.format}, {len(result.files)} file(s)) to {result.path}"
-        )
+        ))
     return EXIT_OK
 
 
@@ -536,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
 def _fail(args: argparse.Namespace, error: BaseException, status: int) -> int:
     if args.verbose:
         logger.error("ray-ckpt %s failed", args.command, exc_info=error)
-    print(f"ray-ckpt {args.command}: error: {error}", file=sys.stderr)
+    print(f"ray-ckpt {args.command}: error: {clean(error)}", file=sys.stderr)
     return status
 
 

@@ -48,6 +48,7 @@ from .format import (
 from .futures import unwrap_ray_error
 from .sharding import overlap
 from .storage import Storage
+from .validate import manifest_listing_problems, marker_listing_problems, raise_first
 from .writer import ShardResult
 
 logger = logging.getLogger(__name__)
@@ -376,6 +377,7 @@ def _committed_marker(storage: Storage) -> Marker | None:
     if not storage.exists(MARKER_NAME):
         return None
     try:
+        raise_first(marker_listing_problems(storage.list_files(), MARKER_NAME, storage.display))
         return Marker.from_bytes(storage.read_file(MARKER_NAME), where=storage.display)
     except CorruptCheckpointError as e:
         logger.warning("the commit marker of %s is unreadable: %s", storage.display, e)
@@ -389,6 +391,7 @@ def _committed_files(storage: Storage) -> set[str]:
     if marker is None:
         return set()
     try:
+        raise_first(manifest_listing_problems(storage.list_files(), marker, storage.display))
         table = manifest_from_bytes(storage.read_file(marker.manifest), where=marker.manifest)
     except (CorruptCheckpointError, FileNotFoundError) as e:
         logger.warning(

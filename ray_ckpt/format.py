@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import itertools
 import json
 import re
 import struct
@@ -35,6 +34,14 @@ import pyarrow.compute as pc
 import torch
 
 from .errors import CorruptCheckpointError, FormatVersionError
+from .validate import (
+    load_json,
+    marker_problems,
+    overlap_problems,
+    raise_first,
+    shape_problems,
+    world_size_problems,
+)
 
 FORMAT_NAME = "ray_ckpt"
 FORMAT_VERSION = 1
@@ -193,10 +200,7 @@ class Marker:
 
     @classmethod
     def from_bytes(cls, raw: bytes, *, where: str) -> Marker:
-        try:
-            doc = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CorruptCheckpointError(f"commit marker {where} is not valid JSON: {e}") from None
+        doc = load_json(raw, what=f"commit marker {where}")
         if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
             raise CorruptCheckpointError(f"commit marker {where} is not a ray_ckpt marker")
         version = doc.get("format_version")
@@ -215,7 +219,7 @@ class Marker:
                 manifest=str(doc["manifest"]),
                 manifest_nbytes=_nonneg_int(doc["manifest_nbytes"]),
                 manifest_crc32c=_nonneg_int(doc["manifest_crc32c"]),
-                created_unix=float(doc["created_unix"]),
+                created_unix=_number(doc["created_unix"]),
                 world_size=_nonneg_int(doc["world_size"]),
                 total_nbytes=_nonneg_int(doc["total_nbytes"]),
                 metadata=_metadata(doc.get("metadata", {})),
@@ -228,6 +232,7 @@ class Marker:
             raise CorruptCheckpointError(
                 f"commit marker {where} names an invalid manifest {marker.manifest!r}"
             )
+        raise_first(marker_problems(marker, where))
         return marker
 
 
@@ -235,6 +240,15 @@ def _metadata(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError(f"metadata must be a JSON object, got {type(value).__name__}")
     return value
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"expected a number, got {value!r}")
+    try:
+        return float(value)
+    except OverflowError:  # an integer too large for a float
+        raise ValueError(f"created_unix {value} is out of range") from None
 
 
 def _nonneg_int(value: Any) -> int:
@@ -480,6 +494,7 @@ def parse_manifest(table: pa.Table, *, where: str, marker: Marker) -> Manifest:
         raise CorruptCheckpointError(f"manifest {where}: columns of the wrong type: {mistyped}")
     tree_json = meta.get(META_TREE, b"").decode("utf-8", "replace")
     trees = _parse_trees(meta.get(META_TREES), where=where)
+    raise_first(world_size_problems(marker.world_size, trees, where))
     table = table.select(MANIFEST_SCHEMA.names)
     _check_columns(table, where=where)
     cols = {name: table.column(name).to_pylist() for name in MANIFEST_SCHEMA.names}
@@ -501,7 +516,10 @@ def parse_manifest(table: pa.Table, *, where: str, marker: Marker) -> Manifest:
         )
     for item, exts in extents.items():
         _check_tiling(items[item], exts, where=where)
-    _check_no_overlap([e for exts in extents.values() for e in exts], where=where)
+    raise_first(overlap_problems(
+        (e for exts in extents.values() for e in exts),
+        {index: meta.key for index, meta in items.items()}, where,
+    ))
     total = sum(m.nbytes for m in items.values())
     if total != marker.total_nbytes:
         raise CorruptCheckpointError(
@@ -548,12 +566,7 @@ def _check_columns(table: pa.Table, *, where: str) -> None:
 def _parse_trees(raw: bytes | None, *, where: str) -> tuple[str, ...]:
     if raw is None:
         return ()
-    try:
-        trees = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptCheckpointError(
-            f"manifest {where}: the per-rank trees are not JSON ({e})"
-        ) from None
+    trees = load_json(raw, what=f"manifest {where}: the per-rank trees")
     if not isinstance(trees, list) or not all(isinstance(t, str) for t in trees):
         raise CorruptCheckpointError(f"manifest {where}: the per-rank trees are malformed")
     return tuple(trees)
@@ -568,11 +581,8 @@ def _parse_item(row: dict[str, Any], *, where: str) -> ItemMeta:
     if kind == KIND_TENSOR:
         here = f"manifest {where}, key {key!r}"
         dtype = dtype_from_name(row["dtype"] or "", where=here)
-        if row["shape"] is None or any(d is None or d < 0 for d in row["shape"]):
-            raise CorruptCheckpointError(f"{here}: invalid shape {row['shape']!r}")
+        raise_first(shape_problems(row["shape"], dtype.itemsize, here))
         shape = tuple(row["shape"])
-        if len(shape) > 64:
-            raise CorruptCheckpointError(f"{here}: {len(shape)} dimensions is absurd")
         numel = 1
         for d in shape:
             numel *= d
@@ -609,8 +619,9 @@ def _global_box(
         return None, None
     if shape is None or gshape is None or goffset is None:
         raise CorruptCheckpointError(f"{here}: a shard needs a shape, a global shape and an offset")
+    raise_first(shape_problems(gshape, 1, f"{here} (global shape)"))
     if not (len(gshape) == len(goffset) == len(shape)) or any(
-        v is None or o < 0 or o + s > g for g, o, s, v in zip(gshape, goffset, shape, gshape)
+        not isinstance(o, int) or o < 0 or o + s > g for g, o, s in zip(gshape, goffset, shape)
     ):
         raise CorruptCheckpointError(
             f"{here}: the shard at {goffset} of shape {list(shape)} does not fit in the global "
@@ -633,17 +644,3 @@ def _check_tiling(meta: ItemMeta, exts: list[Extent], *, where: str) -> None:
         raise CorruptCheckpointError(
             f"manifest {where}, key {meta.key!r}: extents cover {position} of {meta.nbytes} bytes"
         )
-
-
-def _check_no_overlap(exts: list[Extent], *, where: str) -> None:
-    by_file: dict[str, list[Extent]] = {}
-    for ext in exts:
-        by_file.setdefault(ext.file, []).append(ext)
-    for file, runs in by_file.items():
-        runs.sort(key=lambda e: e.offset)
-        for before, after in itertools.pairwise(runs):
-            if before.offset + before.length > after.offset and before.length and after.length:
-                raise CorruptCheckpointError(
-                    f"manifest {where}: byte ranges of items {before.item} and {after.item} "
-                    f"overlap in {file}"
-                )

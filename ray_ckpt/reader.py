@@ -55,6 +55,14 @@ from .format import (
 from .sharding import Box, ShardedTensor, is_dtensor, overlap, runs, slices, target_box
 from .storage import FileReader, Storage
 from .types import RankInfo
+from .validate import (
+    allocation_problems,
+    file_size_problems,
+    manifest_listing_problems,
+    marker_listing_problems,
+    raise_first,
+    tree_problems,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -139,12 +147,8 @@ class CheckpointReader:
         files = storage.list_files()
         if MARKER_NAME not in files:
             _raise_not_a_checkpoint(storage, files)
-        marker = Marker.from_bytes(storage.read_file(MARKER_NAME), where=storage.display)
-        if marker.manifest not in files:
-            raise CorruptCheckpointError(
-                f"checkpoint {storage.display} is damaged: its manifest {marker.manifest} is "
-                "missing. Restore the file or use another checkpoint."
-            )
+        marker = read_marker(storage, files)
+        raise_first(manifest_listing_problems(files, marker, storage.display))
         raw = storage.read_file(marker.manifest)
         if len(raw) != marker.manifest_nbytes or crc32c(raw) != marker.manifest_crc32c:
             raise CorruptCheckpointError(
@@ -155,10 +159,11 @@ class CheckpointReader:
         where = f"{storage.display}/{marker.manifest}"
         manifest = parse_manifest(manifest_from_bytes(raw, where=where), where=where, marker=marker)
         if check_files:
-            _check_file_sizes(storage, manifest, files)
+            raise_first(file_size_problems(manifest, files, storage.display))
+            raise_first(allocation_problems(manifest, files, storage.display))
         tree_json = manifest.tree_for(self._rank_info.global_rank)
         tree = decode(tree_json, n_items=max(manifest.items, default=-1) + 1, where=where)
-        _check_tree(tree, manifest, where)
+        raise_first(tree_problems(tree, manifest, where))
         return CheckpointInfo(storage, marker, manifest, tree, files)
 
     # --- read ---------------------------------------------------------------------------------
@@ -415,6 +420,13 @@ def _perform(
             )
 
 
+def read_marker(storage: Storage, files: dict[str, int]) -> Marker:
+    """The commit marker of ``storage`` (listed in ``files``), its size checked before it is
+    read."""
+    raise_first(marker_listing_problems(files, MARKER_NAME, storage.display))
+    return Marker.from_bytes(storage.read_file(MARKER_NAME), where=storage.display)
+
+
 def _raise_not_a_checkpoint(storage: Storage, files: dict[str, int]) -> None:
     if files or storage.list_dirs():
         raise IncompleteCheckpointError(
@@ -431,37 +443,6 @@ def _raise_not_a_checkpoint(storage: Storage, files: dict[str, int]) -> None:
             f"{storage.display} is an empty directory, not a checkpoint (no {MARKER_NAME})"
         )
     raise CheckpointNotFoundError(f"no checkpoint at {storage.display}: the path does not exist")
-
-
-def _check_file_sizes(storage: Storage, manifest: Manifest, files: dict[str, int]) -> None:
-    needed: dict[str, tuple[int, str]] = {}
-    for index, exts in manifest.extents.items():
-        for e in exts:
-            end = e.offset + e.length
-            if end > needed.get(e.file, (0, ""))[0]:
-                needed[e.file] = (end, manifest.items[index].key)
-    for file, (end, key) in needed.items():
-        size = files.get(file)
-        if size is None:
-            raise CorruptCheckpointError(
-                f"checkpoint {storage.display} is damaged: data file {file} (key {key!r}) is "
-                "missing. Restore it or use another checkpoint."
-            )
-        if size < end:
-            raise CorruptCheckpointError(
-                f"checkpoint {storage.display} is damaged: data file {file} is truncated to "
-                f"{size} bytes but key {key!r} needs {end}. Restore it or use another checkpoint."
-            )
-
-
-def _check_tree(tree: Any, manifest: Manifest, where: str) -> None:
-    for ref in item_refs(tree):
-        meta = manifest.items.get(ref.index)
-        if meta is None or (ref.tag == "P") != (meta.kind == KIND_PICKLE):
-            raise CorruptCheckpointError(
-                f"{where}: the tree refers to item {ref.index} as {ref.tag!r}, which the "
-                "manifest does not hold"
-            )
 
 
 def _check_pickles(plan: _Plan, info: CheckpointInfo, allow_pickle: bool) -> None:

@@ -57,6 +57,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from .config import StorageConfig
@@ -151,7 +152,7 @@ def resolve(path: str, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.
     if "://" in path:
         try:
             fs, fs_path = pafs.FileSystem.from_uri(path)
-        except (pafs.ArrowInvalid, OSError, ValueError) as e:  # type: ignore[attr-defined]
+        except (pa.ArrowException, OSError, ValueError) as e:
             raise ValueError(f"cannot resolve storage URI {path!r}: {e}") from e
         return fs, fs_path.rstrip("/")
     return pafs.LocalFileSystem(), os.path.abspath(path)

@@ -32,6 +32,7 @@ from .export import discard, publish, temp_name
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+RESERVED = "__metadata__"  # the header's own entry: no tensor may have this name
 
 DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -100,6 +101,12 @@ def _check_tensors(source: Source, tensors: Shard) -> None:
                 "as dotted keys; safetensors needs unique names. Export with --to torch."
             )
         seen.add(name)
+        if name == RESERVED:
+            raise UnsupportedValueError(
+                f"checkpoint {source.info.storage.display}: a tensor is named {name!r}, which "
+                "safetensors reserves for its metadata (the file could not be read back). "
+                "Export with --to torch, or export a subtree without it with --only."
+            )
         if tensor.dtype not in DTYPES:
             raise UnsupportedValueError(
                 f"key {name!r} is {tensor.dtype}, which safetensors cannot hold (it holds "

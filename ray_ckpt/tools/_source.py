@@ -37,6 +37,7 @@ from ..reader import CheckpointInfo, CheckpointReader
 from ..sharding import Box, overlap, runs, slices
 from ..storage import FileReader
 from ..types import RankInfo
+from ..validate import raise_first, shard_problems
 
 DEFAULT_CHUNK_BYTES = 16 << 20
 DEFAULT_WINDOW_BYTES = 16 << 20
@@ -181,30 +182,19 @@ class Source:
         return tensor
 
     def tensor(self, ref: StoredRef) -> TensorLeaf:
-        """The tensor ``ref`` stands for, checked against the manifest: every shard a tensor of
-        one dtype whose box fits the global shape, the boxes together as large as the tensor."""
+        """The tensor ``ref`` stands for; a sharded one's shards are checked to tile it
+        (:func:`ray_ckpt.validate.shard_problems`)."""
         if isinstance(ref, ItemRef):
             meta = self.manifest.items[ref.index]
             shape = meta.shape or ()
             dtype = dtype_from_name(meta.dtype or "", where=meta.key)
             return TensorLeaf(ref, meta.key, dtype, shape, ((ref.index, _whole(shape)),))
+        raise_first(shard_problems(
+            ref.indices, ref.global_shape, self.manifest, self.info.storage.display
+        ))
         metas = [self.manifest.items[i] for i in ref.indices]
         key = metas[0].key
-        dtypes = {m.dtype for m in metas}
         boxes = [(m.global_offset or (0,) * len(m.shape or ()), m.shape or ()) for m in metas]
-        if (
-            len(dtypes) != 1
-            or any(m.kind == KIND_PICKLE or (m.global_shape or m.shape) != ref.global_shape
-                   for m in metas)
-            or sum(math.prod(shape) for _, shape in boxes) != math.prod(ref.global_shape)
-        ):
-            raise CorruptCheckpointError(
-                f"key {key!r} in {self.info.storage.display}: its shards (dtypes "
-                f"{sorted(map(str, dtypes))}, boxes at {[list(o) for o, _ in boxes]} of shapes "
-                f"{[list(s) for _, s in boxes]}) do not tile the global shape "
-                f"{list(ref.global_shape)}: a shard is missing or the manifest is damaged. "
-                "Restore the checkpoint or use another one."
-            )
         dtype = dtype_from_name(metas[0].dtype or "", where=key)
         shards = tuple(sorted(zip(ref.indices, boxes), key=lambda s: s[1][0]))
         return TensorLeaf(ref, key, dtype, tuple(ref.global_shape), shards)

@@ -165,10 +165,18 @@ def _diff_tensors(
             max_diff = worst if math.isnan(worst) or math.isnan(max_diff) else max(max_diff, worst)
     if numel == 0:
         return None
+    if not _has_arithmetic(tx.dtype):  # bits8/16/...: raw bits, compared as such
+        return Change(key, "values", f"{numel} of {tx.numel} elements differ (raw bits)",
+                      numel_changed=numel)
     return Change(
         key, "values", f"{numel} of {tx.numel} elements differ, max |a-b| = {max_diff:.6g}",
         numel_changed=numel, max_abs_diff=max_diff,
     )
+
+
+def _has_arithmetic(dtype: torch.dtype) -> bool:
+    """Whether values of ``dtype`` can be subtracted (the ``bits`` dtypes are raw bits)."""
+    return not _dtype(dtype).startswith("bits")
 
 
 def _dtype(dtype: torch.dtype) -> str:
@@ -217,6 +225,8 @@ def _tensor_difference(x: torch.Tensor, y: torch.Tensor, chunk_numel: int) -> tu
         if not count:
             continue
         changed += count
+        if not _has_arithmetic(x.dtype):
+            continue
         worst = _abs_difference(cx[differs], cy[differs]).max().item()
         max_diff = worst if math.isnan(worst) or math.isnan(max_diff) else max(max_diff, worst)
     return changed, max_diff

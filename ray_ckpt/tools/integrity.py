@@ -15,35 +15,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .._checksum import crc32c
-from .._tree import decode, item_refs
+from .._tree import decode
 from ..config import StorageConfig
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError
-from ..format import (
-    HEADER_SIZE,
-    KIND_PICKLE,
-    MARKER_NAME,
-    Extent,
-    Manifest,
-    Marker,
-    check_header,
-)
+from ..format import HEADER_SIZE, MARKER_NAME, Extent, Manifest, check_header
+from ..reader import read_marker
 from ..storage import FileReader, Storage
+from ..validate import Problem, allocation_problems, file_size_problems, tree_problems
 from ._source import DEFAULT_CHUNK_BYTES, NoProgress, Progress, reader_for
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a checkpoint.
-
-    ``kind`` is one of ``not-found``, ``incomplete`` (no commit marker), ``marker``,
-    ``manifest``, ``missing-file``, ``truncated``, ``header`` or ``checksum``; ``file`` and
-    ``key`` name the data file and state-dict key when they are known.
-    """
-
-    kind: str
-    message: str
-    file: str | None = None
-    key: str | None = None
 
 
 @dataclass
@@ -134,72 +113,37 @@ def _open_for_verify(
     except CorruptCheckpointError as e:
         report.problems.append(_marker_or_manifest_problem(storage, e))
         return None
-    _report_file_sizes(storage, info.manifest, info.file_sizes, report)
-    _check_trees(storage, info.manifest, info.marker.world_size, report)
+    report.problems.extend(file_size_problems(info.manifest, info.file_sizes, storage.display))
+    report.problems.extend(allocation_problems(info.manifest, info.file_sizes, storage.display))
+    _check_trees(storage, info.manifest, report)
     return info.manifest
 
 
 def _marker_or_manifest_problem(storage: Storage, error: CorruptCheckpointError) -> Problem:
     """``open`` refused the marker or the manifest: which one, by reading the marker again."""
     try:
-        marker = Marker.from_bytes(storage.read_file(MARKER_NAME), where=storage.display)
+        marker = read_marker(storage, storage.list_files())
     except CorruptCheckpointError:
         return Problem("marker", str(error), file=MARKER_NAME)
     return Problem("manifest", str(error), file=marker.manifest)
 
 
-def _check_trees(
-    storage: Storage, manifest: Manifest, world_size: int, report: VerifyReport
-) -> None:
-    """Every rank's tree decodes and refers only to items the manifest holds (a load checks
-    only the tree of the rank that loads)."""
-    where = f"{storage.display}/manifest-{manifest.checkpoint_id}.arrow"
+def _check_trees(storage: Storage, manifest: Manifest, report: VerifyReport) -> None:
+    """Every rank's tree decodes and passes the structural checks (a load checks only the tree
+    of the rank that loads). The marker's world size was checked against the trees present."""
+    name = f"manifest-{manifest.checkpoint_id}.arrow"
+    where = f"{storage.display}/{name}"
     n_items = max(manifest.items, default=-1) + 1
-    for rank in range(world_size):
+    for rank, tree_json in enumerate(manifest.trees or (manifest.tree_json,)):
+        here = f"{where}, rank {rank}" if manifest.trees else where
         try:
-            tree = decode(manifest.tree_for(rank), n_items=n_items, where=f"{where}, rank {rank}")
+            tree = decode(tree_json, n_items=n_items, where=here)
         except CorruptCheckpointError as e:
-            report.problems.append(Problem("manifest", str(e), file=where.rsplit("/", 1)[1]))
+            report.problems.append(Problem("manifest", str(e), file=name))
             continue
-        for ref in item_refs(tree):
-            meta = manifest.items.get(ref.index)
-            if meta is None or (ref.tag == "P") != (meta.kind == KIND_PICKLE):
-                report.problems.append(Problem(
-                    "manifest",
-                    f"{where}: rank {rank}'s tree refers to item {ref.index} as {ref.tag!r}, "
-                    "which the manifest does not hold",
-                    file=where.rsplit("/", 1)[1],
-                ))
-                break
-
-
-def _report_file_sizes(
-    storage: Storage, manifest: Manifest, sizes: dict[str, int], report: VerifyReport
-) -> None:
-    needed: dict[str, tuple[int, list[str]]] = {}
-    for index, extents in manifest.extents.items():
-        for e in extents:
-            end, keys = needed.setdefault(e.file, (0, []))
-            keys.append(manifest.items[index].key)
-            needed[e.file] = (max(end, e.offset + e.length), keys)
-    for file, (end, keys) in sorted(needed.items()):
-        where = f"{storage.display}/{file}"
-        listed = ", ".join(repr(k) for k in sorted(set(keys))[:5])
-        more = f" and {len(set(keys)) - 5} more" if len(set(keys)) > 5 else ""
-        if file not in sizes:
-            report.problems.append(Problem(
-                "missing-file",
-                f"data file {where} is missing; it holds keys {listed}{more}. Restore it or use "
-                "another checkpoint.",
-                file=file, key=keys[0],
-            ))
-        elif sizes[file] < end:
-            report.problems.append(Problem(
-                "truncated",
-                f"data file {where} is truncated to {sizes[file]} bytes, but the manifest needs "
-                f"{end}; it holds keys {listed}{more}. Restore it or use another checkpoint.",
-                file=file, key=keys[0],
-            ))
+        for problem in tree_problems(tree, manifest, here):
+            report.problems.append(Problem(problem.kind, problem.message, name, problem.key))
+            break
 
 
 def _verify_file(
