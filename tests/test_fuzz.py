@@ -19,11 +19,13 @@ The default run tries a few examples of each; ``slow`` tries many more.
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import json
 import math
 import os
 import shutil
 import struct
+import time
 import tracemalloc
 from collections import OrderedDict
 from pathlib import Path
@@ -38,8 +40,16 @@ from hypothesis import strategies as st
 from hypothesis.vendor.pretty import for_type_by_name
 
 import ray_ckpt
+from ray_ckpt import validate
 from ray_ckpt._checksum import crc32c
-from ray_ckpt.format import DTYPES, MARKER_NAME, manifest_from_bytes, manifest_to_bytes
+from ray_ckpt.format import (
+    DTYPES,
+    MARKER_NAME,
+    Extent,
+    Marker,
+    manifest_from_bytes,
+    manifest_to_bytes,
+)
 
 FEW = settings(
     max_examples=12,
@@ -555,3 +565,122 @@ def test_a_manifest_claiming_a_petabyte_tensor_is_refused_before_allocating(
         ray_ckpt.CheckpointReader().read(str(path))
     assert load_bounded(path, reliability, "manifest claims a 1 PiB tensor") == "refused"
     assert not ray_ckpt.verify(str(path)).ok
+
+
+# --- the structural checks (ray_ckpt.validate), each against a brute-force oracle -------------
+
+CHECKS = settings(FEW, max_examples=300)
+
+
+@CHECKS
+@given(st.lists(st.tuples(st.integers(64, 160), st.integers(0, 40)), min_size=1, max_size=8))
+def test_fuzz_overlap_check_agrees_with_byte_by_byte(runs: list[tuple[int, int]]) -> None:
+    """Extents of one file are refused exactly when two share a byte, or a zero-length one
+    sits strictly inside another (the rule that keeps a load within the data files)."""
+    extents = [Extent(i, 0, "f", off, length, None, 0) for i, (off, length) in enumerate(runs)]
+    shared = any(
+        (max(a.offset, b.offset) < min(a.offset + a.length, b.offset + b.length))
+        or (a.length == 0 and b.offset < a.offset < b.offset + b.length)
+        for a, b in itertools.permutations(extents, 2)
+    )
+    problems = list(validate.overlap_problems(extents, {}, "fuzz"))
+    assert bool(problems) == shared, (runs, problems)
+
+
+@CHECKS
+@given(
+    st.lists(st.integers(1, 4), min_size=0, max_size=3).flatmap(
+        lambda shape: st.tuples(
+            st.just(tuple(shape)),
+            st.lists(
+                st.tuples(*(st.integers(0, d - 1) for d in shape)).flatmap(
+                    lambda offset, shape=shape: st.tuples(
+                        st.just(offset),
+                        st.tuples(*(st.integers(1, d - o) for d, o in zip(shape, offset))),
+                    )
+                ),
+                min_size=1, max_size=5,
+            ),
+        )
+    )
+)
+def test_fuzz_tiling_check_agrees_with_counting_elements(case: Any) -> None:
+    """Boxes inside a global shape pass exactly when every element is covered once."""
+    shape, boxes = case
+    count = np.zeros(shape, dtype=np.int64)
+    for offset, size in boxes:
+        count[tuple(slice(o, o + s) for o, s in zip(offset, size))] += 1
+    problems = list(validate.tiling_problems(boxes, shape, "fuzz"))
+    assert bool(problems) == bool((count != 1).any()), (shape, boxes, problems)
+
+
+@CHECKS
+@given(
+    st.lists(st.one_of(st.integers(0, 8), st.integers(0, 2**64)), max_size=6),
+    st.sampled_from([torch.float32, torch.bfloat16, torch.float64, torch.uint8]),
+)
+def test_fuzz_shape_check_admits_only_shapes_torch_can_build(
+    shape: list[int], dtype: torch.dtype
+) -> None:
+    """A shape the check admits can be built by torch (strides and size in int64); one it
+    refuses overflows."""
+    problems = list(validate.shape_problems(shape, dtype.itemsize, "fuzz"))
+    span = dtype.itemsize * math.prod(max(d, 1) for d in shape)
+    assert bool(problems) == (span >= 2**63)
+    if not problems:
+        torch.empty(shape, dtype=dtype, device="meta")
+
+
+@CHECKS
+@given(st.integers(0, 3000), st.sampled_from(["[", '{"a":']))
+def test_fuzz_json_depth_is_bounded_without_recursion_error(levels: int, opener: str) -> None:
+    closer = "]" if opener == "[" else "}"
+    text = opener * levels + "0" + closer * levels
+    if levels > validate.MAX_JSON_DEPTH:
+        with pytest.raises(ray_ckpt.CorruptCheckpointError, match="nests deeper"):
+            validate.load_json(text, what="fuzz")
+    else:
+        assert validate.json_depth(validate.load_json(text, what="fuzz"), 10**6) == levels
+
+
+@CHECKS
+@given(
+    st.one_of(st.floats(), st.integers(-(2**70), 2**70)),
+    st.integers(-5, 2**40),
+    st.integers(-5, 2**70),
+)
+def test_fuzz_marker_numbers_are_finite_and_in_range(
+    created: float, world_size: int, total: int
+) -> None:
+    """A marker parses only when its numbers are usable (a time ``time.localtime`` takes,
+    sizes within int64); otherwise a CorruptCheckpointError, never another exception."""
+    doc = {
+        "format": "ray_ckpt", "format_version": 1, "checkpoint_id": "0" * 16,
+        "manifest": "manifest-" + "0" * 16 + ".arrow", "manifest_nbytes": 10,
+        "manifest_crc32c": 1, "created_unix": created, "world_size": world_size,
+        "total_nbytes": total, "metadata": {},
+    }
+    raw = json.dumps(doc).encode()
+    try:
+        marker = Marker.from_bytes(raw, where="fuzz")
+    except ray_ckpt.CorruptCheckpointError:
+        assert not (
+            math.isfinite(created) and 0 <= created <= validate.MAX_CREATED_UNIX
+            and 1 <= world_size <= validate.MAX_WORLD_SIZE and 0 <= total < 2**63
+        )
+        return
+    time.localtime(marker.created_unix)
+    assert 1 <= marker.world_size <= validate.MAX_WORLD_SIZE and marker.total_nbytes < 2**63
+
+
+@CHECKS
+@given(st.integers(0, 2**40), st.integers(0, 2**40))
+def test_fuzz_sizes_are_checked_before_reading(listed: int, claimed: int) -> None:
+    marker = Marker("0" * 16, "manifest-" + "0" * 16 + ".arrow", claimed, 0, 0.0, 1, 0)
+    files = {MARKER_NAME: listed, marker.manifest: listed}
+    assert bool(list(validate.marker_listing_problems(files, MARKER_NAME, "fuzz"))) == (
+        listed > validate.MAX_MARKER_BYTES
+    )
+    assert bool(list(validate.manifest_listing_problems(files, marker, "fuzz"))) == (
+        listed != claimed or listed > validate.MAX_MANIFEST_BYTES
+    )
