@@ -113,8 +113,10 @@ def _open_for_verify(
     except CorruptCheckpointError as e:
         report.problems.append(_marker_or_manifest_problem(storage, e))
         return None
-    report.problems.extend(file_size_problems(info.manifest, info.file_sizes, storage.display))
-    report.problems.extend(allocation_problems(info.manifest, info.file_sizes, storage.display))
+    files = list(file_size_problems(info.manifest, info.file_sizes, storage.display))
+    report.problems.extend(files)
+    if not files:  # a missing or short file is reported as such, not as a forged size too
+        report.problems.extend(allocation_problems(info.manifest, info.file_sizes, storage.display))
     _check_trees(storage, info.manifest, report)
     return info.manifest
 
