@@ -28,6 +28,7 @@ from typing import Any, TextIO
 
 from .catalog import CheckpointEntry, list_checkpoints
 from .errors import CheckpointError
+from .credentials import redact
 from .storage import Storage
 from .tools import (
     CheckpointSummary,
@@ -536,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
 def _fail(args: argparse.Namespace, error: BaseException, status: int) -> int:
     if args.verbose:
         logger.error("ray-ckpt %s failed", args.command, exc_info=error)
-    print(f"ray-ckpt {args.command}: error: {error}", file=sys.stderr)
+    print(f"ray-ckpt {args.command}: error: {redact(str(error))}", file=sys.stderr)
     return status
 
 

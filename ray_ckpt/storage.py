@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import abc
 import ctypes
+import dataclasses
 import errno
 import functools
 import logging
@@ -59,6 +60,7 @@ from typing import Any, TypeVar
 
 import pyarrow.fs as pafs
 
+from . import credentials
 from .config import StorageConfig
 from .errors import CheckpointExistsError, CheckpointNotFoundError, StorageError
 
@@ -151,8 +153,11 @@ def resolve(path: str, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.
     if "://" in path:
         try:
             fs, fs_path = pafs.FileSystem.from_uri(path)
-        except (pafs.ArrowInvalid, OSError, ValueError) as e:  # type: ignore[attr-defined]
-            raise ValueError(f"cannot resolve storage URI {path!r}: {e}") from e
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            shown = credentials.redact(path)
+            raise ValueError(
+                f"cannot resolve storage URI {shown!r}: {credentials.redact(str(e))}"
+            ) from None
         return fs, fs_path.rstrip("/")
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
@@ -257,17 +262,56 @@ def commit_strategy_for(fs: Any) -> CommitStrategy:
 
 
 class Storage:
-    """One directory on one filesystem. Picklable; shared by the caller and the writer actors."""
+    """One directory on one filesystem. Picklable; shared by the caller and the writer actors.
+
+    It pickles without the filesystem's secrets (see :mod:`ray_ckpt.credentials`): a process
+    that receives it must have accepted the :meth:`handoff` first (ray_ckpt's actors do, from
+    the first argument of their calls), or have credentials of its own."""
 
     def __init__(
         self, fs: pafs.FileSystem, path: str, config: StorageConfig | None = None
     ) -> None:
-        self.fs = fs
+        self._fs: pafs.FileSystem | None = fs
+        self._spec: credentials.FilesystemSpec | None = None
+        self.type_name = fs.type_name
         self.path = path.rstrip("/") or "/"
         self.config = config or StorageConfig()
         self.is_local = isinstance(fs, pafs.LocalFileSystem)
         self.is_object_store = not self.is_local and is_object_store(fs)
         self._bucket_seen = False
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        """The filesystem; where this storage was unpickled, rebuilt on first use with the
+        secrets this process was handed."""
+        if self._fs is None:
+            assert self._spec is not None
+            self._fs = credentials.rebuild(self._spec)
+        return self._fs
+
+    def _split(self) -> credentials.FilesystemSpec:
+        if self._spec is None:
+            self._spec, _ = credentials.split(self.fs)
+        return self._spec
+
+    def handoff(self) -> credentials.Handoff | None:
+        """The filesystem's secrets, for the first argument of an actor call that takes this
+        storage (None when it holds none)."""
+        return credentials.handoff_for(self._split())
+
+    def adopt(self, handoff: credentials.Handoff) -> None:
+        """Use the secrets of ``handoff`` (accepted in this process), which describe the same
+        filesystem under another id: a rank other than the one that pickled this storage."""
+        spec = self._split()
+        if spec.secret_id is not None and spec.secret_id != handoff.secret_id:
+            self._spec = dataclasses.replace(spec, secret_id=handoff.secret_id)
+            self._fs = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_spec"] = self._split()
+        state["_fs"] = None
+        return state
 
     @classmethod
     def from_path(
@@ -289,9 +333,11 @@ class Storage:
 
     def show(self, path: str) -> str:
         """``path`` (on this filesystem) as messages name it: ``scheme://path`` off local disk."""
-        if self.is_local or "://" in path:
+        if "://" in path:
+            return credentials.redact(path)
+        if self.is_local:
             return path
-        return f"{self.fs.type_name}://{path.lstrip('/') if self.is_object_store else path}"
+        return f"{self.type_name}://{path.lstrip('/') if self.is_object_store else path}"
 
     @property
     def bucket(self) -> str | None:
@@ -301,7 +347,9 @@ class Storage:
         return self.path.lstrip("/").split("/", 1)[0] or None
 
     def child(self, name: str) -> Storage:
-        return Storage(self.fs, self._join(name), self.config)
+        child = Storage(self.fs, self._join(name), self.config)
+        child._spec = self._spec  # the same secrets: one handoff serves both
+        return child
 
     def _join(self, name: str) -> str:
         if not name or "/" in name or name in (".", ".."):
