@@ -30,9 +30,9 @@ from typing import Any
 
 import ray
 
+from .credentials import Handoff, accept
 from .errors import BarrierTimeoutError, CheckpointWriteError
 from .format import new_checkpoint_id
-from .credentials import Handoff, accept
 from .storage import Storage
 
 logger = logging.getLogger(__name__)

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .catalog import CheckpointEntry, list_checkpoints
-from .errors import CheckpointError
 from .credentials import redact
+from .errors import CheckpointError
 from .storage import Storage
 from .tools import (
     CheckpointSummary,

@@ -66,7 +66,7 @@ class Handoff:
     """The secrets of one filesystem, on their way to the actors that use it. Pass it as the
     first argument of an actor call, never inside another object; its repr shows no secret."""
 
-    __slots__ = ("secret_id", "_secrets")
+    __slots__ = ("_secrets", "secret_id")
 
     def __init__(self, secret_id: str, secret_fields: dict[str, Any]) -> None:
         self.secret_id = secret_id

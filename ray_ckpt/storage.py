@@ -273,7 +273,7 @@ class Storage:
     ) -> None:
         self._fs: pafs.FileSystem | None = fs
         self._spec: credentials.FilesystemSpec | None = None
-        self.type_name = fs.type_name
+        self.type_name: str = getattr(fs, "type_name", type(fs).__name__)
         self.path = path.rstrip("/") or "/"
         self.config = config or StorageConfig()
         self.is_local = isinstance(fs, pafs.LocalFileSystem)

@@ -42,10 +42,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ._checksum import crc32c
 from .config import CheckpointWriterConfig
+from .credentials import Handoff, accept
 from .errors import CheckpointWriteError
 from .format import HEADER_SIZE, Extent, PackedRows, encode_header, without_gc
 from .stager import BucketLayout
-from .credentials import Handoff, accept
 from .storage import Storage
 
 logger = logging.getLogger(__name__)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -33,7 +34,7 @@ from ray_ckpt import cli
 from ray_ckpt.builder import LOCAL_RAY_SYSTEM_CONFIG
 from ray_ckpt.credentials import redact
 
-from .conftest import CLUSTERS, MiB, S3_ACCESS_KEY, S3_BUCKET, S3_REGION, ensure_cluster
+from .conftest import CLUSTERS, S3_ACCESS_KEY, S3_BUCKET, S3_REGION, MiB, ensure_cluster
 
 SPILL_DIR = Path(tempfile.gettempdir()) / f"ray_ckpt_test_spill_{os.getpid()}"
 
@@ -60,7 +61,10 @@ FILL_BYTES = 40 * MiB
 @pytest.fixture(scope="module")
 def spill_cluster():
     SPILL_DIR.mkdir(exist_ok=True)
-    return ensure_cluster("spill")
+    try:
+        yield ensure_cluster("spill")
+    finally:
+        shutil.rmtree(SPILL_DIR, ignore_errors=True)
 
 
 @pytest.fixture()
@@ -265,3 +269,28 @@ def test_uri_user_info_is_never_shown(spill_cluster, s3_server, tmp_path, secret
 def test_redact_hides_every_uri_user_info():
     text = "s3://AK:S/K@b/x?q=1 'gs://to@k@b/y' s3://b/z /tmp/a@b"
     assert redact(text) == "s3://***@b/x?q=1 'gs://***@b/y' s3://b/z /tmp/a@b"
+
+
+# --- item 10: torch.load(weights_only=True) is safe only from torch 2.6 on -----------------------
+
+
+def test_torch_requirement_excludes_unsafe_weights_only_loads():
+    import tomllib
+    from packaging.requirements import Requirement
+
+    root = Path(__file__).resolve().parents[1]
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    (torch_req,) = [Requirement(d) for d in deps if Requirement(d).name == "torch"]
+    assert not torch_req.specifier.contains("2.5.1")
+    assert torch_req.specifier.contains("2.6.0")
+
+
+def test_import_refuses_a_torch_file_under_an_unsafe_torch(tmp_path, monkeypatch):
+    from ray_ckpt.tools import import_checkpoint
+
+    src = tmp_path / "model.pt"
+    torch.save({"w": torch.ones(2)}, src)
+    monkeypatch.setattr(torch, "__version__", "2.5.1+cu121")  # the fault: an old torch
+    with pytest.raises(ray_ckpt.CheckpointError, match=r"CVE-2025-32434"):
+        import_checkpoint(str(src), str(tmp_path / "ckpt"))
+    assert not (tmp_path / "ckpt").exists()
