@@ -4,9 +4,12 @@ URI's user-info is never shown (issue 13, item 11; docs/SECURITY.md).
 Runs on its own cluster: one node with a small object store that spills to a directory of the
 test's, so that every object ray_ckpt hands to Ray can be read back from disk. The saves stop in
 their ``pre_commit`` hook (the request is still referenced then); the test fills the object
-store until Ray has spilled what it holds, and only then scans: the spill directory, Ray's
-session directory (logs included), the GCS server's memory (where a detached actor's
-constructor arguments live), the checkpoint's objects and the captured logs.
+store until Ray has spilled, and only then scans: the spill directory, Ray's session directory
+(logs included), the GCS server's memory (where a detached actor's constructor arguments
+live), the raylet's memory (it maps the object store: a request in use by its running task was
+not spilled in our runs, so the store itself is searched), the checkpoint's objects and the
+captured logs. Before the fix, the secret was found in the object store (single rank) and in
+the GCS (multi-rank).
 """
 
 from __future__ import annotations
