@@ -3,9 +3,9 @@
 A :class:`Storage` is one directory on one filesystem, resolved once from a local path, a URI
 (``file://``, ``s3://``, ``gs://``, ``hdfs://``) or an explicit ``pyarrow.fs.FileSystem`` (any
 of them: ``S3FileSystem``, ``GcsFileSystem``, a ``PyFileSystem`` wrapping an fsspec filesystem,
-a ``SubTreeFileSystem``). It pickles, so the same object travels to the writer actors; a
-filesystem pickles with its options (an ``S3FileSystem`` with its endpoint and resolved
-credentials). On a ``LocalFileSystem`` it talks to the OS directly (``pwritev``/``preadv``
+a ``SubTreeFileSystem``). It pickles, so the same object travels to the writer actors; its
+filesystem pickles with its options but without explicit secrets, which travel apart (see
+:mod:`ray_ckpt.credentials`). On a ``LocalFileSystem`` it talks to the OS directly (``pwritev``/``preadv``
 straight from and into tensor memory, ``fsync`` of files and of the directory); on any other
 filesystem it streams through pyarrow:
 
