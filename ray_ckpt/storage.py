@@ -5,9 +5,9 @@ A :class:`Storage` is one directory on one filesystem, resolved once from a loca
 of them: ``S3FileSystem``, ``GcsFileSystem``, a ``PyFileSystem`` wrapping an fsspec filesystem,
 a ``SubTreeFileSystem``). It pickles, so the same object travels to the writer actors; its
 filesystem pickles with its options but without explicit secrets, which travel apart (see
-:mod:`ray_ckpt.credentials`). On a ``LocalFileSystem`` it talks to the OS directly (``pwritev``/``preadv``
-straight from and into tensor memory, ``fsync`` of files and of the directory); on any other
-filesystem it streams through pyarrow:
+:mod:`ray_ckpt.credentials`). On a ``LocalFileSystem`` it talks to the OS directly
+(``pwritev``/``preadv`` straight from and into tensor memory, ``fsync`` of files and of the
+directory); on any other filesystem it streams through pyarrow:
 
 * writes go through ``open_output_stream`` in calls of ``StorageConfig.part_size_bytes``. An
   ``S3FileSystem`` cuts them into multipart parts of its own fixed size (10 MiB in pyarrow),

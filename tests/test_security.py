@@ -297,3 +297,58 @@ def test_import_refuses_a_torch_file_under_an_unsafe_torch(tmp_path, monkeypatch
     with pytest.raises(ray_ckpt.CheckpointError, match=r"CVE-2025-32434"):
         import_checkpoint(str(src), str(tmp_path / "ckpt"))
     assert not (tmp_path / "ckpt").exists()
+
+
+# --- the pickled forms, without Ray ---------------------------------------------------------------
+
+
+def _explicit_filesystems(secret: str) -> dict[str, Any]:
+    import datetime
+
+    s3 = pafs.S3FileSystem(
+        access_key=S3_ACCESS_KEY, secret_key=secret, session_token=f"tok-{secret}",
+        endpoint_override="127.0.0.1:9", scheme="http", region=S3_REGION,
+        proxy_options={"scheme": "http", "host": "proxy", "port": 3128,
+                       "username": "u", "password": f"pw-{secret}"},
+    )
+    gcs = pafs.GcsFileSystem(
+        access_token=secret,
+        credential_token_expiration=datetime.datetime(2100, 1, 1),
+    )
+    return {"s3": s3, "subtree": pafs.SubTreeFileSystem("bucket/run", s3), "gcs": gcs}
+
+
+@pytest.mark.parametrize("kind", ["s3", "subtree", "gcs"])
+def test_a_storage_pickles_without_secrets_and_rebuilds_from_the_handoff(kind, secret):
+    import pickle
+
+    from ray_ckpt import credentials
+    from ray_ckpt.errors import StorageError
+    from ray_ckpt.storage import Storage
+
+    fs = _explicit_filesystems(secret)[kind]
+    storage = Storage(fs, "bucket/run/step-1")
+    raw = pickle.dumps(storage)
+    assert secret.encode() not in raw
+    handoff = pickle.loads(pickle.dumps(storage.handoff()))
+    assert secret not in repr(handoff)
+
+    credentials._registry.clear()  # a process that was handed nothing
+    credentials._rebuilt.clear()
+    with pytest.raises(StorageError, match="were not handed to this process"):
+        pickle.loads(raw).fs  # noqa: B018
+    credentials.accept(handoff)
+    rebuilt = pickle.loads(raw).fs
+    assert type(rebuilt) is type(fs)
+    assert pickle.dumps(rebuilt) == pickle.dumps(fs)  # every option, secrets included
+
+
+def test_a_filesystem_without_explicit_keys_pickles_as_before():
+    import pickle
+
+    from ray_ckpt.storage import Storage
+
+    fs = pafs.S3FileSystem(endpoint_override="127.0.0.1:9", scheme="http", region=S3_REGION)
+    storage = Storage(fs, "bucket/run")
+    assert storage.handoff() is None
+    assert pickle.dumps(pickle.loads(pickle.dumps(storage)).fs) == pickle.dumps(fs)
