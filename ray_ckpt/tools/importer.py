@@ -37,6 +37,7 @@ import torch
 
 from ..checkpointer import AsyncCheckpointer, Checkpointer
 from ..config import CheckpointerConfig
+from ..credentials import redact
 from ..errors import CheckpointError, CheckpointNotFoundError, UnsupportedValueError
 from ..types import RankInfo
 from ._safetensors import DTYPES, INDEX, SINGLE
@@ -51,7 +52,7 @@ _DTYPE_OF_NAME = {name: dtype for dtype, name in DTYPES.items()}
 class ImportResult:
     """What :func:`import_checkpoint` read and wrote."""
 
-    path: str  # the checkpoint written
+    path: str  # the checkpoint written (a URI's user-info redacted)
     source: str  # the file or directory read
     format: str  # "torch" or "safetensors"
     files: list[str]  # the source files read
@@ -104,9 +105,9 @@ def import_checkpoint(
     del state  # the mapped files are released with the last tensor that views them
     logger.info(
         "imported %s (%s, %d file(s)): %d tensors, %.1f MiB into %s",
-        source, fmt, len(files), tensors, nbytes / 2**20, dest,
+        source, fmt, len(files), tensors, nbytes / 2**20, redact(dest),
     )
-    return ImportResult(dest, source, fmt, files, tensors, nbytes)
+    return ImportResult(redact(dest), source, fmt, files, tensors, nbytes)
 
 
 def _save(
