@@ -21,6 +21,8 @@ exits, so a later save to the same path gets a fresh coordinator.
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 import hashlib
 import logging
 import time
@@ -28,6 +30,7 @@ from typing import Any
 
 import ray
 
+from .credentials import Handoff, accept
 from .errors import BarrierTimeoutError, CheckpointWriteError
 from .format import new_checkpoint_id
 from .storage import Storage
@@ -68,6 +71,7 @@ class _CheckpointCoordinator:
             barrier_timeout_secs=barrier_timeout_secs,
             started_unix=time.time(),
         )
+        self._handoff: Handoff | None = None
         self._joined: dict[int, ray.ObjectRef] = {}
         self._reports: dict[int, Any] = {}
         self._failures: dict[int, str] = {}
@@ -97,8 +101,9 @@ class _CheckpointCoordinator:
             "decided": self._outcome is not None,
         }
 
-    async def arrive(self, report: Any) -> Any:
+    async def arrive(self, handoff: Handoff | None, report: Any) -> Any:
         self._start()
+        self._adopt(handoff)
         assert self._decided is not None
         if report.rank in self._reports or not 0 <= report.rank < self._world_size:
             self._failures[report.rank] = "arrived twice, or with a rank outside the world"
@@ -107,6 +112,17 @@ class _CheckpointCoordinator:
         await self._maybe_decide()
         await self._decided.wait()
         return self._answer()
+
+    def _adopt(self, handoff: Handoff | None) -> None:
+        """Use the secrets a rank's writer handed over for this checkpoint's storage (the
+        constructor's storage has none: a detached actor's arguments stay in the GCS)."""
+        if handoff is None or self._handoff is not None:
+            return
+        accept(handoff)
+        self._handoff = handoff
+        storage = copy.copy(self._request.storage)
+        storage.adopt(handoff)
+        self._request = dataclasses.replace(self._request, storage=storage)
 
     async def fail(self, rank: int, error: BaseException) -> None:
         self._start()

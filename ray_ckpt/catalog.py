@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import StorageConfig
+from .credentials import redact
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from .format import MARKER_NAME, is_own_file
 from .reader import read_marker
@@ -32,7 +33,7 @@ class CheckpointEntry:
     """One checkpoint directory under a root, committed or not."""
 
     name: str
-    path: str  # root joined with name, in the form the caller gave root
+    path: str  # root joined with name, in the form the caller gave root, user-info redacted
     committed: bool
     step: int | None
     nbytes: int
@@ -57,7 +58,7 @@ def list_checkpoints(
     base = Storage.from_path(root, filesystem, storage_config)
     entries = []
     for name in base.list_dirs():
-        entry = describe(base.child(name), path=join_path(root, name))
+        entry = describe(base.child(name), path=redact(join_path(root, name)))
         if entry is not None:
             entries.append(entry)
     return sorted(entries, key=lambda e: (e.step is None, e.step or 0, e.name))

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .catalog import CheckpointEntry, list_checkpoints
+from .credentials import redact
 from .errors import CheckpointError
 from .storage import Storage
 from .tools import (
@@ -559,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
 def _fail(args: argparse.Namespace, error: BaseException, status: int) -> int:
     if args.verbose:
         logger.error("ray-ckpt %s failed", args.command, exc_info=error)
-    print(f"ray-ckpt {args.command}: error: {clean(error)}", file=sys.stderr)
+    print(f"ray-ckpt {args.command}: error: {clean(redact(str(error)))}", file=sys.stderr)
     return status
 
 

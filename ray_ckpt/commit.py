@@ -116,7 +116,8 @@ def _through_barrier(request: SaveRequest, report: RankReport) -> SaveResult:
     assert request.barrier is not None
     try:
         return ray.get(  # type: ignore[no-any-return]
-            request.barrier.arrive.remote(report),
+            # the secrets first: inlined in the call's RPC, never with the (large) report
+            request.barrier.arrive.remote(request.storage.handoff(), report),
             timeout=request.barrier_timeout_secs + 60,
         )
     except Exception as e:  # noqa: BLE001 - every failure is re-raised after the clean-up

@@ -196,7 +196,10 @@ class Coordinator:
             metadata=metadata,
         )
         session = self._pool.local()
-        write_ref = session.run_save.remote(checkpoint_id, request)
+        # the filesystem's secrets go only as the first argument of a call, which Ray inlines
+        # in the call's RPC; the request, which may go to the object store, holds none
+        handoff = storage.handoff()
+        write_ref = session.run_save.remote(handoff, checkpoint_id, request)
         if request.barrier is not None:
             # the pending write ref is this process's: the coordinator learns of its death
             request.barrier.join.remote(self._rank_info.global_rank, [write_ref])
@@ -309,6 +312,8 @@ class Coordinator:
         # one at a time, through the stager's one pinned buffer)
         puts = None if overlap_writes or plan.on_cuda else self._put_executor()
 
+        handoff = storage.handoff()  # first argument: inlined in the RPC (see credentials)
+
         def dispatch() -> None:
             for group, buckets, put in staged:
                 payload = put.result()
@@ -316,7 +321,7 @@ class Coordinator:
                 for part, index in enumerate(buckets):
                     layout = plan.buckets[index]
                     result = writer.write_bucket.remote(
-                        storage, layout, payload, part, plan.rank, plan.checkpoint_id,
+                        handoff, storage, layout, payload, part, plan.rank, plan.checkpoint_id,
                         checksum, fsync,
                     )
                     outcome.shards.append((node_id, layout.file, result))

@@ -29,6 +29,7 @@ from typing import Any
 from .catalog import CheckpointEntry, delete_checkpoint, join_path, list_checkpoints
 from .catalog import step_of as _step_of_dir_name
 from .checkpointer import AsyncCheckpointer, Checkpointer
+from .credentials import redact
 from .errors import CheckpointError, CheckpointNotFoundError
 from .storage import Storage
 
@@ -160,7 +161,9 @@ class CheckpointManager:
         for entry in self.entries():
             if entry.step == step and entry.committed:
                 return dict(entry.metadata.get(_METRICS_KEY, {}))
-        raise CheckpointNotFoundError(f"no committed checkpoint of step {step} under {self.root}")
+        raise CheckpointNotFoundError(
+            f"no committed checkpoint of step {step} under {redact(self.root)}"
+        )
 
     def best(self) -> int | None:
         """The committed step with the best ``metric`` (None when none has it)."""
@@ -174,7 +177,9 @@ class CheckpointManager:
         if step is None:
             step = self.latest()
             if step is None:
-                raise CheckpointNotFoundError(f"no committed checkpoint under {self.root}")
+                raise CheckpointNotFoundError(
+                    f"no committed checkpoint under {redact(self.root)}"
+                )
         return self._ckptr.load(self.path(step), state_dict, **load_kwargs)
 
     # --- retention ----------------------------------------------------------------------------
@@ -195,11 +200,12 @@ class CheckpointManager:
             keep.update(e.step for e in self._ranked(committed)[: self._keep_best])
         deleted = []
         for entry in committed:
-            if entry.step not in keep and entry.path != self._in_flight:
-                delete_checkpoint(entry.path, filesystem=self._filesystem)
+            path = self._path_of(entry)
+            if entry.step not in keep and path != self._in_flight:
+                delete_checkpoint(path, filesystem=self._filesystem)
                 deleted.append(entry.step)
         if deleted:
-            logger.info("retention deleted steps %s under %s", deleted, self.root)
+            logger.info("retention deleted steps %s under %s", deleted, redact(self.root))
         return [s for s in deleted if s is not None]
 
     def cleanup(self) -> list[str]:
@@ -208,15 +214,18 @@ class CheckpointManager:
         now = time.time()
         removed = []
         for entry in self.entries():
-            if entry.committed or entry.path == self._in_flight:
+            path = self._path_of(entry)
+            if entry.committed or path == self._in_flight:
                 continue
             if now - entry.modified_unix < self._grace:
                 continue
-            delete_checkpoint(entry.path, filesystem=self._filesystem)
+            delete_checkpoint(path, filesystem=self._filesystem)
             removed.append(entry.path)
         removed += self._remove_empty_step_dirs(now)
         if removed:
-            logger.info("removed %d incomplete checkpoint(s) under %s", len(removed), self.root)
+            logger.info(
+                "removed %d incomplete checkpoint(s) under %s", len(removed), redact(self.root)
+            )
         return removed
 
     def _remove_empty_step_dirs(self, now: float) -> list[str]:
@@ -234,8 +243,13 @@ class CheckpointManager:
             if mtime is not None and now - mtime.timestamp() < self._grace:
                 continue
             if not storage.list_files() and not storage.list_dirs() and storage.remove_empty_dir():
-                removed.append(path)
+                removed.append(redact(path))
         return removed
+
+    def _path_of(self, entry: CheckpointEntry) -> str:
+        """Where ``entry`` lives, as a path to pass on (``entry.path`` is for display: it has
+        a URI's user-info redacted)."""
+        return join_path(self.root, entry.name)
 
     def _ranked(self, entries: list[CheckpointEntry]) -> list[CheckpointEntry]:
         assert self._metric is not None

@@ -3,11 +3,11 @@
 A :class:`Storage` is one directory on one filesystem, resolved once from a local path, a URI
 (``file://``, ``s3://``, ``gs://``, ``hdfs://``) or an explicit ``pyarrow.fs.FileSystem`` (any
 of them: ``S3FileSystem``, ``GcsFileSystem``, a ``PyFileSystem`` wrapping an fsspec filesystem,
-a ``SubTreeFileSystem``). It pickles, so the same object travels to the writer actors; a
-filesystem pickles with its options (an ``S3FileSystem`` with its endpoint and resolved
-credentials). On a ``LocalFileSystem`` it talks to the OS directly (``pwritev``/``preadv``
-straight from and into tensor memory, ``fsync`` of files and of the directory); on any other
-filesystem it streams through pyarrow:
+a ``SubTreeFileSystem``). It pickles, so the same object travels to the writer actors; its
+filesystem pickles with its options but without explicit secrets, which travel apart (see
+:mod:`ray_ckpt.credentials`). On a ``LocalFileSystem`` it talks to the OS directly
+(``pwritev``/``preadv`` straight from and into tensor memory, ``fsync`` of files and of the
+directory); on any other filesystem it streams through pyarrow:
 
 * writes go through ``open_output_stream`` in calls of ``StorageConfig.part_size_bytes``. An
   ``S3FileSystem`` cuts them into multipart parts of its own fixed size (10 MiB in pyarrow),
@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import abc
 import ctypes
+import dataclasses
 import errno
 import functools
 import logging
@@ -60,6 +61,7 @@ from typing import Any, TypeVar
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from . import credentials
 from .config import StorageConfig
 from .errors import CheckpointExistsError, CheckpointNotFoundError, StorageError
 
@@ -153,7 +155,10 @@ def resolve(path: str, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.
         try:
             fs, fs_path = pafs.FileSystem.from_uri(path)
         except (pa.ArrowException, OSError, ValueError) as e:
-            raise ValueError(f"cannot resolve storage URI {path!r}: {e}") from e
+            shown = credentials.redact(path)
+            raise ValueError(
+                f"cannot resolve storage URI {shown!r}: {credentials.redact(str(e))}"
+            ) from None
         return fs, fs_path.rstrip("/")
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
@@ -258,17 +263,56 @@ def commit_strategy_for(fs: Any) -> CommitStrategy:
 
 
 class Storage:
-    """One directory on one filesystem. Picklable; shared by the caller and the writer actors."""
+    """One directory on one filesystem. Picklable; shared by the caller and the writer actors.
+
+    It pickles without the filesystem's secrets (see :mod:`ray_ckpt.credentials`): a process
+    that receives it must have accepted the :meth:`handoff` first (ray_ckpt's actors do, from
+    the first argument of their calls), or have credentials of its own."""
 
     def __init__(
         self, fs: pafs.FileSystem, path: str, config: StorageConfig | None = None
     ) -> None:
-        self.fs = fs
+        self._fs: pafs.FileSystem | None = fs
+        self._spec: credentials.FilesystemSpec | None = None
+        self.type_name: str = getattr(fs, "type_name", type(fs).__name__)
         self.path = path.rstrip("/") or "/"
         self.config = config or StorageConfig()
         self.is_local = isinstance(fs, pafs.LocalFileSystem)
         self.is_object_store = not self.is_local and is_object_store(fs)
         self._bucket_seen = False
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        """The filesystem; where this storage was unpickled, rebuilt on first use with the
+        secrets this process was handed."""
+        if self._fs is None:
+            assert self._spec is not None
+            self._fs = credentials.rebuild(self._spec)
+        return self._fs
+
+    def _split(self) -> credentials.FilesystemSpec:
+        if self._spec is None:
+            self._spec, _ = credentials.split(self.fs)
+        return self._spec
+
+    def handoff(self) -> credentials.Handoff | None:
+        """The filesystem's secrets, for the first argument of an actor call that takes this
+        storage (None when it holds none)."""
+        return credentials.handoff_for(self._split())
+
+    def adopt(self, handoff: credentials.Handoff) -> None:
+        """Use the secrets of ``handoff`` (accepted in this process), which describe the same
+        filesystem under another id: a rank other than the one that pickled this storage."""
+        spec = self._split()
+        if spec.secret_id is not None and spec.secret_id != handoff.secret_id:
+            self._spec = dataclasses.replace(spec, secret_id=handoff.secret_id)
+            self._fs = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_spec"] = self._split()
+        state["_fs"] = None
+        return state
 
     @classmethod
     def from_path(
@@ -290,9 +334,11 @@ class Storage:
 
     def show(self, path: str) -> str:
         """``path`` (on this filesystem) as messages name it: ``scheme://path`` off local disk."""
-        if self.is_local or "://" in path:
+        if "://" in path:
+            return credentials.redact(path)
+        if self.is_local:
             return path
-        return f"{self.fs.type_name}://{path.lstrip('/') if self.is_object_store else path}"
+        return f"{self.type_name}://{path.lstrip('/') if self.is_object_store else path}"
 
     @property
     def bucket(self) -> str | None:
@@ -302,7 +348,9 @@ class Storage:
         return self.path.lstrip("/").split("/", 1)[0] or None
 
     def child(self, name: str) -> Storage:
-        return Storage(self.fs, self._join(name), self.config)
+        child = Storage(self.fs, self._join(name), self.config)
+        child._spec = self._spec  # the same secrets: one handoff serves both
+        return child
 
     def _join(self, name: str) -> str:
         if not name or "/" in name or name in (".", ".."):

@@ -42,6 +42,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ._checksum import crc32c
 from .config import CheckpointWriterConfig
+from .credentials import Handoff, accept
 from .errors import CheckpointWriteError
 from .format import HEADER_SIZE, Extent, PackedRows, encode_header, without_gc
 from .stager import BucketLayout
@@ -277,6 +278,7 @@ class _WriterActor:
     @ray.method(concurrency_group="io")
     def write_bucket(
         self,
+        handoff: Handoff | None,
         storage: Storage,
         layout: BucketLayout,
         payload: list[list[list[Any]]],
@@ -290,6 +292,7 @@ class _WriterActor:
         # call writes bucket ``part`` of it) was passed as a top-level ObjectRef: Ray resolved
         # it zero-copy from this node's shared memory, and releases it once every call given
         # it has returned.
+        accept(handoff)  # before ``storage`` is used: its filesystem's secrets
         arrays = payload[part]
         del payload
         with self._io_slots:
@@ -308,9 +311,10 @@ class _WriterActor:
         )
 
     @ray.method(concurrency_group="control")
-    def run_save(self, token: str, request: Any) -> Any:
+    def run_save(self, handoff: Handoff | None, token: str, request: Any) -> Any:
         from .commit import commit_save
 
+        accept(handoff)  # before ``request.storage`` is used: its filesystem's secrets
         slot = self._mailbox.slot(token)
         self._running[token] = slot
         try:

@@ -37,6 +37,7 @@ import torch
 
 from ..checkpointer import AsyncCheckpointer, Checkpointer
 from ..config import CheckpointerConfig
+from ..credentials import redact
 from ..errors import CheckpointError, CheckpointNotFoundError, UnsupportedValueError
 from ..types import RankInfo
 from ._safetensors import DTYPES, INDEX, SINGLE
@@ -51,7 +52,7 @@ _DTYPE_OF_NAME = {name: dtype for dtype, name in DTYPES.items()}
 class ImportResult:
     """What :func:`import_checkpoint` read and wrote."""
 
-    path: str  # the checkpoint written
+    path: str  # the checkpoint written (a URI's user-info redacted)
     source: str  # the file or directory read
     format: str  # "torch" or "safetensors"
     files: list[str]  # the source files read
@@ -104,9 +105,9 @@ def import_checkpoint(
     del state  # the mapped files are released with the last tensor that views them
     logger.info(
         "imported %s (%s, %d file(s)): %d tensors, %.1f MiB into %s",
-        source, fmt, len(files), tensors, nbytes / 2**20, dest,
+        source, fmt, len(files), tensors, nbytes / 2**20, redact(dest),
     )
-    return ImportResult(dest, source, fmt, files, tensors, nbytes)
+    return ImportResult(redact(dest), source, fmt, files, tensors, nbytes)
 
 
 def _save(
@@ -289,7 +290,27 @@ def _safetensors_file(file: str) -> list[tuple[str, torch.Tensor]]:
 # --- torch.save files -------------------------------------------------------------------------
 
 
+# torch.load(weights_only=True) can be made to run code before torch 2.6 (CVE-2025-32434)
+_SAFE_TORCH_LOAD = (2, 6)
+
+
+def _require_safe_torch_load(file: str) -> None:
+    """Refuse to open a torch file with a torch whose ``weights_only`` load is unsafe."""
+    if _torch_version() < _SAFE_TORCH_LOAD:
+        raise CheckpointError(
+            f"refusing to read {file}: torch {torch.__version__} is older than 2.6, whose "
+            "torch.load(weights_only=True) a crafted file can make run code (CVE-2025-32434). "
+            "Upgrade torch to 2.6 or later (ray_ckpt requires it)."
+        )
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split("+", 1)[0].split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
 def _torch_state(file: str) -> Any:
+    _require_safe_torch_load(file)
     try:
         return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
     except RuntimeError as e:
