@@ -6,9 +6,11 @@ CRC32C of every extent as it lands. Before a byte of tensor data is read, :meth:
 the commit marker, the manifest's checksum, every row of the manifest and the size of every data
 file, so a damaged or hostile checkpoint is refused before anything is allocated for it.
 
-Reading goes in three passes over the target: *plan* (which items, into which tensors; shape
-and dtype mismatches and missing keys are found here), *read* (parallel), *assign* (put the
-loaded values into the result).
+Reading goes in three passes: *plan* (one walk of the target against the stored tree: which
+items, into which tensors; shape and dtype mismatches, missing keys and targets that match
+nothing are found here, before anything is read or assigned), *read* (parallel), *assign* (run
+the plan's steps: put the values read fresh into the result, hand modules and optimizers their
+state through ``load_state_dict``).
 """
 
 from __future__ import annotations
@@ -92,6 +94,9 @@ class _Copy:
     item: int
     box: Box
     dest: torch.Tensor
+
+
+Step = Callable[[dict[Any, Any]], None]  # runs after the read, with the values read fresh
 
 
 @dataclass
@@ -493,7 +498,6 @@ class _Missing:
         self.key = key
 
 
-Step = Callable[[dict[Any, Any]], None]  # runs after the read, with the values read fresh
 _WRAPPER_PREFIX = "module."  # what DistributedDataParallel and DataParallel put before names
 
 

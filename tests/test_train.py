@@ -357,6 +357,8 @@ def _resize_loop(config: dict[str, Any]) -> None:
     """Resume (default ``ray_ckpt.train.load``, no strict argument) into a model that
     ``prepare_model`` wraps in DDP with 2 workers and leaves unwrapped with 1, train two steps
     and save. Records the state right after the load and right before the save."""
+    import copy
+
     import ray.train
     import ray.train.torch
 
@@ -375,6 +377,14 @@ def _resize_loop(config: dict[str, Any]) -> None:
     ray_ckpt.train.load(state, checkpoint=previous and ray.train.Checkpoint(previous))
     inner = model.module if world_size > 1 else model
     _record_state(config, f"start-rank{rank}", state["step"], inner, optimizer)
+    if previous:  # by default a module whose keys the checkpoint lacks fails the load
+        bigger = torch.nn.Sequential(*copy.deepcopy(inner), torch.nn.Linear(1, 1))
+        try:
+            ray_ckpt.train.load({"model": bigger}, checkpoint=ray.train.Checkpoint(previous))
+            missing: Any = "loaded"
+        except ray_ckpt.MissingKeysError as e:
+            missing = e.missing_keys
+        Path(config["record_dir"], f"strict-rank{rank}.txt").write_text(repr(missing))
     for step in range(state["step"] + 1, state["step"] + 3):
         x, y = _batch(step, rank)
         loss = torch.nn.functional.mse_loss(model(x), y)
@@ -438,5 +448,9 @@ def test_resume_with_another_number_of_ddp_workers_loads_every_parameter(cluster
             assert start["step"] == end["step"]
             assert_same(start["model"], end["model"])
             assert_same(start["optim"], end["optim"])
+    for records, ranks in ((one_records, [0]), (again_records, [0, 1])):
+        for rank in ranks:
+            missing = (records / f"strict-rank{rank}.txt").read_text()
+            assert missing == "['model.3.weight', 'model.3.bias']"
     assert _records(again_records, "end-rank1")["step"] == 5
     assert _load(again.checkpoint.path)["step"] == 5
