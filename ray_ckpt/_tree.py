@@ -306,7 +306,9 @@ class _Flattener:
         if type(value) in (dict, OrderedDict, list, tuple, torch.Size):
             return self._container(value, path)
         if is_stateful(value):  # a module, an optimizer, a scheduler: its state dict
-            return self._container(state_dict_of(value), path)
+            state = state_dict_of(value)
+            if not is_stateful(state):
+                return self.encode(state, path)
         return self._pickled(value, path)
 
     def _container(self, value: Any, path: tuple[Any, ...]) -> Any:
