@@ -28,18 +28,23 @@ import base64
 import functools
 import json
 import math
+import re
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from ._stateful import is_stateful, state_dict_of
 from .errors import CorruptCheckpointError, PickleNotAllowedError, UnsupportedValueError
 from .sharding import ShardedTensor, ShardInfo, dtensor_box, is_dtensor
 
-MAX_DEPTH = 512
+MAX_DEPTH = 512  # containers nested in a state dict, the root included
+MAX_KEY_DEPTH = 32  # tuples nested in a dict key
+# JSON nesting of a tree: a dict level is three (``{"d": [[key, value]]}``), a leaf two more
+MAX_JSON_DEPTH = 3 * MAX_DEPTH + MAX_KEY_DEPTH + 8
 
 
 @dataclass
@@ -80,14 +85,202 @@ def key_string(path: Iterable[Any]) -> str:
     return ".".join(map(str, path))
 
 
+# --- walking trees without recursion -------------------------------------------------------
+# A state dict may nest MAX_DEPTH containers; a recursive walk needs one or more Python frames
+# per level (and json's C code one recursion count per JSON level), which Python's default
+# limit of 1000 does not allow. Every walk of a tree is therefore a loop over an explicit stack.
+
+
+@dataclass(frozen=True)
+class Branch:
+    """What a :func:`fold` visitor returns for a container: its ``(key, child)`` pairs, and
+    how to build the container's value from its children's values (in the same order)."""
+
+    children: Iterable[tuple[Any, Any]]
+    build: Callable[[list[Any]], Any]
+
+
+def fold(root: Any, visit: Callable[[Any, tuple[Any, ...]], Any]) -> Any:
+    """Rebuild ``root`` bottom-up without recursion. ``visit(node, path)`` returns a node's
+    value, or a :class:`Branch` for a container. Nodes are visited depth first, in order (so a
+    visitor with side effects sees them as a recursive walk would); ``path`` is the node's keys."""
+    top = visit(root, ())
+    if type(top) is not Branch:
+        return top
+    stack: list[tuple[Branch, Iterator[tuple[Any, Any]], list[Any], tuple[Any, ...]]] = [
+        (top, iter(top.children), [], ())
+    ]
+    while True:
+        branch, children, values, path = stack[-1]
+        for key, child in children:
+            child_path = (*path, key)
+            out = visit(child, child_path)
+            if type(out) is Branch:
+                stack.append((out, iter(out.children), [], child_path))
+                break
+            values.append(out)
+        else:  # every child is done
+            stack.pop()
+            value = branch.build(values)
+            if not stack:
+                return value
+            stack[-1][2].append(value)
+
+
+def _is_sequence(node: Any) -> bool:
+    return isinstance(node, (list, tuple)) and not isinstance(node, torch.Size)
+
+
+def leaves(tree: Any) -> Iterator[tuple[tuple[Any, ...], Any]]:
+    """Every leaf of a decoded tree with its key path, depth first: stored items
+    (:class:`ItemRef`, :class:`ShardedRef`) and plain values. Empty containers count as values,
+    so that they show up in a diff."""
+    stack: list[tuple[tuple[Any, ...], Any]] = [((), tree)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, dict) and node:
+            stack.extend(((*path, k), v) for k, v in reversed(node.items()))
+        elif _is_sequence(node) and node:
+            stack.extend(((*path, i), node[i]) for i in reversed(range(len(node))))
+        else:
+            yield path, node
+
+
+# --- JSON of any depth up to MAX_JSON_DEPTH ------------------------------------------------
+
+
+def dumps(tree: Any) -> str:
+    """Compact JSON of a tree; trees too deep for json's C encoder are written by a loop."""
+    try:
+        return json.dumps(tree, separators=(",", ":"), allow_nan=False)
+    except RecursionError:
+        return _dumps_deep(tree)
+
+
+def loads(text: str, *, where: str) -> Any:
+    """Parse JSON nested at most MAX_JSON_DEPTH deep; deeper JSON raises ValueError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        return _loads_deep(text, MAX_JSON_DEPTH, where)
+
+
+class _Token(str):
+    """Literal JSON text on :func:`_dumps_deep`'s stack (not a string value to encode)."""
+
+
+def _dumps_deep(tree: Any) -> str:
+    out: list[str] = []
+    stack: list[Any] = [tree]
+    while stack:
+        node = stack.pop()
+        if type(node) is _Token:
+            out.append(node)
+        elif isinstance(node, dict):
+            stack.append(_Token("}"))
+            for i, (key, value) in enumerate(reversed(node.items())):
+                stack.extend((value, _Token(json.dumps(str(key)) + ":")))
+                if i < len(node) - 1:
+                    stack.append(_Token(","))
+            out.append("{")
+        elif isinstance(node, (list, tuple)):
+            stack.append(_Token("]"))
+            for i, value in enumerate(reversed(node)):
+                stack.append(value)
+                if i < len(node) - 1:
+                    stack.append(_Token(","))
+            out.append("[")
+        else:
+            out.append(json.dumps(node, allow_nan=False))
+    return "".join(out)
+
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_NUMBER = re.compile(r"(-?(?:0|[1-9]\d*))(\.\d+)?([eE][-+]?\d+)?")
+_CONSTANTS = {
+    "null": None, "true": True, "false": False,
+    "NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf,
+}
+
+
+def _loads_deep(text: str, max_depth: int, where: str) -> Any:
+    """A JSON parser that keeps its open containers in a list, not on the call stack."""
+    skip = _WHITESPACE.match
+    pos = skip(text, 0).end()
+    open_: list[list[Any]] = []  # [container, its current key (dicts)]
+
+    def key_at(pos: int) -> tuple[str, int]:
+        if text[pos : pos + 1] != '"':
+            raise ValueError(f"{where}: expected a key at character {pos}")
+        key, pos = json.decoder.scanstring(text, pos + 1)  # type: ignore[attr-defined]
+        pos = skip(text, pos).end()
+        if text[pos : pos + 1] != ":":
+            raise ValueError(f"{where}: expected ':' at character {pos}")
+        return key, skip(text, pos + 1).end()
+
+    while True:
+        char = text[pos : pos + 1]
+        if char in ("{", "["):
+            if len(open_) >= max_depth:
+                raise ValueError(f"{where}: JSON nested deeper than {max_depth} levels")
+            container: Any = {} if char == "{" else []
+            pos = skip(text, pos + 1).end()
+            if text[pos : pos + 1] != ("}" if char == "{" else "]"):
+                open_.append([container, None])
+                if char == "{":
+                    open_[-1][1], pos = key_at(pos)
+                continue
+            value, pos = container, pos + 1
+        elif char == '"':
+            value, pos = json.decoder.scanstring(text, pos + 1)  # type: ignore[attr-defined]
+        else:
+            value, pos = _scalar(text, pos, where)
+        while True:  # put the value into its container; close the containers that end here
+            if not open_:
+                if skip(text, pos).end() != len(text):
+                    raise ValueError(f"{where}: extra data at character {pos}")
+                return value
+            container, key = open_[-1]
+            if isinstance(container, list):
+                container.append(value)
+            else:
+                container[key] = value
+            pos = skip(text, pos).end()
+            char = text[pos : pos + 1]
+            if char == ",":
+                pos = skip(text, pos + 1).end()
+                if isinstance(container, dict):
+                    open_[-1][1], pos = key_at(pos)
+                break
+            if char != ("]" if isinstance(container, list) else "}"):
+                raise ValueError(f"{where}: expected ',' or the container's end at {pos}")
+            open_.pop()
+            value, pos = container, pos + 1
+
+
+def _scalar(text: str, pos: int, where: str) -> tuple[Any, int]:
+    for name, constant in _CONSTANTS.items():
+        if text.startswith(name, pos):
+            return constant, pos + len(name)
+    number = _NUMBER.match(text, pos)
+    if number is None:
+        raise ValueError(f"{where}: expected a JSON value at character {pos}")
+    integer, fraction, exponent = number.groups()
+    if fraction or exponent:
+        return float(integer + (fraction or "") + (exponent or "")), number.end()
+    return int(integer), number.end()
+
+
 class _Flattener:
     def __init__(self, allow_pickle: bool) -> None:
         self.allow_pickle = allow_pickle
         self.leaves: list[Leaf] = []
         self._tensor_items: dict[int, int] = {}  # id(tensor) -> item index, for tied tensors
-        self._stack: set[int] = set()
+        self._stack: set[int] = set()  # ids of the containers being encoded (the ancestors)
 
     def encode(self, value: Any, path: tuple[Any, ...]) -> Any:
+        """The tree of ``value``: leaves encoded, containers as :class:`Branch` (see
+        :func:`fold`), so that no nesting depth costs a Python stack frame."""
         if isinstance(value, torch.Tensor):  # the common leaf first
             if is_dtensor(value):
                 return self._sharded(value, path)
@@ -112,6 +305,10 @@ class _Flattener:
             return {"b": base64.b64encode(bytes(value)).decode("ascii")}
         if type(value) in (dict, OrderedDict, list, tuple, torch.Size):
             return self._container(value, path)
+        if is_stateful(value):  # a module, an optimizer, a scheduler: its state dict
+            state = state_dict_of(value)
+            if not is_stateful(state):
+                return self.encode(state, path)
         return self._pickled(value, path)
 
     def _container(self, value: Any, path: tuple[Any, ...]) -> Any:
@@ -121,24 +318,28 @@ class _Flattener:
             )
         if len(path) >= MAX_DEPTH:
             raise UnsupportedValueError(
-                f"key {key_string(path)[:200]!r}: nesting deeper than {MAX_DEPTH} levels"
+                f"key {key_string(path)[:200]!r}...: nesting deeper than {MAX_DEPTH} levels, "
+                "which ray_ckpt does not store; flatten the state dict (e.g. join the keys)"
             )
+        if type(value) is torch.Size:
+            return {"S": [int(d) for d in value]}
         self._stack.add(id(value))
-        try:
-            if type(value) is torch.Size:
-                return {"S": [int(d) for d in value]}
-            if isinstance(value, dict):
-                tag = "o" if type(value) is OrderedDict else "d"
-                return {
-                    tag: [
-                        [_encode_key(k, path), self.encode(v, (*path, k))]
-                        for k, v in value.items()
-                    ]
-                }
-            tag = "l" if type(value) is list else "t"
-            return {tag: [self.encode(v, (*path, i)) for i, v in enumerate(value)]}
-        finally:
+        if isinstance(value, dict):
+            tag = "o" if type(value) is OrderedDict else "d"
+            keys = [_encode_key(k, path) for k in value]
+
+            def pairs(values: list[Any]) -> Any:
+                self._stack.discard(id(value))
+                return {tag: [[key, v] for key, v in zip(keys, values)]}
+
+            return Branch(value.items(), pairs)
+        tag = "l" if type(value) is list else "t"
+
+        def sequence(values: list[Any]) -> Any:
             self._stack.discard(id(value))
+            return {tag: values}
+
+        return Branch(enumerate(value), sequence)
 
     def _tensor(self, tensor: torch.Tensor, path: tuple[Any, ...]) -> int:
         _check_tensor(tensor, path)
@@ -185,7 +386,7 @@ def remap(
     """``tree_json`` with every item index ``i`` replaced by ``mapping[i]``; a sharded tensor
     lists ``shards[mapping[i]]``: every shard of it, from every rank."""
 
-    def walk(node: Any) -> Any:
+    def visit(node: Any, path: tuple[Any, ...]) -> Any:
         if isinstance(node, dict):
             if len(node) == 1:
                 ((tag, body),) = node.items()
@@ -195,15 +396,16 @@ def remap(
                     (local,) = body["i"]
                     index = mapping[local]
                     return {"D": {"i": (shards or {}).get(index, [index]), "g": body["g"]}}
-            return {k: walk(v) for k, v in node.items()}
+            keys = list(node)
+            return Branch(node.items(), lambda values: dict(zip(keys, values)))
         if isinstance(node, list):
-            return [walk(v) for v in node]
+            return Branch(enumerate(node), list)
         return node
 
-    return json.dumps(walk(json.loads(tree_json)), separators=(",", ":"), allow_nan=False)
+    return dumps(fold(loads(tree_json, where="tree"), visit))
 
 
-def _encode_key(key: Any, path: tuple[Any, ...]) -> Any:
+def _encode_key(key: Any, path: tuple[Any, ...], depth: int = 0) -> Any:
     if key is None or isinstance(key, (bool, str)):
         return key
     if isinstance(key, int):
@@ -211,7 +413,11 @@ def _encode_key(key: Any, path: tuple[Any, ...]) -> Any:
     if isinstance(key, float):
         return float(key) if math.isfinite(key) else {"f": repr(float(key))}
     if type(key) is tuple:
-        return {"t": [_encode_key(k, path) for k in key]}
+        if depth >= MAX_KEY_DEPTH:
+            raise UnsupportedValueError(
+                f"key {key_string(path)[:200]!r}: a tuple key nested deeper than {MAX_KEY_DEPTH}"
+            )
+        return {"t": [_encode_key(k, path, depth + 1) for k in key]}
     raise UnsupportedValueError(
         f"key {key_string((*path, key))!r}: dict keys must be str, int, float, bool, None or "
         f"tuples of them, not {type(key).__qualname__}"
@@ -269,31 +475,38 @@ def flatten(state_dict: Any, *, allow_pickle: bool = False) -> tuple[str, list[L
             f"a state dict must be a dict (or OrderedDict), got {type(state_dict).__qualname__}"
         )
     flattener = _Flattener(allow_pickle)
-    tree = flattener.encode(state_dict, ())
-    return json.dumps(tree, separators=(",", ":"), allow_nan=False), flattener.leaves
+    tree = fold(state_dict, flattener.encode)
+    return dumps(tree), flattener.leaves
 
 
 def decode(tree_json: str, *, n_items: int, where: str) -> Any:
     """Parse a tree into Python values with :class:`ItemRef` placeholders for stored items."""
     try:
-        raw = json.loads(tree_json)
-    except (json.JSONDecodeError, RecursionError) as e:
+        raw = loads(tree_json, where=where)
+    except ValueError as e:  # json.JSONDecodeError is one
         raise CorruptCheckpointError(f"{where}: the tree is not valid JSON ({e})") from None
+    path: tuple[Any, ...] = ()
+
+    def visit(node: Any, at: tuple[Any, ...]) -> Any:
+        nonlocal path
+        path = at
+        return _decode(node, n_items, len(at))
+
     try:
-        value = _decode(raw, n_items, 0)
+        value = fold(raw, visit)
     # RuntimeError: torch.device("nowhere"); OverflowError: torch.Size([1e400])
-    except (ValueError, TypeError, KeyError, RecursionError, RuntimeError, OverflowError) as e:
-        raise CorruptCheckpointError(f"{where}: the tree is malformed ({e})") from None
+    except (ValueError, TypeError, KeyError, RuntimeError, OverflowError) as e:
+        at = f" at key {key_string(path)[:200]!r}" if path else ""
+        raise CorruptCheckpointError(f"{where}: the tree is malformed{at} ({e})") from None
     if not isinstance(value, dict):
         raise CorruptCheckpointError(f"{where}: the tree's root is not a dict")
     return value
 
 
 def _decode(raw: Any, n_items: int, depth: int) -> Any:
+    """One node of a tree: its value, or a :class:`Branch` for a container."""
     if raw is None or isinstance(raw, (bool, int, float, str)):
         return raw
-    if depth > MAX_DEPTH + 2:
-        raise ValueError("nesting too deep")
     if not isinstance(raw, dict) or len(raw) != 1:
         raise ValueError(f"unexpected JSON value {str(raw)[:80]}")
     ((tag, body),) = raw.items()
@@ -307,12 +520,15 @@ def _decode(raw: Any, n_items: int, depth: int) -> Any:
         if not indices or len(shape) > 64:
             raise ValueError("a sharded tensor needs shards and at most 64 dimensions")
         return ShardedRef(indices, shape)
+    if tag in ("d", "o", "l", "t") and depth >= MAX_DEPTH:
+        raise ValueError(f"nesting deeper than {MAX_DEPTH} levels")
     if tag in ("d", "o"):
-        pairs = [(_decode_key(k, n_items, depth), _decode(v, n_items, depth + 1)) for k, v in body]
-        return OrderedDict(pairs) if tag == "o" else dict(pairs)
+        pairs = [_pair(pair) for pair in _as_list(body)]
+        keys = [_decode_key(k, 0) for k, _ in pairs]
+        build = OrderedDict if tag == "o" else dict
+        return Branch(zip(keys, (v for _, v in pairs)), lambda values: build(zip(keys, values)))
     if tag in ("l", "t"):
-        items = [_decode(v, n_items, depth + 1) for v in _as_list(body)]
-        return items if tag == "l" else tuple(items)
+        return Branch(enumerate(_as_list(body)), list if tag == "l" else tuple)
     if tag == "S":
         return torch.Size([int(d) for d in _as_list(body)])
     if tag == "f" and body in ("nan", "inf", "-inf"):
@@ -328,17 +544,29 @@ def _decode(raw: Any, n_items: int, depth: int) -> Any:
     raise ValueError(f"unknown tag {tag!r}")
 
 
+def _pair(raw: Any) -> tuple[Any, Any]:
+    if not isinstance(raw, list) or len(raw) != 2:
+        raise ValueError(f"a dict entry must be [key, value], got {str(raw)[:80]}")
+    return raw[0], raw[1]
+
+
 def _index(value: Any, bound: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < bound:
         raise ValueError(f"index {value!r} out of range")
     return value
 
 
-def _decode_key(raw: Any, n_items: int, depth: int) -> Any:
-    key = _decode(raw, 0, depth + 1)
-    if isinstance(key, (list, dict)):
-        raise ValueError(f"unhashable key {str(raw)[:80]}")
-    return key
+def _decode_key(raw: Any, depth: int) -> Any:
+    """A dict key: None, bool, int, float, str, a non-finite float or a tuple of keys."""
+    if raw is None or isinstance(raw, (bool, int, float, str)):
+        return raw
+    if isinstance(raw, dict) and len(raw) == 1:
+        ((tag, body),) = raw.items()
+        if tag == "f" and body in ("nan", "inf", "-inf"):
+            return float(body)
+        if tag == "t" and depth < MAX_KEY_DEPTH:
+            return tuple(_decode_key(k, depth + 1) for k in _as_list(body))
+    raise ValueError(f"not a valid key: {str(raw)[:80]}")
 
 
 def _as_list(body: Any) -> list[Any]:
@@ -348,28 +576,27 @@ def _as_list(body: Any) -> list[Any]:
 
 
 def item_refs(tree: Any) -> Iterable[ItemRef]:
-    """Every :class:`ItemRef` in a decoded tree."""
-    if isinstance(tree, ItemRef):
-        yield tree
-    elif isinstance(tree, ShardedRef):
-        for index in tree.indices:
-            yield ItemRef(index, "S")
-    elif isinstance(tree, dict):
-        for v in tree.values():
-            yield from item_refs(v)
-    elif isinstance(tree, (list, tuple)) and not isinstance(tree, torch.Size):
-        for v in tree:
-            yield from item_refs(v)
+    """Every :class:`ItemRef` in a decoded tree (a sharded tensor's shards tagged ``"S"``)."""
+    for _, leaf in leaves(tree):
+        if isinstance(leaf, ItemRef):
+            yield leaf
+        elif isinstance(leaf, ShardedRef):
+            for index in leaf.indices:
+                yield ItemRef(index, "S")
 
 
 def materialize(tree: Any, resolve: Callable[[Any], Any]) -> Any:
     """Replace every :class:`ItemRef` and :class:`ShardedRef` in ``tree`` by ``resolve(ref)``."""
-    if isinstance(tree, (ItemRef, ShardedRef)):
-        return resolve(tree)
-    if isinstance(tree, dict):
-        return type(tree)((k, materialize(v, resolve)) for k, v in tree.items())
-    if isinstance(tree, list):
-        return [materialize(v, resolve) for v in tree]
-    if isinstance(tree, tuple) and not isinstance(tree, torch.Size):
-        return tuple(materialize(v, resolve) for v in tree)
-    return tree
+
+    def visit(node: Any, path: tuple[Any, ...]) -> Any:
+        if isinstance(node, (ItemRef, ShardedRef)):
+            return resolve(node)
+        if isinstance(node, dict):
+            keys = list(node)
+            kind = type(node)
+            return Branch(node.items(), lambda values: kind(zip(keys, values)))
+        if _is_sequence(node):
+            return Branch(enumerate(node), list if isinstance(node, list) else tuple)
+        return node
+
+    return fold(tree, visit)

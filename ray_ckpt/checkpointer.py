@@ -23,6 +23,16 @@ from .writer import WriterPool
 logger = logging.getLogger(__name__)
 
 
+def missing_keys_error(path: str, missing: list[str]) -> MissingKeysError:
+    """The error for a strict load of ``path`` that lacks the keys ``missing``."""
+    error = MissingKeysError(
+        f"checkpoint {path} is missing {len(missing)} key(s) that the state_dict asks "
+        f"for: {missing}. Pass strict=False to load the others."
+    )
+    error.missing_keys = missing
+    return error
+
+
 class Checkpointer(abc.ABC):
     """Saves and loads state dicts. Use as a context manager, or call :meth:`close`."""
 
@@ -64,21 +74,34 @@ class Checkpointer(abc.ABC):
 
         Without ``state_dict``, the whole checkpoint, tensors on the CPU (or where
         ``default_map_location`` says). With ``state_dict``, only its keys, into its own
-        tensors in place; ``strict=True`` raises :class:`~ray_ckpt.errors.MissingKeysError`
-        (a ``RuntimeError``) naming every key the checkpoint lacks.
+        tensors in place; modules, optimizers and other objects with ``load_state_dict`` get
+        their state through it. ``strict=True`` raises
+        :class:`~ray_ckpt.errors.MissingKeysError` (a ``RuntimeError``) naming every key the
+        checkpoint lacks; a dict of the target none of whose keys the checkpoint holds raises
+        it whatever ``strict`` says.
         """
-        self._check_open()
-        loaded, missing = self._reader.read(
-            path, state_dict, map_location=default_map_location, allow_pickle=allow_pickle
+        loaded, missing = self._load_and_missing(
+            path, state_dict, default_map_location=default_map_location,
+            allow_pickle=allow_pickle,
         )
         if strict and missing:
-            error = MissingKeysError(
-                f"checkpoint {path} is missing {len(missing)} key(s) that the state_dict asks "
-                f"for: {missing}. Pass strict=False to load the others."
-            )
-            error.missing_keys = missing
-            raise error
+            raise missing_keys_error(path, missing)
         return loaded
+
+    def _load_and_missing(
+        self,
+        path: str,
+        state_dict: STATE_DICT | None = None,
+        *,
+        default_map_location: Any = None,
+        allow_pickle: bool = False,
+    ) -> tuple[STATE_DICT, list[str]]:
+        """:meth:`load` without ``strict``: the loaded state dict and the keys of
+        ``state_dict`` that the checkpoint lacks (for a caller with its own rule about them)."""
+        self._check_open()
+        return self._reader.read(
+            path, state_dict, map_location=default_map_location, allow_pickle=allow_pickle
+        )
 
     def close(self) -> None:
         """Release staging threads, buffers and (custom) writer actors. Idempotent."""

@@ -6,14 +6,17 @@ CRC32C of every extent as it lands. Before a byte of tensor data is read, :meth:
 the commit marker, the manifest's checksum, every row of the manifest and the size of every data
 file, so a damaged or hostile checkpoint is refused before anything is allocated for it.
 
-Reading goes in three passes over the target: *plan* (which items, into which tensors; shape
-and dtype mismatches and missing keys are found here), *read* (parallel), *assign* (put the
-loaded values into the result).
+Reading goes in three passes: *plan* (one walk of the target against the stored tree: which
+items, into which tensors; shape and dtype mismatches, missing keys and targets that match
+nothing are found here, before anything is read or assigned), *read* (parallel), *assign* (run
+the plan's steps: put the values read fresh into the result, hand modules and optimizers their
+state through ``load_state_dict``).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import difflib
 import logging
 import math
 import pickle
@@ -28,12 +31,14 @@ import torch
 
 from . import metrics
 from ._checksum import crc32c
-from ._tree import ItemRef, ShardedRef, decode, item_refs, key_string, materialize
+from ._stateful import is_stateful, load_state_of, state_dict_of
+from ._tree import ItemRef, ShardedRef, decode, item_refs, key_string, leaves, materialize
 from .config import CheckpointReaderConfig, StorageConfig
 from .errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
+    MissingKeysError,
     PickleNotAllowedError,
     StateDictMismatchError,
     UnsupportedValueError,
@@ -99,11 +104,15 @@ class _Copy:
     dest: torch.Tensor
 
 
+Step = Callable[[dict[Any, Any]], None]  # runs after the read, with the values read fresh
+
+
 @dataclass
 class _Plan:
     copies: list[_Copy] = field(default_factory=list)
     fresh: dict[Any, Any] = field(default_factory=dict)  # ref key -> value being read
     missing: list[str] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)  # run in order once the values are read
     pickled: list[str] = field(default_factory=list)  # keys of pickled items to read
 
     @property
@@ -190,28 +199,36 @@ class CheckpointReader:
         info = self.open(path)
         plan = _Plan()
         if state_dict is None:
-            result = _Walker(info, plan, allow_pickle).fresh_value(info.tree, ())
+            result = _Walker(info, plan, allow_pickle).fresh_value(info.tree)
         else:
             if not isinstance(state_dict, dict):
                 raise UnsupportedValueError(
                     f"state_dict must be a dict to load into, got {type(state_dict).__qualname__}"
                 )
-            _Walker(info, plan, allow_pickle).walk(state_dict, info.tree, ())
+            _Walker(info, plan, allow_pickle).walk(state_dict)
         _check_pickles(plan, info, allow_pickle)
         self.last_stats = self._run(info, plan.copies)
         values = {key: _finish(value, info, key, relocate) for key, value in plan.fresh.items()}
         if state_dict is None:
             result = _assign(result, values)
         else:
-            result = _Walker(info, None, allow_pickle, values).walk(state_dict, info.tree, ())
+            for step in plan.steps:
+                step(values)
+            result = state_dict
         secs = time.perf_counter() - started
         nbytes = plan.nbytes
         logger.info(
-            "loaded %s: %d copies, %.1f MiB in %.3fs (%.2f GB/s)%s",
+            "loaded %s: %d copies, %.1f MiB in %.3fs (%.2f GB/s)",
             info.storage.display, len(plan.copies), nbytes / 2**20, secs,
             nbytes / secs / 1e9 if secs > 0 else 0.0,
-            f", {len(plan.missing)} keys missing" if plan.missing else "",
         )
+        if plan.missing:
+            logger.warning(
+                "loaded %s without %d key(s) of the state_dict that it does not hold: %s%s "
+                "(pass strict=True to make this an error)",
+                info.storage.display, len(plan.missing), plan.missing[:10],
+                " ..." if len(plan.missing) > 10 else "",
+            )
         metrics.record_load(nbytes, secs)
         return result, plan.missing
 
@@ -455,107 +472,164 @@ def _check_pickles(plan: _Plan, info: CheckpointInfo, allow_pickle: bool) -> Non
         )
 
 
-class _Walker:
-    """Matches a target state dict against the stored tree. Planning (``plan`` given) records
-    the copies to make and allocates what is loaded fresh; assigning (``values`` given) puts
-    the loaded values into the target and returns it."""
+class _Missing:
+    """A key of the target that the checkpoint lacks, in the walk's order."""
 
-    def __init__(
-        self,
-        info: CheckpointInfo,
-        plan: _Plan | None,
-        allow_pickle: bool,
-        values: dict[Any, Any] | None = None,
-    ) -> None:
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+_WRAPPER_PREFIX = "module."  # what DistributedDataParallel and DataParallel put before names
+
+
+class _Walker:
+    """Matches a target state dict against the stored tree, depth first with an explicit stack
+    (a state dict may nest ``MAX_DEPTH`` levels), and plans the load: the copies into the
+    target's own tensors, the values to read fresh, the keys the checkpoint lacks, and the
+    steps that put the fresh values into the target once they are read (children first, so
+    that a module's ``load_state_dict`` or a rebuilt tuple sees its loaded children).
+
+    Keys match by equality; where none of a dict's keys do, its keys are matched with DDP's
+    ``module.`` prefix added (or removed) if that is unambiguous, and otherwise the load fails
+    (:class:`~ray_ckpt.MissingKeysError`, whatever ``strict`` says): a target that matches
+    nothing is a mistake, never a no-op. Modules, optimizers and other objects with
+    ``load_state_dict`` are loaded through it."""
+
+    def __init__(self, info: CheckpointInfo, plan: _Plan, allow_pickle: bool) -> None:
         self.info = info
         self.plan = plan
         self.allow_pickle = allow_pickle
-        self.values = values
 
-    def walk(self, target: Any, stored: Any, path: tuple[Any, ...]) -> Any:
+    def walk(self, state_dict: dict[Any, Any]) -> None:
+        stack: list[Any] = [(state_dict, self.info.tree, (), None)]
+        while stack:
+            entry = stack.pop()
+            if isinstance(entry, _Missing):
+                self.plan.missing.append(entry.key)
+            elif callable(entry):  # a container's last step, once its children's are planned
+                self.plan.steps.append(entry)
+            else:
+                self._visit(*entry, stack)
+
+    def _visit(
+        self,
+        target: Any,
+        stored: Any,
+        path: tuple[Any, ...],
+        put: Callable[[Any], None] | None,
+        stack: list[Any],
+    ) -> None:
         key = key_string(path)
-        if isinstance(stored, (ItemRef, ShardedRef)) and _is_tensor_target(target):
+        if _is_tensor_target(target):
+            if not isinstance(stored, (ItemRef, ShardedRef)):
+                raise StateDictMismatchError(
+                    f"key {key!r}: the target is a tensor but the checkpoint holds a "
+                    f"{type(stored).__qualname__}"
+                )
             if isinstance(stored, ItemRef) and stored.tag == "P":
                 raise StateDictMismatchError(
                     f"key {key!r}: the target is a tensor but the checkpoint holds a pickled object"
                 )
-            if self.plan is not None:
-                self._plan_into(target, stored, key)
-            return target
-        if _is_tensor_target(target):
-            raise StateDictMismatchError(
-                f"key {key!r}: the target is a tensor but the checkpoint holds a "
-                f"{type(stored).__qualname__}"
-            )
-        if isinstance(target, dict) and not isinstance(stored, (ItemRef, ShardedRef)):
-            if not isinstance(stored, dict):
-                raise StateDictMismatchError(
-                    f"key {key!r}: the target is a dict but the checkpoint holds a "
-                    f"{type(stored).__qualname__}"
-                )
-            for k in list(target):
-                if k in stored:
-                    value = self.walk(target[k], stored[k], (*path, k))
-                    if self.values is not None:
-                        target[k] = value
-                elif self.plan is not None:
-                    self.plan.missing.append(key_string((*path, k)))
-            return target
-        if isinstance(target, (list, tuple)) and not isinstance(target, torch.Size):
-            return self._sequence(target, stored, path)
-        return self.fresh_value(stored, path)
+            self._plan_into(target, stored, key)
+        elif isinstance(target, torch.optim.Optimizer):
+            # a fresh optimizer has no state tensors to fill: its state is read whole, and
+            # load_state_dict moves it to the parameters' devices
+            self._expect(dict, stored, target, key)
+            self.fresh_value(stored)
+            self.plan.steps.append(lambda values: load_state_of(target, _assign(stored, values)))
+        elif is_stateful(target):  # a module, a scheduler: in place into its state dict
+            state = state_dict_of(target)
+            self._expect(dict, stored, target, key)
+            stack.append(lambda values: load_state_of(target, state))
+            self._children(state, stored, path, stack)
+        elif isinstance(target, dict) and not isinstance(stored, (ItemRef, ShardedRef)):
+            self._expect(dict, stored, target, key)
+            self._children(target, stored, path, stack)
+        elif isinstance(target, (list, tuple)) and not isinstance(target, torch.Size):
+            self._sequence(target, stored, path, put, stack)
+        else:
+            self.fresh_value(stored)
+            if put is not None:
+                self.plan.steps.append(lambda values: put(_assign(stored, values)))
 
-    def _sequence(self, target: Any, stored: Any, path: tuple[Any, ...]) -> Any:
+    def _expect(self, kind: type, stored: Any, target: Any, key: str) -> None:
+        if not isinstance(stored, kind):
+            raise StateDictMismatchError(
+                f"key {key!r}: the target is a {type(target).__qualname__} but the checkpoint "
+                f"holds a {type(stored).__qualname__}"
+            )
+
+    def _children(
+        self, target: dict[Any, Any], stored: dict[Any, Any], path: tuple[Any, ...],
+        stack: list[Any],
+    ) -> None:
+        """Push the target's entries, in reverse so that they are walked in order."""
+        matches = self._match_keys(target, stored, path)
+        for k, found in reversed(matches):
+            if found is _NOT_FOUND:
+                stack.append(_Missing(key_string((*path, k))))
+            else:
+                stack.append((target[k], stored[found], (*path, k), _setter(target, k)))
+
+    def _match_keys(
+        self, target: dict[Any, Any], stored: dict[Any, Any], path: tuple[Any, ...]
+    ) -> list[tuple[Any, Any]]:
+        """Each target key with the stored key it loads from (or ``_NOT_FOUND``)."""
+        if not target or any(k in stored for k in target):
+            return [(k, k if k in stored else _NOT_FOUND) for k in target]
+        renamed = _prefix_renaming(target, stored)
+        if renamed is not None:
+            logger.info(
+                "key %r: the target's keys match the checkpoint's with DDP's %r prefix %s",
+                key_string(path) or "(root)", _WRAPPER_PREFIX,
+                "added" if next(iter(renamed.values())).startswith(_WRAPPER_PREFIX)
+                else "removed",
+            )
+            return [(k, renamed[k] if renamed[k] in stored else _NOT_FOUND) for k in target]
+        raise _nothing_matches(self.info, target, stored, path)
+
+    def _sequence(
+        self, target: Any, stored: Any, path: tuple[Any, ...],
+        put: Callable[[Any], None] | None, stack: list[Any],
+    ) -> None:
         if not isinstance(stored, (list, tuple)):
             raise StateDictMismatchError(
                 f"key {key_string(path)!r}: the target is a {type(target).__name__} but the "
                 f"checkpoint holds a {type(stored).__qualname__}"
             )
-        values = []
-        for i in range(max(len(target), len(stored))):
-            current = target[i] if i < len(target) else None
-            if i < len(stored):
-                values.append(self.walk(current, stored[i], (*path, i)))
-            else:
-                if self.plan is not None:
-                    self.plan.missing.append(key_string((*path, i)))
-                values.append(current)
-        if self.values is None:
-            return target
+        values = list(target) + [None] * (len(stored) - len(target))
         if isinstance(target, list):
-            target[:] = values
-            return target
-        return tuple(values)
+            stack.append(lambda _: target.__setitem__(slice(None), values))
+        elif put is not None:
+            stack.append(lambda _: put(tuple(values)))
+        for i in reversed(range(len(values))):
+            if i < len(stored):
+                stack.append((values[i], stored[i], (*path, i), _setter(values, i)))
+            else:
+                stack.append(_Missing(key_string((*path, i))))
 
-    def fresh_value(self, stored: Any, path: tuple[Any, ...]) -> Any:
-        """Plan: allocate what ``stored`` needs and return it with placeholders. Assign: the
-        loaded value."""
-        if self.values is not None:
-            return _assign(stored, self.values)
-        assert self.plan is not None
-        for ref in item_refs(stored):
-            meta = self.info.manifest.items[ref.index]
-            if meta.kind == KIND_PICKLE and meta.key not in self.plan.pickled:
-                self.plan.pickled.append(meta.key)
-        self._allocate(stored)
+    def fresh_value(self, stored: Any) -> Any:
+        """Allocate what ``stored`` needs and return it with placeholders."""
+        for _, leaf in leaves(stored):
+            if isinstance(leaf, (ItemRef, ShardedRef)):
+                self._allocate(leaf)
         return stored
 
-    def _allocate(self, stored: Any) -> None:
-        assert self.plan is not None
+    def _allocate(self, stored: ItemRef | ShardedRef) -> None:
         if isinstance(stored, ItemRef):
             if stored.index in self.plan.fresh:
                 return
             meta = self.info.manifest.items[stored.index]
-            dtype = (
-                torch.uint8
-                if meta.kind == KIND_PICKLE
-                else dtype_from_name(meta.dtype or "", where=meta.key)
-            )
+            if meta.kind == KIND_PICKLE:
+                self.plan.pickled.append(meta.key)
+                dtype = torch.uint8
+            else:
+                dtype = dtype_from_name(meta.dtype or "", where=meta.key)
             shape = _item_shape(meta)
             tensor = torch.empty(shape, dtype=dtype)
             self.plan.fresh[stored.index] = tensor
             self.plan.copies.append(_Copy(stored.index, _whole(shape), tensor))
-        elif isinstance(stored, ShardedRef):
+        else:
             if stored.indices in self.plan.fresh:
                 return
             first = self.info.manifest.items[stored.indices[0]]
@@ -563,15 +637,8 @@ class _Walker:
             tensor = torch.empty(stored.global_shape, dtype=dtype)
             self.plan.fresh[stored.indices] = tensor
             self._plan_region(tensor, _whole(stored.global_shape), stored, first.key)
-        elif isinstance(stored, dict):
-            for v in stored.values():
-                self._allocate(v)
-        elif isinstance(stored, (list, tuple)) and not isinstance(stored, torch.Size):
-            for v in stored:
-                self._allocate(v)
 
     def _plan_into(self, target: Any, stored: ItemRef | ShardedRef, key: str) -> None:
-        assert self.plan is not None
         local, box, global_shape = target_box(target)
         if isinstance(stored, ItemRef):
             meta = self.info.manifest.items[stored.index]
@@ -595,7 +662,6 @@ class _Walker:
     def _plan_region(self, dest: torch.Tensor, box: Box, stored: ShardedRef, key: str) -> None:
         """Copies that fill ``dest`` (the region ``box`` of the global tensor) from every stored
         shard that overlaps it; a region no shard covers is an error naming both layouts."""
-        assert self.plan is not None
         covered = 0
         layout = []
         for index in stored.indices:
@@ -616,6 +682,61 @@ class _Walker:
                 f"elements of the region at {list(box[0])} of shape {list(box[1])}: a shard is "
                 "missing"
             )
+
+
+_NOT_FOUND = object()
+
+
+def _setter(container: Any, key: Any) -> Callable[[Any], None]:
+    def put(value: Any) -> None:
+        container[key] = value
+
+    return put
+
+
+def _prefix_renaming(target: dict[Any, Any], stored: dict[Any, Any]) -> dict[str, str] | None:
+    """The target's keys renamed to the stored ones by adding or removing DDP's ``module.``
+    prefix, where that is unambiguous: every key on one side has it, none on the other, and
+    some renamed key exists. ``None`` otherwise."""
+    if not all(isinstance(k, str) for k in (*target, *stored)):
+        return None
+    prefix = _WRAPPER_PREFIX
+    if all(k.startswith(prefix) for k in stored) and not any(k.startswith(prefix) for k in target):
+        renamed = {k: prefix + k for k in target}
+    elif all(k.startswith(prefix) for k in target) and not any(
+        k.startswith(prefix) for k in stored
+    ):
+        renamed = {k: k[len(prefix) :] for k in target}
+    else:
+        return None
+    return renamed if any(v in stored for v in renamed.values()) else None
+
+
+def _nothing_matches(
+    info: CheckpointInfo, target: dict[Any, Any], stored: dict[Any, Any], path: tuple[Any, ...]
+) -> MissingKeysError:
+    """The error for a target dict none of whose keys the checkpoint holds (under ``path``)."""
+    where = f"under {key_string(path)!r}" if path else "at the root"
+    wanted = [str(k) for k in target]
+    held = [str(k) for k in stored]
+    close = []
+    for k in wanted[:3]:
+        match = difflib.get_close_matches(k, held, n=1, cutoff=0.5)
+        if match:
+            close.append(f"{k!r} -> {match[0]!r}")
+    hint = (
+        f"the closest keys it holds: {', '.join(close)}" if close
+        else f"it holds {held[:5]}{' ...' if len(held) > 5 else ''}"
+    )
+    error = MissingKeysError(
+        f"checkpoint {info.storage.display} holds none of the {len(wanted)} key(s) the "
+        f"state_dict asks for {where} ({wanted[:5]}{' ...' if len(wanted) > 5 else ''}); "
+        f"{hint}. Nothing would be loaded there, so the load fails even with strict=False: "
+        "fix the keys (load without a state_dict to see what the checkpoint holds), or leave "
+        "that entry out of the state_dict."
+    )
+    error.missing_keys = [key_string((*path, k)) for k in target]
+    return error
 
 
 def _assign(tree: Any, values: dict[Any, Any]) -> Any:

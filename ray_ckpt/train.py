@@ -42,12 +42,13 @@ Loading reads ``ray.train.get_checkpoint()`` (Ray Train hands the latest registe
 to every worker it restarts) on each rank with its own ``RankInfo``, so rank *r* gets rank *r*'s
 state back (rank-local keys, see ``CheckpointStagerConfig.rank_local_keys``).
 
-Top-level values that have ``state_dict()`` and ``load_state_dict()`` (modules, optimizers, LR
-schedulers: PyTorch DCP's ``Stateful``) are saved as their ``state_dict()`` and restored through
-``load_state_dict()``. A module (or any other such object) is loaded in place into its own
-``state_dict()`` tensors; an optimizer's state is read whole, because a fresh optimizer's
-``state_dict()`` has no state tensors yet to load into, and ``load_state_dict`` moves it to the
-parameters' devices.
+Values that have ``state_dict()`` and ``load_state_dict()`` (modules, optimizers, LR schedulers:
+PyTorch DCP's ``Stateful``) are saved as their ``state_dict()`` and restored through
+``load_state_dict()``, as by any ray_ckpt save and load (:mod:`ray_ckpt._stateful`). A module
+wrapped in ``DistributedDataParallel`` is saved under its unwrapped names, so a run saved with N
+DDP workers resumes with 1 (where ``prepare_model`` does not wrap) and back. ``load`` is strict
+for these objects by default: a checkpoint that lacks their keys fails the load instead of
+letting training go on from fresh weights.
 """
 
 from __future__ import annotations
@@ -59,11 +60,11 @@ from typing import Any
 
 import pyarrow.fs as pafs
 import ray.train
-import torch
 from ray.train import CheckpointUploadMode, collective
 
+from ._stateful import is_stateful
 from .builder import make_async_checkpointer
-from .checkpointer import AsyncCheckpointer
+from .checkpointer import AsyncCheckpointer, missing_keys_error
 from .config import CheckpointerConfig
 from .coordinator import SaveResult
 from .errors import CheckpointError
@@ -141,38 +142,42 @@ class TrainCheckpointer:
         state_dict: Mapping[str, Any] | None = None,
         *,
         checkpoint: ray.train.Checkpoint | None = None,
-        strict: bool = False,
+        strict: bool | None = None,
         default_map_location: Any = None,
         allow_pickle: bool = False,
     ) -> STATE_DICT | None:
         """Load Ray Train's latest checkpoint (or ``checkpoint``) on this rank; ``None`` when
         the run has none yet.
 
-        With ``state_dict``, only its keys, in place, as :meth:`ray_ckpt.Checkpointer.load`
-        (``strict=True`` raises :class:`~ray_ckpt.MissingKeysError` naming missing keys):
+        With ``state_dict``, only its keys, in place, as :meth:`ray_ckpt.Checkpointer.load`:
         tensors are filled, other values replaced in ``state_dict`` itself (``{"step": -1}``
-        becomes the saved step), and objects with ``load_state_dict`` get their state through
-        it. Returns the loaded state dict (an object's entry holds the state dict it was given).
+        becomes the saved step), and modules, optimizers and other objects with
+        ``load_state_dict`` get their state through it. ``strict=None`` (the default) raises
+        :class:`~ray_ckpt.MissingKeysError` when the checkpoint lacks a key of such an object
+        (or the object itself), so that training never goes on from untrained weights; plain
+        values the checkpoint lacks keep theirs. ``strict=True`` raises for any missing key,
+        ``strict=False`` for none (a dict none of whose keys match still raises). Returns the
+        loaded state dict.
         """
         if checkpoint is None:
             checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
-        target, stateful = _load_targets(state_dict)
+        target = None if state_dict is None else _load_target(state_dict)
         ckptr = self._checkpointer(checkpoint.filesystem)
-        loaded = ckptr.load(
+        loaded, missing = ckptr._load_and_missing(
             checkpoint.path,
             target,
-            strict=strict,
             default_map_location=default_map_location,
             allow_pickle=allow_pickle,
         )
-        for key, value in state_dict.items() if state_dict is not None else ():
-            if key in stateful:
-                if loaded.get(key) is not None:  # None: not in the checkpoint (strict=False)
-                    value.load_state_dict(loaded[key])
-            elif isinstance(state_dict, MutableMapping):
-                state_dict[key] = loaded[key]
+        if target is not None and target is not state_dict and isinstance(
+            state_dict, MutableMapping
+        ):
+            state_dict.update(target)
+        required = missing if strict else _of_stateful(missing, target) if strict is None else []
+        if required:
+            raise missing_keys_error(checkpoint.path, required)
         return loaded
 
     def close(self) -> None:
@@ -263,36 +268,28 @@ def _rank_info() -> RankInfo:
     return RankInfo(context.get_world_rank(), context.get_world_size())
 
 
-def _is_stateful(value: Any) -> bool:
-    return callable(getattr(value, "state_dict", None)) and callable(
-        getattr(value, "load_state_dict", None)
-    )
-
-
 def _to_state_dicts(state_dict: Mapping[str, Any]) -> STATE_DICT:
-    """``state_dict`` with every top-level stateful object replaced by its ``state_dict()``."""
+    """``state_dict`` as a dict; its modules, optimizers, ... are saved as their state dicts
+    (a DDP-wrapped module under its unwrapped names) by the save itself."""
     if not isinstance(state_dict, Mapping):
         raise TypeError(
             f"state_dict must be a dict (of tensors, state dicts, modules, optimizers, ...), "
             f"got {type(state_dict).__qualname__}"
         )
-    return {k: v.state_dict() if _is_stateful(v) else v for k, v in state_dict.items()}
+    return dict(state_dict)
 
 
-def _load_targets(
-    state_dict: Mapping[str, Any] | None,
-) -> tuple[STATE_DICT | None, dict[str, Any]]:
-    """The target to load into, and the stateful objects to hand their state afterwards."""
-    if state_dict is None:
-        return None, {}
-    stateful = {k: v for k, v in state_dict.items() if _is_stateful(v)}
-    target = {k: _load_target(v) if k in stateful else v for k, v in state_dict.items()}
-    return target, stateful
+def _load_target(state_dict: Mapping[str, Any]) -> STATE_DICT:
+    """The dict to load into: ``state_dict`` itself when it is a dict."""
+    if isinstance(state_dict, dict):
+        return state_dict
+    return _to_state_dicts(state_dict)
 
 
-def _load_target(obj: Any) -> Any:
-    """An optimizer's state is read whole (None); anything else in place into its state dict."""
-    return None if isinstance(obj, torch.optim.Optimizer) else obj.state_dict()
+def _of_stateful(missing: list[str], target: STATE_DICT | None) -> list[str]:
+    """The missing keys that belong to a top-level module, optimizer or other stateful object."""
+    prefixes = [str(k) for k, v in (target or {}).items() if is_stateful(v)]
+    return [m for m in missing if any(m == p or m.startswith(p + ".") for p in prefixes)]
 
 
 _defaults: dict[CheckpointerConfig, TrainCheckpointer] = {}
@@ -332,7 +329,7 @@ def load(
     state_dict: Mapping[str, Any] | None = None,
     *,
     checkpoint: ray.train.Checkpoint | None = None,
-    strict: bool = False,
+    strict: bool | None = None,
     default_map_location: Any = None,
     allow_pickle: bool = False,
     config: CheckpointerConfig | None = None,

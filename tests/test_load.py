@@ -14,7 +14,7 @@ import torch
 import ray_ckpt
 from ray_ckpt.format import HEADER_SIZE, MARKER_NAME
 
-from .helpers import small_config
+from .helpers import assert_same, small_config, tiny_model, trained
 
 
 @pytest.fixture(scope="module")
@@ -278,3 +278,107 @@ def test_reads_coalesce_small_neighbours_only_and_never_past_one_slice():
     big = [r for r in reads if r.length > _SLICE_BYTES]
     assert [len(r.pieces) for r in big] == [1, 1]
     assert [len(r.pieces) for r in reads] == [300, 1, 1, 2]
+
+
+# --- partial loads that would load nothing (issue 13, item 13) -------------------------------
+
+
+def test_a_dict_none_of_whose_keys_exist_fails_even_without_strict(ckptr, tmp_path):
+    """Loading another model's state dict, whose keys match none of the checkpoint's, raises
+    (naming the closest keys the checkpoint holds) instead of returning with nothing loaded."""
+    path = str(tmp_path / "ckpt")
+    ckptr.save(path, {"model": tiny_model().state_dict(), "step": 3})
+    other = torch.nn.Sequential()
+    other.add_module("fc1", torch.nn.Linear(16, 32))
+    target = {"model": other.state_dict(), "step": 0}
+    with pytest.raises(ray_ckpt.MissingKeysError, match=r"none of the 2 key\(s\).*'model'") as info:
+        ckptr.load(path, target, strict=False)
+    assert "'fc1.weight' -> '1.weight'" in str(info.value)  # difflib's closest match
+    assert info.value.missing_keys == ["model.fc1.weight", "model.fc1.bias"]
+    assert target["step"] == 0  # nothing was assigned
+    with pytest.raises(ray_ckpt.MissingKeysError, match="at the root"):
+        ckptr.load(path, {"mdl": None})
+    # a partial match is no mistake: strict=False loads what exists
+    assert ckptr.load(path, {"step": 0, "epoch": 1}) == {"step": 3, "epoch": 1}
+
+
+def test_a_module_given_as_target_is_loaded_into(ckptr, tmp_path):
+    path = str(tmp_path / "ckpt")
+    model = tiny_model()
+    trained(model)
+    ckptr.save(path, {"model": model.state_dict()})
+    fresh = torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.ReLU(), torch.nn.Linear(32, 4)
+    )
+    target = {"model": fresh}
+    out = ckptr.load(path, target, strict=True)
+    assert out is target and out["model"] is fresh  # the module, not a dict in its place
+    assert_same(fresh.state_dict(), model.state_dict())
+
+
+def test_an_optimizer_given_as_target_is_loaded_into(ckptr, tmp_path):
+    path = str(tmp_path / "ckpt")
+    model = tiny_model()
+    optimizer = trained(model)
+    ckptr.save(path, {"model": model, "optim": optimizer})  # saved as their state dicts
+    assert_same(ckptr.load(path)["optim"], optimizer.state_dict())
+    fresh_model = tiny_model()
+    fresh = torch.optim.Adam(fresh_model.parameters(), lr=1.0)
+    assert not fresh.state_dict()["state"]
+    ckptr.load(path, {"model": fresh_model, "optim": fresh})
+    assert_same(fresh.state_dict(), optimizer.state_dict())
+    assert_same(fresh_model.state_dict(), model.state_dict())
+
+
+def _wrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` in a data-parallel wrapper that adds ``module.`` to every name, as DDP does
+    (DataParallel: the same prefix without a process group)."""
+    return torch.nn.DataParallel(model)
+
+
+def test_a_wrapped_module_is_saved_under_unwrapped_names_and_loads_both_ways(ckptr, tmp_path):
+    path = str(tmp_path / "ckpt")
+    model = tiny_model()
+    trained(model)
+    ckptr.save(path, {"model": _wrapped(model)})
+    assert list(ckptr.load(path)["model"]) == list(model.state_dict())  # no "module." prefix
+    plain = torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.ReLU(), torch.nn.Linear(32, 4)
+    )
+    ckptr.load(path, {"model": plain}, strict=True)
+    assert_same(plain.state_dict(), model.state_dict())
+    again = _wrapped(torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.ReLU(), torch.nn.Linear(32, 4)
+    ))
+    ckptr.load(path, {"model": again}, strict=True)
+    assert_same(again.module.state_dict(), model.state_dict())
+
+
+def test_keys_saved_with_the_module_prefix_load_into_unwrapped_targets_and_back(ckptr, tmp_path):
+    """Checkpoints saved from a wrapped model's own state dict (``module.``-prefixed keys, as
+    before ray_ckpt unwrapped them) load into an unwrapped model and its state dict; and an
+    unwrapped checkpoint loads into a wrapped model's state dict."""
+    model = tiny_model()
+    trained(model)
+    prefixed, plain_path = str(tmp_path / "prefixed"), str(tmp_path / "plain")
+    ckptr.save(prefixed, {"model": _wrapped(model).state_dict()})
+    ckptr.save(plain_path, {"model": model.state_dict()})
+    assert all(k.startswith("module.") for k in ckptr.load(prefixed)["model"])
+    for path in (prefixed, plain_path):
+        for target_of in (
+            lambda m: m, lambda m: m.state_dict(), lambda m: _wrapped(m).state_dict()
+        ):
+            fresh = torch.nn.Sequential(
+                torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.ReLU(),
+                torch.nn.Linear(32, 4),
+            )
+            ckptr.load(path, {"model": target_of(fresh)}, strict=True)
+            assert_same(fresh.state_dict(), model.state_dict())
+
+
+def test_the_module_prefix_is_not_guessed_when_ambiguous(ckptr, tmp_path):
+    """Only a prefix on every key of one side and none of the other is mapped."""
+    path = str(tmp_path / "ckpt")
+    ckptr.save(path, {"model": {"module.a": torch.ones(1), "b": torch.ones(1)}})
+    with pytest.raises(ray_ckpt.MissingKeysError, match="none of the 1 key"):
+        ckptr.load(path, {"model": {"a": torch.zeros(1)}})

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import ray_ckpt
+from ray_ckpt import _tree, cli
 from ray_ckpt.format import DTYPES, MARKER_NAME
 
 from .helpers import assert_same, nested_state, small_config, tiny_model, trained
@@ -193,3 +194,52 @@ def test_unsupported_values_name_the_key(ckptr, tmp_path, value, match):
 def test_non_dict_state_dict_is_refused(ckptr, tmp_path):
     with pytest.raises(ray_ckpt.UnsupportedValueError, match="must be a dict"):
         ckptr.save(str(tmp_path / "c"), [torch.ones(1)])  # type: ignore[arg-type]
+
+
+def _nested(depth: int) -> dict:
+    """A state dict of ``depth`` nested containers (the root included), dicts, lists and tuples
+    in turn, with a tensor and a plain value at the bottom."""
+    value: object = {"w": torch.arange(6.0).reshape(2, 3), "n": 7}
+    for level in reversed(range(1, depth - 1)):
+        kind = level % 3
+        value = {f"k{level}": value} if kind == 0 else [value] if kind == 1 else (value, level)
+    return {"root": value}
+
+
+def _depth(value: object) -> int:
+    levels = 0
+    while isinstance(value, (dict, list, tuple)):
+        levels += 1
+        value = next(iter(value.values())) if isinstance(value, dict) else value[0]
+    return levels
+
+
+@pytest.mark.parametrize("depth", [330, _tree.MAX_DEPTH])
+def test_state_dict_nested_up_to_max_depth_saves_loads_and_inspects(
+    ckptr, tmp_path, capsys, depth
+):
+    """README: state dicts nest "to any depth" up to MAX_DEPTH (512): save, full and partial
+    load, inspect and verify all work there, without a RecursionError (issue 13, item 12)."""
+    state = _nested(depth)
+    assert _depth(state) == depth
+    path = str(tmp_path / "deep")
+    ckptr.save(path, state)
+    assert_same(ckptr.load(path), state)
+    target = _nested(depth)
+    bottom = target
+    while not (isinstance(bottom, dict) and "w" in bottom):
+        bottom = next(iter(bottom.values())) if isinstance(bottom, dict) else bottom[0]
+    w = bottom["w"] = torch.zeros(2, 3)
+    loaded = ckptr.load(path, target, strict=True)
+    assert loaded is target and torch.equal(w, torch.arange(6.0).reshape(2, 3))
+    assert cli.main(["inspect", path]) == 0
+    assert cli.main(["verify", path]) == 0
+    assert ".k3." in capsys.readouterr().out  # inspect printed the deep key
+
+
+def test_state_dict_nested_deeper_than_max_depth_is_refused_naming_the_key(ckptr, tmp_path):
+    path = tmp_path / "too-deep"
+    with pytest.raises(ray_ckpt.UnsupportedValueError, match=r"nesting deeper than 512") as info:
+        ckptr.save(str(path), _nested(_tree.MAX_DEPTH + 1))
+    assert str(info.value).startswith("key 'root.0.0.k3.0")  # the key path's prefix
+    assert not path.exists() or not any(path.iterdir())

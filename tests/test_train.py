@@ -348,3 +348,109 @@ def test_listing_a_directory_another_rank_creates_meanwhile(tmp_path):
     storage = Storage(fs, str(tmp_path / "checkpoint_x"))  # type: ignore[arg-type]
     assert storage.list_files() == {}
     assert fs.raced
+
+
+# --- resuming with another number of DDP workers (issue 13, item 13) -------------------------
+
+
+def _resize_loop(config: dict[str, Any]) -> None:
+    """Resume (default ``ray_ckpt.train.load``, no strict argument) into a model that
+    ``prepare_model`` wraps in DDP with 2 workers and leaves unwrapped with 1, train two steps
+    and save. Records the state right after the load and right before the save."""
+    import copy
+
+    import ray.train
+    import ray.train.torch
+
+    import ray_ckpt.train
+
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(100 + world_size)  # each run starts from other weights than it saved
+    model = ray.train.torch.prepare_model(
+        torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    )
+    assert isinstance(model, torch.nn.parallel.DistributedDataParallel) == (world_size > 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    state = {"model": model, "optim": optimizer, "step": -1}
+    previous = config["resume_from"]  # (Ray Train v2 dropped resume_from_checkpoint)
+    ray_ckpt.train.load(state, checkpoint=previous and ray.train.Checkpoint(previous))
+    inner = model.module if world_size > 1 else model
+    _record_state(config, f"start-rank{rank}", state["step"], inner, optimizer)
+    if previous:  # by default a module whose keys the checkpoint lacks fails the load
+        bigger = torch.nn.Sequential(*copy.deepcopy(inner), torch.nn.Linear(1, 1))
+        try:
+            ray_ckpt.train.load({"model": bigger}, checkpoint=ray.train.Checkpoint(previous))
+            missing: Any = "loaded"
+        except ray_ckpt.MissingKeysError as e:
+            missing = e.missing_keys
+        Path(config["record_dir"], f"strict-rank{rank}.txt").write_text(repr(missing))
+    for step in range(state["step"] + 1, state["step"] + 3):
+        x, y = _batch(step, rank)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        state["step"] = step
+    _record_state(config, f"end-rank{rank}", state["step"], inner, optimizer)
+    ray_ckpt.train.report({"step": state["step"]}, state)
+
+
+def _record_state(
+    config: dict[str, Any], name: str, step: int, model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+) -> None:
+    torch.save(
+        {"step": step, "model": model.state_dict(), "optim": optimizer.state_dict()},
+        os.path.join(config["record_dir"], f"{name}.pt"),
+    )
+
+
+def _fit_resized(
+    root: Path, name: str, num_workers: int, resume_from: ray.train.Checkpoint | None
+) -> tuple[Result, Path]:
+    record_dir = root / name
+    record_dir.mkdir(parents=True)
+    trainer = TorchTrainer(
+        _resize_loop,
+        train_loop_config={
+            "record_dir": str(record_dir),
+            "resume_from": resume_from and resume_from.path,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=num_workers, use_gpu=False, resources_per_worker={"CPU": 1}
+        ),
+        run_config=RunConfig(name=name, storage_path=str(root / "storage")),
+    )
+    with _fast_polling():
+        result = trainer.fit()
+    assert result.error is None, result.error
+    return result, record_dir
+
+
+def test_resume_with_another_number_of_ddp_workers_loads_every_parameter(cluster, tmp_path):
+    """A run with 2 DDP workers saves; a run with 1 worker (prepare_model does not wrap it)
+    resumes from it, trains and saves; a run with 2 workers resumes from that. Each resume
+    starts with exactly the parameters and optimizer state the previous run saved, although
+    the wrapped and the unwrapped model name their parameters differently."""
+    two, two_records = _fit_resized(tmp_path, "two-workers", 2, None)
+    one, one_records = _fit_resized(tmp_path, "one-worker", 1, two.checkpoint)
+    again, again_records = _fit_resized(tmp_path, "two-again", 2, one.checkpoint)
+
+    saved = _load(two.checkpoint.path)
+    assert saved["step"] == 1 and not any(k.startswith("module.") for k in saved["model"])
+    for before, after, ranks in (
+        (two_records, one_records, [0]), (one_records, again_records, [0, 1])
+    ):
+        end = _records(before, "end-rank0")
+        for rank in ranks:
+            start = _records(after, f"start-rank{rank}")
+            assert start["step"] == end["step"]
+            assert_same(start["model"], end["model"])
+            assert_same(start["optim"], end["optim"])
+    for records, ranks in ((one_records, [0]), (again_records, [0, 1])):
+        for rank in ranks:
+            missing = (records / f"strict-rank{rank}.txt").read_text()
+            assert missing == "['model.3.weight', 'model.3.bias']"
+    assert _records(again_records, "end-rank1")["step"] == 5
+    assert _load(again.checkpoint.path)["step"] == 5

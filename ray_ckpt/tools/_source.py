@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .._checksum import crc32c
-from .._tree import ItemRef, ShardedRef, key_string
+from .._tree import ItemRef, ShardedRef, key_string, leaves
 from ..config import StorageConfig
 from ..errors import CheckpointError, CorruptCheckpointError
 from ..format import HEADER_SIZE, KIND_PICKLE, Extent, Manifest, check_header, dtype_from_name
@@ -289,19 +289,6 @@ def open_checkpoint(
 
 
 KeyPath = tuple[Any, ...]
-
-
-def leaves(tree: Any, path: KeyPath = ()) -> Iterator[tuple[KeyPath, Any]]:
-    """Every leaf of a decoded tree with its key path: stored items (:class:`ItemRef`) and plain
-    values. Empty containers count as values, so that they show up in a diff."""
-    if isinstance(tree, dict) and tree:
-        for key, value in tree.items():
-            yield from leaves(value, (*path, key))
-    elif isinstance(tree, (list, tuple)) and tree and not isinstance(tree, torch.Size):
-        for i, value in enumerate(tree):
-            yield from leaves(value, (*path, i))
-    else:
-        yield path, tree
 
 
 def subtree(tree: Any, prefix: str | None, where: str) -> Any:
