@@ -225,6 +225,7 @@ class Merger:
         self.writers: Counter[str] = Counter()
         self._single: RankReport | None = None
         self._metadata_rank: int | None = None
+        self._remapped: dict[str, tuple[dict[int, int], int]] = {}  # last remap of each tree
 
     def _new(self, meta: ItemMeta, **changes: Any) -> int:
         index = len(self.items)
@@ -256,8 +257,23 @@ class Merger:
             else:
                 mapping[meta.item] = self._new(meta)
         self.extents.extend(e._replace(item=mapping[e.item]) for e in report.extents)
-        tree = remap(report.tree_json, mapping)
-        self.rank_trees[report.rank] = self.trees.setdefault(tree, len(self.trees))
+        # in the tree a sharded tensor names its first box, whichever box this rank holds, so
+        # that ranks holding the same keys have the same tree, kept once
+        for item, (path, _) in report.shard_items.items():
+            mapping[item] = self.shards[path][0]
+        self.rank_trees[report.rank] = self._tree_id(report.tree_json, mapping)
+
+    def _tree_id(self, tree_json: str, mapping: dict[int, int]) -> int:
+        """The id of ``tree_json`` renumbered by ``mapping``, among the distinct trees. Ranks
+        with the same tree and numbering (DDP, the ranks of a stage) reuse the last remap:
+        comparing two mappings costs far less than remapping."""
+        known = self._remapped.get(tree_json)
+        if known is not None and known[0] == mapping:
+            return known[1]
+        tree = remap(tree_json, mapping)
+        tree_id = self.trees.setdefault(tree, len(self.trees))
+        self._remapped[tree_json] = (mapping, tree_id)
+        return tree_id
 
     def _replica(self, meta: ItemMeta, replica: tuple[str, int, int | None], rank: int) -> int:
         path, _, crc = replica
@@ -310,7 +326,7 @@ class Merger:
         for indices in self.shards.values():
             self._check_tiling([self.items[i] for i in indices])
         self._raise_if(self.problems + _unwritten(self.items, self.extents))
-        shard_lists = {i: ids for ids in self.shards.values() for i in ids}
+        shard_lists = {ids[0]: ids for ids in self.shards.values()}
         first_rank: dict[int, int] = {}
         for rank in sorted(self.rank_trees):
             first_rank.setdefault(self.rank_trees[rank], rank)

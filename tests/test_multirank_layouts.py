@@ -155,7 +155,9 @@ def test_each_stage_loads_its_own_rank_local_keys(cluster, pipeline_ckpt):
 ROWS = 8
 
 
-def sharded_layer(i: int, shard: int, shards: int, *, zeros: bool = False) -> ray_ckpt.ShardedTensor:
+def sharded_layer(
+    i: int, shard: int, shards: int, *, zeros: bool = False
+) -> ray_ckpt.ShardedTensor:
     rows = ROWS // shards
     full = layer(i)
     local = full[shard * rows:(shard + 1) * rows].clone()
@@ -234,7 +236,8 @@ def test_a_key_on_some_ranks_with_different_values_is_refused(cluster, tmp_path)
     ranks = [RankActor.options(**on_node(cluster.node_ids[r])).remote(r, 3) for r in range(3)]
     refs = [rank.save.remote(path, state) for rank, state in zip(ranks, states)]
     for ref in refs:
-        with pytest.raises(ray_ckpt.CheckpointWriteError, match="different values on ranks 0 and 1"):
+        differ = "different values on ranks 0 and 1"
+        with pytest.raises(ray_ckpt.CheckpointWriteError, match=differ):
             ray.get(ref, timeout=300)
     assert not os.path.exists(os.path.join(path, "ray_ckpt.commit"))
 
@@ -262,3 +265,67 @@ def test_a_key_no_rank_wrote_is_refused(tmp_path):
     with pytest.raises(ray_ckpt.CheckpointWriteError, match="key 'w': no rank wrote its bytes"):
         commit_reports(request, reports, "x")
     assert not storage.exists("ray_ckpt.commit")
+
+
+# --- 64 real ranks over 4 simulated nodes --------------------------------------------------------
+
+WORLD, PER_STAGE = 64, 16  # 4 stages of 16 ranks
+
+
+def big_job_state(rank: int, stages: int, per_stage: int, *, zeros: bool = False) -> dict:
+    """Rank ``rank`` of ``stages`` x ``per_stage``: a replicated embedding (every rank), its
+    stage's norm (replicated over the stage), its row shard of its stage's weight (sharded over
+    the stage) and its rng (rank-local)."""
+    stage, shard = divmod(rank, per_stage)
+    rows = 32 // per_stage
+    weight = torch.arange(32 * 4, dtype=torch.float32).view(32, 4) + 1000 * stage
+    local = weight[shard * rows:(shard + 1) * rows].clone()
+    state = {
+        "embed": torch.arange(24.0),
+        f"stage{stage}": {
+            "norm": torch.full((6,), float(stage)),
+            "w": ray_ckpt.ShardedTensor(local, (32, 4), (shard * rows, 0)),
+        },
+        "rng": torch.full((2,), float(rank)),
+        "step": 5,
+    }
+    if zeros:
+        state["embed"] = torch.zeros(24)
+        state[f"stage{stage}"]["norm"] = torch.zeros(6)
+        state[f"stage{stage}"]["w"] = ray_ckpt.ShardedTensor(torch.zeros_like(local), (32, 4),
+                                                             (shard * rows, 0))
+        state["rng"], state["step"] = torch.zeros(2), 0
+    return state
+
+
+@pytest.mark.slow
+def test_64_ranks_on_4_nodes_commit_once_and_load_on_64_and_on_8(tmp_path):
+    from .conftest import ensure_cluster
+
+    nodes = ensure_cluster("four_nodes").node_ids
+    path = str(tmp_path / "big")
+    states = [big_job_state(r, WORLD // PER_STAGE, PER_STAGE) for r in range(WORLD)]
+    ranks = [
+        RankActor.options(**on_node(nodes[r * len(nodes) // WORLD])).remote(r, WORLD)
+        for r in range(WORLD)
+    ]
+    ray.get([rank.save.remote(path, state) for rank, state in zip(ranks, states)], timeout=1200)
+
+    rows = manifest_rows(path)
+    count = {key: sum(row["key"] == key for row in rows) for key in {row["key"] for row in rows}}
+    assert count["embed"] == 1 and all(count[f"stage{s}.norm"] == 1 for s in range(4))
+    assert all(count[f"stage{s}.w"] == PER_STAGE for s in range(4))  # every box once
+    assert count["rng"] == WORLD  # rank-local: one per rank
+    assert ray_ckpt.CheckpointReader().open(path).marker.world_size == WORLD
+
+    targets = [big_job_state(r, 4, PER_STAGE, zeros=True) for r in range(WORLD)]
+    loaded = ray.get([rank.load.remote(path, t) for rank, t in zip(ranks, targets)], timeout=1200)
+    for got, expected in zip(loaded, states):
+        assert_same(plain(got), plain(expected))
+    for rank in ranks:
+        ray.kill(rank)
+
+    targets = [big_job_state(r, 4, 2, zeros=True) for r in range(8)]  # 4 stages x 2 shards
+    loaded = ray.get([load_as.remote(path, r, 8, targets[r]) for r in range(8)], timeout=600)
+    for r, got in enumerate(loaded):
+        assert_same(plain(got), plain(big_job_state(r, 4, 2)))
