@@ -306,8 +306,8 @@ def table(real_rows: list[dict[str, Any]], synth_rows: list[dict[str, Any]]) -> 
         lines.append("")
     if synth_rows:
         lines += ["| synthetic ranks × items | assign (s) | merge (s) | commit (s) "
-                  "| µs / rank-item | report bytes / rank | manifest bytes | merged items | distinct trees "
-                  "| merge peak (MiB) |",
+                  "| µs / rank-item | report bytes / rank | manifest bytes | merged items "
+                  "| distinct trees | merge peak (MiB) |",
                   "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         lines += [f"| {r['ranks']:,} × {r['items']} | {r['assign_s']:.2f} | {r['merge_s']:.2f} | "
                   f"{r['commit_s']:.2f} | {r['us_per_rank_item']:.2f} | "
