@@ -19,8 +19,9 @@ the checkpoint's items once, not every rank's copy of them); it commits (manifes
 :func:`ray_ckpt.commit.commit_merged`) once every one of the ``world_size`` ranks has arrived,
 and answers every ``arrive`` with the same :class:`~ray_ckpt.SaveResult`. It fails the save on
 every rank, committing nothing, as soon as one rank fails, a joined rank's process dies, or
-``barrier_timeout_secs`` pass after the first rank joined; the error names the ranks that failed or never arrived. Having answered everyone, it
-exits, so a later save to the same path gets a fresh coordinator.
+``barrier_timeout_secs`` pass after the first rank joined; the error names the ranks that
+failed or never arrived. Having answered everyone, it exits, so a later save to the same path
+gets a fresh coordinator.
 """
 
 from __future__ import annotations
