@@ -350,6 +350,64 @@ def plot(real_rows: list[dict[str, Any]], synth_rows: list[dict[str, Any]], out:
     fig.savefig(out, dpi=90)
 
 
+# --- the 1,024-GPU model (docs/SCALE.md) ----------------------------------------------------------
+
+PARAMS = 70e9
+NODES, RANKS_PER_NODE, PP = 128, 8, 8
+PARAM_TENSORS = 723  # a Llama-2-70B: 80 layers x 9 tensors, embedding, head, final norm
+S3_PART = 10 * MiB  # pyarrow's S3 multipart part (fixed)
+S3_PUTS_PER_PREFIX = 3500  # S3: PUT/COPY/POST/DELETE per second per prefix
+
+
+def scale_model(real_rows: list[dict[str, Any]], synth_rows: list[dict[str, Any]]) -> list[str]:
+    """docs/SCALE.md's figures, each from the numbers measured above."""
+    from ray_ckpt.config import CheckpointStagerConfig
+
+    ranks = NODES * RANKS_PER_NODE
+    total = PARAMS * 12  # fp32 params + AdamW exp_avg + exp_avg_sq (FSDP2 keeps fp32 shards)
+    per_rank, per_node = total / ranks, total / NODES
+    # a rank holds its stage's parameters: a shard of each (x3 with the two moments) and the
+    # step of each (a replicated scalar tensor)
+    items = round(PARAM_TENSORS / PP) * 4
+    sharded_items = ranks * round(PARAM_TENSORS / PP) * 3
+    bucket = CheckpointStagerConfig().bucket_size_bytes
+    files = -(-int(per_rank) // bucket)
+    parts = -(-min(bucket, int(per_rank)) // S3_PART)
+    requests = ranks * files * (parts + 2) + 2  # create + parts + complete; manifest, marker
+    big = max(synth_rows, key=lambda r: r["ranks"]) if synth_rows else None
+    lines = [
+        f"state: {total / 1e9:,.0f} GB; per node {per_node / 1e9:.2f} GB; per rank "
+        f"{per_rank / 1e6:,.0f} MB; {items} items per rank, {ranks * items:,} rank-items",
+        f"object store per node to stage a whole save at once: {per_node / 1e9:.2f} GB",
+        f"S3 per save: {ranks * files:,} data files ({files} per rank of <= {bucket / MiB:.0f} "
+        f"MiB), {ranks * files * parts:,} multipart parts, {requests:,} requests; at "
+        f"{S3_PUTS_PER_PREFIX} PUT/s per prefix >= {requests / S3_PUTS_PER_PREFIX:.0f} s",
+    ]
+    if big is not None:
+        us = big["us_per_rank_item"]
+        manifest_row = big["manifest_bytes"] / big["merged_items"]
+        report_item = big["report_bytes_per_rank"] / big["items"]
+        merged = sharded_items + round(PARAM_TENSORS / PP) * PP
+        lines += [
+            f"merge + commit: {us:.2f} us/rank-item (measured at {big['ranks']:,} ranks) x "
+            f"{ranks * items:,} = {us * ranks * items / 1e6:.2f} s",
+            f"reports to the coordinator: {report_item:.0f} B/item x {items} = "
+            f"{report_item * items / 1e3:.1f} kB per rank, {report_item * items * ranks / 1e6:.1f}"
+            f" MB in all",
+            f"manifest: {manifest_row:.0f} B/row x {merged:,} rows = "
+            f"{manifest_row * merged / 1e6:.1f} MB",
+        ]
+    if len(real_rows) >= 2:
+        a, b = real_rows[0], real_rows[-1]
+        slope = (b["barrier_commit_s"] - a["barrier_commit_s"]) / (b["ranks"] - a["ranks"])
+        at_scale = b["barrier_commit_s"] + slope * (ranks - b["ranks"])
+        lines.append(
+            f"barrier + commit, real ranks: {b['barrier_commit_s']:.2f} s at {b['ranks']}, "
+            f"{slope * 1e3:.1f} ms per extra rank -> {at_scale:.1f} s at {ranks} (extrapolated)"
+        )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--real", default="2,8,16,32,64")
@@ -373,9 +431,13 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     print(table(real_rows, synth_rows))
+    print("\n1,024-GPU model (docs/SCALE.md):")
+    for line in scale_model(real_rows, synth_rows):
+        print("  " + line)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"real": real_rows, "synthetic": synth_rows}, f, indent=1)
+            json.dump({"real": real_rows, "synthetic": synth_rows,
+                       "scale": scale_model(real_rows, synth_rows)}, f, indent=1)
     if args.plot:
         plot(real_rows, synth_rows, args.plot)
     return 0
