@@ -398,12 +398,18 @@ def scale_model(real_rows: list[dict[str, Any]], synth_rows: list[dict[str, Any]
             f"{manifest_row * merged / 1e6:.1f} MB",
         ]
     if len(real_rows) >= 2:
-        a, b = real_rows[0], real_rows[-1]
-        slope = (b["barrier_commit_s"] - a["barrier_commit_s"]) / (b["ranks"] - a["ranks"])
-        at_scale = b["barrier_commit_s"] + slope * (ranks - b["ranks"])
+        xs = [r["ranks"] for r in real_rows]
+        ys = [r["barrier_commit_s"] for r in real_rows]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        b = real_rows[-1]
+        if slope > 0:
+            at_scale = f"-> {b['barrier_commit_s'] + slope * (ranks - b['ranks']):.1f} s at {ranks}"
+        else:
+            at_scale = "(no growth above the noise of this run)"
         lines.append(
             f"barrier + commit, real ranks: {b['barrier_commit_s']:.2f} s at {b['ranks']}, "
-            f"{slope * 1e3:.1f} ms per extra rank -> {at_scale:.1f} s at {ranks} (extrapolated)"
+            f"least-squares slope {slope * 1e3:.1f} ms per rank {at_scale}"
         )
     return lines
 
