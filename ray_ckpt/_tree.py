@@ -600,3 +600,47 @@ def materialize(tree: Any, resolve: Callable[[Any], Any]) -> Any:
         return node
 
     return fold(tree, visit)
+
+
+def union_trees(trees: list[str], shards: dict[int, list[int]]) -> tuple[str, list[str]]:
+    """The tree of a multi-rank checkpoint, the union of the ranks' ``trees`` (each already
+    numbered in the checkpoint's index space, given lowest rank first): dicts are merged key by
+    key; any other node is the first tree's that has it. A sharded tensor lists ``shards[i]``,
+    every shard of it. Also returns, for each of ``trees``, that tree laid over the union (its
+    own values first: what its ranks load)."""
+    nodes = [_expand(json.loads(tree), shards) for tree in trees]
+    union: Any = None
+    for node in nodes:
+        union = node if union is None else _union(union, node)
+    dump = functools.partial(json.dumps, separators=(",", ":"), allow_nan=False)
+    return dump(union), [dump(_union(node, union)) for node in nodes]
+
+
+def _expand(node: Any, shards: dict[int, list[int]]) -> Any:
+    if isinstance(node, dict):
+        if len(node) == 1 and "D" in node:
+            (index,) = node["D"]["i"]
+            return {"D": {"i": shards.get(index, [index]), "g": node["D"]["g"]}}
+        return {k: _expand(v, shards) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand(v, shards) for v in node]
+    return node
+
+
+def _union(first: Any, other: Any) -> Any:
+    """``first`` with the dict keys of ``other`` that it lacks, recursively."""
+    if not (isinstance(first, dict) and isinstance(other, dict) and len(first) == len(other) == 1):
+        return first
+    ((tag, body),) = first.items()
+    if tag not in ("d", "o") or tag not in other:
+        return first
+    pairs = [[key, value] for key, value in body]
+    where = {json.dumps(key, sort_keys=True): i for i, (key, _) in enumerate(pairs)}
+    for key, value in other[tag]:
+        i = where.get(json.dumps(key, sort_keys=True))
+        if i is None:
+            where[json.dumps(key, sort_keys=True)] = len(pairs)
+            pairs.append([key, value])
+        else:
+            pairs[i][1] = _union(pairs[i][1], value)
+    return {tag: pairs}

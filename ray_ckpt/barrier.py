@@ -1,8 +1,12 @@
 """The coordinator of a multi-rank checkpoint: one named Ray actor per checkpoint, the barrier.
 
 Every rank of a save finds it by name (``ray_ckpt.checkpoint.<hash of the path>``, created by
-whichever rank gets there first) and talks to it twice::
+whichever rank gets there first) and talks to it three times::
 
+    (each rank, at save())      assign(rank, replicated keys)     once every rank has asked: which
+                                                                  rank writes each key (the union
+                                                                  of the ranks' keys, each key
+                                                                  written once by a holder)
     (each rank, at save())      join(rank, [pending write ref])   the ref is owned by the rank's
                                                                   process: if that process dies,
                                                                   the ref fails, so does the save
@@ -10,12 +14,14 @@ whichever rank gets there first) and talks to it twice::
                                                                   returns once the save is decided
     (a failing rank's session)   fail(rank, error)
 
-It commits (manifest, then marker: :func:`ray_ckpt.commit.commit_reports`) once every one
-of the ``world_size`` ranks has arrived, and answers every ``arrive`` with the same
-:class:`~ray_ckpt.SaveResult`. It fails the save on every rank, committing nothing, as soon as
-one rank fails, a joined rank's process dies, or ``barrier_timeout_secs`` pass after the first
-rank joined; the error names the ranks that failed or never arrived. Having answered everyone, it
-exits, so a later save to the same path gets a fresh coordinator.
+Each report is merged as it arrives (:class:`ray_ckpt.commit.Merger`: the coordinator keeps
+the checkpoint's items once, not every rank's copy of them); it commits (manifest, then marker:
+:func:`ray_ckpt.commit.commit_merged`) once every one of the ``world_size`` ranks has arrived,
+and answers every ``arrive`` with the same :class:`~ray_ckpt.SaveResult`. It fails the save on
+every rank, committing nothing, as soon as one rank fails, a joined rank's process dies, or
+``barrier_timeout_secs`` pass after the first rank joined; the error names the ranks that
+failed or never arrived. Having answered everyone, it exits, so a later save to the same path
+gets a fresh coordinator.
 """
 
 from __future__ import annotations
@@ -73,7 +79,12 @@ class _CheckpointCoordinator:
         )
         self._handoff: Handoff | None = None
         self._joined: dict[int, ray.ObjectRef] = {}
-        self._reports: dict[int, Any] = {}
+        self._arrived: set[int] = set()
+        self._merger: Any = None
+        self._key_sets: dict[tuple[tuple[str, int], ...], list[int]] = {}  # keys -> ranks
+        self._assigned: dict[int, tuple[tuple[str, int], ...]] = {}
+        self._owners: dict[tuple[tuple[str, int], ...], list[int]] | None = None
+        self._assignment: asyncio.Event | None = None
         self._failures: dict[int, str] = {}
         self._decided: asyncio.Event | None = None
         self._outcome: tuple[bool, Any] | None = None
@@ -84,6 +95,7 @@ class _CheckpointCoordinator:
     def _start(self) -> None:
         if self._decided is None:
             self._decided = asyncio.Event()
+            self._assignment = asyncio.Event()
             self._first_join = time.monotonic()
             self._watchdog = asyncio.get_running_loop().create_task(self._watch())
 
@@ -91,12 +103,41 @@ class _CheckpointCoordinator:
         self._start()
         self._joined[rank] = alive[0]
 
+    async def assign(self, rank: int, keys: list[tuple[str, int]]) -> list[int]:
+        """The writing rank of each of ``keys`` (this rank's replicated tensors, as path id and
+        bytes), once every rank has sent its own: see
+        :func:`ray_ckpt.stager.assign_replica_owners`. Equal key lists are kept once."""
+        self._start()
+        assert self._assignment is not None and self._decided is not None
+        key_set = tuple(keys)
+        if rank not in self._assigned:
+            self._assigned[rank] = key_set
+            self._key_sets.setdefault(key_set, []).append(rank)
+        if len(self._assigned) == self._world_size and self._owners is None:
+            from .stager import assign_replica_owners
+
+            sets = list(self._key_sets.items())
+            owners = assign_replica_owners([(ranks, list(k)) for k, ranks in sets])
+            self._owners = {k: o for (k, _), o in zip(sets, owners)}
+            self._assigned = {r: () for r in self._assigned}  # the key sets stay once
+            self._assignment.set()
+        waiter = asyncio.ensure_future(self._assignment.wait())
+        decided = asyncio.ensure_future(self._decided.wait())
+        await asyncio.wait([waiter, decided], return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        decided.cancel()
+        if self._owners is None:
+            assert self._outcome is not None
+            raise self._outcome[1]
+        return self._owners[key_set]
+
     async def status(self) -> dict[str, Any]:
         """Which ranks have joined and arrived, and the failures so far (for operators)."""
         return {
             "world_size": self._world_size,
             "joined": sorted(self._joined),
-            "arrived": sorted(self._reports),
+            "assigned": sorted(self._assigned),
+            "arrived": sorted(self._arrived),
             "failures": dict(self._failures),
             "decided": self._outcome is not None,
         }
@@ -105,10 +146,11 @@ class _CheckpointCoordinator:
         self._start()
         self._adopt(handoff)
         assert self._decided is not None
-        if report.rank in self._reports or not 0 <= report.rank < self._world_size:
+        if report.rank in self._arrived or not 0 <= report.rank < self._world_size:
             self._failures[report.rank] = "arrived twice, or with a rank outside the world"
         else:
-            self._reports[report.rank] = report
+            self._arrived.add(report.rank)
+            self._merge(report)
         await self._maybe_decide()
         await self._decided.wait()
         return self._answer()
@@ -123,6 +165,19 @@ class _CheckpointCoordinator:
         storage = copy.copy(self._request.storage)
         storage.adopt(handoff)
         self._request = dataclasses.replace(self._request, storage=storage)
+
+    def _merge(self, report: Any) -> None:
+        """Fold ``report`` into the checkpoint's items as it arrives, so that the coordinator
+        holds each replicated item once, never every rank's copy of it."""
+        from .commit import Merger
+
+        if self._merger is None:
+            self._merger = Merger(self._request.storage)
+        try:
+            self._merger.add(report)
+        except Exception as e:
+            logger.exception("could not merge the report of rank %s", report.rank)
+            self._failures[report.rank] = f"its report could not be merged: {e!r}"
 
     async def fail(self, rank: int, error: BaseException) -> None:
         self._start()
@@ -139,13 +194,12 @@ class _CheckpointCoordinator:
                 f"multi-rank save to {self._request.storage.display} failed on every rank; "
                 f"nothing was committed. {failed}"
             ))
-        elif len(self._reports) == self._world_size:
-            from .commit import commit_reports
+        elif len(self._arrived) == self._world_size:
+            from .commit import commit_merged
 
-            reports = [self._reports[r] for r in sorted(self._reports)]
             try:
                 result = await asyncio.to_thread(
-                    commit_reports, self._request, reports, self._checkpoint_id
+                    commit_merged, self._request, self._merger, self._checkpoint_id
                 )
             except Exception as e:  # noqa: BLE001 - every rank gets this error
                 self._decide(False, e)
@@ -185,7 +239,7 @@ class _CheckpointCoordinator:
         assert self._decided is not None
         while not self._decided.is_set():
             await asyncio.sleep(_WATCH_INTERVAL_SECS)
-            waiting = {r: ref for r, ref in self._joined.items() if r not in self._reports}
+            waiting = {r: ref for r, ref in self._joined.items() if r not in self._arrived}
             if waiting:
                 ready, _ = ray.wait(list(waiting.values()), num_returns=len(waiting), timeout=0,
                                     fetch_local=False)
@@ -197,7 +251,8 @@ class _CheckpointCoordinator:
                 if gone:
                     await self._maybe_decide()
             if time.monotonic() - self._first_join > self._timeout and not self._decided.is_set():
-                absent = [r for r in range(self._world_size) if r not in self._reports]
+                reached = self._arrived if self._owners is not None else self._assigned
+                absent = [r for r in range(self._world_size) if r not in reached]
                 self._decide(False, BarrierTimeoutError(
                     f"multi-rank save to {self._request.storage.display} failed on every rank; "
                     f"nothing was committed: ranks {absent} did not reach the barrier within "
@@ -206,7 +261,7 @@ class _CheckpointCoordinator:
 
     async def _linger_and_exit(self) -> None:
         deadline = time.monotonic() + self._timeout
-        while self._answered < len(self._reports) and time.monotonic() < deadline:
+        while self._answered < len(self._arrived) and time.monotonic() < deadline:
             await asyncio.sleep(_WATCH_INTERVAL_SECS)
         await asyncio.sleep(_LINGER_SECS)
         ray.kill(ray.get_runtime_context().current_actor, no_restart=True)

@@ -6,8 +6,9 @@ checkpoint's coordinator actor (:mod:`ray_ckpt.barrier`, a multi-rank save)::
     gather        wait for every bucket's write; one error names every failed writer, node and
                   cause; nothing is committed
     report        this rank's items, extents and tree (single rank: commit them directly)
-    merge         several ranks: one index space for every rank's items (a replicated tensor
-                  or a shard box once), every disagreement collected, every tree remapped
+    merge         several ranks, each report as it arrives (:class:`Merger`): one index space
+                  for the union of the ranks' items (a replicated tensor or a shard box once),
+                  every disagreement collected, one tree, the union of the ranks' trees
     commit        manifest (durable), ``pre_commit`` hook, marker last (exclusive unless
                   overwriting: ``storage.CommitStrategy``), ``post_commit`` hook
     clean up      on failure: every file of this save; after an overwrite: the files of the
@@ -28,7 +29,7 @@ import ray
 
 from . import metrics
 from ._checksum import crc32c
-from ._tree import remap
+from ._tree import remap, union_trees
 from .coordinator import SaveRequest, SaveResult, StagingOutcome, portable_error
 from .errors import CheckpointWriteError, CorruptCheckpointError
 from .format import (
@@ -46,7 +47,7 @@ from .format import (
     without_gc,
 )
 from .futures import unwrap_ray_error
-from .sharding import overlap
+from .sharding import Box, overlap
 from .storage import Storage
 from .validate import manifest_listing_problems, marker_listing_problems, raise_first
 from .writer import ShardResult
@@ -132,14 +133,23 @@ def _through_barrier(request: SaveRequest, report: RankReport) -> SaveResult:
 def commit_reports(
     request: SaveRequest, reports: list[RankReport], checkpoint_id: str
 ) -> SaveResult:
-    """Commit the reports of every rank as checkpoint ``checkpoint_id``: manifest (durable),
-    ``pre_commit`` hook, marker (exclusive unless overwriting), ``post_commit`` hook, then the
-    files of the checkpoint this one replaced."""
+    """Commit the reports of every rank as checkpoint ``checkpoint_id`` (see
+    :func:`commit_merged`)."""
+    merger = Merger(request.storage)
+    for report in reports:
+        merger.add(report)
+    return commit_merged(request, merger, checkpoint_id)
+
+
+@without_gc
+def commit_merged(request: SaveRequest, merger: Merger, checkpoint_id: str) -> SaveResult:
+    """Commit the merged reports of every rank as checkpoint ``checkpoint_id``: manifest
+    (durable), ``pre_commit`` hook, marker (exclusive unless overwriting), ``post_commit`` hook,
+    then the files of the checkpoint this one replaced."""
     storage = request.storage
-    items, extents, trees = merge_reports(reports, storage)
+    items, extents, tree, rank_trees = merger.finish()
     replaced = _committed_files(storage) if request.overwrite else set()
-    rank_trees = trees if len(trees) > 1 else None
-    table = build_manifest(items, extents, trees[0], checkpoint_id, rank_trees)
+    table = build_manifest(items, extents, tree, checkpoint_id, rank_trees)
     raw = manifest_to_bytes(table)
     manifest = manifest_file_name(checkpoint_id)
     try:
@@ -150,9 +160,9 @@ def commit_reports(
             manifest_nbytes=len(raw),
             manifest_crc32c=crc32c(raw),
             created_unix=time.time(),
-            world_size=len(reports),
+            world_size=merger.world_size,
             total_nbytes=sum(m.nbytes for m in items),
-            metadata=min(reports, key=lambda r: r.rank).metadata,
+            metadata=merger.metadata,
         )
         if request.hook is not None:
             request.hook.pre_commit(storage.display)
@@ -172,42 +182,19 @@ def commit_reports(
         storage.delete_files(stale)
     if request.hook is not None:
         request.hook.post_commit(storage.display)
-    writers: Counter[str] = Counter()
-    for report in reports:
-        writers.update(report.writers)
     result = SaveResult(
         path=storage.display,
         checkpoint_id=checkpoint_id,
         nbytes=marker.total_nbytes,
         items=len(items),
         files=len({e.file for e in extents}) + 2,
-        stage_secs=max(r.stage_secs for r in reports),
+        stage_secs=merger.stage_secs,
         total_secs=time.time() - request.started_unix,
-        writers=dict(writers),
+        writers=dict(merger.writers),
     )
     metrics.record_commit(result.nbytes, result.total_secs)
     logger.debug("committed %s (%s)", result.path, result.checkpoint_id)
     return result
-
-
-def merge_reports(
-    reports: list[RankReport], storage: Storage
-) -> tuple[list[ItemMeta], list[Extent], list[str]]:
-    """Number every rank's items in one index space (a replicated item or a shard box once, a
-    rank-local item per rank), check that the ranks agree, and remap every rank's tree."""
-    if len(reports) == 1 and not reports[0].replicas and not reports[0].shard_items:
-        only = reports[0]  # one rank, nothing shared: its numbering is the checkpoint's
-        _check_written(only.items, only.extents, storage)
-        return only.items, only.extents, [only.tree_json]
-    merger = _Merger(storage)
-    mappings = [merger.add(report) for report in sorted(reports, key=lambda r: r.rank)]
-    merger.check()
-    shard_lists = {i: merger.shards[path] for path, ids in merger.shards.items() for i in ids}
-    trees = [
-        remap(report.tree_json, mapping, shard_lists)
-        for report, mapping in zip(sorted(reports, key=lambda r: r.rank), mappings)
-    ]
-    return merger.items, merger.extents, trees
 
 
 def _unwritten(items: list[ItemMeta], extents: list[Extent]) -> list[str]:
@@ -217,36 +204,52 @@ def _unwritten(items: list[ItemMeta], extents: list[Extent]) -> list[str]:
     return [f"key {m.key!r}: no rank wrote its bytes" for m in items if written[m.item] != m.nbytes]
 
 
-def _check_written(items: list[ItemMeta], extents: list[Extent], storage: Storage) -> None:
-    problems = _unwritten(items, extents)
-    if problems:
-        raise CheckpointWriteError(
-            f"save to {storage.display} failed; nothing was committed: "
-            + "; ".join(problems[:20])
-        )
-
-
-class _Merger:
-    """Builds the checkpoint's item list from the ranks' reports; collects every disagreement."""
+class Merger:
+    """Builds a checkpoint's item list from the ranks' reports, one report at a time, in any
+    order; collects every disagreement. The checkpoint is the union of the ranks' keys: a
+    replicated item (held by one rank or several) or a shard box is numbered once, however
+    many ranks hold it; a rank-local item once per rank. What it keeps is proportional to the
+    checkpoint's items (and, for trees, to the distinct ones), not to ranks x items."""
 
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
-        self.items: list[ItemMeta] = []
-        self.extents: list[Extent] = []
+        self.items: list[ItemMeta] = PackedRows()
+        self.extents: list[Extent] = PackedRows()
         self.problems: list[str] = []
-        self.replicated: dict[str, tuple[int, ItemMeta, int, int | None]] = {}
-        self.boxes: dict[tuple[str, tuple[int, ...]], tuple[int, ItemMeta, int]] = {}
+        self.replicated: dict[str, tuple[int, int, int | None]] = {}  # path -> index, rank, crc
+        self.boxes: dict[tuple[str, tuple[int, ...]], tuple[int, int]] = {}  # -> index, rank
         self.shards: dict[str, list[int]] = {}
-        self.replica_paths: dict[int, set[str]] = {}
+        self.trees: dict[str, int] = {}  # distinct tree (in the checkpoint's numbering) -> id
+        self.rank_trees: dict[int, int] = {}  # rank -> tree id
+        self.world_size = 0
+        self.metadata: dict[str, Any] = {}
+        self.stage_secs = 0.0
+        self.writers: Counter[str] = Counter()
+        self._single: RankReport | None = None
+        self._metadata_rank: int | None = None
+        self._remapped: dict[str, tuple[dict[int, int], int]] = {}  # last remap of each tree
 
     def _new(self, meta: ItemMeta, **changes: Any) -> int:
         index = len(self.items)
         self.items.append(meta._replace(item=index, **changes))
         return index
 
-    def add(self, report: RankReport) -> dict[int, int]:
+    def add(self, report: RankReport) -> None:
+        if self.world_size == 0 and not report.replicas and not report.shard_items:
+            self._single = report  # alone, nothing shared: its numbering is the checkpoint's
+        else:
+            if self._single is not None:
+                self._add(self._single)
+                self._single = None
+            self._add(report)
+        self.world_size += 1
+        self.writers.update(report.writers)
+        self.stage_secs = max(self.stage_secs, report.stage_secs)
+        if self._metadata_rank is None or report.rank < self._metadata_rank:
+            self.metadata, self._metadata_rank = report.metadata, report.rank
+
+    def _add(self, report: RankReport) -> None:
         mapping: dict[int, int] = {}
-        self.replica_paths[report.rank] = {p for p, _, _ in report.replicas.values()}
         for meta in report.items:
             if meta.item in report.shard_items:
                 box = report.shard_items[meta.item][0]
@@ -255,17 +258,34 @@ class _Merger:
                 mapping[meta.item] = self._replica(meta, report.replicas[meta.item], report.rank)
             else:
                 mapping[meta.item] = self._new(meta)
-        self.extents += [e._replace(item=mapping[e.item]) for e in report.extents]
-        return mapping
+        self.extents.extend(e._replace(item=mapping[e.item]) for e in report.extents)
+        # in the tree a sharded tensor names its first box, whichever box this rank holds, so
+        # that ranks holding the same keys have the same tree, kept once
+        for item, (path, _) in report.shard_items.items():
+            mapping[item] = self.shards[path][0]
+        self.rank_trees[report.rank] = self._tree_id(report.tree_json, mapping)
+
+    def _tree_id(self, tree_json: str, mapping: dict[int, int]) -> int:
+        """The id of ``tree_json`` renumbered by ``mapping``, among the distinct trees. Ranks
+        with the same tree and numbering (DDP, the ranks of a stage) reuse the last remap:
+        comparing two mappings costs far less than remapping."""
+        known = self._remapped.get(tree_json)
+        if known is not None and known[0] == mapping:
+            return known[1]
+        tree = remap(tree_json, mapping)
+        tree_id = self.trees.setdefault(tree, len(self.trees))
+        self._remapped[tree_json] = (mapping, tree_id)
+        return tree_id
 
     def _replica(self, meta: ItemMeta, replica: tuple[str, int, int | None], rank: int) -> int:
         path, _, crc = replica
         known = self.replicated.get(path)
         if known is None:
             index = self._new(meta, replicated=True)
-            self.replicated[path] = (index, meta, rank, crc)
+            self.replicated[path] = (index, rank, crc)
             return index
-        index, first, first_rank, first_crc = known
+        index, first_rank, first_crc = known
+        first = self.items[index]
         if (first.dtype, first.shape) != (meta.dtype, meta.shape):
             self.problems.append(
                 f"key {meta.key!r} is {first.dtype} {list(first.shape or ())} on rank "
@@ -282,10 +302,11 @@ class _Merger:
         known = self.boxes.get((path, meta.global_offset))
         if known is None:
             index = self._new(meta)
-            self.boxes[(path, meta.global_offset)] = (index, meta, rank)
+            self.boxes[(path, meta.global_offset)] = (index, rank)
             self.shards.setdefault(path, []).append(index)
             return index
-        index, first, first_rank = known
+        index, first_rank = known
+        first = self.items[index]
         layout = (meta.dtype, meta.shape, meta.global_shape)
         if (first.dtype, first.shape, first.global_shape) != layout:
             self.problems.append(
@@ -296,43 +317,79 @@ class _Merger:
             )
         return index
 
-    def check(self) -> None:
-        for path, (_, meta, _, _) in self.replicated.items():
-            missing = [r for r, paths in self.replica_paths.items() if path not in paths]
-            if missing:
-                self.problems.append(f"key {meta.key!r} is missing on ranks {missing}")
+    def finish(self) -> tuple[list[ItemMeta], list[Extent], str, list[str] | None]:
+        """Check what the ranks saved and return the checkpoint's items, extents, tree (the
+        union of the ranks' trees) and, where ranks would load differently from the union
+        (rank-local keys, per-rank values), every rank's tree."""
+        if self._single is not None:  # one rank, nothing shared
+            only = self._single
+            self._raise_if(_unwritten(only.items, only.extents))
+            return only.items, only.extents, only.tree_json, None
         for indices in self.shards.values():
             self._check_tiling([self.items[i] for i in indices])
-        self.problems += _unwritten(self.items, self.extents)
-        if self.problems:
+        self._raise_if(self.problems + _unwritten(self.items, self.extents))
+        shard_lists = {ids[0]: ids for ids in self.shards.values()}
+        first_rank: dict[int, int] = {}
+        for rank in sorted(self.rank_trees):
+            first_rank.setdefault(self.rank_trees[rank], rank)
+        by_rank = sorted(self.trees, key=lambda t: first_rank[self.trees[t]])
+        union, over = union_trees(by_rank, shard_lists)
+        if len(self.rank_trees) == 1 or all(t == union for t in over):
+            return self.items, self.extents, union, None
+        tree_of = {self.trees[t]: o for t, o in zip(by_rank, over)}
+        return self.items, self.extents, union, [
+            tree_of[self.rank_trees[r]] for r in range(max(self.rank_trees) + 1)
+        ]
+
+    def _raise_if(self, problems: list[str]) -> None:
+        if problems:
             raise CheckpointWriteError(
                 f"save to {self.storage.display} failed; nothing was committed. The ranks "
-                "disagree on what they saved:\n  " + "\n  ".join(self.problems[:20])
-                + "\nReplicated tensors must be equal on every rank; mark per-rank tensors "
-                "with CheckpointStagerConfig(rank_local_keys=(...))."
+                "disagree on what they saved:\n  " + "\n  ".join(problems[:20])
+                + "\nReplicated tensors must be equal on every rank that holds them; mark "
+                "per-rank tensors with CheckpointStagerConfig(rank_local_keys=(...))."
             )
 
     def _check_tiling(self, shards: list[ItemMeta]) -> None:
-        """The shards of one tensor must agree on it and cover it exactly once."""
+        """The shards of one tensor must agree on it and cover it exactly once. Overlaps are
+        found by a sweep along the dimension the boxes are split most along: O(n log n) for
+        the usual layouts (row, column or grid shards), where all pairs would be O(n^2)."""
         first = shards[0]
         if any((m.dtype, m.global_shape) != (first.dtype, first.global_shape) for m in shards):
             self.problems.append(f"key {first.key!r}: its shards disagree on dtype or global shape")
             return
         total = math.prod(first.global_shape or ())
         covered = sum(math.prod(m.shape or ()) for m in shards)
-        boxes = [(m.global_offset or (), m.shape or ()) for m in shards]
-        for i, a in enumerate(boxes):
-            for b in boxes[i + 1 :]:
-                if math.prod(a[1]) and math.prod(b[1]) and overlap(a, b) is not None:
-                    self.problems.append(
-                        f"key {first.key!r}: shards at {list(a[0])} and {list(b[0])} overlap"
-                    )
-                    return
-        if covered != total:
+        boxes = [(m.global_offset or (), m.shape or ()) for m in shards if math.prod(m.shape or ())]
+        clash = _first_overlap(boxes)
+        if clash is not None:
+            a, b = clash
+            self.problems.append(
+                f"key {first.key!r}: shards at {list(a[0])} and {list(b[0])} overlap"
+            )
+        elif covered != total:
             self.problems.append(
                 f"key {first.key!r}: its shards cover {covered} of the {total} elements of "
                 f"{list(first.global_shape or ())}"
             )
+
+
+def _first_overlap(boxes: list[Box]) -> tuple[Box, Box] | None:
+    """Two boxes that overlap, or None: a sweep along the dimension with the most distinct
+    offsets, comparing each box only with those still open along it."""
+    if len(boxes) < 2 or not boxes[0][0]:
+        return None if len(boxes) < 2 else (boxes[0], boxes[1])
+    dims = len(boxes[0][0])
+    axis = max(range(dims), key=lambda d: len({offset[d] for offset, _ in boxes}))
+    open_boxes: list[Box] = []
+    for box in sorted(boxes, key=lambda b: b[0][axis]):
+        start = box[0][axis]
+        open_boxes = [o for o in open_boxes if o[0][axis] + o[1][axis] > start]
+        for other in open_boxes:
+            if overlap(other, box) is not None:
+                return other, box
+        open_boxes.append(box)
+    return None
 
 
 def gather_shards(

@@ -175,6 +175,7 @@ class Coordinator:
                 rank=self._rank_info.global_rank,
                 world_size=self._rank_info.global_world_size,
                 allow_pickle=allow_pickle,
+                assign_replicas=None if barrier is None else self._assigner(barrier),
             )
         except BaseException as e:
             if barrier is not None:  # fail the save on every rank now, not at the timeout
@@ -241,6 +242,20 @@ class Coordinator:
             fsync=self._config.writer_config.fsync,
             barrier_timeout_secs=self._config.writer_config.barrier_timeout_secs,
         )
+
+    def _assigner(self, barrier: Any) -> Callable[[list[tuple[str, int]]], list[int]]:
+        """Asks the checkpoint's coordinator which rank writes each replicated key; it answers
+        once every rank has asked (the union of the ranks' keys), or raises the save's error."""
+        rank = self._rank_info.global_rank
+        timeout = self._config.writer_config.barrier_timeout_secs + 60
+
+        def assign(keys: list[tuple[str, int]]) -> list[int]:
+            try:
+                return list(ray.get(barrier.assign.remote(rank, keys), timeout=timeout))
+            except Exception as e:  # noqa: BLE001 - the coordinator's own error, unwrapped
+                raise unwrap_ray_error(e) from None
+
+        return assign
 
     def _stage_all(
         self,

@@ -28,9 +28,10 @@ bucket and every save, and freed by :meth:`DefaultStager.close`.
 from __future__ import annotations
 
 import abc
+import heapq
 import logging
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -139,6 +140,46 @@ class StagingPlan:
         return sum(m.nbytes for m in self.items)
 
 
+# A multi-rank save's replica assignment: given this rank's replicated candidates, as
+# (path id, bytes), the writing rank of each (asked of the checkpoint's coordinator actor, which
+# answers once every rank has asked: see :func:`assign_replica_owners`).
+AssignReplicas = Callable[[list[tuple[str, int]]], list[int]]
+
+
+def assign_replica_owners(
+    key_sets: list[tuple[list[int], list[tuple[str, int]]]],
+) -> list[list[int]]:
+    """Which rank writes each replicated key of a multi-rank save: the checkpoint is the union
+    of the ranks' keys, so a key is written once, by one of the ranks that hold it.
+
+    ``key_sets`` holds each distinct candidate list (path id, bytes) with the ranks that sent
+    it (DDP: one list for every rank; pipeline stages: one per stage). Largest key first, each
+    to the least loaded of its holders (ties: lowest rank). Returns, per key set, the owner of
+    each of its keys. Cost: O(keys x log ranks) plus O(ranks) per distinct holder group, never
+    ranks x keys: the memory is proportional to the distinct key sets, not to the ranks."""
+    holders: dict[str, tuple[int, list[int]]] = {}
+    for set_id, (_, candidates) in enumerate(key_sets):
+        for path, nbytes in candidates:
+            holders.setdefault(path, (nbytes, []))[1].append(set_id)
+    loads: dict[int, int] = {}
+    heaps: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+    owners: dict[str, int] = {}
+    for path, (nbytes, set_ids) in sorted(holders.items(), key=lambda kv: (-kv[1][0], kv[0])):
+        group = tuple(set_ids)
+        heap = heaps.get(group)
+        if heap is None:
+            ranks = sorted({r for s in group for r in key_sets[s][0]})
+            heap = heaps[group] = [(loads.get(r, 0), r) for r in ranks]
+            heapq.heapify(heap)
+        while heap[0][0] != loads.get(heap[0][1], 0):  # stale: loaded through another group
+            heapq.heapreplace(heap, (loads.get(heap[0][1], 0), heap[0][1]))
+        owner = heap[0][1]
+        loads[owner] = loads.get(owner, 0) + nbytes
+        heapq.heapreplace(heap, (loads[owner], owner))
+        owners[path] = owner
+    return [[owners[path] for path, _ in candidates] for _, candidates in key_sets]
+
+
 class CheckpointStager(abc.ABC):
     """Copies state out of the caller's memory; see the module docstring for the call order."""
 
@@ -151,10 +192,13 @@ class CheckpointStager(abc.ABC):
         rank: int = 0,
         world_size: int = 1,
         allow_pickle: bool = False,
+        assign_replicas: AssignReplicas | None = None,
     ) -> StagingPlan:
         """Flatten and validate ``state_dict`` and lay out its buckets. Copies nothing.
 
-        With ``world_size > 1``, replicated tensors owned by other ranks get no bucket."""
+        With ``world_size > 1``, replicated tensors owned by other ranks get no bucket; their
+        owners come from ``assign_replicas`` (the union of every rank's keys), or, without it,
+        from the assumption that every rank holds the same keys."""
 
     @abc.abstractmethod
     def stage(self, plan: StagingPlan, buckets: Sequence[int]) -> ray.ObjectRef:
@@ -186,6 +230,7 @@ class DefaultStager(CheckpointStager):
         rank: int = 0,
         world_size: int = 1,
         allow_pickle: bool = False,
+        assign_replicas: AssignReplicas | None = None,
     ) -> StagingPlan:
         tree_json, leaves = flatten(state_dict, allow_pickle=allow_pickle)
         items: list[ItemMeta] = PackedRows()
@@ -196,7 +241,7 @@ class DefaultStager(CheckpointStager):
             items.append(meta)
             host_bytes.append(raw)
             on_cuda = on_cuda or (isinstance(raw, torch.Tensor) and raw.device.type == "cuda")
-        replicas = self._replicas(leaves, items, world_size)
+        replicas = self._replicas(leaves, items, world_size, assign_replicas)
         shard_owners = {
             leaf.index: leaf.shard.owner(leaf.path_id, rank)
             for leaf in leaves
@@ -229,12 +274,15 @@ class DefaultStager(CheckpointStager):
         )
 
     def _replicas(
-        self, leaves: list[Leaf], items: list[ItemMeta], world_size: int
+        self,
+        leaves: list[Leaf],
+        items: list[ItemMeta],
+        world_size: int,
+        assign: AssignReplicas | None,
     ) -> dict[int, Replica]:
-        """Which tensors are replicated across ranks, and which rank writes each.
-
-        Every rank computes the same answer from the same keys and sizes without talking to
-        the others: largest first, each to the least loaded rank (ties: lowest rank)."""
+        """Which tensors are replicated across ranks (every tensor that is neither sharded nor
+        rank-local: held by one rank or by several, written once), and which rank writes each
+        (:func:`assign_replica_owners`, through ``assign``)."""
         if world_size <= 1:
             return {}
         prefixes = self._config.rank_local_keys
@@ -245,13 +293,15 @@ class DefaultStager(CheckpointStager):
             and leaf.shard is None
             and not _under_any(leaf.key, prefixes)
         ]
-        loads = [0] * world_size
-        replicas: dict[int, Replica] = {}
-        for leaf, meta in sorted(candidates, key=lambda lm: (-lm[1].nbytes, lm[0].path_id)):
-            owner = min(range(world_size), key=lambda r: (loads[r], r))
-            loads[owner] += meta.nbytes
-            replicas[meta.item] = Replica(leaf.path_id, owner)
-        return replicas
+        keys = [(leaf.path_id, meta.nbytes) for leaf, meta in candidates]
+        if assign is None:
+            owners = assign_replica_owners([(list(range(world_size)), keys)])[0]
+        else:
+            owners = assign(keys)
+        return {
+            meta.item: Replica(leaf.path_id, owner)
+            for (leaf, meta), owner in zip(candidates, owners)
+        }
 
     def _layout(self, items: list[ItemMeta]) -> list[list[_Source]]:
         """Assign every item's bytes to arrays and arrays to buckets of ``bucket_size_bytes``.

@@ -58,6 +58,11 @@ CLUSTERS: dict[str, dict[str, Any]] = {
             {"num_cpus": 1, "object_store_memory": 400 * MiB, "resources": {"worker2": 1}},
         ],
     },
+    # 4 nodes with small stores, for many rank actors (num_cpus=0) with small states
+    "four_nodes": {
+        "head": {"num_cpus": 2, "object_store_memory": 256 * MiB},
+        "workers": [{"num_cpus": 1, "object_store_memory": 128 * MiB} for _ in range(3)],
+    },
 }
 
 
