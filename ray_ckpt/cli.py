@@ -24,23 +24,16 @@ import textwrap
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from .catalog import CheckpointEntry, list_checkpoints
 from .errors import CheckpointError
-from .storage import Storage
-from .tools import (
-    CheckpointSummary,
-    DiffReport,
-    LeafSummary,
-    VerifyReport,
-    diff_checkpoints,
-    export_checkpoint,
-    import_checkpoint,
-    inspect_checkpoint,
-    verify,
-)
-from .tools.export import DEFAULT_MAX_SHARD_BYTES
+
+if TYPE_CHECKING:
+    from .catalog import CheckpointEntry
+    from .tools import CheckpointSummary, DiffReport, LeafSummary, VerifyReport
+
+# Each command imports what it needs when it runs: torch and Ray take seconds to import, and
+# --help, ls and inspect need neither (benchmarks/cli_latency.py measures it).
 
 logger = logging.getLogger("ray_ckpt.cli")
 
@@ -168,6 +161,8 @@ def _say(args: argparse.Namespace, text: str) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from .tools import inspect_checkpoint
+
     summary = inspect_checkpoint(args.path, rank=args.rank)
     if args.json:
         _print_json(summary.to_dict(), sys.stdout)
@@ -212,6 +207,8 @@ def _leaf_row(leaf: LeafSummary, sharded: bool) -> list[str]:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from .tools import verify
+
     bar = _progress(args)
     report = verify(args.path, progress=bar, chunk_bytes=args.chunk_size)
     if args.json:
@@ -243,6 +240,9 @@ def print_problems(report: VerifyReport, out: TextIO) -> None:
 
 
 def _ls(args: argparse.Namespace) -> int:
+    from .catalog import list_checkpoints
+    from .storage import Storage
+
     root = Storage.from_path(args.root)
     if not root.exists():
         raise CheckpointError(f"no such directory: {root.display}")
@@ -273,6 +273,8 @@ def _entry_doc(entry: CheckpointEntry) -> dict[str, Any]:
 
 
 def _diff(args: argparse.Namespace) -> int:
+    from .tools import diff_checkpoints
+
     report = diff_checkpoints(args.a, args.b, rank=args.rank, progress=_progress(args))
     if args.json:
         _print_json(report.to_dict(), sys.stdout)
@@ -305,8 +307,12 @@ def print_diff(report: DiffReport, out: TextIO) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from .tools import export_checkpoint
+    from .tools.export import DEFAULT_MAX_SHARD_BYTES
+
     result = export_checkpoint(
-        args.path, args.out, to=args.to, only=args.only, max_shard_bytes=args.max_shard_size,
+        args.path, args.out, to=args.to, only=args.only,
+        max_shard_bytes=args.max_shard_size or DEFAULT_MAX_SHARD_BYTES,
         allow_pickle=args.allow_pickle, overwrite=args.overwrite, rank=args.rank,
         progress=_progress(args),
     )
@@ -326,6 +332,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
+    from .tools import import_checkpoint
+
     result = import_checkpoint(
         args.src, args.dest, under=args.under, overwrite=args.overwrite,
         allow_pickle=args.allow_pickle,
@@ -466,8 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch: the file to write; safetensors: the directory to write into")
     p.add_argument("--only", metavar="KEY",
                    help="export only the dict under this dotted key, prefix stripped (e.g. model)")
-    p.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES,
-                   metavar="SIZE", help="safetensors: largest shard (default 5GB)")
+    p.add_argument("--max-shard-size", type=parse_size, default=None, metavar="SIZE",
+                   help="safetensors: largest shard (default 5GB)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="torch: export pickled objects too (unpickles them: trusted files only)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export")
