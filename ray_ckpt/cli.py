@@ -388,7 +388,7 @@ def _export(args: argparse.Namespace) -> int:
     from .tools.export import DEFAULT_MAX_SHARD_BYTES
 
     result = export_checkpoint(
-        args.path, args.out, to=args.to, only=args.only,
+        args.path, args.out, to=args.to, only=args.only, strip_prefix=args.strip_prefix,
         max_shard_bytes=args.max_shard_size or DEFAULT_MAX_SHARD_BYTES,
         allow_pickle=args.allow_pickle, overwrite=args.overwrite, rank=args.rank,
         progress=_progress(args),
@@ -566,13 +566,18 @@ def build_parser() -> argparse.ArgumentParser:
                  "Hugging Face layout); non-tensor values are skipped. Sharded tensors are "
                  "consolidated into one full tensor each.",
                  "  ray-ckpt export /tmp/run/step-100 --to torch model.pt\n"
-                 "  ray-ckpt export /tmp/run/step-100 --to safetensors --only model hf-model/\n")
+                 "  ray-ckpt export /tmp/run/step-100 --to safetensors --only model hf-model/\n"
+                 "  ray-ckpt export DDP_CKPT --to safetensors --only model --strip-prefix module. "
+                 "out/\n")
     p.add_argument("path", metavar="PATH", help="checkpoint directory")
     p.add_argument("--to", required=True, choices=("torch", "safetensors"), help="format")
     p.add_argument("out", metavar="OUT",
                    help="torch: the file to write; safetensors: the directory to write into")
     p.add_argument("--only", metavar="KEY",
                    help="export only the dict under this dotted key, prefix stripped (e.g. model)")
+    p.add_argument("--strip-prefix", metavar="PREFIX",
+                   help="remove PREFIX from the exported keys that start with it (e.g. module. "
+                   "for a DDP model: module.0.weight -> 0.weight)")
     p.add_argument("--max-shard-size", type=parse_size, default=None, metavar="SIZE",
                    help="safetensors: largest shard (default 5GB)")
     p.add_argument("--allow-pickle", action="store_true",
