@@ -193,7 +193,9 @@ def _decide(
     c: RunCheckpoint, listing: RunListing, newest: RunCheckpoint | None,
     unregistered: bool, min_age_secs: float, now: float,
 ) -> CleanDecision:
-    age = now - max(c.entry.modified_unix, c.entry.created_unix or 0.0)
+    # a committed checkpoint's age is its commit time's (the marker's, not its files' mtimes,
+    # which a copy resets); an incomplete one's is its newest file's
+    age = now - (c.entry.created_unix or c.entry.modified_unix)
     young = age < min_age_secs
     if not c.entry.committed:
         if young:
