@@ -310,6 +310,30 @@ def test_example_fails_once_resumes_and_keeps_the_best(cluster, tmp_path, monkey
         assert Path(path).name < failed_at, f"{path} is not from the first attempt"
 
 
+def test_example_starts_ray_as_users_do(monkeypatch, tmp_path):
+    """Without a running Ray the example starts one with its dashboard: Ray Train's
+    controller queries it, and without it logs "Failed to query Ray Train Controller actor
+    state" every second (a third of the example's log). Only how ray.init is called is
+    checked here; the runs above are real."""
+    path = Path(__file__).resolve().parents[1] / "examples" / "ray_train_example.py"
+    spec = importlib.util.spec_from_file_location("ray_train_example_init", path)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    calls: list[dict[str, Any]] = []
+
+    def init(**kwargs: Any) -> None:
+        calls.append(kwargs)
+        raise KeyboardInterrupt  # stop before training
+
+    monkeypatch.setattr(example.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(example.ray, "init", init)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        example.main(["--storage-path", str(tmp_path)])
+    assert calls == [{"address": "local"}]
+
+
 def test_upload_mode_is_sync_or_async():
     assert ray_ckpt.train._upload_mode("async") is ray.train.CheckpointUploadMode.ASYNC
     assert ray_ckpt.train._upload_mode(ray.train.CheckpointUploadMode.SYNC).value == "SYNC"
