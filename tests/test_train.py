@@ -484,7 +484,7 @@ def test_export_strips_ddps_module_prefix(reference, tmp_path):
     plain = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
     plain.load_state_dict(exported, strict=True)
     saved = _load(result.checkpoint.path)["model"]
-    assert_same({f"module.{k}": v for k, v in exported.items()}, saved)
+    assert_same({f"module.{k}": v for k, v in exported.items()}, dict(saved))
     rc, _, err = _cli("export", result.checkpoint.path, "--to", "torch", str(tmp_path / "x.pt"),
                       "--only", "model", "--strip-prefix", "encoder.")
     assert rc == 1 and "no key starts with 'encoder.'" in err
