@@ -146,10 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
     if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()
-        else:
-            ray.init(address="local", include_dashboard=False)
+        # as users start Ray: the cluster in RAY_ADDRESS, else a new local one (with its
+        # dashboard: Ray Train's controller queries it, and logs a warning a second without)
+        ray.init(address=None if os.environ.get("RAY_ADDRESS") else "local")
     result = run(args)
     if result.error is not None:
         raise result.error

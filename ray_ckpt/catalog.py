@@ -25,7 +25,7 @@ from .format import MARKER_NAME, is_own_file
 from .reader import read_marker
 from .storage import Storage
 
-_STEP_RE = re.compile(r"(\d+)(?!.*\d)")
+_STEP_RE = re.compile(r"^[^\d]*?(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,9 @@ class CheckpointEntry:
 
 
 def step_of(name: str) -> int | None:
-    """The step number in a directory name: its last run of digits (``step-000100`` -> 100)."""
+    """The step number in a directory name that ends in its only run of digits (``step-000100``
+    -> 100, ``checkpoint_000003`` -> 3); None for any other name, so that a timestamp
+    (``checkpoint_2026-12-01_04-27-16.045096``) is never read as a step."""
     match = _STEP_RE.search(name)
     return int(match.group(1)) if match else None
 

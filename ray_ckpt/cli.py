@@ -18,30 +18,25 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 import textwrap
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from .catalog import CheckpointEntry, list_checkpoints
 from .credentials import redact
 from .errors import CheckpointError
-from .storage import Storage
-from .tools import (
-    CheckpointSummary,
-    DiffReport,
-    LeafSummary,
-    VerifyReport,
-    diff_checkpoints,
-    export_checkpoint,
-    import_checkpoint,
-    inspect_checkpoint,
-    verify,
-)
-from .tools.export import DEFAULT_MAX_SHARD_BYTES
+
+if TYPE_CHECKING:
+    from .catalog import CheckpointEntry
+    from .runs import RunCheckpoint, RunListing
+    from .tools import CheckpointSummary, DiffReport, LeafSummary, VerifyReport
+
+# Each command imports what it needs when it runs: torch and Ray take seconds to import, and
+# --help, ls and inspect need neither (benchmarks/cli_latency.py measures it).
 
 logger = logging.getLogger("ray_ckpt.cli")
 
@@ -182,6 +177,8 @@ def _say(args: argparse.Namespace, text: str) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from .tools import inspect_checkpoint
+
     summary = inspect_checkpoint(args.path, rank=args.rank)
     if args.json:
         _print_json(summary.to_dict(), sys.stdout)
@@ -226,6 +223,8 @@ def _leaf_row(leaf: LeafSummary, sharded: bool) -> list[str]:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from .tools import verify
+
     bar = _progress(args)
     report = verify(args.path, progress=bar, chunk_bytes=args.chunk_size)
     if args.json:
@@ -257,27 +256,26 @@ def print_problems(report: VerifyReport, out: TextIO) -> None:
 
 
 def _ls(args: argparse.Namespace) -> int:
+    from .runs import list_run
+    from .storage import Storage
+
     root = Storage.from_path(args.root)
     if not root.exists():
         raise CheckpointError(f"no such directory: {root.display}")
-    entries = list_checkpoints(args.root)
-    if args.json:
-        _print_json([_entry_doc(e) for e in entries], sys.stdout)
-        return EXIT_OK
-    if not entries:
+    listing = list_run(args.root)
+    if args.json:  # a list of checkpoints, as before; the roots below go to stderr
+        _print_json(_listing_doc(listing), sys.stdout)
+        if listing.roots:
+            print_roots(listing, sys.stderr)
+    elif listing.checkpoints:
+        print_listing(listing, sys.stdout)
+    elif listing.roots:
+        print_roots(listing, sys.stdout)
+    else:
         _say(args, f"no checkpoints under {root.display}")
-        return EXIT_OK
-    rows = [["NAME", "STEP", "STATE", "SIZE", "COMMITTED AT"]]
-    rows += [
-        [e.name, "-" if e.step is None else str(e.step),
-         _state(e), human_bytes(e.nbytes),
-         _when(e.created_unix)]
-        for e in entries
-    ]
-    _table(rows, sys.stdout, right=(1, 3))
-    for e in entries:
-        if e.problem is not None:
-            _say(args, f"{e.name}: bad: {e.problem}")
+    for c in listing.checkpoints:
+        if c.entry.problem is not None:
+            _say(args, f"{c.entry.name}: bad: {c.entry.problem}")
     return EXIT_OK
 
 
@@ -285,6 +283,55 @@ def _state(entry: CheckpointEntry) -> str:
     if entry.problem is not None:
         return "bad"
     return "committed" if entry.committed else "incomplete"
+
+
+def print_listing(listing: RunListing, out: TextIO) -> None:
+    """The checkpoints of one root, oldest step first; on a Ray Train run, whether Ray Train
+    registered each, and a line on what that means."""
+    train = listing.ray_train
+    rows = [["NAME", "STEP", "STATE", *(["RAY TRAIN"] if train else []), "SIZE", "COMMITTED AT"]]
+    for c in listing.checkpoints:
+        e = c.entry
+        rows.append([
+            e.name, "-" if c.step is None else str(c.step),
+            _state(e),
+            *([_registration(c, listing)] if train else []),
+            human_bytes(e.nbytes), _when(e.created_unix),
+        ])
+    _table(rows, out, right=(1, 4 if train else 3))
+    if train:
+        unregistered = [c for c in listing.checkpoints if c.entry.committed and not c.registered]
+        print(f"Ray Train run: {sum(bool(c.registered) for c in listing.checkpoints)} registered "
+              f"checkpoint(s), resumes from {listing.ray_train_latest or 'none'}", file=out)
+        if unregistered:
+            print(f"{len(unregistered)} committed but never registered (a save that finished "
+                  "after its run attempt failed; Ray Train will not delete it): "
+                  "`ray-ckpt clean --unregistered` removes those it may", file=out)
+    elif any(c.entry.name.startswith("checkpoint_") for c in listing.checkpoints):
+        print("no Ray Train checkpoint_manager_snapshot.json here: whether Ray Train "
+              "registered these checkpoints cannot be known", file=sys.stderr)
+
+
+def _registration(c: RunCheckpoint, listing: RunListing) -> str:
+    if c.entry.name == listing.ray_train_latest:
+        return "latest"
+    return "registered" if c.registered else "no" if c.entry.committed else "-"
+
+
+def print_roots(listing: RunListing, out: TextIO) -> None:
+    print(f"{listing.root} holds no checkpoints itself; it holds {len(listing.roots)} "
+          "root(s) of checkpoints (`ray-ckpt ls` one of them):", file=out)
+    _table([["ROOT", "CHECKPOINTS"], *[[n, str(k)] for n, k in listing.roots]], out, right=(1,))
+
+
+def _listing_doc(listing: RunListing) -> list[dict[str, Any]]:
+    """One object per checkpoint; ``registered`` is null where it cannot be known (not a Ray
+    Train run), ``ray_train_latest`` true for the one Ray Train resumes from."""
+    return [
+        {**_entry_doc(c.entry), "step": c.step, "saved_step": c.saved_step,
+         "registered": c.registered, "ray_train_latest": c.entry.name == listing.ray_train_latest}
+        for c in listing.checkpoints
+    ]
 
 
 def _entry_doc(entry: CheckpointEntry) -> dict[str, Any]:
@@ -296,7 +343,39 @@ def _entry_doc(entry: CheckpointEntry) -> dict[str, Any]:
     }
 
 
+def _clean(args: argparse.Namespace) -> int:
+    from .runs import clean
+    from .storage import Storage
+
+    root = Storage.from_path(args.root)
+    if not root.exists():
+        raise CheckpointError(f"no such directory: {root.display}")
+    decisions = clean(args.root, unregistered=args.unregistered, dry_run=not args.yes,
+                      min_age_secs=args.min_age)
+    if args.json:
+        _print_json([{"name": d.checkpoint.entry.name, "delete": d.delete, "reason": d.reason}
+                     for d in decisions], sys.stdout)
+        return EXIT_OK
+    verb = "delete" if args.yes else "would delete"
+    rows = [["NAME", "STEP", "ACTION", "WHY"]]
+    rows += [[d.checkpoint.entry.name, "-" if d.checkpoint.step is None else
+              str(d.checkpoint.step), verb if d.delete else "keep", d.reason]
+             for d in decisions]
+    if decisions:
+        _table(rows, sys.stdout, right=(1,))
+    count = sum(d.delete for d in decisions)
+    if not args.yes and count:
+        _say(args, f"dry run: nothing deleted; `ray-ckpt clean {args.root} "
+             f"{'--unregistered ' if args.unregistered else ''}--yes` deletes {count}")
+    elif not args.quiet:
+        print(f"{'deleted' if args.yes else 'nothing to delete:'} {count} checkpoint(s)"
+              if count else f"nothing to delete under {root.display}", file=sys.stderr)
+    return EXIT_OK
+
+
 def _diff(args: argparse.Namespace) -> int:
+    from .tools import diff_checkpoints
+
     report = diff_checkpoints(args.a, args.b, rank=args.rank, progress=_progress(args))
     if args.json:
         _print_json(report.to_dict(), sys.stdout)
@@ -329,8 +408,12 @@ def print_diff(report: DiffReport, out: TextIO) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from .tools import export_checkpoint
+    from .tools.export import DEFAULT_MAX_SHARD_BYTES
+
     result = export_checkpoint(
-        args.path, args.out, to=args.to, only=args.only, max_shard_bytes=args.max_shard_size,
+        args.path, args.out, to=args.to, only=args.only, strip_prefix=args.strip_prefix,
+        max_shard_bytes=args.max_shard_size or DEFAULT_MAX_SHARD_BYTES,
         allow_pickle=args.allow_pickle, overwrite=args.overwrite, rank=args.rank,
         progress=_progress(args),
     )
@@ -350,6 +433,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
+    from .tools import import_checkpoint
+
     result = import_checkpoint(
         args.src, args.dest, under=args.under, overwrite=args.overwrite,
         allow_pickle=args.allow_pickle,
@@ -451,12 +536,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read buffer (default 16MiB)")
 
     p = _command(sub, common, "ls", _ls,
-                 "checkpoints under a root: step, state, size, commit time",
+                 "checkpoints under a root: step, state, size, commit time, Ray Train's view",
                  "List every checkpoint directory directly under ROOT, committed or not "
-                 "(an incomplete one is a save that never finished), sorted by step.",
+                 "(an incomplete one is a save that never finished), ordered by the step the "
+                 "state saved (its top-level 'step'; else a step-N directory name; else the "
+                 "commit time). On a Ray Train run directory, also whether Ray Train "
+                 "registered each (from its checkpoint_manager_snapshot.json). On a directory "
+                 "of roots, the roots it holds.",
                  "  ray-ckpt ls /tmp/run\n  ray-ckpt ls s3://bucket/run --json\n")
     p.add_argument("root", metavar="ROOT", help="directory holding checkpoint directories")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = _command(sub, common, "clean", _clean,
+                 "delete incomplete saves (and unregistered Ray Train checkpoints)",
+                 "Delete, under ROOT, the checkpoint directories of saves that never committed "
+                 "and, with --unregistered, on a Ray Train run, committed checkpoints Ray Train "
+                 "never registered (it would never delete them). A dry run unless --yes. Never "
+                 "deleted: the newest committed checkpoint, Ray Train's latest, anything "
+                 "touched within --min-age seconds (a save may be in progress), and any "
+                 "directory holding files ray_ckpt did not write.",
+                 "  ray-ckpt clean /tmp/run\n"
+                 "  ray-ckpt clean ~/ray_results/my_run --unregistered --yes\n")
+    p.add_argument("root", metavar="ROOT", help="directory holding checkpoint directories")
+    p.add_argument("--unregistered", action="store_true",
+                   help="also committed checkpoints Ray Train never registered")
+    p.add_argument("--yes", action="store_true", help="delete (default: only say what)")
+    p.add_argument("--min-age", type=float, default=600.0, metavar="SECS",
+                   help="leave alone what changed in the last SECS seconds (default 600)")
+    p.add_argument("--json", action="store_true", help="print the decisions as JSON")
 
     p = _command(sub, common, "diff", _diff,
                  "keys added, removed and changed between two checkpoints",
@@ -483,15 +590,20 @@ def build_parser() -> argparse.ArgumentParser:
                  "Hugging Face layout); non-tensor values are skipped. Sharded tensors are "
                  "consolidated into one full tensor each.",
                  "  ray-ckpt export /tmp/run/step-100 --to torch model.pt\n"
-                 "  ray-ckpt export /tmp/run/step-100 --to safetensors --only model hf-model/\n")
+                 "  ray-ckpt export /tmp/run/step-100 --to safetensors --only model hf-model/\n"
+                 "  ray-ckpt export DDP_CKPT --to safetensors --only model --strip-prefix module. "
+                 "out/\n")
     p.add_argument("path", metavar="PATH", help="checkpoint directory")
     p.add_argument("--to", required=True, choices=("torch", "safetensors"), help="format")
     p.add_argument("out", metavar="OUT",
                    help="torch: the file to write; safetensors: the directory to write into")
     p.add_argument("--only", metavar="KEY",
                    help="export only the dict under this dotted key, prefix stripped (e.g. model)")
-    p.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES,
-                   metavar="SIZE", help="safetensors: largest shard (default 5GB)")
+    p.add_argument("--strip-prefix", metavar="PREFIX",
+                   help="remove PREFIX from the exported keys that start with it (e.g. module. "
+                   "for a DDP model: module.0.weight -> 0.weight)")
+    p.add_argument("--max-shard-size", type=parse_size, default=None, metavar="SIZE",
+                   help="safetensors: largest shard (default 5GB)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="torch: export pickled objects too (unpickles them: trusted files only)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export")
@@ -546,6 +658,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args))
+    except BrokenPipeError:  # the reader went away (`ray-ckpt diff A B | head`): not an error
+        return _quiet_broken_pipe()
     except CheckpointError as e:
         return _fail(args, e, EXIT_FAILED)
     except ValueError as e:  # invalid arguments the library refused (a URI, a size)
@@ -555,6 +669,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ray-ckpt {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _quiet_broken_pipe() -> int:
+    """End like other Unix tools when stdout's reader has gone: quietly, status 0. stdout is
+    pointed at /dev/null so that the interpreter's last flush cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_OK
 
 
 def _fail(args: argparse.Namespace, error: BaseException, status: int) -> int:

@@ -50,7 +50,7 @@ from .futures import unwrap_ray_error
 from .sharding import Box, overlap
 from .storage import Storage
 from .validate import manifest_listing_problems, marker_listing_problems, raise_first
-from .writer import ShardResult
+from .writer import ABANDONED, ShardResult
 
 logger = logging.getLogger(__name__)
 
@@ -419,14 +419,17 @@ def gather_shards(
 
 
 def discard_files(storage: Storage, checkpoint_id: str) -> None:
-    """Delete every file of checkpoint ``checkpoint_id`` in ``storage`` (and nothing else)."""
+    """Delete every file of checkpoint ``checkpoint_id`` in ``storage`` (and nothing else).
+    Writes of it still running in this writer delete their files when they end."""
+    ABANDONED.add(checkpoint_id)
     try:
         names = [n for n in storage.list_files() if is_own_file(n) and checkpoint_id in n]
         storage.delete_files(names)
     except Exception as e:  # noqa: BLE001 - cleanup must not hide the error being raised
         logger.warning(
-            "could not delete the files of checkpoint %s in %s (%s); they are not committed "
-            "and a later save or CheckpointManager.cleanup() removes them",
+            "could not delete the files of checkpoint %s in %s (%s); they are not committed: "
+            "`ray-ckpt clean` on the directory above (or CheckpointManager.cleanup()) removes "
+            "them",
             checkpoint_id, storage.display, e,
         )
 

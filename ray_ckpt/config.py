@@ -113,6 +113,9 @@ class CheckpointWriterConfig:
             of this node's writer alone. The bytes then cross the network (Ray's object
             transfer), which pays when one node's storage bandwidth is the bottleneck and the
             storage is shared (an object store, a network filesystem).
+        idle_timeout_secs: a writer actor exits once no save and no write has been in flight
+            on it for this long, releasing its process and memory; the next save starts it
+            again (a few seconds). ``None`` keeps writers until the cluster stops.
     """
 
     checksum: bool = True
@@ -120,6 +123,7 @@ class CheckpointWriterConfig:
     fsync: bool = True
     barrier_timeout_secs: float = 1800.0
     spread_across_nodes: bool = False
+    idle_timeout_secs: float | None = 600.0
 
     def __post_init__(self) -> None:
         _require(
@@ -128,6 +132,10 @@ class CheckpointWriterConfig:
         _require(
             self.barrier_timeout_secs > 0,
             f"barrier_timeout_secs must be positive, got {self.barrier_timeout_secs}",
+        )
+        _require(
+            self.idle_timeout_secs is None or self.idle_timeout_secs > 0,
+            f"idle_timeout_secs must be positive or None (never), got {self.idle_timeout_secs}",
         )
 
 

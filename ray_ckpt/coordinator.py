@@ -165,7 +165,7 @@ class Coordinator:
         started = time.perf_counter()
         metadata = _json_metadata(metadata)
         storage = Storage.from_path(path, self._filesystem, self._config.storage_config)
-        check_destination(storage, overwrite=overwrite)
+        created = check_destination(storage, overwrite=overwrite)
         checkpoint_id = new_checkpoint_id()
         barrier = self._barrier(storage, overwrite)
         try:
@@ -180,6 +180,8 @@ class Coordinator:
         except BaseException as e:
             if barrier is not None:  # fail the save on every rank now, not at the timeout
                 barrier.fail.remote(self._rank_info.global_rank, portable_error(e))
+            if created:  # refused before anything was written: leave no directory behind
+                storage.remove_empty_dir()
             raise
         writer_config = self._config.writer_config
         request = SaveRequest(
@@ -503,9 +505,10 @@ def _raise_if_failed(
         ) from None
 
 
-def check_destination(storage: Storage, *, overwrite: bool) -> None:
+def check_destination(storage: Storage, *, overwrite: bool) -> bool:
     """Refuse to save over a committed checkpoint (without ``overwrite``), onto a file, or into
-    a directory holding files ray_ckpt did not write; create the directory."""
+    a directory holding files ray_ckpt did not write; create the directory. True when this
+    call created it."""
     if storage.is_file():
         raise CheckpointExistsError(
             f"{storage.display} is a file, not a checkpoint directory: choose another path"
@@ -522,7 +525,9 @@ def check_destination(storage: Storage, *, overwrite: bool) -> None:
             f"{storage.display} holds files ray_ckpt did not write ({', '.join(foreign[:5])}"
             f"{', ...' if len(foreign) > 5 else ''}); save into a new or empty directory"
         )
+    existed = bool(files) or storage.exists()
     storage.make_dir()
+    return not existed
 
 
 __all__ = ["Coordinator", "SaveRequest", "SaveResult", "StageStats", "StagingOutcome"]

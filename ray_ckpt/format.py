@@ -27,11 +27,10 @@ import re
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from .errors import CorruptCheckpointError, FormatVersionError
 from .validate import (
@@ -42,6 +41,9 @@ from .validate import (
     shape_problems,
     world_size_problems,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_NAME = "ray_ckpt"
 FORMAT_VERSION = 1
@@ -62,28 +64,42 @@ _OWN_FILE_RE = re.compile(
     r"ray_ckpt\.commit(\.tmp-[0-9a-f]{16})?)$"
 )
 
-# Every torch dtype with a fixed element size, by the name the manifest uses. Quantized dtypes
-# are absent on purpose: their bytes need scales and zero points the format does not carry.
-DTYPES: dict[str, torch.dtype] = {
-    str(d).removeprefix("torch."): d
-    for d in vars(torch).values()
-    if isinstance(d, torch.dtype) and not str(d).startswith(("torch.qint", "torch.quint"))
-}
+@functools.cache
+def _dtypes() -> dict[str, torch.dtype]:
+    """Every torch dtype with a fixed element size, by the name the manifest uses. Quantized
+    dtypes are absent on purpose: their bytes need scales and zero points the format does not
+    carry. Built on first use, so that reading markers and manifests (``ray-ckpt ls``) does
+    not import torch."""
+    import torch
+
+    return {
+        str(d).removeprefix("torch."): d
+        for d in vars(torch).values()
+        if isinstance(d, torch.dtype) and not str(d).startswith(("torch.qint", "torch.quint"))
+    }
 
 
-_DTYPE_NAMES = {d: name for name, d in DTYPES.items()}
+@functools.cache
+def _dtype_names() -> dict[torch.dtype, str]:
+    return {d: name for name, d in _dtypes().items()}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DTYPES":  # module attribute, computed on first access (see _dtypes)
+        return _dtypes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    return _DTYPE_NAMES.get(dtype) or str(dtype).removeprefix("torch.")
+    return _dtype_names().get(dtype) or str(dtype).removeprefix("torch.")
 
 
 def dtype_from_name(name: str, *, where: str) -> torch.dtype:
     try:
-        return DTYPES[name]
+        return _dtypes()[name]
     except KeyError:
         raise CorruptCheckpointError(
-            f"{where}: unknown dtype {name!r}; this reader knows {sorted(DTYPES)}"
+            f"{where}: unknown dtype {name!r}; this reader knows {sorted(_dtypes())}"
         ) from None
 
 

@@ -32,7 +32,7 @@ import torch
 from . import metrics
 from ._checksum import crc32c
 from ._stateful import is_stateful, load_state_of, state_dict_of
-from ._tree import ItemRef, ShardedRef, decode, item_refs, key_string, leaves, materialize
+from ._tree import ItemRef, ShardedRef, decode, key_string, leaves, materialize
 from .config import CheckpointReaderConfig, StorageConfig
 from .errors import (
     CheckpointNotFoundError,
@@ -53,6 +53,7 @@ from .format import (
     Marker,
     check_header,
     dtype_from_name,
+    is_own_file,
     manifest_from_bytes,
     parse_manifest,
     without_gc,
@@ -445,11 +446,27 @@ def read_marker(storage: Storage, files: dict[str, int]) -> Marker:
 
 
 def _raise_not_a_checkpoint(storage: Storage, files: dict[str, int]) -> None:
-    if files or storage.list_dirs():
+    holds = checkpoints_below(storage)
+    if holds:
+        shown = ", ".join(holds[:3]) + (", ..." if len(holds) > 3 else "")
+        raise CheckpointNotFoundError(
+            f"{storage.display} is not a checkpoint but a directory of checkpoints (a run "
+            f"root): it holds {len(holds)}{'+' if len(holds) >= _ROOT_PROBE else ''} committed "
+            f"checkpoint(s) ({shown}). Pass one of them; `ray-ckpt ls {storage.display}` lists "
+            "them by step."
+        )
+    if any(is_own_file(name) for name in files):
         raise IncompleteCheckpointError(
             f"{storage.display} is an incomplete checkpoint: it has no commit marker "
             f"({MARKER_NAME}), so the save that wrote it never finished. Load an earlier "
-            "checkpoint; CheckpointManager.cleanup() (or deleting the directory) removes it."
+            "checkpoint; `ray-ckpt clean` on the directory above it (or "
+            "CheckpointManager.cleanup() for a manager's root) removes it."
+        )
+    if files or storage.list_dirs():
+        raise IncompleteCheckpointError(
+            f"{storage.display} is not a checkpoint: it holds no ray_ckpt files and no commit "
+            f"marker ({MARKER_NAME}). `ray-ckpt ls {storage.display}` shows whether any "
+            "directory under it is one."
         )
     if storage.is_file():
         raise CheckpointNotFoundError(
@@ -460,6 +477,18 @@ def _raise_not_a_checkpoint(storage: Storage, files: dict[str, int]) -> None:
             f"{storage.display} is an empty directory, not a checkpoint (no {MARKER_NAME})"
         )
     raise CheckpointNotFoundError(f"no checkpoint at {storage.display}: the path does not exist")
+
+
+_ROOT_PROBE = 20  # subdirectories looked at to tell a run root from a broken checkpoint
+
+
+def checkpoints_below(storage: Storage) -> list[str]:
+    """Names of the committed checkpoints directly under ``storage`` (among its first
+    ``_ROOT_PROBE`` subdirectories): non-empty when ``storage`` is a root of checkpoints."""
+    return [
+        name for name in sorted(storage.list_dirs())[:_ROOT_PROBE]
+        if storage.child(name).exists(MARKER_NAME)
+    ]
 
 
 def _check_pickles(plan: _Plan, info: CheckpointInfo, allow_pickle: bool) -> None:

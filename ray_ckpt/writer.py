@@ -18,7 +18,14 @@ The refs of ``run_save`` and ``wait_staged`` exist as soon as ``save`` is called
 The actor is named ``ray_ckpt.writer.<pool>.<node id>`` in the configured namespace, found
 again with ``get_if_exists``, pinned to its node with ``NodeAffinitySchedulingStrategy(soft=
 False)``, detached (it outlives the process that happened to create it) and restarted on
-failure. It needs no CPU slot (``num_cpus=0``), so it never competes with training for them.
+failure.
+
+Lifetime: a writer exits once nothing has been in flight on it (no save, no write, no call at
+all) for ``CheckpointWriterConfig.idle_timeout_secs`` (10 minutes by default), so that the
+writers of finished jobs do not hold their processes and memory on the cluster; ``None`` keeps
+them. The next save starts it again. A caller that has not used its cached handle for half the
+timeout pings it first (a ping counts as use), and finds or creates the writer anew if it has
+exited. It needs no CPU slot (``num_cpus=0``), so it never competes with training for them.
 Writing itself lives in :class:`CheckpointWriter`, a plain class the actor hosts, so that a
 custom writer (``checkpoint_writer_init_fn``) or a test that injects faults can subclass it.
 """
@@ -27,12 +34,13 @@ from __future__ import annotations
 
 import abc
 import bisect
+import contextlib
 import itertools
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -202,6 +210,30 @@ def default_subprocess_init_fn(*_: Any) -> None:
 # --- the actor --------------------------------------------------------------------------------
 
 
+class _Abandoned:
+    """Checkpoint ids whose save failed in this process after its files were discarded (or
+    while they were): a write of one that ends later deletes its own file, so that a save cut
+    short leaves no data behind once its writer knows. Remembers the last ``limit`` ids."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._lock = threading.Lock()
+        self._ids: dict[str, None] = {}
+        self._limit = limit
+
+    def add(self, checkpoint_id: str) -> None:
+        with self._lock:
+            self._ids[checkpoint_id] = None
+            while len(self._ids) > self._limit:
+                del self._ids[next(iter(self._ids))]
+
+    def __contains__(self, checkpoint_id: str) -> bool:
+        with self._lock:
+            return checkpoint_id in self._ids
+
+
+ABANDONED = _Abandoned()  # per writer process; commit.discard_files adds to it
+
+
 @dataclass
 class _Slot:
     event: threading.Event = field(default_factory=threading.Event)
@@ -252,6 +284,31 @@ class _Mailbox:
         return slot
 
 
+class _Activity:
+    """What is in flight on a writer actor, and since when it has been idle."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._since = time.monotonic()
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        with self._lock:
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                self._since = time.monotonic()
+
+    def idle_secs(self) -> float:
+        """Seconds since the last call ended; 0 while one is in flight."""
+        with self._lock:
+            return 0.0 if self._in_flight else time.monotonic() - self._since
+
+
 class _WriterActor:
     """The Ray actor of one node. See the module docstring for the protocol."""
 
@@ -271,9 +328,35 @@ class _WriterActor:
         self._mailbox = _Mailbox()
         self._running: dict[str, _Slot] = {}
         self._io_slots = threading.BoundedSemaphore(config.io_threads)
+        self._activity = _Activity()
+        self._idle_timeout_secs = config.idle_timeout_secs
+        if self._idle_timeout_secs is not None:
+            threading.Thread(target=self._retire_when_idle, name="ray_ckpt-idle",
+                             daemon=True).start()
 
     def node_id(self) -> str:
-        return self._node_id
+        with self._activity.busy():  # a ping: the caller is about to use this writer
+            return self._node_id
+
+    def _retire_when_idle(self) -> None:
+        """Ask this actor to exit once it has been idle for ``idle_timeout_secs``."""
+        timeout = float(self._idle_timeout_secs or 0)
+        while True:
+            time.sleep(max(0.5, min(timeout - self._activity.idle_secs(), 5.0)))
+            if self._activity.idle_secs() >= timeout:
+                ray.get_runtime_context().current_actor.retire.remote()
+
+    @ray.method(concurrency_group="control")
+    def retire(self) -> bool:
+        """Exit (for good: no restart) if idle for ``idle_timeout_secs``; else False."""
+        idle = self._activity.idle_secs()
+        if self._idle_timeout_secs is None or idle < self._idle_timeout_secs:
+            return False
+        logger.info("writer %s idle for %.0f s: exiting", self._node_id, idle)
+        # exit_actor() would wait for this threaded actor's other threads; nothing is in
+        # flight, so end the process at once, for good (no restart), which frees the name
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+        return True
 
     @ray.method(concurrency_group="io")
     def write_bucket(
@@ -295,13 +378,20 @@ class _WriterActor:
         accept(handoff)  # before ``storage`` is used: its filesystem's secrets
         arrays = payload[part]
         del payload
-        with self._io_slots:
+        with self._activity.busy(), self._io_slots:
             start = time.perf_counter()
-            extents = self._writer.write_bucket(
+            abandoned = checkpoint_id in ABANDONED
+            extents = [] if abandoned else self._writer.write_bucket(
                 storage, layout, arrays, rank=rank, checkpoint_id=checkpoint_id,
                 checksum=checksum, fsync=fsync,
             )
             del arrays
+            if abandoned or checkpoint_id in ABANDONED:  # its save failed: leave no data behind
+                storage.delete_files([layout.file])
+                raise CheckpointWriteError(
+                    f"save {checkpoint_id} to {storage.display} was abandoned; its data file "
+                    f"{layout.file} was deleted"
+                )
         return ShardResult(
             file=layout.file,
             file_nbytes=layout.file_nbytes,
@@ -318,8 +408,9 @@ class _WriterActor:
         slot = self._mailbox.slot(token)
         self._running[token] = slot
         try:
-            self._mailbox.take(token, request.barrier_timeout_secs)
-            return commit_save(request, slot)
+            with self._activity.busy():
+                self._mailbox.take(token, request.barrier_timeout_secs)
+                return commit_save(request, slot)
         finally:
             self._running.pop(token, None)
 
@@ -327,9 +418,10 @@ class _WriterActor:
     def wait_staged(
         self, token: str, timeout_secs: float, caller: list[ray.ObjectRef] | None = None
     ) -> Any:
-        if caller:
-            self._watch_caller(token, caller[0], timeout_secs)
-        outcome = self._mailbox.take(token, timeout_secs).outcome
+        with self._activity.busy():
+            if caller:
+                self._watch_caller(token, caller[0], timeout_secs)
+            outcome = self._mailbox.take(token, timeout_secs).outcome
         if outcome.error is not None:
             raise outcome.error
         return outcome.stats
@@ -354,7 +446,8 @@ class _WriterActor:
 
     @ray.method(concurrency_group="control")
     def end_staging(self, token: str, outcome: Any) -> None:
-        self._mailbox.deliver(token, outcome)
+        with self._activity.busy():
+            self._mailbox.deliver(token, outcome)
 
     @ray.method(concurrency_group="control")
     def cancel(self, token: str) -> bool:
@@ -401,6 +494,7 @@ class WriterPool:
         )
         self._pool = _pool_name(self._custom, config)
         self._handles: dict[str, Any] = {}
+        self._used: dict[str, float] = {}  # when each cached handle was last used (monotonic)
         self._died: set[str] = set()  # nodes whose writer died: wait for its successor
         self._lock = threading.Lock()
 
@@ -413,6 +507,9 @@ class WriterPool:
     def for_node(self, node_id: str) -> Any:
         with self._lock:
             handle = self._handles.get(node_id)
+            if handle is not None and not self._still_there(node_id, handle):
+                handle = None
+            self._used[node_id] = time.monotonic()
             if handle is None:
                 handle = self._create(node_id)
                 if node_id in self._died:
@@ -423,6 +520,21 @@ class WriterPool:
 
     def local(self) -> Any:
         return self.for_node(self.local_node_id())
+
+    def _still_there(self, node_id: str, handle: Any) -> bool:
+        """Whether a cached writer may be used: certainly when this pool used it within half
+        its idle timeout (it cannot have retired since); else ask it (the ping counts as use,
+        so it will not retire before the save's calls reach it)."""
+        timeout = self._config.idle_timeout_secs
+        if timeout is None or time.monotonic() - self._used.get(node_id, 0.0) < timeout / 2:
+            return True
+        try:
+            ray.get(handle.node_id.remote(), timeout=_RESTART_TIMEOUT_SECS)
+            return True
+        except RayActorError:
+            logger.info("writer on node %s has exited (idle); starting it again", node_id)
+            del self._handles[node_id]
+            return False
 
     def forget(self, node_id: str) -> None:
         """Drop a cached handle (its actor died for good); the next call finds or creates anew."""
@@ -495,4 +607,6 @@ def _pool_name(custom: bool, config: CheckpointWriterConfig) -> str:
     init functions belong to one checkpointer and get a name of their own."""
     if custom:
         return f"custom-{uuid.uuid4().hex[:12]}"
-    return f"default-io{config.io_threads}"
+    idle = config.idle_timeout_secs
+    default_idle = CheckpointWriterConfig.idle_timeout_secs
+    return f"default-io{config.io_threads}" + ("" if idle == default_idle else f"-idle{idle}")

@@ -572,3 +572,24 @@ def test_verify_diff_and_export_memory_does_not_grow_with_the_checkpoint(ckptr, 
     assert torch.equal(torch.load(tmp_path / "big.pt")["layer19"], big["layer19"])
     # control: the measurement does see a command that holds the whole state dict
     assert _growth_mib(["load", str(tmp_path / "tiny")], ["load", str(tmp_path / "big")]) > 150
+
+
+# --- latency: commands import only what they need (issue 16) --------------------------------
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["ls", "ROOT"], ["ls", "--json", "ROOT"]])
+def test_help_and_ls_import_neither_torch_nor_ray(run_root, argv):
+    """torch and Ray take seconds to import; --help and ls need neither (the whole-process
+    times are in benchmarks/cli_latency.py)."""
+    argv = [str(run_root) if a == "ROOT" else a for a in argv]
+    probe = (
+        "import sys\nfrom ray_ckpt import cli\n"
+        f"try:\n    rc = cli.main({argv!r})\nexcept SystemExit as e:\n    rc = e.code\n"
+        "print(rc, sorted(m for m in ('torch', 'ray') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "0 []"

@@ -405,3 +405,17 @@ def test_hostile_tree_leaves_are_refused_by_load(ckptr, victim, leaf, reliabilit
 def test_bad_config_values_are_refused_naming_the_field(make, field):
     with pytest.raises(ValueError, match=f"^{field} must be"):
         make()
+
+
+def test_a_save_refused_before_staging_leaves_no_directory(ckptr, tmp_path):
+    """A lambda is refused when the state dict is planned, before a byte is written: the
+    directory the save had created is gone again (a run dir gets no empty debris)."""
+    path = tmp_path / "run" / "checkpoint_refused"
+    with pytest.raises(ray_ckpt.PickleNotAllowedError):
+        ckptr.save(str(path), {"w": torch.ones(2), "fn": lambda: 1})
+    assert not path.exists() and (tmp_path / "run").exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()  # a directory the caller made is left as it was
+    with pytest.raises(ray_ckpt.PickleNotAllowedError):
+        ckptr.save(str(existing), {"fn": lambda: 1})
+    assert existing.is_dir()

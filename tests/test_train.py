@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
+import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -307,6 +310,30 @@ def test_example_fails_once_resumes_and_keeps_the_best(cluster, tmp_path, monkey
         assert Path(path).name < failed_at, f"{path} is not from the first attempt"
 
 
+def test_example_starts_ray_as_users_do(monkeypatch, tmp_path):
+    """Without a running Ray the example starts one with its dashboard: Ray Train's
+    controller queries it, and without it logs "Failed to query Ray Train Controller actor
+    state" every second (a third of the example's log). Only how ray.init is called is
+    checked here; the runs above are real."""
+    path = Path(__file__).resolve().parents[1] / "examples" / "ray_train_example.py"
+    spec = importlib.util.spec_from_file_location("ray_train_example_init", path)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    calls: list[dict[str, Any]] = []
+
+    def init(**kwargs: Any) -> None:
+        calls.append(kwargs)
+        raise KeyboardInterrupt  # stop before training
+
+    monkeypatch.setattr(example.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(example.ray, "init", init)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        example.main(["--storage-path", str(tmp_path)])
+    assert calls == [{"address": "local"}]
+
+
 def test_upload_mode_is_sync_or_async():
     assert ray_ckpt.train._upload_mode("async") is ray.train.CheckpointUploadMode.ASYNC
     assert ray_ckpt.train._upload_mode(ray.train.CheckpointUploadMode.SYNC).value == "SYNC"
@@ -454,3 +481,116 @@ def test_resume_with_another_number_of_ddp_workers_loads_every_parameter(cluster
             assert missing == "['model.3.weight', 'model.3.bias']"
     assert _records(again_records, "end-rank1")["step"] == 5
     assert _load(again.checkpoint.path)["step"] == 5
+
+
+# --- the tools on a Ray Train run directory (issue 16) -----------------------------------------
+
+
+def _cli(*argv: str) -> tuple[int, str, str]:
+    """The real console entry point in a fresh process (what a user runs)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "ray_ckpt", *argv], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    return done.returncode, done.stdout, done.stderr
+
+
+def _unregistered_save(run_dir: Path, step: int, stamp: str = "00-00-00.999999") -> str:
+    """A committed ray_ckpt checkpoint in the run dir that Ray Train never registered (what a
+    save that commits after its run attempt failed leaves), named as Ray Train names them,
+    with a timestamp older than the run's: only its saved step may order it."""
+    path = str(run_dir / f"checkpoint_2000-01-01_{stamp}")
+    with ray_ckpt.make_sync_checkpointer() as ckptr:
+        ckptr.save(path, {"model": {"w": torch.ones(4)}, "step": step})
+    return path
+
+
+def test_ls_on_a_run_dir_orders_by_saved_step_and_shows_registration(reference, tmp_path):
+    result, _ = reference
+    run_dir = tmp_path / "run"
+    shutil.copytree(result.path, run_dir)
+    _unregistered_save(run_dir, step=4)
+    rc, out, err = _cli("ls", str(run_dir))
+    assert rc == 0, err
+    rows = [line.split() for line in out.splitlines()[1:4]]
+    # steps 3 and 7 are the ones Ray Train kept, 7 the latest; 4 never registered
+    assert [(r[1], r[2], r[3]) for r in rows] == [
+        ("3", "committed", "registered"), ("4", "committed", "no"), ("7", "committed", "latest"),
+    ]
+    assert rows[2][0] == Path(result.checkpoint.path).name
+    assert "1 committed but never registered" in out
+    docs = json.loads(_cli("ls", "--json", str(run_dir))[1])
+    assert [(d["step"], d["registered"]) for d in docs] == [(3, True), (4, False), (7, True)]
+    rc, out, _ = _cli("ls", str(run_dir.parent))  # a root of roots says what it holds
+    assert rc == 0 and "holds no checkpoints itself" in out and "run" in out.split()
+
+
+def test_clean_deletes_unregistered_only_when_asked_and_never_the_newest(reference, tmp_path):
+    result, _ = reference
+    run_dir = tmp_path / "run"
+    shutil.copytree(result.path, run_dir)
+    stray = _unregistered_save(run_dir, step=4)
+    incomplete = run_dir / "checkpoint_2000-01-01_00-00-01.000000"
+    shutil.copytree(result.checkpoint.path, incomplete)
+    (incomplete / "ray_ckpt.commit").unlink()  # a save cut short before its commit
+    _unregistered_save(run_dir, step=9, stamp="00-00-02.000000")
+
+    rc, out, err = _cli("clean", str(run_dir), "--min-age", "0")  # dry run, incomplete only
+    assert rc == 0 and "dry run" in err and incomplete.exists()
+    rc, out, err = _cli("clean", str(run_dir), "--min-age", "0", "--yes")
+    assert rc == 0 and not incomplete.exists() and Path(stray).exists()
+    rc, out, err = _cli("clean", str(run_dir), "--min-age", "0", "--unregistered", "--yes")
+    assert rc == 0 and not Path(stray).exists()
+    assert "the newest committed checkpoint" in out  # step 9: unregistered, but the newest
+    left = {e.name for e in ray_ckpt.list_checkpoints(str(run_dir))}
+    kept = {Path(cp.path).name for cp, _ in result.best_checkpoints}
+    assert left == kept | {"checkpoint_2000-01-01_00-00-02.000000"}
+    assert (run_dir / "checkpoint_manager_snapshot.json").exists()  # not ray_ckpt's: untouched
+
+
+def test_errors_on_a_run_dir_point_at_ls_and_never_at_deleting(reference):
+    result, _ = reference
+    with pytest.raises(ray_ckpt.CheckpointError) as raised:
+        _load(result.path)
+    message = str(raised.value)
+    assert "directory of checkpoints" in message and f"ray-ckpt ls {result.path}" in message
+    assert "delet" not in message.lower() and "cleanup" not in message
+    for command in ("inspect", "verify"):
+        rc, out, err = _cli(command, result.path)
+        assert rc == 1 and "ray-ckpt ls" in out + err and "delet" not in (out + err).lower()
+
+
+def test_a_broken_pipe_ends_quietly(reference):
+    """``ray-ckpt diff A B | head -2``: the reader is gone before the diff is printed."""
+    result, _ = reference
+    a, b = sorted(cp.path for cp, _ in result.best_checkpoints)
+    read, write = os.pipe()
+    os.close(read)  # every write to stdout now fails with EPIPE
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "ray_ckpt", "diff", a, b], stdout=write,
+            stderr=subprocess.PIPE, text=True, timeout=120,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+    finally:
+        os.close(write)
+    assert done.returncode == 0 and done.stderr == ""
+
+
+def test_export_strips_ddps_module_prefix(reference, tmp_path):
+    """A DDP model's keys are ``module.0.weight``; ``--strip-prefix module.`` exports the
+    plain model's names, which load strictly into the unwrapped model."""
+    result, _ = reference
+    out = tmp_path / "model.pt"
+    rc, _, err = _cli("export", result.checkpoint.path, "--to", "torch", str(out),
+                      "--only", "model", "--strip-prefix", "module.")
+    assert rc == 0, err
+    exported = torch.load(out, weights_only=True)
+    assert sorted(exported) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    plain = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    plain.load_state_dict(exported, strict=True)
+    saved = _load(result.checkpoint.path)["model"]
+    assert_same({f"module.{k}": v for k, v in exported.items()}, dict(saved))
+    rc, _, err = _cli("export", result.checkpoint.path, "--to", "torch", str(tmp_path / "x.pt"),
+                      "--only", "model", "--strip-prefix", "encoder.")
+    assert rc == 1 and "no key starts with 'encoder.'" in err

@@ -25,12 +25,46 @@ Long operations report to a :class:`Progress` (the CLI draws a bar with it); not
 prints.
 """
 
-from ._source import Progress
-from .compare import Change, DiffReport, diff_checkpoints
-from .export import ExportResult, export_checkpoint
-from .importer import ImportResult, import_checkpoint
-from .integrity import Problem, VerifyReport, verify
-from .summary import CheckpointSummary, LeafSummary, ShardSummary, inspect_checkpoint
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # at run time each name loads its module on first use (see __getattr__)
+    from ._source import Progress
+    from .compare import Change, DiffReport, diff_checkpoints
+    from .export import ExportResult, export_checkpoint
+    from .importer import ImportResult, import_checkpoint
+    from .integrity import Problem, VerifyReport, verify
+    from .summary import CheckpointSummary, LeafSummary, ShardSummary, inspect_checkpoint
+
+_EXPORTS: dict[str, str] = {  # public name -> the module that defines it
+    "Progress": "_source",
+    "Change": "compare",
+    "DiffReport": "compare",
+    "diff_checkpoints": "compare",
+    "ExportResult": "export",
+    "export_checkpoint": "export",
+    "ImportResult": "importer",
+    "import_checkpoint": "importer",
+    "Problem": "integrity",
+    "VerifyReport": "integrity",
+    "verify": "integrity",
+    "CheckpointSummary": "summary",
+    "LeafSummary": "summary",
+    "ShardSummary": "summary",
+    "inspect_checkpoint": "summary",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a tool's module on first use: the CLI's ``--help`` and ``ls`` need none of them,
+    and most of them import torch."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Change",

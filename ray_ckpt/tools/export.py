@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import StorageConfig
+from ..errors import CheckpointError
 from ._source import NoProgress, Progress, opened, subtree
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ def export_checkpoint(
     *,
     to: str = "safetensors",
     only: str | None = None,
+    strip_prefix: str | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     allow_pickle: bool = False,
     overwrite: bool = False,
@@ -61,7 +63,9 @@ def export_checkpoint(
     named by their dotted keys; other values are skipped and listed in the result.
 
     ``only="model"`` exports just the subtree under that dotted key, with the prefix stripped
-    (``model.0.weight`` becomes ``0.weight``). Existing output is replaced only with
+    (``model.0.weight`` becomes ``0.weight``). ``strip_prefix="module."`` then removes that
+    prefix from the keys of the exported dict that have it (a DDP model's state dict has
+    ``module.0.weight``: it exports as ``0.weight``). Existing output is replaced only with
     ``overwrite=True``. A multi-rank checkpoint is exported as rank ``rank`` saved it.
     """
     if to not in FORMATS:
@@ -72,6 +76,8 @@ def export_checkpoint(
     progress = progress or NoProgress()
     with opened(path, filesystem, storage_config, rank) as source:
         tree = subtree(source.info.tree, only, source.info.storage.display)
+        if strip_prefix:
+            tree = without_prefix(tree, strip_prefix, source.info.storage.display)
         try:
             if to == "torch":
                 from ._torchfile import write_torch
@@ -94,6 +100,26 @@ def export_checkpoint(
             source.info.storage.display, target, to, tensors, nbytes / 2**20, len(files),
         )
     return ExportResult(target, to, files, tensors, nbytes, skipped)
+
+
+def without_prefix(tree: dict[Any, Any], prefix: str, where: str) -> dict[Any, Any]:
+    """``tree`` with ``prefix`` removed from the front of its keys that start with it."""
+    renamed: dict[Any, Any] = {}
+    for key, value in tree.items():
+        name = key.removeprefix(prefix) if isinstance(key, str) else key
+        if name in renamed:
+            raise CheckpointError(
+                f"checkpoint {where}: stripping {prefix!r} makes two keys {name!r}; export "
+                "without --strip-prefix, or pick the subtree with --only first"
+            )
+        renamed[name] = value
+    if not any(isinstance(k, str) and k.startswith(prefix) for k in tree):
+        shown = [str(k) for k in list(tree)[:5]]
+        raise CheckpointError(
+            f"checkpoint {where}: no key starts with {prefix!r} (keys: {shown}); use --only "
+            "to pick the dict whose keys have it (e.g. --only model)"
+        )
+    return renamed
 
 
 def local_output(out: str) -> str:

@@ -1,0 +1,52 @@
+"""How long ``ray-ckpt`` takes to answer, whole process (interpreter start, imports, work).
+
+    python -m benchmarks.cli_latency CHECKPOINT [--runs 7]
+
+Runs ``python -m ray_ckpt --help``, ``ls`` of CHECKPOINT's parent and ``inspect CHECKPOINT``
+``--runs`` times each in fresh processes and prints the median and the fastest wall time,
+next to the floor: ``python -c pass`` (the interpreter alone) and ``python -c "import torch"``
+(what every command paid when the CLI imported torch up front).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+
+def wall_secs(command: list[str], runs: int) -> list[float]:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="a small committed checkpoint")
+    parser.add_argument("--runs", type=int, default=7)
+    args = parser.parse_args(argv)
+    python = sys.executable
+    cases = {
+        "python -c pass (floor)": [python, "-c", "pass"],
+        "python -c 'import torch'": [python, "-c", "import torch"],
+        "ray-ckpt --help": [python, "-m", "ray_ckpt", "--help"],
+        "ray-ckpt ls ROOT": [python, "-m", "ray_ckpt", "ls", os.path.dirname(args.checkpoint)],
+        "ray-ckpt inspect CKPT": [python, "-m", "ray_ckpt", "inspect", args.checkpoint],
+    }
+    print(f"| command | median s | fastest s | ({args.runs} runs each) |")
+    print("| --- | ---: | ---: | --- |")
+    for name, command in cases.items():
+        times = wall_secs(command, args.runs)
+        print(f"| `{name}` | {statistics.median(times):.2f} | {min(times):.2f} | |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

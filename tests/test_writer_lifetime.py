@@ -1,0 +1,60 @@
+"""Writer actors have a lifetime: they exit once idle for ``idle_timeout_secs``, and the next
+save starts them again (issue 16: a detached writer outlived every job on the cluster)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import pytest
+import ray
+import torch
+
+import ray_ckpt
+
+from .helpers import small_config
+
+IDLE_SECS = 2.0
+
+
+def _config(idle: float | None) -> ray_ckpt.CheckpointerConfig:
+    base = small_config()
+    return dataclasses.replace(
+        base, writer_config=dataclasses.replace(base.writer_config, idle_timeout_secs=idle)
+    )
+
+
+def _alive(name: str, namespace: str) -> bool:
+    try:
+        ray.get_actor(name, namespace=namespace)
+        return True
+    except ValueError:
+        return False
+
+
+def _wait_until_gone(name: str, namespace: str, limit_secs: float = 120.0) -> float:
+    start = time.monotonic()
+    while _alive(name, namespace):
+        assert time.monotonic() - start < limit_secs, f"{name} still alive after {limit_secs} s"
+        time.sleep(0.25)
+    return time.monotonic() - start
+
+
+def test_an_idle_writer_exits_and_the_next_save_starts_it_again(cluster, tmp_path):
+    config = _config(IDLE_SECS)
+    state = {"w": torch.arange(1000.0), "step": 1}
+    with ray_ckpt.make_sync_checkpointer(config=config) as ckptr:
+        ckptr.save(str(tmp_path / "a"), state)
+        name = ckptr._pool.actor_name(ckptr._pool.local_node_id())
+        assert _alive(name, config.namespace)
+        _wait_until_gone(name, config.namespace)
+        ckptr.save(str(tmp_path / "b"), state)  # the cached handle is dead: started anew
+        assert _alive(name, config.namespace)
+        assert ray_ckpt.verify(str(tmp_path / "b")).ok
+        assert ckptr.load(str(tmp_path / "b"))["step"] == 1
+        _wait_until_gone(name, config.namespace)
+
+
+def test_idle_timeout_is_validated():
+    with pytest.raises(ValueError, match="idle_timeout_secs must be positive or None"):
+        ray_ckpt.CheckpointWriterConfig(idle_timeout_secs=0)
