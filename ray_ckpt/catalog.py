@@ -21,11 +21,18 @@ from typing import Any
 from .config import StorageConfig
 from .credentials import redact
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
-from .format import MARKER_NAME, is_own_file
-from .reader import read_marker
+from .format import MARKER_NAME, Marker, is_own_file
 from .storage import Storage
+from .validate import marker_listing_problems, raise_first
 
 _STEP_RE = re.compile(r"^[^\d]*?(\d+)$")
+
+
+def read_marker(storage: Storage, files: dict[str, int]) -> Marker:
+    """The commit marker of ``storage`` (listed in ``files``), its size checked before it is
+    read."""
+    raise_first(marker_listing_problems(files, MARKER_NAME, storage.display))
+    return Marker.from_bytes(storage.read_file(MARKER_NAME), where=storage.display)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from . import metrics
 from ._checksum import crc32c
 from ._stateful import is_stateful, load_state_of, state_dict_of
 from ._tree import ItemRef, ShardedRef, decode, key_string, leaves, materialize
+from .catalog import read_marker
 from .config import CheckpointReaderConfig, StorageConfig
 from .errors import (
     CheckpointNotFoundError,
@@ -65,7 +66,6 @@ from .validate import (
     allocation_problems,
     file_size_problems,
     manifest_listing_problems,
-    marker_listing_problems,
     raise_first,
     tree_problems,
 )
@@ -436,13 +436,6 @@ def _perform(
                 f"{extent.offset}..{extent.offset + extent.length}): the file is damaged. "
                 "Restore it or use another checkpoint."
             )
-
-
-def read_marker(storage: Storage, files: dict[str, int]) -> Marker:
-    """The commit marker of ``storage`` (listed in ``files``), its size checked before it is
-    read."""
-    raise_first(marker_listing_problems(files, MARKER_NAME, storage.display))
-    return Marker.from_bytes(storage.read_file(MARKER_NAME), where=storage.display)
 
 
 def _raise_not_a_checkpoint(storage: Storage, files: dict[str, int]) -> None:

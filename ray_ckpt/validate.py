@@ -35,8 +35,6 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from .errors import CorruptCheckpointError
 
 if TYPE_CHECKING:
@@ -407,6 +405,8 @@ def tiling_problems(
 @functools.cache
 def numpy_dtype_names() -> frozenset[str]:
     """The dtypes whose tensors convert to numpy arrays."""
+    import torch  # not at the top: `ray-ckpt ls` checks markers without importing torch
+
     from .format import DTYPES
 
     names = set()
@@ -432,5 +432,5 @@ def _stored_refs(tree: Any) -> Iterator[Any]:
             yield node
         elif isinstance(node, dict):
             stack.extend(node.values())
-        elif isinstance(node, (list, tuple)) and not isinstance(node, torch.Size):
+        elif isinstance(node, (list, tuple)):  # a torch.Size holds ints: nothing to find
             stack.extend(node)
