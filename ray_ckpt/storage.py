@@ -59,6 +59,7 @@ from typing import Any, TypeVar
 
 import pyarrow.fs as pafs
 
+from . import memory
 from .config import StorageConfig
 from .errors import CheckpointExistsError, CheckpointNotFoundError, StorageError
 
@@ -146,6 +147,8 @@ def resolve(path: str, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.
     path = os.fspath(path)
     if not path:
         raise ValueError("a checkpoint path must not be empty")
+    if path.startswith(memory.SCHEME) and (filesystem is None or memory.handler_of(filesystem)):
+        return filesystem or memory.memory_filesystem(), memory.normalize(path)
     if filesystem is not None:
         return filesystem, path.removeprefix("file://").rstrip("/") or "/"
     if "://" in path:
@@ -291,6 +294,8 @@ class Storage:
         """``path`` (on this filesystem) as messages name it: ``scheme://path`` off local disk."""
         if self.is_local or "://" in path:
             return path
+        if memory.handler_of(self.fs) is not None:
+            return f"{memory.SCHEME}{path}"
         return f"{self.fs.type_name}://{path.lstrip('/') if self.is_object_store else path}"
 
     @property
