@@ -38,6 +38,12 @@ from .errors import (
 )
 from .futures import CheckpointFuture
 from .manager import CheckpointManager
+from .memory import (
+    MemoryCopiesLostError,
+    MemoryTierConfig,
+    MemoryTierFullError,
+    memory_filesystem,
+)
 from .reader import CheckpointInfo, CheckpointReader
 from .sharding import ShardedTensor
 from .stager import CheckpointStager, DefaultStager
@@ -54,12 +60,28 @@ from .tools import (
     inspect_checkpoint,
     verify,
 )
+from .tiers import (
+    MemoryCheckpointInfo,
+    TieredCheckpointManager,
+    load_newest,
+    memory_checkpoints,
+    persist,
+)
 from .types import STATE_DICT, RankInfo
 from .writer import CheckpointWriter, WriterHook
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "persist",
+    "memory_filesystem",
+    "memory_checkpoints",
+    "load_newest",
+    "TieredCheckpointManager",
+    "MemoryTierFullError",
+    "MemoryTierConfig",
+    "MemoryCopiesLostError",
+    "MemoryCheckpointInfo",
     "AsyncCheckpointer",
     "BarrierTimeoutError",
     "CheckpointEntry",

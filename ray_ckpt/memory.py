@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -197,6 +198,7 @@ class _Catalog:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._repairs = 0
+        self._pinned: dict[str, int] = {}  # path -> pins: being persisted, never freed
         threading.Thread(target=self._repair_loop, daemon=True, name="repair").start()
 
     # --- the filesystem view ------------------------------------------------------------------
@@ -310,6 +312,27 @@ class _Catalog:
             for p in [p for p in self._dirs if p == path or p.startswith(path + "/")]:
                 self._drop_dir(p)
 
+    def pin(self, path: str) -> bool:
+        """Keep committed checkpoint ``path`` from retention and eviction (while it is
+        persisted); False when it is not a committed memory checkpoint."""
+        with self._lock:
+            d = self._dirs.get(path)
+            if d is None or d.committed_unix is None:
+                return False
+            self._pinned[path] = self._pinned.get(path, 0) + 1
+            return True
+
+    def unpin(self, path: str) -> None:
+        with self._lock:
+            left = self._pinned.get(path, 0) - 1
+            if left > 0:
+                self._pinned[path] = left
+                return
+            self._pinned.pop(path, None)
+            d = self._dirs.get(path)
+            if d is not None:
+                self._retain(path.rpartition("/")[0], d.keep_last)
+
     # --- accounting ---------------------------------------------------------------------------
 
     def held_on(self, node: str) -> int:
@@ -346,7 +369,7 @@ class _Catalog:
                 parent = p.rpartition("/")[0]
                 if parent not in newest or newest[parent][0] < d.committed_unix:
                     newest[parent] = (d.committed_unix, p)
-        keep = {p for _, p in newest.values()} | {saving}
+        keep = {p for _, p in newest.values()} | {saving} | set(self._pinned)
         candidates = [
             (d.committed_unix, p)
             for p, d in self._dirs.items()
@@ -362,6 +385,8 @@ class _Catalog:
             if d.committed_unix is not None and p.rpartition("/")[0] == parent
         )
         for _, p in committed[:-keep_last]:
+            if p in self._pinned:
+                continue
             logger.info("memory tier: freeing %s%s (keep_last=%d)", SCHEME, p, keep_last)
             self._drop_dir(p)
 
@@ -634,8 +659,28 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
 
 
 def normalize(path: str) -> str:
-    """A path on the memory filesystem: ``mem://run/step-5`` -> ``run/step-5``."""
-    return path.removeprefix(SCHEME).strip("/")
+    """A path on the memory filesystem: ``mem://run/step-5?replicas=2`` -> ``run/step-5``."""
+    return path.removeprefix(SCHEME).partition("?")[0].strip("/")
+
+
+def from_uri(uri: str, filesystem: Any = None) -> tuple[pafs.FileSystem, str]:
+    """``(fs, path)`` of a ``mem://dir[?replicas=R&keep_last=N&capacity_fraction=F]`` URI;
+    ``filesystem`` is kept when it is a memory filesystem (its settings then apply)."""
+    if handler_of(filesystem) is not None:
+        return filesystem, normalize(uri)
+    query = urllib.parse.parse_qs(uri.partition("?")[2], strict_parsing=False)
+    options: dict[str, Any] = {}
+    for key, values in query.items():
+        if key not in ("replicas", "keep_last", "capacity_fraction"):
+            raise ValueError(
+                f"unknown option {key!r} in {uri!r}: a mem:// URI takes replicas, keep_last "
+                "and capacity_fraction"
+            )
+        try:
+            options[key] = float(values[-1]) if key == "capacity_fraction" else int(values[-1])
+        except ValueError:
+            raise ValueError(f"option {key}={values[-1]!r} in {uri!r} is not a number") from None
+    return memory_filesystem(**options), normalize(uri)
 
 
 _strip = normalize

@@ -147,8 +147,8 @@ def resolve(path: str, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.
     path = os.fspath(path)
     if not path:
         raise ValueError("a checkpoint path must not be empty")
-    if path.startswith(memory.SCHEME) and (filesystem is None or memory.handler_of(filesystem)):
-        return filesystem or memory.memory_filesystem(), memory.normalize(path)
+    if path.startswith(memory.SCHEME):  # the memory tier, whatever the other filesystem is
+        return memory.from_uri(path, filesystem)
     if filesystem is not None:
         return filesystem, path.removeprefix("file://").rstrip("/") or "/"
     if "://" in path:
