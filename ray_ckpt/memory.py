@@ -447,6 +447,8 @@ class _Catalog:
             for p, d in self._dirs.items():
                 for name, f in d.data.items():
                     f.nodes = [n for n in f.nodes if n in alive]
+                    if d.committed_unix is None:  # its writer is still replicating it
+                        continue
                     want = min(f.target, len(alive))
                     spare = sorted(alive - set(f.nodes), key=self.held_on)
                     if f.nodes and len(f.nodes) < want and spare:
@@ -716,7 +718,12 @@ def make_room(fs: Any, path: str, nbytes: int) -> None:
         return
     node = ray.get_runtime_context().get_node_id()
     capacity = int(store_capacity(node) * handler.config.capacity_fraction)
-    evicted = ray.get(catalog().make_room.remote(node, 2 * nbytes, capacity, _strip(path)))
+    try:
+        evicted = ray.get(catalog().make_room.remote(node, 2 * nbytes, capacity, _strip(path)))
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, MemoryTierFullError):
+            raise e.cause from None
+        raise
     for victim in evicted:
         logger.warning(
             "memory tier: evicted %s%s to make room for %s%s on node %s (oldest first)",

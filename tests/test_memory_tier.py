@@ -230,8 +230,11 @@ def test_persist_every_k_writes_the_on_disk_format(mcluster, tmp_path):
 
 
 def test_capacity_evicts_the_oldest_then_refuses(mcluster, caplog):
-    # the head's store is 400 MiB; a fraction of 0.01 allows 4 MiB of memory checkpoints
-    fs = ray_ckpt.memory_filesystem(replicas=0, keep_last=5, capacity_fraction=0.01)
+    # room for what the other tests left on this node plus 5 MiB
+    head = ray.get_runtime_context().get_node_id()
+    held = ray.get(memory.catalog().held_on.remote(head))
+    fraction = (held + 5 * MiB) / memory.store_capacity(head)
+    fs = ray_ckpt.memory_filesystem(replicas=0, keep_last=5, capacity_fraction=fraction)
     root = _root().removeprefix("mem://")
     state = {"w": torch.randn(256, 1024)}  # 1 MiB: a save needs 2 MiB of room
     with ray_ckpt.make_sync_checkpointer(filesystem=fs) as ckptr, caplog.at_level(logging.INFO):
