@@ -161,6 +161,70 @@ def test_a_missing_memory_checkpoint_is_not_found(mcluster):
         ckptr.load(f"{_root()}/step-9")
 
 
+# --- Ray Train ----------------------------------------------------------------------------------
+
+
+def _memory_train_loop(config: dict) -> None:
+    """Memory checkpoint every step, a Ray Train checkpoint at step 1 only; rank 1 fails at
+    step 5 of the first attempt."""
+    import os
+
+    import ray.train
+
+    import ray_ckpt.train
+
+    from .test_train import _batch, _build
+
+    rank = ray.train.get_context().get_world_rank()
+    model, optimizer = _build()
+    state = {"model": model, "optim": optimizer, "step": -1}
+    ray_ckpt.train.load(state, strict=True)
+    start = state["step"] + 1
+    with open(os.path.join(config["records"], f"start-{start}-rank{rank}"), "w") as f:
+        f.write(ray_ckpt.train.memory_root(ray.train.get_context().get_storage()))
+    for step in range(start, 8):
+        x, y = _batch(step, rank)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step == 5 and rank == 1 and not os.path.exists(config["marker"]):
+            open(config["marker"], "w").close()
+            raise RuntimeError("injected crash of rank 1 at step 5")
+        state["step"] = step
+        ray_ckpt.train.save_to_memory(state, step).result()
+        if step == 1:
+            ray_ckpt.train.report({"step": step}, state)
+
+
+def test_ray_train_resumes_from_memory_after_a_worker_failure(mcluster, tmp_path):
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .test_train import _fast_polling
+
+    records = tmp_path / "records"
+    records.mkdir()
+    trainer = TorchTrainer(
+        _memory_train_loop,
+        train_loop_config={"records": str(records), "marker": str(tmp_path / "crashed")},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name="memrun", storage_path=str(tmp_path / "storage"),
+                             failure_config=FailureConfig(max_failures=1)),
+    )
+    with _fast_polling():
+        result = trainer.fit()
+    assert result.error is None, result.error
+    assert (tmp_path / "crashed").exists()
+    starts = sorted(p.name for p in records.iterdir())
+    # resumed after step 4 (memory), not after step 1 (Ray Train's registered checkpoint)
+    assert starts == ["start-0-rank0", "start-0-rank1", "start-5-rank0", "start-5-rank1"], starts
+    assert result.checkpoint is not None and "checkpoint" in result.checkpoint.path
+    root = (records / "start-5-rank0").read_text()
+    steps = [e.step for e in ray_ckpt.list_checkpoints(root)]
+    assert steps[-1] == 7
+
+
 # --- node loss ---------------------------------------------------------------------------------
 
 
