@@ -47,6 +47,13 @@ from .memory import (
 from .reader import CheckpointInfo, CheckpointReader
 from .sharding import ShardedTensor
 from .stager import CheckpointStager, DefaultStager
+from .tiers import (
+    MemoryCheckpointInfo,
+    TieredCheckpointManager,
+    load_newest,
+    memory_checkpoints,
+    persist,
+)
 from .tools import (
     CheckpointSummary,
     DiffReport,
@@ -59,13 +66,6 @@ from .tools import (
     import_checkpoint,
     inspect_checkpoint,
     verify,
-)
-from .tiers import (
-    MemoryCheckpointInfo,
-    TieredCheckpointManager,
-    load_newest,
-    memory_checkpoints,
-    persist,
 )
 from .types import STATE_DICT, RankInfo
 from .writer import CheckpointWriter, WriterHook

@@ -26,9 +26,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+import ray
+
 from .catalog import CheckpointEntry, list_checkpoints
 from .errors import CheckpointError
 from .storage import Storage
+from .tiers import MemoryCheckpointInfo, memory_checkpoints
 from .tools import (
     CheckpointSummary,
     DiffReport,
@@ -243,12 +246,13 @@ def print_problems(report: VerifyReport, out: TextIO) -> None:
 
 
 def _ls(args: argparse.Namespace) -> int:
+    held = _memory_copies(args.root)
     root = Storage.from_path(args.root)
     if not root.exists():
         raise CheckpointError(f"no such directory: {root.display}")
     entries = list_checkpoints(args.root)
     if args.json:
-        _print_json([_entry_doc(e) for e in entries], sys.stdout)
+        _print_json([_entry_doc(e) | _tier_doc(e, held) for e in entries], sys.stdout)
         return EXIT_OK
     if not entries:
         _say(args, f"no checkpoints under {root.display}")
@@ -260,8 +264,34 @@ def _ls(args: argparse.Namespace) -> int:
          _when(e.created_unix)]
         for e in entries
     ]
+    if held is not None:  # memory checkpoints: the tier and the nodes holding copies
+        rows[0] += ["TIER", "COPIES ON NODES"]
+        for row, e in zip(rows[1:], entries):
+            doc = _tier_doc(e, held)
+            row += [doc["tier"], ", ".join(n[:12] for n in doc["nodes"]) or "-"]
     _table(rows, sys.stdout, right=(1, 3))
     return EXIT_OK
+
+
+def _memory_copies(root: str) -> dict[str, MemoryCheckpointInfo] | None:
+    """For a ``mem://`` root: every memory checkpoint by path (connects to the running Ray
+    cluster, ``address="auto"``); None for durable roots."""
+    if not root.startswith("mem://"):
+        return None
+    if not ray.is_initialized():
+        ray.init(address="auto", logging_level=logging.WARNING)
+    return {i.path: i for i in memory_checkpoints()}
+
+
+def _tier_doc(
+    entry: CheckpointEntry, held: dict[str, MemoryCheckpointInfo] | None
+) -> dict[str, Any]:
+    """Tier and copies of a memory checkpoint (nothing is added for durable ones)."""
+    if held is None:
+        return {}
+    info = held.get(entry.path.partition("?")[0])
+    return {"tier": "memory", "nodes": info.nodes if info else [],
+            "copies": info.copies if info else 0}
 
 
 def _entry_doc(entry: CheckpointEntry) -> dict[str, Any]:

@@ -343,26 +343,40 @@ class _Catalog:
 
     def make_room(self, node: str, needed: int, capacity: int, saving: str) -> list[str]:
         """Evict committed checkpoints holding bytes on ``node``, oldest first, never the newest
-        committed one of a directory nor ``saving``, until ``needed`` more bytes fit within
-        ``capacity``. Returns the evicted paths; raises MemoryTierFullError when they do not."""
+        committed one of a directory, one being persisted, nor ``saving``, until ``needed``
+        more bytes fit within ``capacity``. Returns the evicted paths. When even every allowed
+        eviction would not make room, evicts nothing and raises MemoryTierFullError."""
         with self._lock:
-            evicted: list[str] = []
-            while self.held_on(node) + needed > capacity:
-                victim = self._oldest_evictable(node, saving)
-                if victim is None:
-                    raise MemoryTierFullError(
-                        f"memory checkpoint {SCHEME}{saving} needs {needed / 2**20:.1f} MiB on node "
-                        f"{node}, which holds {self.held_on(node) / 2**20:.1f} MiB of memory "
-                        f"checkpoints out of {capacity / 2**20:.1f} MiB allowed (capacity_fraction "
-                        "of its object store), and nothing more may be evicted (the newest "
-                        "checkpoint of each directory is kept). Persist and delete older memory "
-                        "checkpoints, lower keep_last, or give the nodes a larger object store."
-                    )
-                evicted.append(victim)
+            held = self.held_on(node)
+            victims: list[str] = []
+            for victim in self._evictable(node, saving):
+                if held + needed <= capacity:
+                    break
+                victims.append(victim)
+                held -= sum(f.nbytes for f in self._dirs[victim].data.values() if node in f.nodes)
+            if held + needed > capacity:
+                raise MemoryTierFullError(
+                    f"memory checkpoint {SCHEME}{saving} needs {needed / 2**20:.1f} MiB on node "
+                    f"{node}, which holds {self.held_on(node) / 2**20:.1f} MiB of memory "
+                    f"checkpoints out of {capacity / 2**20:.1f} MiB allowed (capacity_fraction "
+                    "of its object store), and evicting what may be evicted (all but the newest "
+                    "checkpoint of each directory) would not make room. Persist and delete older "
+                    "memory checkpoints, lower keep_last, or give the nodes a larger object store."
+                )
+            for victim in victims:
                 self._drop_dir(victim)
-            return evicted
+            return victims
 
-    def _oldest_evictable(self, node: str, saving: str) -> str | None:
+    def _evictable(self, node: str, saving: str) -> list[str]:
+        """Committed checkpoints with bytes on ``node`` that may be evicted, oldest first."""
+        out = []
+        while True:
+            victim = self._oldest_evictable(node, saving, skip=set(out))
+            if victim is None:
+                return out
+            out.append(victim)
+
+    def _oldest_evictable(self, node: str, saving: str, skip: set[str]) -> str | None:
         newest: dict[str, tuple[float, str]] = {}
         for p, d in self._dirs.items():
             if d.committed_unix is not None:
@@ -373,7 +387,7 @@ class _Catalog:
         candidates = [
             (d.committed_unix, p)
             for p, d in self._dirs.items()
-            if d.committed_unix is not None and p not in keep
+            if d.committed_unix is not None and p not in keep and p not in skip
             and any(node in f.nodes for f in d.data.values())
         ]
         return min(candidates)[1] if candidates else None
@@ -435,14 +449,14 @@ class _Catalog:
         while not self._stop.wait(_REPAIR_PERIOD_SECS):
             try:
                 self.repair()
-            except Exception:  # noqa: BLE001 - logged; the next round tries again
+            except Exception:
                 logger.exception("memory tier: repair round failed")
 
     def repair(self) -> int:
         """Forget copies on dead nodes; re-replicate files below their copy target. Returns the
         number of copies made."""
         alive = set(alive_nodes())
-        work: list[tuple[str, str, str, int]] = []
+        work: list[tuple[str, str, str]] = []
         with self._lock:
             for p, d in self._dirs.items():
                 for name, f in d.data.items():
@@ -452,9 +466,9 @@ class _Catalog:
                     want = min(f.target, len(alive))
                     spare = sorted(alive - set(f.nodes), key=self.held_on)
                     if f.nodes and len(f.nodes) < want and spare:
-                        work.append((f"{p}/{name}", f.nodes[0], spare[0], f.nbytes))
+                        work.append((f"{p}/{name}", f.nodes[0], spare[0]))
         made = 0
-        for path, src, dst, nbytes in work:
+        for path, src, dst in work:
             try:
                 src_holder = ray.get_actor(holder_name(src), namespace=NAMESPACE)
                 ray.get(src_holder.push.remote(path, holder_for(dst)))
@@ -561,10 +575,8 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
         cat = catalog()
         ray.get(cat.add_data.remote(path, node, nbytes, target))
         peers = [n for n in alive_nodes() if n != node]
-        held = ray.get(cat.held_on.remote(node))  # spread: least-loaded peers first
-        del held
         loads = ray.get([cat.held_on.remote(n) for n in peers])
-        peers = [n for _, n in sorted(zip(loads, peers))][: self.config.replicas]
+        peers = [n for _, n in sorted(zip(loads, peers))][: self.config.replicas]  # least held
         pushes = [holder.push.remote(path, holder_for(peer)) for peer in peers]
         for peer, push in zip(peers, pushes):
             ray.get(push)
@@ -586,7 +598,8 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
         local = ray.get_runtime_context().get_node_id()
         for node in sorted(nodes, key=lambda n: n != local):
             try:
-                refs = ray.get(ray.get_actor(holder_name(node), namespace=NAMESPACE).ref.remote(path))
+                holder = ray.get_actor(holder_name(node), namespace=NAMESPACE)
+                refs = ray.get(holder.ref.remote(path))
                 if refs:
                     return ray.get(refs[0]), node
             except (ValueError, ray.exceptions.RayError) as e:

@@ -294,10 +294,10 @@ def test_persist_every_k_writes_the_on_disk_format(mcluster, tmp_path):
 
 
 def test_capacity_evicts_the_oldest_then_refuses(mcluster, caplog):
-    # room for what the other tests left on this node plus 5 MiB
+    # room for what the other tests left on this node plus 3.5 MiB
     head = ray.get_runtime_context().get_node_id()
     held = ray.get(memory.catalog().held_on.remote(head))
-    fraction = (held + 5 * MiB) / memory.store_capacity(head)
+    fraction = (held + 3.5 * MiB) / memory.store_capacity(head)
     fs = ray_ckpt.memory_filesystem(replicas=0, keep_last=5, capacity_fraction=fraction)
     root = _root().removeprefix("mem://")
     state = {"w": torch.randn(256, 1024)}  # 1 MiB: a save needs 2 MiB of room
@@ -306,10 +306,28 @@ def test_capacity_evicts_the_oldest_then_refuses(mcluster, caplog):
         ckptr.save(f"{root}/step-2", state)
         ckptr.save(f"{root}/step-3", state)  # needs step-1's room: evicted
         names = [e.name for e in ray_ckpt.list_checkpoints(root, filesystem=fs)]
-        assert names[0] != "step-1" and "step-3" in names, names
+        assert names == ["step-2", "step-3"], names
         assert any("evicted" in r.getMessage() and "step-1" in r.getMessage()
                    for r in caplog.records)
         with pytest.raises(ray_ckpt.MemoryTierFullError, match="needs"):
             ckptr.save(f"{root}/step-4", {"w": torch.randn(1024, 1024)})  # 4 MiB: never fits
-        assert "step-4" not in [e.name for e in ray_ckpt.list_checkpoints(root, filesystem=fs)]
+        # refused without evicting anything
+        assert [e.name for e in ray_ckpt.list_checkpoints(root, filesystem=fs)] == [
+            "step-2", "step-3"]
         assert_same(ckptr.load(f"{root}/step-3"), state)
+
+
+def test_ls_shows_memory_checkpoints_with_tier_and_copies(mcluster, capsys):
+    import json
+
+    from ray_ckpt.cli import main
+
+    root = _root()
+    ray.get(_save_on_node.options(**on_node(mcluster.head_node_id)).remote(f"{root}/step-7", 7))
+    assert main(["ls", root, "--json"]) == 0
+    [doc] = json.loads(capsys.readouterr().out)
+    assert doc["tier"] == "memory" and doc["committed"] and doc["step"] == 7
+    assert doc["copies"] == 2 and len(doc["nodes"]) == 2 and mcluster.head_node_id in doc["nodes"]
+    assert main(["ls", root]) == 0
+    table = capsys.readouterr().out
+    assert "TIER" in table and "memory" in table and mcluster.head_node_id[:12] in table
