@@ -490,6 +490,15 @@ class _Catalog:
         return made
 
 
+def in_use() -> bool:
+    """Whether this cluster has a memory tier yet (its catalog actor exists)."""
+    try:
+        ray.get_actor(CATALOG_NAME, namespace=NAMESPACE)
+    except ValueError:
+        return False
+    return True
+
+
 def catalog() -> Any:
     """The cluster's catalog actor, created (detached, on the head node) on first use."""
     try:

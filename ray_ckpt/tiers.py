@@ -164,6 +164,8 @@ def candidates(roots: list[str], *, filesystem: Any = None) -> list[Source]:
     found = []
     for root in roots:
         tier = MEMORY if root.startswith(memory.SCHEME) else DURABLE
+        if tier == MEMORY and not memory.in_use():
+            continue  # no memory checkpoint anywhere (and none is created by looking)
         fs = None if tier == MEMORY else filesystem
         for e in list_checkpoints(root, filesystem=fs):
             if e.committed:
