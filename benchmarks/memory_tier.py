@@ -54,6 +54,7 @@ class Trainer:
     def __init__(self, nbytes: int) -> None:
         import ray_ckpt
 
+        torch.manual_seed(0)  # the same state on every node, to check a load on another one
         self.state = optimizer_state(nbytes)
         self.target = _zeros_like(self.state)
         self.ckptr = ray_ckpt.make_async_checkpointer()
@@ -208,6 +209,9 @@ def run(size: int, runs: int, work: str) -> dict[str, Any]:
         while not all(len([n for n in c if n in alive]) >= 2 for c in _copies(last)):
             time.sleep(0.1)
         out["re_replicated_after_s"] = time.perf_counter() - lost_at
+    except BaseException:
+        sys.stderr.write(f"partial results: {json.dumps(out)}\n")
+        raise
     finally:
         s3_proc.kill()
         s3_proc.wait()
