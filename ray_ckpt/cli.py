@@ -29,10 +29,12 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from .credentials import redact
 from .errors import CheckpointError
+from .storage import MEMORY_SCHEME
 
 if TYPE_CHECKING:
     from .catalog import CheckpointEntry
     from .runs import RunCheckpoint, RunListing
+    from .tiers import MemoryCheckpointInfo
     from .tools import CheckpointSummary, DiffReport, LeafSummary, VerifyReport
 
 # Each command imports what it needs when it runs: torch and Ray take seconds to import, and
@@ -259,16 +261,17 @@ def _ls(args: argparse.Namespace) -> int:
     from .runs import list_run
     from .storage import Storage
 
+    held = _memory_copies(args.root)
     root = Storage.from_path(args.root)
     if not root.exists():
         raise CheckpointError(f"no such directory: {root.display}")
     listing = list_run(args.root)
     if args.json:  # a list of checkpoints, as before; the roots below go to stderr
-        _print_json(_listing_doc(listing), sys.stdout)
+        _print_json(_listing_doc(listing, held), sys.stdout)
         if listing.roots:
             print_roots(listing, sys.stderr)
     elif listing.checkpoints:
-        print_listing(listing, sys.stdout)
+        print_listing(listing, sys.stdout, held)
     elif listing.roots:
         print_roots(listing, sys.stdout)
     else:
@@ -285,9 +288,12 @@ def _state(entry: CheckpointEntry) -> str:
     return "committed" if entry.committed else "incomplete"
 
 
-def print_listing(listing: RunListing, out: TextIO) -> None:
+def print_listing(
+    listing: RunListing, out: TextIO, held: dict[str, MemoryCheckpointInfo] | None = None
+) -> None:
     """The checkpoints of one root, oldest step first; on a Ray Train run, whether Ray Train
-    registered each, and a line on what that means."""
+    registered each, and a line on what that means; for memory checkpoints (``held``), the tier
+    and the nodes holding copies."""
     train = listing.ray_train
     rows = [["NAME", "STEP", "STATE", *(["RAY TRAIN"] if train else []), "SIZE", "COMMITTED AT"]]
     for c in listing.checkpoints:
@@ -298,6 +304,11 @@ def print_listing(listing: RunListing, out: TextIO) -> None:
             *([_registration(c, listing)] if train else []),
             human_bytes(e.nbytes), _when(e.created_unix),
         ])
+    if held is not None:
+        rows[0] += ["TIER", "COPIES ON NODES"]
+        for row, c in zip(rows[1:], listing.checkpoints):
+            doc = _tier_doc(c.entry, held)
+            row += [doc["tier"], ", ".join(n[:12] for n in doc["nodes"]) or "-"]
     _table(rows, out, right=(1, 4 if train else 3))
     if train:
         unregistered = [c for c in listing.checkpoints if c.entry.committed and not c.registered]
@@ -324,14 +335,42 @@ def print_roots(listing: RunListing, out: TextIO) -> None:
     _table([["ROOT", "CHECKPOINTS"], *[[n, str(k)] for n, k in listing.roots]], out, right=(1,))
 
 
-def _listing_doc(listing: RunListing) -> list[dict[str, Any]]:
+def _listing_doc(
+    listing: RunListing, held: dict[str, MemoryCheckpointInfo] | None = None
+) -> list[dict[str, Any]]:
     """One object per checkpoint; ``registered`` is null where it cannot be known (not a Ray
     Train run), ``ray_train_latest`` true for the one Ray Train resumes from."""
     return [
         {**_entry_doc(c.entry), "step": c.step, "saved_step": c.saved_step,
-         "registered": c.registered, "ray_train_latest": c.entry.name == listing.ray_train_latest}
+         "registered": c.registered, "ray_train_latest": c.entry.name == listing.ray_train_latest,
+         **_tier_doc(c.entry, held)}
         for c in listing.checkpoints
     ]
+
+
+def _memory_copies(root: str) -> dict[str, MemoryCheckpointInfo] | None:
+    """For a ``mem://`` root: every memory checkpoint by path (connects to the running Ray
+    cluster, ``address="auto"``); None for durable roots."""
+    if not root.startswith(MEMORY_SCHEME):
+        return None
+    import ray
+
+    from .tiers import memory_checkpoints
+
+    if not ray.is_initialized():
+        ray.init(address="auto", logging_level=logging.WARNING)
+    return {i.path: i for i in memory_checkpoints()}
+
+
+def _tier_doc(
+    entry: CheckpointEntry, held: dict[str, MemoryCheckpointInfo] | None
+) -> dict[str, Any]:
+    """Tier and copies of a memory checkpoint (nothing is added for durable ones)."""
+    if held is None:
+        return {}
+    info = held.get(entry.path.partition("?")[0])
+    return {"tier": "memory", "nodes": info.nodes if info else [],
+            "copies": info.copies if info else 0}
 
 
 def _entry_doc(entry: CheckpointEntry) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from . import metrics
+from . import memory, metrics
 from ._checksum import crc32c
 from .config import CheckpointerConfig
 from .errors import (
@@ -177,6 +177,7 @@ class Coordinator:
                 allow_pickle=allow_pickle,
                 assign_replicas=None if barrier is None else self._assigner(barrier),
             )
+            memory.make_room(storage.fs, storage.path, plan.nbytes)  # a memory checkpoint's room
         except BaseException as e:
             if barrier is not None:  # fail the save on every rank now, not at the timeout
                 barrier.fail.remote(self._rank_info.global_rank, portable_error(e))

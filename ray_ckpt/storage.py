@@ -135,6 +135,10 @@ OBJECT_STORES = frozenset(
 )
 
 
+MEMORY_SCHEME = "mem://"  # the memory tier (ray_ckpt.memory)
+_MEMORY_TYPE_NAME = "py::mem"  # its filesystem's type_name
+
+
 def resolve(path: str, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.FileSystem, str]:
     """Resolve ``path`` once into an ``(fs, fs_path)`` pair.
 
@@ -149,6 +153,10 @@ def resolve(path: str, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.
     path = os.fspath(path)
     if not path:
         raise ValueError("a checkpoint path must not be empty")
+    if path.startswith(MEMORY_SCHEME):  # the memory tier, whatever the other filesystem is
+        from . import memory  # imports Ray: only for memory paths (`ray-ckpt ls` stays quick)
+
+        return memory.from_uri(path, filesystem)
     if filesystem is not None:
         return filesystem, path.removeprefix("file://").rstrip("/") or "/"
     if "://" in path:
@@ -338,6 +346,8 @@ class Storage:
             return credentials.redact(path)
         if self.is_local:
             return path
+        if self.type_name == _MEMORY_TYPE_NAME:
+            return f"{MEMORY_SCHEME}{path}"
         return f"{self.type_name}://{path.lstrip('/') if self.is_object_store else path}"
 
     @property

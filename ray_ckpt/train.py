@@ -53,6 +53,7 @@ letting training go on from fresh weights.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections.abc import Mapping, MutableMapping
@@ -64,11 +65,15 @@ from ray.train import CheckpointUploadMode, collective
 
 from ._stateful import is_stateful
 from .builder import make_async_checkpointer
+from .catalog import describe
 from .checkpointer import AsyncCheckpointer, missing_keys_error
 from .config import CheckpointerConfig
 from .coordinator import SaveResult
 from .errors import CheckpointError
 from .futures import CheckpointFuture
+from .memory import SCHEME
+from .storage import Storage
+from .tiers import DURABLE, MEMORY, Source, candidates, choose
 from .types import STATE_DICT, RankInfo
 
 logger = logging.getLogger(__name__)
@@ -137,6 +142,21 @@ class TrainCheckpointer:
         )
         return write
 
+    def save_to_memory(
+        self, state_dict: Mapping[str, Any], step: int, *, allow_pickle: bool = False
+    ) -> CheckpointFuture[SaveResult]:
+        """Save this rank's ``state_dict`` as memory checkpoint ``step`` of the run (see
+        :mod:`ray_ckpt.memory`); not reported to Ray Train. Every rank must call it. Returns
+        once the state is staged; the write future resolves once it is held and replicated."""
+        path = f"{memory_root(_run_storage())}/step-{step:09d}"
+        ckptr = self._checkpointer(_run_storage().storage_filesystem)
+        stage, write = ckptr.save(
+            path, _to_state_dicts(state_dict), allow_pickle=allow_pickle,
+            metadata={"step": step},
+        )
+        stage.result()
+        return write
+
     def load(
         self,
         state_dict: Mapping[str, Any] | None = None,
@@ -159,14 +179,13 @@ class TrainCheckpointer:
         ``strict=False`` for none (a dict none of whose keys match still raises). Returns the
         loaded state dict.
         """
-        if checkpoint is None:
-            checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        path, filesystem = _newest(checkpoint)
+        if path is None:
             return None
         target = None if state_dict is None else _load_target(state_dict)
-        ckptr = self._checkpointer(checkpoint.filesystem)
+        ckptr = self._checkpointer(filesystem)
         loaded, missing = ckptr._load_and_missing(
-            checkpoint.path,
+            path,
             target,
             default_map_location=default_map_location,
             allow_pickle=allow_pickle,
@@ -177,7 +196,7 @@ class TrainCheckpointer:
             state_dict.update(target)
         required = missing if strict else _of_stateful(missing, target) if strict is None else []
         if required:
-            raise missing_keys_error(checkpoint.path, required)
+            raise missing_keys_error(path, required)
         return loaded
 
     def close(self) -> None:
@@ -263,6 +282,50 @@ def _run_storage() -> Any:
         ) from e
 
 
+def memory_root(storage: Any) -> str:
+    """The run's memory checkpoints: ``mem://<experiment>-<hash of its storage path>``."""
+    experiment = str(storage.experiment_fs_path).rstrip("/")
+    digest = hashlib.sha1(experiment.encode()).hexdigest()[:10]
+    return f"{SCHEME}{experiment.rsplit('/', 1)[-1]}-{digest}"
+
+
+def _newest(checkpoint: ray.train.Checkpoint | None) -> tuple[str | None, Any]:
+    """What to load: ``checkpoint`` when given; else the newer (by commit time) of Ray Train's
+    latest checkpoint and the run's newest memory checkpoint that is held whole. Rank 0
+    decides, for every rank."""
+    if checkpoint is not None:
+        return checkpoint.path, checkpoint.filesystem
+    registered = ray.train.get_checkpoint()
+    choice: tuple[str | None, Any] = (None, None)
+    if ray.train.get_context().get_world_rank() == 0:
+        choice = _choose(registered)
+    path = collective.broadcast_from_rank_zero(choice[0])
+    if registered is not None and path == registered.path:
+        return path, registered.filesystem
+    return path, _run_storage().storage_filesystem  # (a mem:// path ignores it)
+
+
+def _choose(registered: ray.train.Checkpoint | None) -> tuple[str | None, Any]:
+    sources = []
+    if registered is not None:
+        entry = describe(Storage.from_path(registered.path, registered.filesystem))
+        if entry is not None and entry.committed:
+            sources.append(Source(registered.path, DURABLE, None, entry.created_unix or 0.0))
+    try:
+        sources += candidates([memory_root(_run_storage())])
+    except CheckpointError as e:  # no memory tier: Ray Train's checkpoint it is
+        logger.info("no memory checkpoint of this run: %s", e)
+    sources.sort(key=lambda s: (s.created_unix, s.tier == MEMORY), reverse=True)
+    if not sources:
+        return None, None
+    source, where, _ = choose(sources)
+    logger.info(
+        "resuming from %s (%s): the newest committed checkpoint of the run%s", source.path,
+        where, "" if registered is None else f" (Ray Train's latest: {registered.path})",
+    )
+    return source.path, None
+
+
 def _rank_info() -> RankInfo:
     context = ray.train.get_context()
     return RankInfo(context.get_world_rank(), context.get_world_size())
@@ -325,6 +388,18 @@ def report(
     )
 
 
+def save_to_memory(
+    state_dict: Mapping[str, Any],
+    step: int,
+    *,
+    allow_pickle: bool = False,
+    config: CheckpointerConfig | None = None,
+) -> CheckpointFuture[SaveResult]:
+    """Save this rank's state as memory checkpoint ``step`` of the run; see
+    :meth:`TrainCheckpointer.save_to_memory`. Call it on every rank."""
+    return _default(config).save_to_memory(state_dict, step, allow_pickle=allow_pickle)
+
+
 def load(
     state_dict: Mapping[str, Any] | None = None,
     *,
@@ -345,4 +420,4 @@ def load(
     )
 
 
-__all__ = ["TrainCheckpointer", "load", "report"]
+__all__ = ["TrainCheckpointer", "load", "memory_root", "report", "save_to_memory"]

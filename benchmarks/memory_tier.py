@@ -1,0 +1,263 @@
+"""The memory tier: save stall, time until replicated, and restores from each place.
+
+    python -m benchmarks.memory_tier --size 256m --runs 3
+
+On a simulated cluster (``ray.cluster_utils.Cluster``: a head and two worker nodes), a trainer
+actor on worker node A holds a transformer + Adam state (``benchmarks.state_dicts``):
+
+* memcpy: copying the state into preallocated tensors (the machine's limit);
+* memory save: the stall of an async save to ``mem://`` (until the caller may change its
+  tensors) and the time until the checkpoint is committed, i.e. held on A and replicated to one
+  peer;
+* restores, in place into preallocated tensors, each checked byte for byte once: from A's own
+  holder; from cold local disk (the same state saved to a directory, its pages dropped with
+  ``posix_fadvise(DONTNEED)`` before every read); from the loopback S3 server (moto); and from a
+  peer's holder after node A is removed (on a node that holds no copy, so every byte crosses
+  Ray's transfer), then the time until re-replication restores two copies.
+
+Results: a markdown table on stdout and ``--out``/memory_tier.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+import ray
+import torch
+from ray.cluster_utils import Cluster
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from benchmarks.state_dicts import optimizer_state, parse_size, tensors
+
+MiB = 1 << 20
+
+
+def _on(node: str) -> dict[str, Any]:
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
+
+
+@ray.remote(num_cpus=0)
+class Trainer:
+    def __init__(self, nbytes: int) -> None:
+        import ray_ckpt
+
+        torch.manual_seed(0)  # the same state on every node, to check a load on another one
+        self.state = optimizer_state(nbytes)
+        self.target = _zeros_like(self.state)
+        self.ckptr = ray_ckpt.make_async_checkpointer()
+        self.sync = ray_ckpt.make_sync_checkpointer()
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for _, t in tensors(self.state))
+
+    def memcpy(self) -> float:
+        started = time.perf_counter()
+        for (_, src), (_, dst) in zip(tensors(self.state), tensors(self.target)):
+            dst.copy_(src)
+        return time.perf_counter() - started
+
+    def save_memory(self, path: str) -> tuple[float, float]:
+        started = time.perf_counter()
+        stage, write = self.ckptr.save(path, self.state)
+        stage.result()
+        stall = time.perf_counter() - started
+        write.result()
+        return stall, time.perf_counter() - started
+
+    def save(self, path: str, filesystem: Any = None) -> None:
+        import ray_ckpt
+
+        with ray_ckpt.make_sync_checkpointer(filesystem=filesystem) as ckptr:
+            ckptr.save(path, self.state)
+
+    def load(self, path: str, filesystem: Any = None, check: bool = False) -> float:
+        import ray_ckpt
+
+        for _, t in tensors(self.target):
+            t.zero_()
+        with ray_ckpt.make_sync_checkpointer(filesystem=filesystem) as ckptr:
+            started = time.perf_counter()
+            ckptr.load(path, self.target, strict=True)
+            took = time.perf_counter() - started
+        if check:
+            for (key, a), (_, b) in zip(tensors(self.state), tensors(self.target)):
+                assert torch.equal(a, b), f"{key} differs after loading {path}"
+        return took
+
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
+def _zeros_like(tree: Any) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return torch.zeros_like(tree)
+    if isinstance(tree, dict):
+        return {k: _zeros_like(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_zeros_like(v) for v in tree]
+    return tree
+
+
+def drop_from_page_cache(root: str) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+@ray.remote(num_cpus=0)
+def _drop(root: str) -> None:
+    drop_from_page_cache(root)
+
+
+def _start_s3(log: Path) -> tuple[subprocess.Popen[bytes], pafs.S3FileSystem]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    moto = Path(sys.executable).with_name("moto_server")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=out,
+                                stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.1)
+    fs = pafs.S3FileSystem(access_key="k", secret_key="s", endpoint_override=f"127.0.0.1:{port}",
+                           scheme="http", region="us-east-1", allow_bucket_creation=True)
+    fs.create_dir("bench")
+    return proc, fs
+
+
+def _copies(path: str) -> list[list[str]]:
+    from ray_ckpt import memory
+    from ray_ckpt.storage import Storage
+
+    storage = Storage.from_path(path)
+    cat = memory.catalog()
+    names = [n for n in storage.list_files() if n.endswith(".data")]
+    return [ray.get(cat.copies.remote(f"{storage.path}/{n}")) for n in names]
+
+
+def run(size: int, runs: int, work: str) -> dict[str, Any]:
+    head_store, worker_store = 4 * size + 512 * MiB, 4 * size + 256 * MiB
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "object_store_memory": head_store})
+    a = cluster.add_node(num_cpus=1, object_store_memory=worker_store)
+    cluster.add_node(num_cpus=1, object_store_memory=worker_store)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, namespace="bench", log_to_driver=False)
+    s3_proc, s3 = _start_s3(Path(work) / "moto.log")
+    out: dict[str, Any] = {"size_bytes": size, "runs": runs}
+    try:
+        trainer = Trainer.options(**_on(a.node_id)).remote(size)
+        out["state_bytes"] = ray.get(trainer.nbytes.remote())
+        out["memcpy_s"] = statistics.median(ray.get(trainer.memcpy.remote()) for _ in range(runs))
+        saves = [ray.get(trainer.save_memory.remote(f"mem://bench/step-{i}"))
+                 for i in range(runs + 1)]
+        out["first_save_stall_s"], out["first_save_replicated_s"] = saves[0]
+        out["save_stall_s"] = statistics.median(s for s, _ in saves[1:])
+        out["save_replicated_s"] = statistics.median(t for _, t in saves[1:])
+        last = f"mem://bench/step-{runs}"
+        ray.get(trainer.load.remote(last, None, True))
+        out["load_local_holder_s"] = statistics.median(
+            ray.get(trainer.load.remote(last)) for _ in range(runs))
+        disk = os.path.join(work, "disk", "step")
+        ray.get(trainer.save.remote(disk))
+        cold = []
+        for i in range(runs):
+            ray.get(_drop.options(**_on(a.node_id)).remote(disk))
+            cold.append(ray.get(trainer.load.remote(disk, None, i == 0)))
+        out["load_cold_disk_s"] = statistics.median(cold)
+        ray.get(trainer.save.remote("bench/step", s3))
+        out["load_s3_s"] = statistics.median(
+            ray.get(trainer.load.remote("bench/step", s3, i == 0)) for i in range(runs))
+        # node A is lost: load on a node without a copy, from the peer's holder
+        copies = _copies(last)
+        holders = {n for c in copies for n in c} - {a.node_id}
+        ray.kill(trainer)
+        cluster.remove_node(a)
+        while a.node_id in [n["NodeID"] for n in ray.nodes() if n["Alive"]]:
+            time.sleep(0.1)
+        lost_at = time.perf_counter()
+        alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+        loader_node = next(n for n in alive if n not in holders)
+        loader = Trainer.options(**_on(loader_node)).remote(size)
+        out["load_peer_holder_s"] = ray.get(loader.load.remote(last, None, True))
+        while not all(len([n for n in c if n in alive]) >= 2 for c in _copies(last)):
+            time.sleep(0.1)
+        out["re_replicated_after_s"] = time.perf_counter() - lost_at
+    except BaseException:
+        sys.stderr.write(f"partial results: {json.dumps(out)}\n")
+        raise
+    finally:
+        s3_proc.kill()
+        s3_proc.wait()
+        ray.shutdown()
+        cluster.shutdown()
+    return out
+
+
+def table(r: dict[str, Any]) -> str:
+    m = r["memcpy_s"]
+    rows = [
+        ("memcpy (limit)", r["memcpy_s"], "1.00x memcpy"),
+        ("memory save: stall", r["save_stall_s"], f"{r['save_stall_s'] / m:.2f}x memcpy"),
+        ("memory save: until held on 2 nodes", r["save_replicated_s"], ""),
+        ("first memory save: stall / replicated", r["first_save_stall_s"],
+         f"replicated {r['first_save_replicated_s']:.2f} s"),
+        ("restore: local holder", r["load_local_holder_s"], ""),
+        ("restore: peer holder (local node removed)", r["load_peer_holder_s"],
+         f"{r['load_s3_s'] / r['load_peer_holder_s']:.1f}x faster than S3, "
+         f"{r['load_cold_disk_s'] / r['load_peer_holder_s']:.1f}x than cold disk"),
+        ("restore: cold local disk", r["load_cold_disk_s"], ""),
+        ("restore: loopback S3 (moto)", r["load_s3_s"], ""),
+        ("re-replication after node loss", r["re_replicated_after_s"], "background"),
+    ]
+    lines = [f"state {r['state_bytes'] / MiB:.0f} MiB (transformer + Adam), median of "
+             f"{r['runs']} runs", "", "| what | seconds | vs |", "| --- | ---: | --- |"]
+    lines += [f"| {name} | {secs:.3f} | {note} |" for name, secs, note in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="256m", help="state size (transformer + Adam)")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    work = tempfile.mkdtemp(prefix="ray_ckpt_memtier_")
+    try:
+        result = run(parse_size(args.size), args.runs, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "memory_tier.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    sys.stdout.write(table(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,333 @@
+"""The memory tier: checkpoints held in the object store by per-node holders, replicated.
+
+Runs on its own simulated cluster (head + 2 workers), which loses and gains nodes, and is shut
+down at the end of the module so that no other module sees it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import uuid
+
+import pytest
+import ray
+import torch
+
+import ray_ckpt
+from ray_ckpt import memory
+
+from . import conftest
+from .conftest import MiB, on_node
+from .helpers import assert_same, small_config
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+conftest.CLUSTERS.setdefault("memory", {
+    "head": {"num_cpus": 2, "object_store_memory": 400 * MiB},
+    "workers": [
+        {"num_cpus": 1, "object_store_memory": 200 * MiB},
+        {"num_cpus": 1, "object_store_memory": 200 * MiB},
+    ],
+})
+_WORKER = {"num_cpus": 1, "object_store_memory": 200 * MiB}
+
+
+@pytest.fixture(scope="module")
+def mcluster():
+    running = conftest.ensure_cluster("memory")
+    yield running
+    conftest._stop()  # nodes were removed: no other module may reuse this cluster
+
+
+def _root() -> str:
+    return f"mem://t-{uuid.uuid4().hex[:8]}"
+
+
+def _state(seed: int) -> dict:
+    torch.manual_seed(seed)
+    return {"model": {"w": torch.randn(256, 256), "b": torch.randn(256),
+                      "tiny": [torch.ones(3) * i for i in range(20)]},
+            "step": seed, "note": f"seed {seed}"}
+
+
+def _copies(path: str) -> list[list[str]]:
+    storage = ray_ckpt.storage.Storage.from_path(path)
+    cat = memory.catalog()
+    names = [n for n in storage.list_files() if n.endswith(".data")]
+    return [sorted(ray.get(cat.copies.remote(f"{storage.path}/{n}"))) for n in names]
+
+
+def _wait_until(predicate, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting for the memory tier"
+        time.sleep(0.2)
+
+
+@ray.remote(num_cpus=0)
+def _save_on_node(path: str, seed: int, sync: bool = True) -> str:
+    with (ray_ckpt.make_sync_checkpointer(config=small_config()) if sync
+          else ray_ckpt.make_async_checkpointer(config=small_config())) as ckptr:
+        if sync:
+            ckptr.save(path, _state(seed))
+        else:
+            ckptr.save(path, _state(seed))[1].result()
+    return ray.get_runtime_context().get_node_id()
+
+
+@ray.remote(num_cpus=0)
+def _load_on_node(path: str) -> dict:
+    with ray_ckpt.make_sync_checkpointer() as ckptr:
+        return ckptr.load(path)
+
+
+def _spare_worker(mcluster) -> str:
+    """A live worker node (added when removals left none)."""
+    alive = set(memory.alive_nodes())
+    workers = [n for n in mcluster.worker_node_ids if n in alive]
+    if len(workers) < 2:
+        node = mcluster.cluster.add_node(**_WORKER)
+        mcluster.cluster.wait_for_nodes()
+        mcluster.worker_node_ids.append(node.node_id)
+        workers.append(node.node_id)
+    return workers[-1]
+
+
+def _remove(mcluster, node_id: str) -> None:
+    node = next(n for n in mcluster.cluster.worker_nodes if n.node_id == node_id)
+    mcluster.cluster.remove_node(node)
+    mcluster.worker_node_ids.remove(node_id)
+    _wait_until(lambda: node_id not in memory.alive_nodes())
+
+
+# --- save and load -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["sync", "async"])
+def test_save_to_memory_and_load_back_exactly(mcluster, sync):
+    path = f"{_root()}/step-1"
+    node = ray.get(_save_on_node.options(**on_node(mcluster.head_node_id)).remote(path, 1, sync))
+    with ray_ckpt.make_sync_checkpointer() as ckptr:
+        assert_same(ckptr.load(path), _state(1))
+        target = _state(2)
+        ckptr.load(path, target["model"] and {"model": target["model"]}, strict=True)
+        assert_same(target["model"], _state(1)["model"])
+    copies = _copies(path)
+    assert copies and all(len(c) == 2 and node in c for c in copies), copies
+    [info] = [i for i in ray_ckpt.memory_checkpoints() if i.path == path]
+    assert info.committed and info.complete and info.copies == 2 and info.tier == "memory"
+    [entry] = ray_ckpt.list_checkpoints(path.rsplit("/", 1)[0])
+    assert entry.committed and entry.path == path
+
+
+def test_two_ranks_with_dtensors_load_back_exactly(mcluster):
+    from .test_sharding import _close, _group
+
+    path = f"{_root()}/step-3"
+    ranks = _group(2)
+    layout = {"w": "S0", "b": "R", "e": "S1"}
+    try:
+        ray.get([r.save.remote(path, layout) for r in ranks], timeout=180)
+        for result in ray.get([r.load.remote(path, layout) for r in ranks], timeout=180):
+            assert all(result["exact"].values()), result
+    finally:
+        _close(ranks)
+    assert all(len(c) == 2 for c in _copies(path))
+
+
+def test_holder_survives_the_death_of_the_process_that_saved(mcluster):
+    path = f"{_root()}/step-4"
+
+    @ray.remote(num_cpus=0)
+    class Trainer:
+        def save(self) -> int:
+            _save_on_node._function(path, 4)
+            import os
+
+            return os.getpid()
+
+    trainer = Trainer.options(**on_node(mcluster.head_node_id)).remote()
+    ray.get(trainer.save.remote())
+    ray.kill(trainer)
+    time.sleep(1.0)  # the saving process is gone
+    loaded = ray.get(_load_on_node.options(**on_node(mcluster.head_node_id)).remote(path))
+    assert_same(loaded, _state(4))
+
+
+def test_a_missing_memory_checkpoint_is_not_found(mcluster):
+    with ray_ckpt.make_sync_checkpointer() as ckptr, pytest.raises(ray_ckpt.CheckpointError):
+        ckptr.load(f"{_root()}/step-9")
+
+
+# --- Ray Train ----------------------------------------------------------------------------------
+
+
+def _memory_train_loop(config: dict) -> None:
+    """Memory checkpoint every step, a Ray Train checkpoint at step 1 only; rank 1 fails at
+    step 5 of the first attempt."""
+    import os
+
+    import ray.train
+
+    import ray_ckpt.train
+
+    from .test_train import _batch, _build
+
+    rank = ray.train.get_context().get_world_rank()
+    model, optimizer = _build()
+    state = {"model": model, "optim": optimizer, "step": -1}
+    ray_ckpt.train.load(state, strict=True)
+    start = state["step"] + 1
+    with open(os.path.join(config["records"], f"start-{start}-rank{rank}"), "w") as f:
+        f.write(ray_ckpt.train.memory_root(ray.train.get_context().get_storage()))
+    for step in range(start, 8):
+        x, y = _batch(step, rank)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step == 5 and rank == 1 and not os.path.exists(config["marker"]):
+            open(config["marker"], "w").close()
+            raise RuntimeError("injected crash of rank 1 at step 5")
+        state["step"] = step
+        ray_ckpt.train.save_to_memory(state, step).result()
+        if step == 1:
+            ray_ckpt.train.report({"step": step}, state)
+
+
+def test_ray_train_resumes_from_memory_after_a_worker_failure(mcluster, tmp_path):
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .test_train import _fast_polling
+
+    records = tmp_path / "records"
+    records.mkdir()
+    trainer = TorchTrainer(
+        _memory_train_loop,
+        train_loop_config={"records": str(records), "marker": str(tmp_path / "crashed")},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name="memrun", storage_path=str(tmp_path / "storage"),
+                             failure_config=FailureConfig(max_failures=1)),
+    )
+    with _fast_polling():
+        result = trainer.fit()
+    assert result.error is None, result.error
+    assert (tmp_path / "crashed").exists()
+    starts = sorted(p.name for p in records.iterdir())
+    # resumed after step 4 (memory), not after step 1 (Ray Train's registered checkpoint)
+    assert starts == ["start-0-rank0", "start-0-rank1", "start-5-rank0", "start-5-rank1"], starts
+    assert result.checkpoint is not None and "checkpoint" in result.checkpoint.path
+    root = (records / "start-5-rank0").read_text()
+    steps = [e.step for e in ray_ckpt.list_checkpoints(root)]
+    assert steps[-1] == 7
+
+
+# --- node loss ---------------------------------------------------------------------------------
+
+
+def test_node_removed_after_a_memory_save_loads_from_the_replica(mcluster, caplog):
+    worker = _spare_worker(mcluster)
+    path = f"{_root()}/step-5"
+    assert ray.get(_save_on_node.options(**on_node(worker)).remote(path, 5)) == worker
+    before = _copies(path)
+    assert all(worker in c and len(c) == 2 for c in before)
+    _remove(mcluster, worker)
+    # the copies on the removed node are gone; the replica serves the load
+    with ray_ckpt.make_sync_checkpointer() as ckptr, caplog.at_level(logging.INFO):
+        loaded, source = ray_ckpt.load_newest(ckptr, [path.rsplit("/", 1)[0]])
+    assert_same(loaded, _state(5))
+    assert source.tier == "memory" and source.path == path
+    # re-replication restores two copies, on live nodes only
+    _wait_until(lambda: all(len(c) == 2 and worker not in c for c in _copies(path)))
+    assert_same(ray.get(_load_on_node.options(**on_node(mcluster.head_node_id)).remote(path)),
+                _state(5))
+
+
+def test_losing_every_copy_falls_back_to_durable_with_a_warning(mcluster, tmp_path, caplog):
+    worker = _spare_worker(mcluster)
+    root = f"{_root()}?replicas=0"
+    durable = str(tmp_path / "durable")
+    base = root.partition("?")[0]
+    ray.get(_save_on_node.options(**on_node(worker)).remote(f"{base}/step-000000010?replicas=0",
+                                                           10))
+    ray_ckpt.persist(f"{base}/step-000000010", f"{durable}/step-000000010")
+    ray.get(_save_on_node.options(**on_node(worker)).remote(f"{base}/step-000000011?replicas=0",
+                                                           11))
+    assert all(c == [worker] for c in _copies(f"{base}/step-000000011"))
+    _remove(mcluster, worker)
+    with ray_ckpt.make_sync_checkpointer() as ckptr, caplog.at_level(logging.INFO):
+        target = _state(0)
+        loaded, source = ray_ckpt.load_newest(ckptr, [root, durable], target, strict=True)
+    assert source.tier == "durable" and source.step == 10
+    assert_same(loaded, _state(10))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("step-000000011" in w and "lost" in w and "11" in w for w in warnings), warnings
+
+
+# --- persist -----------------------------------------------------------------------------------
+
+
+def test_persist_every_k_writes_the_on_disk_format(mcluster, tmp_path):
+    durable_root = str(tmp_path / "run")
+    mem_root = f"{_root()}?keep_last=2"
+    with ray_ckpt.make_async_checkpointer(config=small_config()) as ckptr:
+        durable = ray_ckpt.CheckpointManager(durable_root, ckptr, keep_last=3)
+        manager = ray_ckpt.TieredCheckpointManager(durable, mem_root, persist_every=2)
+        for step in range(7):
+            manager.save(step, _state(step), metrics={"loss": 1.0 / (step + 1)})
+        manager.wait()
+        assert durable.steps() == [2, 4, 6]
+        assert [e.step for e in ray_ckpt.list_checkpoints(mem_root)] == [5, 6]  # keep_last=2
+        loaded, source = manager.load()
+        assert source.tier == "memory" and source.step == 6
+        assert_same(loaded, _state(6))
+        manager.close()
+    # a durable checkpoint is a plain one, and verifies
+    assert_same(ray_ckpt.CheckpointReader().read(durable.path(4))[0], _state(4))
+    assert ray_ckpt.verify(durable.path(4)).ok
+
+
+# --- accounting --------------------------------------------------------------------------------
+
+
+def test_capacity_evicts_the_oldest_then_refuses(mcluster, caplog):
+    # room for what the other tests left on this node plus 3.5 MiB
+    head = ray.get_runtime_context().get_node_id()
+    held = ray.get(memory.catalog().held_on.remote(head))
+    fraction = (held + 3.5 * MiB) / memory.store_capacity(head)
+    fs = ray_ckpt.memory_filesystem(replicas=0, keep_last=5, capacity_fraction=fraction)
+    root = _root().removeprefix("mem://")
+    state = {"w": torch.randn(256, 1024)}  # 1 MiB: a save needs 2 MiB of room
+    with ray_ckpt.make_sync_checkpointer(filesystem=fs) as ckptr, caplog.at_level(logging.INFO):
+        ckptr.save(f"{root}/step-1", state)
+        ckptr.save(f"{root}/step-2", state)
+        ckptr.save(f"{root}/step-3", state)  # needs step-1's room: evicted
+        names = [e.name for e in ray_ckpt.list_checkpoints(root, filesystem=fs)]
+        assert names == ["step-2", "step-3"], names
+        assert any("evicted" in r.getMessage() and "step-1" in r.getMessage()
+                   for r in caplog.records)
+        with pytest.raises(ray_ckpt.MemoryTierFullError, match="needs"):
+            ckptr.save(f"{root}/step-4", {"w": torch.randn(1024, 1024)})  # 4 MiB: never fits
+        # refused without evicting anything
+        assert [e.name for e in ray_ckpt.list_checkpoints(root, filesystem=fs)] == [
+            "step-2", "step-3"]
+        assert_same(ckptr.load(f"{root}/step-3"), state)
+
+
+def test_ls_shows_memory_checkpoints_with_tier_and_copies(mcluster, capsys):
+    import json
+
+    from ray_ckpt.cli import main
+
+    root = _root()
+    ray.get(_save_on_node.options(**on_node(mcluster.head_node_id)).remote(f"{root}/step-7", 7))
+    assert main(["ls", root, "--json"]) == 0
+    [doc] = json.loads(capsys.readouterr().out)
+    assert doc["tier"] == "memory" and doc["committed"] and doc["step"] == 7
+    assert doc["copies"] == 2 and len(doc["nodes"]) == 2 and mcluster.head_node_id in doc["nodes"]
+    assert main(["ls", root]) == 0
+    table = capsys.readouterr().out
+    assert "TIER" in table and "memory" in table and mcluster.head_node_id[:12] in table
