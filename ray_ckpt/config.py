@@ -45,8 +45,9 @@ class CheckpointStagerConfig:
         rank_local_keys: in a multi-rank save, tensors are *replicated* by default (the
             checkpoint is the union of the ranks' keys: a key held by one rank, as a pipeline
             stage's layer, or by several, as under DDP, holds one tensor) and written once, by
-            one of the ranks that hold it, balanced over them. Keys equal to one of these dotted prefixes, or below one,
-            are *rank-local* instead: every rank writes and later reads its own
+            one of the ranks that hold it, balanced over them. Keys equal to one of these
+            dotted prefixes, or below one, are *rank-local* instead: every rank writes and
+            later reads its own
             (``("rng", "dataloader")``; ``("",)`` makes every key rank-local).
         async_write_during_staging: ``AsyncCheckpointer`` only: hand each bucket to a writer
             as soon as it is staged. Writing then competes with the copy for the cores and the
