@@ -293,7 +293,8 @@ class Merger:
             )
         elif None not in (crc, first_crc) and crc != first_crc:
             self.problems.append(
-                f"key {meta.key!r} holds different values on ranks {first_rank} and {rank}"
+                f"key {meta.key!r} holds different values on ranks {min(first_rank, rank)} "
+                f"and {max(first_rank, rank)}"
             )
         return index
 

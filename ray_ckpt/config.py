@@ -42,10 +42,12 @@ class CheckpointStagerConfig:
         memory_budget_bytes: most bytes staged but not yet written at any time. ``None``
             takes half of the object store of this node. A state dict larger than the budget
             stages in pieces: piece k+1 is staged while piece k is written.
-        rank_local_keys: in a multi-rank save, tensors are *replicated* by default (DDP: the
-            same key holds the same tensor on every rank) and written once, by one rank,
-            balanced over the ranks. Keys equal to one of these dotted prefixes, or below one,
-            are *rank-local* instead: every rank writes and later reads its own
+        rank_local_keys: in a multi-rank save, tensors are *replicated* by default (the
+            checkpoint is the union of the ranks' keys: a key held by one rank, as a pipeline
+            stage's layer, or by several, as under DDP, holds one tensor) and written once, by
+            one of the ranks that hold it, balanced over them. Keys equal to one of these
+            dotted prefixes, or below one, are *rank-local* instead: every rank writes and
+            later reads its own
             (``("rng", "dataloader")``; ``("",)`` makes every key rank-local).
         async_write_during_staging: ``AsyncCheckpointer`` only: hand each bucket to a writer
             as soon as it is staged. Writing then competes with the copy for the cores and the

@@ -329,3 +329,33 @@ def test_64_ranks_on_4_nodes_commit_once_and_load_on_64_and_on_8(tmp_path):
     loaded = ray.get([load_as.remote(path, r, 8, targets[r]) for r in range(8)], timeout=600)
     for r, got in enumerate(loaded):
         assert_same(plain(got), plain(big_job_state(r, 4, 2)))
+
+
+# --- the pieces, without Ray --------------------------------------------------------------------
+
+
+def test_replica_owners_are_chosen_among_the_holders_and_balanced():
+    from ray_ckpt.stager import assign_replica_owners
+
+    stage0 = [(f'["l{i}"]', 100) for i in range(4)] + [('["embed"]', 1000)]
+    stage1 = [(f'["m{i}"]', 100) for i in range(4)] + [('["embed"]', 1000)]
+    owners = assign_replica_owners([([0, 1], stage0), ([2, 3], stage1)])
+    assert all(o in (0, 1) for o in owners[0][:4]) and all(o in (2, 3) for o in owners[1][:4])
+    assert owners[0][4] == owners[1][4] == 0  # shared by all four: largest first, lowest rank
+    loads = {r: 0 for r in range(4)}
+    for (ranks, keys), outs in zip([([0, 1], stage0), ([2, 3], stage1)], owners):
+        for (path, nbytes), owner in zip(keys, outs):
+            loads[owner] += nbytes if path != '["embed"]' or ranks == [0, 1] else 0
+    assert loads[1] == 400 and loads[2] == loads[3] == 200  # rank 0 has the embedding
+
+
+def test_overlapping_shards_are_found_along_any_dimension():
+    from ray_ckpt.commit import _first_overlap
+
+    columns = [((0, 4 * c), (8, 4)) for c in range(100)]
+    assert _first_overlap(columns) is None
+    clash = columns + [((2, 398), (2, 2))]  # rows 2-3 of columns 398-399: inside the last one
+    assert _first_overlap(clash) is not None
+    grid = [((4 * r, 4 * c), (4, 4)) for r in range(10) for c in range(10)]
+    assert _first_overlap(grid) is None
+    assert _first_overlap([*grid, ((3, 3), (2, 2))]) is not None
