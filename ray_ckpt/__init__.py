@@ -6,11 +6,13 @@
         ckptr.save("/tmp/run/step-100", {"model": model.state_dict()})
         state = ckptr.load("/tmp/run/step-100")
 
-See README.md for the async checkpointer, storage, Ray Train and the CLI.
+See README.md for the async checkpointer, storage, Ray Train and the CLI. The tools over
+committed checkpoints (inspect, verify, diff, export, import) are in :mod:`ray_ckpt.tools`,
+every error in :mod:`ray_ckpt.errors`.
 """
 
-from .builder import default_rank_info, make_async_checkpointer, make_sync_checkpointer
-from .catalog import CheckpointEntry, delete_checkpoint, list_checkpoints
+from .builder import make_async_checkpointer, make_sync_checkpointer
+from .catalog import list_checkpoints
 from .checkpointer import AsyncCheckpointer, Checkpointer, SyncCheckpointer
 from .config import (
     CheckpointerConfig,
@@ -20,96 +22,45 @@ from .config import (
     StorageConfig,
 )
 from .coordinator import SaveResult, StageStats
-from .errors import (
-    BarrierTimeoutError,
-    CheckpointerClosedError,
-    CheckpointError,
-    CheckpointExistsError,
-    CheckpointNotFoundError,
-    CheckpointWriteError,
-    CorruptCheckpointError,
-    FormatVersionError,
-    IncompleteCheckpointError,
-    MissingKeysError,
-    PickleNotAllowedError,
-    StateDictMismatchError,
-    StorageError,
-    UnsupportedValueError,
-)
+from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from .futures import CheckpointFuture
 from .manager import CheckpointManager
-from .reader import CheckpointInfo, CheckpointReader
+from .reader import CheckpointReader
 from .sharding import ShardedTensor
-from .stager import CheckpointStager, DefaultStager
-from .tools import (
-    CheckpointSummary,
-    DiffReport,
-    ExportResult,
-    ImportResult,
-    Problem,
-    VerifyReport,
-    diff_checkpoints,
-    export_checkpoint,
-    import_checkpoint,
-    inspect_checkpoint,
-    verify,
-)
-from .types import STATE_DICT, RankInfo
+from .stager import CheckpointStager
+from .types import RankInfo
 from .writer import CheckpointWriter, WriterHook
 
 __version__ = "0.1.0"
 
+# The public API: DESIGN.md's contract names. Everything else public lives in its submodule:
+# every error in ray_ckpt.errors, the tools (inspect, verify, diff, export, import) in
+# ray_ckpt.tools (not imported here), CheckpointEntry and delete_checkpoint in ray_ckpt.catalog,
+# CheckpointInfo in ray_ckpt.reader, DefaultStager in ray_ckpt.stager, STATE_DICT in
+# ray_ckpt.types, default_rank_info in ray_ckpt.builder.
 __all__ = [
     "AsyncCheckpointer",
-    "BarrierTimeoutError",
-    "CheckpointEntry",
     "CheckpointError",
-    "CheckpointExistsError",
     "CheckpointFuture",
-    "CheckpointInfo",
     "CheckpointManager",
     "CheckpointNotFoundError",
     "CheckpointReader",
     "CheckpointReaderConfig",
     "CheckpointStager",
     "CheckpointStagerConfig",
-    "CheckpointSummary",
-    "CheckpointWriteError",
     "CheckpointWriter",
     "CheckpointWriterConfig",
     "Checkpointer",
-    "CheckpointerClosedError",
     "CheckpointerConfig",
     "CorruptCheckpointError",
-    "DefaultStager",
-    "DiffReport",
-    "ExportResult",
-    "FormatVersionError",
-    "ImportResult",
-    "IncompleteCheckpointError",
-    "MissingKeysError",
-    "PickleNotAllowedError",
-    "Problem",
     "RankInfo",
-    "STATE_DICT",
     "SaveResult",
     "ShardedTensor",
     "StageStats",
-    "StateDictMismatchError",
     "StorageConfig",
-    "StorageError",
     "SyncCheckpointer",
-    "UnsupportedValueError",
-    "VerifyReport",
     "WriterHook",
-    "default_rank_info",
-    "delete_checkpoint",
-    "diff_checkpoints",
-    "export_checkpoint",
-    "import_checkpoint",
-    "inspect_checkpoint",
     "list_checkpoints",
     "make_async_checkpointer",
     "make_sync_checkpointer",
-    "verify",
 ]

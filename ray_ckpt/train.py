@@ -149,7 +149,7 @@ class TrainCheckpointer:
         the run has none yet.
 
         With ``state_dict``, only its keys, in place, as :meth:`ray_ckpt.Checkpointer.load`
-        (``strict=True`` raises :class:`~ray_ckpt.MissingKeysError` naming missing keys):
+        (``strict=True`` raises :class:`~ray_ckpt.errors.MissingKeysError` naming missing keys):
         tensors are filled, other values replaced in ``state_dict`` itself (``{"step": -1}``
         becomes the saved step), and objects with ``load_state_dict`` get their state through
         it. Returns the loaded state dict (an object's entry holds the state dict it was given).

@@ -17,11 +17,17 @@ the list only shrinks).
 from __future__ import annotations
 
 import ast
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+import ray_ckpt
 
 PACKAGE = "ray_ckpt"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
@@ -330,3 +336,29 @@ def test_checker_reports_each_tangle_once(tmp_path: Path) -> None:
         "circle: pkg.a, pkg.b, pkg.c",
         "circle: pkg.d, pkg.e",
     }
+
+
+# --- the public API ------------------------------------------------------------------------------
+
+
+def test_import_ray_ckpt_exports_the_contract_names_and_loads_no_tools() -> None:
+    """``import ray_ckpt`` gives DESIGN.md's names (about 20) and does not import tools/."""
+    probe = (
+        "import json, sys, ray_ckpt; "
+        "print(json.dumps([sorted(ray_ckpt.__all__), "
+        "sorted(m for m in sys.modules if m.startswith('ray_ckpt.tools'))]))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT.parent)}
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    names, tools_loaded = json.loads(out.stdout)
+    assert tools_loaded == []
+    assert all(hasattr(ray_ckpt, n) for n in names)
+    assert 18 <= len(names) <= 26, names
+    assert {
+        "make_sync_checkpointer", "make_async_checkpointer", "Checkpointer", "SyncCheckpointer",
+        "AsyncCheckpointer", "CheckpointStager", "CheckpointWriter", "CheckpointReader",
+        "WriterHook", "RankInfo", "CheckpointerConfig", "CheckpointManager", "CheckpointError",
+    } <= set(names)
