@@ -35,9 +35,9 @@ __version__ = "0.1.0"
 
 # The public API: DESIGN.md's contract names. Everything else public lives in its submodule:
 # every error in ray_ckpt.errors, the tools (inspect, verify, diff, export, import) in
-# ray_ckpt.tools (not imported here), CheckpointEntry and delete_checkpoint in ray_ckpt.catalog,
-# CheckpointInfo in ray_ckpt.reader, DefaultStager in ray_ckpt.stager, STATE_DICT in
-# ray_ckpt.types, default_rank_info in ray_ckpt.builder.
+# ray_ckpt.tools (not imported here), ray_ckpt.catalog.CheckpointEntry and
+# ray_ckpt.catalog.delete_checkpoint, ray_ckpt.reader.CheckpointInfo,
+# ray_ckpt.stager.DefaultStager, ray_ckpt.types.STATE_DICT, ray_ckpt.builder.default_rank_info.
 __all__ = [
     "AsyncCheckpointer",
     "CheckpointError",
