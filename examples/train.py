@@ -29,6 +29,7 @@ import time
 import torch
 
 import ray_ckpt
+import ray_ckpt.catalog
 
 logger = logging.getLogger("train")
 
@@ -66,7 +67,7 @@ def resume(
     return int(state["step"])
 
 
-def train(args: argparse.Namespace) -> list[ray_ckpt.CheckpointEntry]:
+def train(args: argparse.Namespace) -> list[ray_ckpt.catalog.CheckpointEntry]:
     model = build_model(args.width)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     with ray_ckpt.make_async_checkpointer() as ckptr:

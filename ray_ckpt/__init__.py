@@ -6,15 +6,17 @@
         ckptr.save("/tmp/run/step-100", {"model": model.state_dict()})
         state = ckptr.load("/tmp/run/step-100")
 
-See README.md for the async checkpointer, storage, Ray Train and the CLI.
+See README.md for the async checkpointer, storage, Ray Train and the CLI. The tools over
+committed checkpoints (inspect, verify, diff, export, import) are in :mod:`ray_ckpt.tools`,
+every error in :mod:`ray_ckpt.errors`.
 """
 
 import importlib
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # the names below, for type checkers; at run time they load on first use
-    from .builder import default_rank_info, make_async_checkpointer, make_sync_checkpointer
-    from .catalog import CheckpointEntry, delete_checkpoint, list_checkpoints
+if TYPE_CHECKING:  # the names below, for type checkers; at run time each loads on first use
+    from .builder import make_async_checkpointer, make_sync_checkpointer
+    from .catalog import list_checkpoints
     from .checkpointer import AsyncCheckpointer, Checkpointer, SyncCheckpointer
     from .config import (
         CheckpointerConfig,
@@ -24,167 +26,87 @@ if TYPE_CHECKING:  # the names below, for type checkers; at run time they load o
         StorageConfig,
     )
     from .coordinator import SaveResult, StageStats
-    from .errors import (
-        BarrierTimeoutError,
-        CheckpointerClosedError,
-        CheckpointError,
-        CheckpointExistsError,
-        CheckpointNotFoundError,
-        CheckpointWriteError,
-        CorruptCheckpointError,
-        FormatVersionError,
-        IncompleteCheckpointError,
-        MissingKeysError,
-        PickleNotAllowedError,
-        StateDictMismatchError,
-        StorageError,
-        UnsupportedValueError,
-    )
+    from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
     from .futures import CheckpointFuture
     from .manager import CheckpointManager
-    from .reader import CheckpointInfo, CheckpointReader
+    from .reader import CheckpointReader
     from .sharding import ShardedTensor
-    from .stager import CheckpointStager, DefaultStager
-    from .tools import (
-        CheckpointSummary,
-        DiffReport,
-        ExportResult,
-        ImportResult,
-        Problem,
-        VerifyReport,
-        diff_checkpoints,
-        export_checkpoint,
-        import_checkpoint,
-        inspect_checkpoint,
-        verify,
-    )
-    from .types import STATE_DICT, RankInfo
+    from .stager import CheckpointStager
+    from .types import RankInfo
     from .writer import CheckpointWriter, WriterHook
-
-_EXPORTS: dict[str, str] = {  # public name -> the module that defines it
-    "default_rank_info": "builder",
-    "make_async_checkpointer": "builder",
-    "make_sync_checkpointer": "builder",
-    "CheckpointEntry": "catalog",
-    "delete_checkpoint": "catalog",
-    "list_checkpoints": "catalog",
-    "AsyncCheckpointer": "checkpointer",
-    "Checkpointer": "checkpointer",
-    "SyncCheckpointer": "checkpointer",
-    "CheckpointReaderConfig": "config",
-    "CheckpointStagerConfig": "config",
-    "CheckpointWriterConfig": "config",
-    "CheckpointerConfig": "config",
-    "StorageConfig": "config",
-    "SaveResult": "coordinator",
-    "StageStats": "coordinator",
-    "BarrierTimeoutError": "errors",
-    "CheckpointError": "errors",
-    "CheckpointExistsError": "errors",
-    "CheckpointNotFoundError": "errors",
-    "CheckpointWriteError": "errors",
-    "CheckpointerClosedError": "errors",
-    "CorruptCheckpointError": "errors",
-    "FormatVersionError": "errors",
-    "IncompleteCheckpointError": "errors",
-    "MissingKeysError": "errors",
-    "PickleNotAllowedError": "errors",
-    "StateDictMismatchError": "errors",
-    "StorageError": "errors",
-    "UnsupportedValueError": "errors",
-    "CheckpointFuture": "futures",
-    "CheckpointManager": "manager",
-    "CheckpointInfo": "reader",
-    "CheckpointReader": "reader",
-    "ShardedTensor": "sharding",
-    "CheckpointStager": "stager",
-    "DefaultStager": "stager",
-    "CheckpointSummary": "tools",
-    "DiffReport": "tools",
-    "ExportResult": "tools",
-    "ImportResult": "tools",
-    "Problem": "tools",
-    "VerifyReport": "tools",
-    "diff_checkpoints": "tools",
-    "export_checkpoint": "tools",
-    "import_checkpoint": "tools",
-    "inspect_checkpoint": "tools",
-    "verify": "tools",
-    "RankInfo": "types",
-    "STATE_DICT": "types",
-    "CheckpointWriter": "writer",
-    "WriterHook": "writer",
-}
-
-
-def __getattr__(name: str) -> Any:
-    """Import a public name's module on first use, so that ``import ray_ckpt`` (and the CLI's
-    ``--help``, ``ls``) does not import torch and Ray before something needs them."""
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
-
 
 __version__ = "0.1.0"
 
+# The public API: DESIGN.md's contract names. Everything else public lives in its submodule:
+# every error in ray_ckpt.errors, the tools (inspect, verify, diff, export, import) in
+# ray_ckpt.tools (not imported here), ray_ckpt.catalog.CheckpointEntry and
+# ray_ckpt.catalog.delete_checkpoint, ray_ckpt.reader.CheckpointInfo,
+# ray_ckpt.stager.DefaultStager, ray_ckpt.types.STATE_DICT, ray_ckpt.builder.default_rank_info.
 __all__ = [
     "AsyncCheckpointer",
-    "BarrierTimeoutError",
-    "CheckpointEntry",
     "CheckpointError",
-    "CheckpointExistsError",
     "CheckpointFuture",
-    "CheckpointInfo",
     "CheckpointManager",
     "CheckpointNotFoundError",
     "CheckpointReader",
     "CheckpointReaderConfig",
     "CheckpointStager",
     "CheckpointStagerConfig",
-    "CheckpointSummary",
-    "CheckpointWriteError",
     "CheckpointWriter",
     "CheckpointWriterConfig",
     "Checkpointer",
-    "CheckpointerClosedError",
     "CheckpointerConfig",
     "CorruptCheckpointError",
-    "DefaultStager",
-    "DiffReport",
-    "ExportResult",
-    "FormatVersionError",
-    "ImportResult",
-    "IncompleteCheckpointError",
-    "MissingKeysError",
-    "PickleNotAllowedError",
-    "Problem",
     "RankInfo",
-    "STATE_DICT",
     "SaveResult",
     "ShardedTensor",
     "StageStats",
-    "StateDictMismatchError",
     "StorageConfig",
-    "StorageError",
     "SyncCheckpointer",
-    "UnsupportedValueError",
-    "VerifyReport",
     "WriterHook",
-    "default_rank_info",
-    "delete_checkpoint",
-    "diff_checkpoints",
-    "export_checkpoint",
-    "import_checkpoint",
-    "inspect_checkpoint",
     "list_checkpoints",
     "make_async_checkpointer",
     "make_sync_checkpointer",
-    "verify",
 ]
+
+# `import ray_ckpt` stays light (no torch, no Ray) until a name is used: `ray-ckpt --help` and
+# `ray-ckpt ls` answer without them (benchmarks/cli_latency.py).
+_HOME: dict[str, str] = {  # public name -> the module that defines it
+    "AsyncCheckpointer": "ray_ckpt.checkpointer",
+    "CheckpointError": "ray_ckpt.errors",
+    "CheckpointFuture": "ray_ckpt.futures",
+    "CheckpointManager": "ray_ckpt.manager",
+    "CheckpointNotFoundError": "ray_ckpt.errors",
+    "CheckpointReader": "ray_ckpt.reader",
+    "CheckpointReaderConfig": "ray_ckpt.config",
+    "CheckpointStager": "ray_ckpt.stager",
+    "CheckpointStagerConfig": "ray_ckpt.config",
+    "CheckpointWriter": "ray_ckpt.writer",
+    "CheckpointWriterConfig": "ray_ckpt.config",
+    "Checkpointer": "ray_ckpt.checkpointer",
+    "CheckpointerConfig": "ray_ckpt.config",
+    "CorruptCheckpointError": "ray_ckpt.errors",
+    "RankInfo": "ray_ckpt.types",
+    "SaveResult": "ray_ckpt.coordinator",
+    "ShardedTensor": "ray_ckpt.sharding",
+    "StageStats": "ray_ckpt.coordinator",
+    "StorageConfig": "ray_ckpt.config",
+    "SyncCheckpointer": "ray_ckpt.checkpointer",
+    "WriterHook": "ray_ckpt.writer",
+    "list_checkpoints": "ray_ckpt.catalog",
+    "make_async_checkpointer": "ray_ckpt.builder",
+    "make_sync_checkpointer": "ray_ckpt.builder",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module 'ray_ckpt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

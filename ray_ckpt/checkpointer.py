@@ -51,7 +51,13 @@ class Checkpointer(abc.ABC):
 
     @abc.abstractmethod
     def save(
-        self, path: str, state_dict: STATE_DICT, **kwargs: Any
+        self,
+        path: str,
+        state_dict: STATE_DICT,
+        *,
+        allow_pickle: bool = False,
+        overwrite: bool = False,
+        metadata: dict[str, Any] | None = None,
     ) -> tuple[CheckpointFuture[StageStats], CheckpointFuture[SaveResult]] | None:
         """Save ``state_dict`` as the checkpoint at ``path``.
 

@@ -390,7 +390,7 @@ class Coordinator:
         out: dict[int, tuple[str, int, int | None]] = {}
         for item, replica in plan.replicas.items():
             raw = byte_view(plan.host_bytes[item])
-            crc = crc32c(memoryview(raw)) if verify and isinstance(raw, np.ndarray) else None
+            crc = crc32c(raw.data) if verify and isinstance(raw, np.ndarray) else None
             out[item] = (replica.path_id, replica.owner, crc)
         return out
 

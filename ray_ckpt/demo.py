@@ -69,7 +69,9 @@ def run(directory: str | None = None, d_model: int = 512, layers: int = 6, steps
     model = build_model(d_model, layers)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     train_steps(model, optimizer, steps)
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": steps}
+    state: dict[str, Any] = {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": steps
+    }
     nbytes = _nbytes(state)
     params = sum(p.numel() for p in model.parameters())
     print(f"model: transformer, {layers} layers, d_model {d_model}, {params / 1e6:.1f}M parameters;"

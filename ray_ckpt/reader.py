@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import difflib
+import functools
 import logging
 import math
 import pickle
@@ -248,7 +249,7 @@ class CheckpointReader:
                 if direct
                 else torch.empty(dest_tensor.shape, dtype=dest_tensor.dtype)
             )
-            dest = memoryview(_bytes_of(stage))
+            dest = _bytes_of(stage).data
             shape = _item_shape(meta)
             if copy.box[1] == shape:  # the whole item: one run
                 _add_pieces(pieces, extents[copy.item], 0, len(dest), dest, meta)
@@ -261,7 +262,7 @@ class CheckpointReader:
                                 dest[position : position + length], meta)
                     position += length
             if not direct:
-                finishers.append(lambda d=dest_tensor, st=stage: d.detach().copy_(st))
+                finishers.append(functools.partial(_copy_back, dest_tensor, stage))
         stats = ReadStats()
         self._execute(info, _coalesce(pieces), stats)
         for finish in finishers:
@@ -513,7 +514,7 @@ class _Walker:
 
     Keys match by equality; where none of a dict's keys do, its keys are matched with DDP's
     ``module.`` prefix added (or removed) if that is unambiguous, and otherwise the load fails
-    (:class:`~ray_ckpt.MissingKeysError`, whatever ``strict`` says): a target that matches
+    (:class:`~ray_ckpt.errors.MissingKeysError`, whatever ``strict`` says): a target that matches
     nothing is a mistake, never a no-op. Modules, optimizers and other objects with
     ``load_state_dict`` are loaded through it."""
 
@@ -805,6 +806,10 @@ def _check_match(target: torch.Tensor, meta: ItemMeta, key: str) -> None:
             f"target tensor is {str(target.dtype).removeprefix('torch.')} {list(target.shape)}. "
             "Load into a tensor of that shape and dtype, or leave the key out of state_dict."
         )
+
+
+def _copy_back(dest: torch.Tensor, stage: torch.Tensor) -> None:
+    dest.detach().copy_(stage)
 
 
 def _bytes_of(tensor: torch.Tensor) -> np.ndarray:

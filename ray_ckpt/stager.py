@@ -33,7 +33,7 @@ import logging
 import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import ray
@@ -505,7 +505,7 @@ def pieces(array: np.ndarray) -> list[pickle.PickleBuffer]:
     call each (serializing 256 MiB of pieces: 0.25 ms against 0.82 ms). The writer gets each
     back as a read-only buffer of the object store's memory."""
     return [
-        pickle.PickleBuffer(array[i : i + PUT_PIECE_BYTES])
+        pickle.PickleBuffer(array[i : i + PUT_PIECE_BYTES].data)
         for i in range(0, len(array), PUT_PIECE_BYTES)
     ]
 
@@ -522,10 +522,11 @@ def _group_bytes(values: list[torch.Tensor | np.ndarray]) -> np.ndarray:
     """The bytes of CPU values of one dtype, back to back: one copy for the whole group."""
     if isinstance(values[0], np.ndarray):
         return np.concatenate(values)  # type: ignore[arg-type]
+    tensors = cast("list[torch.Tensor]", values)  # one dtype: all tensors when the first is
     try:
-        if all(t.dim() == 1 for t in values):  # skips a reshape per tensor: 10x faster
-            return torch.cat(values).view(torch.uint8).numpy()  # type: ignore[arg-type]
-        return torch.cat([t.reshape(-1) for t in values]).view(torch.uint8).numpy()
+        if all(t.dim() == 1 for t in tensors):  # skips a reshape per tensor: 10x faster
+            return torch.cat(tensors).view(torch.uint8).numpy()
+        return torch.cat([t.reshape(-1) for t in tensors]).view(torch.uint8).numpy()
     except (RuntimeError, NotImplementedError):  # dtypes without a cat kernel (uint3, ...)
         return np.concatenate([byte_view(t) for t in values])
 

@@ -559,7 +559,12 @@ class Storage:
 
     def write_file(self, name: str, buffers: Sequence[Buffer], *, fsync: bool) -> None:
         """Write ``buffers`` one after another as file ``name``; durable on return."""
-        self.write_stream(name, lambda write: [write(b) for b in buffers], fsync=fsync)
+
+        def produce(write: Callable[[Buffer], None]) -> None:
+            for buffer in buffers:
+                write(buffer)
+
+        self.write_stream(name, produce, fsync=fsync)
 
     def write_stream(
         self, name: str, produce: Callable[[Callable[[Buffer], None]], Any], *, fsync: bool

@@ -262,7 +262,7 @@ class TieredCheckpointManager:
         ckptr = ray_ckpt.make_async_checkpointer()
         durable = ray_ckpt.CheckpointManager("s3://bucket/run", ckptr, keep_last=3,
                                              keep_best=2, metric="loss")
-        manager = ray_ckpt.TieredCheckpointManager(durable, "mem://run?keep_last=2",
+        manager = ray_ckpt.tiers.TieredCheckpointManager(durable, "mem://run?keep_last=2",
                                                    persist_every=500)
         manager.save(step, state, metrics={"loss": loss})
         manager.load(state_dict=state)      # the newest of both tiers

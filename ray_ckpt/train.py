@@ -173,7 +173,7 @@ class TrainCheckpointer:
         tensors are filled, other values replaced in ``state_dict`` itself (``{"step": -1}``
         becomes the saved step), and modules, optimizers and other objects with
         ``load_state_dict`` get their state through it. ``strict=None`` (the default) raises
-        :class:`~ray_ckpt.MissingKeysError` when the checkpoint lacks a key of such an object
+        :class:`~ray_ckpt.errors.MissingKeysError` when the checkpoint lacks a key of such an object
         (or the object itself), so that training never goes on from untrained weights; plain
         values the checkpoint lacks keep theirs. ``strict=True`` raises for any missing key,
         ``strict=False`` for none (a dict none of whose keys match still raises). Returns the

@@ -13,6 +13,7 @@ import ray
 import torch
 
 import ray_ckpt
+import ray_ckpt.errors
 from ray_ckpt.stager import DefaultStager
 from ray_ckpt.writer import CheckpointWriter
 
@@ -118,7 +119,7 @@ def test_writer_error_surfaces_in_write_future_and_next_save(cluster, tmp_path):
         config=small_config(), checkpoint_writer_init_fn=lambda config: FailingWriter(config)
     ) as failing:
         _, write = failing.save(str(tmp_path / "bad"), _state())
-        with pytest.raises(ray_ckpt.CheckpointWriteError) as info:
+        with pytest.raises(ray_ckpt.errors.CheckpointWriteError) as info:
             write.result(timeout=60)
         message = str(info.value)
         assert "No space left on device (injected)" in message and "writer on node" in message
@@ -127,7 +128,7 @@ def test_writer_error_surfaces_in_write_future_and_next_save(cluster, tmp_path):
         assert [f for f in os.listdir(tmp_path / "bad") if f.endswith(".data")] == []  # cleaned
 
         failing.save(str(tmp_path / "bad2"), _state())
-        with pytest.raises(ray_ckpt.CheckpointWriteError, match="injected"):
+        with pytest.raises(ray_ckpt.errors.CheckpointWriteError, match="injected"):
             failing.save(str(tmp_path / "bad3"), _state())  # raises the previous save's error
         assert not os.path.exists(tmp_path / "bad3")
 
@@ -181,7 +182,7 @@ def test_close_drains_the_save_in_flight(cluster, tmp_path):
     c.close()
     assert write.done()
     assert os.path.exists(tmp_path / "c" / "ray_ckpt.commit")
-    with pytest.raises(ray_ckpt.CheckpointerClosedError):
+    with pytest.raises(ray_ckpt.errors.CheckpointerClosedError):
         c.save(str(tmp_path / "d"), _state())
     c.close()  # idempotent
 

@@ -19,6 +19,7 @@ from ray._private.internal_api import get_memory_info_reply, get_state_from_addr
 from ray.util.state import list_actors
 
 import ray_ckpt
+import ray_ckpt.catalog
 from ray_ckpt.builder import LOCAL_RAY_SYSTEM_CONFIG
 
 from .conftest import CLUSTERS, MiB, ensure_cluster
@@ -159,7 +160,7 @@ def test_twenty_saves_in_a_row_do_not_grow_memory(small_cluster, tmp_path):
             path = str(tmp_path / f"step-{i}")
             _, write = ckptr.save(path, state)
             write.result(timeout=120)
-            ray_ckpt.delete_checkpoint(path)
+            ray_ckpt.catalog.delete_checkpoint(path)
 
         for i in range(8):  # warm up: actors, thread pools, allocator arenas
             save(i)

@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from benchmarks.ops import all_rows
+from benchmarks.report import load_targets
 
 TIMES = "\u00d7"  # the multiplication sign of the table's ratios
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,3 +114,14 @@ def test_peak_memory_of_an_async_save_is_measured_and_judged(quick_run):
         if sd["kind"] != "tiny":  # tiny tensors are packed: copied through the caller's heap
             assert peak["caller_heap_peak_bytes"] < sd["nbytes"] // 2, sd["name"]
     assert table.count("| async save peak memory ≤ state + budget") == len(results["state_dicts"])
+
+
+def test_targets_table_names_rows_the_benchmark_times(tmp_path):
+    table = load_targets()
+    assert {t["text"].split(" (")[0] for t in table} >= {
+        f"async stall \u2264 1.2{TIMES} memcpy time", "sync save faster than every peer"
+    }
+    bad = {"targets": [{**table[0], "numerator": "torch.sav +fsync"}]}
+    (tmp_path / "targets.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"torch\.sav "):
+        load_targets(str(tmp_path / "targets.json"))

@@ -21,6 +21,7 @@ import ray
 import torch
 
 import ray_ckpt
+import ray_ckpt.tools
 from ray_ckpt import cli
 
 from .helpers import assert_same, flip_byte, manifest_file, small_config
@@ -169,7 +170,7 @@ def test_verify_names_every_damaged_missing_and_truncated_file(capsys, copy_of):
     assert f"[checksum] key {key_b!r}: checksum mismatch in {path}/{file_b}" in out
     assert f"[missing-file] data file {path}/{file_c} is missing" in out
 
-    report = ray_ckpt.verify(str(path))
+    report = ray_ckpt.tools.verify(str(path))
     assert not report.ok
     assert sorted((p.kind, p.file) for p in report.problems) == sorted(
         [("checksum", file_a), ("checksum", file_b), ("missing-file", file_c)]
@@ -183,7 +184,7 @@ def test_verify_reports_a_truncated_file_and_still_checks_the_rest(copy_of):
     emb = extents["model.emb"][0]
     with open(path / emb.file, "r+b") as f:
         f.truncate(emb.offset + 100)
-    report = ray_ckpt.verify(str(path))
+    report = ray_ckpt.tools.verify(str(path))
     assert [(p.kind, p.file) for p in report.problems] == [("truncated", emb.file)]
     assert "model.emb" in report.problems[0].message
     assert report.files_checked == len({e.file for x in extents.values() for e in x}) - 1
@@ -207,9 +208,9 @@ def test_verify_reports_a_missing_marker_manifest_or_path(capsys, copy_of, tmp_p
 def test_verify_streams_through_a_small_buffer_and_still_finds_one_flipped_byte(copy_of):
     path = copy_of()
     emb = _extents(str(path))["model.emb"][0]
-    assert ray_ckpt.verify(str(path), chunk_bytes=4096).ok
+    assert ray_ckpt.tools.verify(str(path), chunk_bytes=4096).ok
     flip_byte(str(path / emb.file), emb.offset + emb.length - 1)  # in the extent's last chunk
-    report = ray_ckpt.verify(str(path), chunk_bytes=4096)
+    report = ray_ckpt.tools.verify(str(path), chunk_bytes=4096)
     assert [(p.kind, p.key) for p in report.problems] == [("checksum", "model.emb")]
 
 
@@ -272,7 +273,7 @@ def test_diff_reports_dtype_and_shape_changes_and_nan(ckptr, tmp_path):
     ckptr.save(a, {"x": torch.zeros(4), "y": torch.zeros(2, 2), "z": torch.tensor([1.0, 2.0])})
     ckptr.save(b, {"x": torch.zeros(4, dtype=torch.float64), "y": torch.zeros(4),
                    "z": torch.tensor([1.0, float("nan")])})
-    report = ray_ckpt.diff_checkpoints(a, b)
+    report = ray_ckpt.tools.diff_checkpoints(a, b)
     changed = {c.key: c for c in report.changed}
     assert changed["x"].what == "dtype" and changed["x"].detail == "float32 -> float64"
     assert changed["y"].what == "shape" and changed["y"].detail == "[2, 2] -> [4]"
@@ -416,7 +417,7 @@ def test_rank_option_shows_and_exports_one_ranks_view(capsys, cluster, tmp_path)
         assert torch.equal(exported["model"]["w"], torch.arange(6.0))
     rc, _, err = run(capsys, "inspect", "--rank", "2", path)
     assert rc == 1 and "saved by 2 rank(s); rank 2 is not one of them" in err
-    report = ray_ckpt.verify(path)  # every rank's files
+    report = ray_ckpt.tools.verify(path)  # every rank's files
     files = ray_ckpt.CheckpointReader().open(path).manifest.files
     assert report.ok and report.files_checked == len(files) >= 2
 
@@ -515,6 +516,7 @@ def test_console_script_exit_statuses(run_root, copy_of):
 _GROWTH = r"""
 import re, sys
 import ray_ckpt
+import ray_ckpt.tools
 from ray_ckpt.cli import main
 
 def mib(field):

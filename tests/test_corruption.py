@@ -9,8 +9,9 @@ damages the copy, and asserts two things:
   message names the damaged file (the commit marker as "commit marker"), and the key when the
   damage is in a tensor's bytes; or, where the damage cannot change what loads, the load returns
   exactly the saved values. It never returns anything else.
-* ``ray_ckpt.verify`` finds the same problem without loading: a report that is not ``ok``, with
-  a problem naming the file (and the key), whenever the load failed; ``ok`` when it loaded.
+* ``ray_ckpt.tools.verify`` finds the same problem without loading: a report that is not
+  ``ok``, with a problem naming the file (and the key), whenever the load failed; ``ok`` when it
+  loaded.
 
 What is *required* to be detected: any byte of the manifest (CRC32C in the marker), any byte of
 a data-file header (its own CRC32C), any byte of tensor data (CRC32C per extent), any truncation
@@ -41,6 +42,8 @@ import pytest
 import torch
 
 import ray_ckpt
+import ray_ckpt.errors
+import ray_ckpt.tools
 from ray_ckpt.format import HEADER_SIZE, MARKER_NAME
 
 from .helpers import assert_same
@@ -309,7 +312,7 @@ def check(case: Case, p: Pristine, workdir: Path, reliability: Any) -> str:
             )
             if case.key is not None:
                 assert repr(case.key) in message, f"{case.id}: the error does not name the key: {e}"
-            report = ray_ckpt.verify(str(copy))
+            report = ray_ckpt.tools.verify(str(copy))
             assert not report.ok, f"{case.id}: load failed ({e}) but verify found nothing"
             named = [
                 pr
@@ -323,7 +326,7 @@ def check(case: Case, p: Pristine, workdir: Path, reliability: Any) -> str:
             return "detected"
         assert not case.must_fail, f"{case.id}: damage in checked bytes went unnoticed"
         assert_same(p.state, loaded, case.id)  # never anything but the saved values
-        report = ray_ckpt.verify(str(copy))
+        report = ray_ckpt.tools.verify(str(copy))
         assert report.ok, f"{case.id}: loads exactly, yet verify reports {report.problems}"
         reliability.add("corruptions", case.cls, "harmless, loads exactly")
         return "harmless"
@@ -399,8 +402,8 @@ def test_plausible_marker_edits_change_nothing_or_are_refused(pristine, tmp_path
         with pytest.raises(ray_ckpt.CorruptCheckpointError) as info:
             ray_ckpt.CheckpointReader().read(str(copy))
         if field == "format_version":
-            assert isinstance(info.value, ray_ckpt.FormatVersionError)
+            assert isinstance(info.value, ray_ckpt.errors.FormatVersionError)
             assert "Upgrade ray_ckpt" in str(info.value)
-        assert not ray_ckpt.verify(str(copy)).ok
+        assert not ray_ckpt.tools.verify(str(copy)).ok
         reliability.add("corruptions", "marker field edited", "detected by load")
         reliability.add("corruptions", "marker field edited", "detected by verify")

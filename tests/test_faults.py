@@ -28,6 +28,7 @@ import torch
 from ray.util.state import list_actors
 
 import ray_ckpt
+import ray_ckpt.errors
 from ray_ckpt.format import MARKER_NAME
 
 from .faulty_fs import Fault, FaultPlan, faulty
@@ -62,7 +63,9 @@ def _data_files(path: Path) -> list[str]:
 
 def _refused(ckptr: Any, path: Path) -> None:
     """``path`` holds no checkpoint: load refuses it with a clear error."""
-    with pytest.raises((ray_ckpt.IncompleteCheckpointError, ray_ckpt.CheckpointNotFoundError)):
+    with pytest.raises(
+        (ray_ckpt.errors.IncompleteCheckpointError, ray_ckpt.CheckpointNotFoundError)
+    ):
         ckptr.load(str(path))
 
 
@@ -133,7 +136,7 @@ def test_a_writer_killed_mid_save_fails_it_cleanly_and_the_next_save_works(
             ray.kill(writer, no_restart=how == "ray.kill")
 
         started = time.monotonic()
-        with pytest.raises(ray_ckpt.CheckpointWriteError, match="writer actor died") as info:
+        with pytest.raises(ray_ckpt.errors.CheckpointWriteError, match="writer actor died") as info:
             write.result(timeout=WAIT_SECS)
         assert time.monotonic() - started < 30, "the failure took too long to surface"
         assert "nothing was committed" in str(info.value)
@@ -210,7 +213,7 @@ def test_two_checkpointers_saving_to_one_path_one_wins_the_other_is_refused(
         losers = {seed: error for seed, error in outcomes.items() if error is not None}
         assert len(winners) == 1, outcomes
         ((_loser, error),) = losers.items()
-        assert isinstance(error, ray_ckpt.CheckpointExistsError), repr(error)
+        assert isinstance(error, ray_ckpt.errors.CheckpointExistsError), repr(error)
         assert "overwrite=True" in str(error)
         if race == "at-commit":
             assert "another save committed" in str(error)
@@ -241,7 +244,7 @@ def test_close_during_a_save_waits_for_it(cluster, tmp_path, reliability):
     assert not closer.is_alive()
     assert write.done() and write.result().nbytes > 0
     assert_same(_state(1), ray_ckpt.CheckpointReader().read(str(path))[0])
-    with pytest.raises(ray_ckpt.CheckpointerClosedError):
+    with pytest.raises(ray_ckpt.errors.CheckpointerClosedError):
         ckptr.save(str(tmp_path / "d"), _state(2))
     assert not (tmp_path / "d").exists()
     reliability.add("faults", "close() from another thread during a save", "survived")
@@ -298,7 +301,7 @@ def test_save_and_close_racing_from_two_threads(cluster, tmp_path, kind, reliabi
             assert outcome["write"].done()
         assert_same(_state(2), ray_ckpt.CheckpointReader().read(str(tmp_path / "b"))[0])
     else:
-        assert isinstance(error, ray_ckpt.CheckpointerClosedError), repr(error)
+        assert isinstance(error, ray_ckpt.errors.CheckpointerClosedError), repr(error)
         assert not (tmp_path / "b").exists()
     reliability.add("faults", f"save and close racing ({kind})", "survived")
 
@@ -310,6 +313,7 @@ _DRIVER = textwrap.dedent(
     import sys, time
     import ray, torch
     import ray_ckpt
+    import ray_ckpt.errors
     from ray_ckpt.stager import DefaultStager
 
     address, root, mode, first = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -427,7 +431,7 @@ def _audit(root: Path) -> tuple[int, int]:
         step = int(entry.name.removeprefix("step-"))
         try:
             loaded, _ = reader.read(str(entry))
-        except ray_ckpt.IncompleteCheckpointError:
+        except ray_ckpt.errors.IncompleteCheckpointError:
             incomplete += 1
             continue
         assert_same(_state_for(step), loaded, entry.name)
@@ -529,7 +533,7 @@ def test_cleanup_removes_the_empty_directory_a_failed_save_leaves(cluster, tmp_p
             str(root), failing, filesystem=faulty(pafs.LocalFileSystem(), plan)
         )
         reliability.add("faults", "failed save leaves an empty step directory", "injected")
-        with pytest.raises(ray_ckpt.CheckpointWriteError, match="injected"):
+        with pytest.raises(ray_ckpt.errors.CheckpointWriteError, match="injected"):
             bad.save(2, _state(2))
         assert os.listdir(root / "step-000000002") == []
         (root / "notes").mkdir()  # not a step directory: never touched

@@ -32,6 +32,8 @@ import ray
 import torch
 
 import ray_ckpt
+import ray_ckpt.errors
+import ray_ckpt.tools
 from ray_ckpt._checksum import crc32c
 from ray_ckpt.format import MARKER_NAME, manifest_from_bytes, manifest_to_bytes
 
@@ -71,16 +73,18 @@ def test_a_pickle_payload_is_never_executed_without_allow_pickle(
 ):
     path, marker = hostile
     reliability.add("hostile", "pickle payload", "tried")
-    with pytest.raises(ray_ckpt.PickleNotAllowedError, match=r"\['evil'\].*allow_pickle=True"):
+    with pytest.raises(
+        ray_ckpt.errors.PickleNotAllowedError, match=r"\['evil'\].*allow_pickle=True"
+    ):
         ckptr.load(str(path))
     assert torch.equal(ckptr.load(str(path), {"w": torch.zeros(3)})["w"], torch.ones(3))
-    assert ray_ckpt.verify(str(path)).ok
-    summary = ray_ckpt.inspect_checkpoint(str(path))
+    assert ray_ckpt.tools.verify(str(path)).ok
+    summary = ray_ckpt.tools.inspect_checkpoint(str(path))
     assert any("evil" in str(leaf) for leaf in summary.leaves)
-    ray_ckpt.diff_checkpoints(str(path), str(path))
+    ray_ckpt.tools.diff_checkpoints(str(path), str(path))
     with pytest.raises(ray_ckpt.CheckpointError, match="pickle"):
-        ray_ckpt.export_checkpoint(str(path), str(tmp_path / "out.pt"), to="torch")
-    exported = ray_ckpt.export_checkpoint(str(path), str(tmp_path / "st"), to="safetensors")
+        ray_ckpt.tools.export_checkpoint(str(path), str(tmp_path / "out.pt"), to="torch")
+    exported = ray_ckpt.tools.export_checkpoint(str(path), str(tmp_path / "st"), to="safetensors")
     assert "evil" in str(exported.skipped)  # skipped, never unpickled
     assert not marker.exists(), "the payload ran"
     reliability.add("hostile", "pickle payload", "refused")
@@ -178,7 +182,7 @@ def test_hostile_manifests_are_refused_by_load_and_verify(ckptr, victim, case, r
     reliability.add("hostile", case, "tried")
     with pytest.raises(ray_ckpt.CorruptCheckpointError, match=match):
         ckptr.load(str(victim))
-    report = ray_ckpt.verify(str(victim))
+    report = ray_ckpt.tools.verify(str(victim))
     assert not report.ok
     reliability.add("hostile", case, "refused")
 
@@ -199,7 +203,7 @@ def test_overlapping_byte_ranges_are_refused_even_with_matching_checksums(
     reliability.add("hostile", "overlapping byte ranges", "tried")
     with pytest.raises(ray_ckpt.CorruptCheckpointError, match="overlap"):
         ckptr.load(str(victim))
-    assert not ray_ckpt.verify(str(victim)).ok
+    assert not ray_ckpt.tools.verify(str(victim)).ok
     reliability.add("hostile", "overlapping byte ranges", "refused")
 
 
@@ -220,10 +224,10 @@ def test_an_unknown_format_version_is_refused_with_upgrade_advice(
             raw[60:64] = struct.pack("<I", crc32c(bytes(raw[:60])))  # a valid header, version 2
             data.write_bytes(bytes(raw))
     reliability.add("hostile", f"unknown format version in the {where}", "tried")
-    with pytest.raises(ray_ckpt.FormatVersionError, match="Upgrade ray_ckpt") as info:
+    with pytest.raises(ray_ckpt.errors.FormatVersionError, match="Upgrade ray_ckpt") as info:
         ckptr.load(str(victim))
     assert "version 2" in str(info.value) or "'2'" in str(info.value)
-    assert not ray_ckpt.verify(str(victim)).ok
+    assert not ray_ckpt.tools.verify(str(victim)).ok
     reliability.add("hostile", f"unknown format version in the {where}", "refused")
 
 
@@ -307,7 +311,7 @@ def test_unsupported_values_fail_at_save_naming_the_key(
 def test_unsupported_keys_fail_at_save_naming_the_key(ckptr, tmp_path, key, reliability):
     reliability.add("bad arguments", "unsupported dict key", "tried")
     state = {"outer": {key: torch.ones(1)}}
-    with pytest.raises(ray_ckpt.UnsupportedValueError, match="dict keys must be") as info:
+    with pytest.raises(ray_ckpt.errors.UnsupportedValueError, match="dict keys must be") as info:
         ckptr.save(str(tmp_path / "c"), state)
     assert "outer" in str(info.value)
     reliability.add("bad arguments", "unsupported dict key", "refused")
@@ -320,7 +324,7 @@ def test_unsupported_keys_fail_at_save_naming_the_key(ckptr, tmp_path, key, reli
 )
 def test_a_state_dict_that_is_not_a_dict_is_refused(ckptr, tmp_path, state, reliability):
     reliability.add("bad arguments", "state dict that is not a dict", "tried")
-    with pytest.raises(ray_ckpt.UnsupportedValueError, match="must be a dict") as info:
+    with pytest.raises(ray_ckpt.errors.UnsupportedValueError, match="must be a dict") as info:
         ckptr.save(str(tmp_path / "c"), state)
     assert type(state).__name__ in str(info.value)
     assert not (tmp_path / "c").exists() or os.listdir(tmp_path / "c") == []
@@ -336,7 +340,7 @@ def test_a_wrong_map_location_is_refused_before_reading(ckptr, tmp_path, locatio
     path = tmp_path / "c"
     ckptr.save(str(path), {"w": torch.ones(2)})
     reliability.add("bad arguments", "wrong default_map_location", "tried")
-    with pytest.raises(ray_ckpt.UnsupportedValueError, match="default_map_location"):
+    with pytest.raises(ray_ckpt.errors.UnsupportedValueError, match="default_map_location"):
         ckptr.load(str(path), default_map_location=location)
     reliability.add("bad arguments", "wrong default_map_location", "refused")
 
@@ -411,11 +415,11 @@ def test_a_save_refused_before_staging_leaves_no_directory(ckptr, tmp_path):
     """A lambda is refused when the state dict is planned, before a byte is written: the
     directory the save had created is gone again (a run dir gets no empty debris)."""
     path = tmp_path / "run" / "checkpoint_refused"
-    with pytest.raises(ray_ckpt.PickleNotAllowedError):
+    with pytest.raises(ray_ckpt.errors.PickleNotAllowedError):
         ckptr.save(str(path), {"w": torch.ones(2), "fn": lambda: 1})
     assert not path.exists() and (tmp_path / "run").exists()
     existing = tmp_path / "existing"
     existing.mkdir()  # a directory the caller made is left as it was
-    with pytest.raises(ray_ckpt.PickleNotAllowedError):
+    with pytest.raises(ray_ckpt.errors.PickleNotAllowedError):
         ckptr.save(str(existing), {"fn": lambda: 1})
     assert existing.is_dir()

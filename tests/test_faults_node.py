@@ -17,6 +17,7 @@ import ray
 import torch
 
 import ray_ckpt
+import ray_ckpt.errors
 from ray_ckpt.format import MARKER_NAME
 
 from .conftest import CLUSTERS, MiB, ensure_cluster, on_node
@@ -112,7 +113,7 @@ def test_a_node_removed_while_its_writer_holds_buckets(
         reliability.add("faults", "node removed mid-save (its writer holds buckets)", "injected")
         started = time.monotonic()
         nodes_cluster.cluster.remove_node(doomed)
-        with pytest.raises(ray_ckpt.CheckpointWriteError) as info:
+        with pytest.raises(ray_ckpt.errors.CheckpointWriteError) as info:
             write.result(timeout=FAIL_WITHIN_SECS * 2)
         assert time.monotonic() - started < FAIL_WITHIN_SECS, "the failure took too long"
         assert doomed.node_id in str(info.value) and "nothing was committed" in str(info.value)
@@ -163,7 +164,9 @@ def test_a_node_removed_with_the_saving_process_and_its_session(
     assert time.monotonic() - started < FAIL_WITHIN_SECS
     assert not (path / MARKER_NAME).exists()
     with ray_ckpt.make_sync_checkpointer(config=_config(spread=False)) as ckptr:
-        with pytest.raises((ray_ckpt.IncompleteCheckpointError, ray_ckpt.CheckpointNotFoundError)):
+        with pytest.raises(
+            (ray_ckpt.errors.IncompleteCheckpointError, ray_ckpt.CheckpointNotFoundError)
+        ):
             ckptr.load(str(path))
         # the remaining nodes save; the manager removes what the dead save left
         manager = ray_ckpt.CheckpointManager(str(root), ckptr, incomplete_grace_secs=0)

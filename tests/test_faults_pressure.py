@@ -12,6 +12,7 @@ import ray
 import torch
 
 import ray_ckpt
+import ray_ckpt.catalog
 
 from .conftest import MiB
 from .test_async_pressure import _config, _heap_bytes, _settled_store_bytes, _writer_heap
@@ -37,7 +38,7 @@ def test_fifty_saves_in_a_row_keep_memory_and_the_object_store_steady(
             path = str(tmp_path / f"step-{i}")
             _, write = ckptr.save(path, state)
             write.result(timeout=120)
-            ray_ckpt.delete_checkpoint(path)
+            ray_ckpt.catalog.delete_checkpoint(path)
             if i >= WARMUP:
                 gc.collect()
                 store.append(_settled_store_bytes())

@@ -23,6 +23,8 @@ import pytest
 import torch
 
 import ray_ckpt
+import ray_ckpt.errors
+import ray_ckpt.tools
 from ray_ckpt.config import StorageConfig
 from ray_ckpt.format import MARKER_NAME
 
@@ -88,7 +90,9 @@ def test_disk_full_fails_at_once_names_the_fix_and_leaves_nothing(
     assert failed in message
     assert [c.name for c in plan.journal("write")].count(failed) == 1, "written once, not retried"
     assert _leftovers(backend.files(path)) == [], backend.files(path)
-    with pytest.raises((ray_ckpt.IncompleteCheckpointError, ray_ckpt.CheckpointNotFoundError)):
+    with pytest.raises(
+        (ray_ckpt.errors.IncompleteCheckpointError, ray_ckpt.CheckpointNotFoundError)
+    ):
         backend.ckptr.load(path)
     assert_same(_state(1), backend.ckptr.load(previous))
     reliability.add("faults", case, "survived")
@@ -162,7 +166,7 @@ def test_a_disk_that_fills_up_at_each_step_of_the_commit(cluster, small_disk, re
             except ray_ckpt.CheckpointError as e:
                 assert "No space left on device" in str(e), str(e)
                 assert _leftovers(os.listdir(path)) == [], os.listdir(path)
-                with pytest.raises(ray_ckpt.IncompleteCheckpointError):
+                with pytest.raises(ray_ckpt.errors.IncompleteCheckpointError):
                     ckptr.load(str(path))
                 outcomes.append(("failed", str(e).split("failed")[0]))
             else:
@@ -186,7 +190,7 @@ def test_a_read_only_disk_still_loads_and_refuses_saves_at_once(cluster, small_d
         try:
             reliability.add("faults", "read-only disk", "injected")
             assert_same(_state(1, mib=1), ckptr.load(str(path)))
-            assert ray_ckpt.verify(str(path)).ok
+            assert ray_ckpt.tools.verify(str(path)).ok
             started = time.monotonic()
             for target, kwargs in ((small_disk / "new", {}), (path, {"overwrite": True})):
                 with pytest.raises(ray_ckpt.CheckpointError) as info:
@@ -227,7 +231,7 @@ def test_permission_denied_names_the_path_and_the_fix(
     with ray_ckpt.make_sync_checkpointer(
         config=_config(), filesystem=faulty(backend.fs, plan)
     ) as c:
-        with pytest.raises(ray_ckpt.StorageError) as info:
+        with pytest.raises(ray_ckpt.errors.StorageError) as info:
             if when == "save":
                 c.save(path, _state(1))
             else:
@@ -264,7 +268,7 @@ def test_a_cleanup_that_is_denied_too_keeps_the_first_error(backend, tmp_path, r
     assert plan.hits(1) >= 1, "the cleanup was attempted"
     leftovers = backend.files(path)
     assert leftovers and MARKER_NAME not in leftovers
-    with pytest.raises(ray_ckpt.IncompleteCheckpointError):
+    with pytest.raises(ray_ckpt.errors.IncompleteCheckpointError):
         backend.ckptr.load(path)
     manager = ray_ckpt.CheckpointManager(
         root, backend.ckptr, filesystem=backend.filesystem, incomplete_grace_secs=0
@@ -315,7 +319,7 @@ def test_stuck_storage_fails_the_save_at_the_barrier_timeout(cluster, tmp_path, 
         config=_config(barrier_timeout_secs=3), filesystem=fs
     ) as c:
         started = time.monotonic()
-        with pytest.raises(ray_ckpt.CheckpointWriteError, match="no answer in 3s") as info:
+        with pytest.raises(ray_ckpt.errors.CheckpointWriteError, match="no answer in 3s") as info:
             c.save(str(path), _state(1))
         assert time.monotonic() - started < 10, "the save waited for the stuck write"
         stuck = next(call.name for call in plan.journal() if call.fault == 0)
@@ -325,7 +329,9 @@ def test_stuck_storage_fails_the_save_at_the_barrier_timeout(cluster, tmp_path, 
         while time.monotonic() < deadline and plan.hits(0) and not (path / stuck).exists():
             time.sleep(0.2)
         time.sleep(1.0)
-        with pytest.raises((ray_ckpt.IncompleteCheckpointError, ray_ckpt.CheckpointNotFoundError)):
+        with pytest.raises(
+            (ray_ckpt.errors.IncompleteCheckpointError, ray_ckpt.CheckpointNotFoundError)
+        ):
             c.load(str(path))
         manager = ray_ckpt.CheckpointManager(str(root), c, incomplete_grace_secs=0)
         manager.cleanup()

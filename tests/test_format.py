@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import ray_ckpt
+import ray_ckpt.errors
 from ray_ckpt import _tree
 from ray_ckpt._checksum import crc32c
 from ray_ckpt.config import CheckpointStagerConfig
@@ -118,7 +119,9 @@ def test_writer_refuses_an_array_of_the_wrong_size(tmp_path):
     plan = _plan([5000], bucket=8192)
     storage = Storage.from_path(str(tmp_path))
     (bucket,) = plan.buckets
-    with pytest.raises(ray_ckpt.CheckpointWriteError, match="array 0 arrived with 4999 bytes"):
+    with pytest.raises(
+        ray_ckpt.errors.CheckpointWriteError, match="array 0 arrived with 4999 bytes"
+    ):
         CheckpointWriter().write_bucket(
             storage, bucket, [[np.zeros(4999, np.uint8)]], rank=0, checkpoint_id=CKPT_ID,
             checksum=True, fsync=False,
@@ -189,11 +192,11 @@ def test_unknown_format_version_is_refused():
     table, marker = _manifest([{"item": 0}])
     meta = dict(table.schema.metadata)
     meta[b"ray_ckpt.format_version"] = b"99"
-    with pytest.raises(ray_ckpt.FormatVersionError, match="version '99'"):
+    with pytest.raises(ray_ckpt.errors.FormatVersionError, match="version '99'"):
         parse_manifest(table.replace_schema_metadata(meta), where="m", marker=marker)
     doc = json.loads(marker.to_bytes())
     doc["format_version"] = 2
-    with pytest.raises(ray_ckpt.FormatVersionError, match="Upgrade ray_ckpt"):
+    with pytest.raises(ray_ckpt.errors.FormatVersionError, match="Upgrade ray_ckpt"):
         Marker.from_bytes(json.dumps(doc).encode(), where="x")
 
 
@@ -217,17 +220,17 @@ def test_hostile_trees_are_refused(tree):
 def test_reference_cycles_are_refused():
     state: dict = {"a": 1}
     state["self"] = state
-    with pytest.raises(ray_ckpt.UnsupportedValueError, match="cycle"):
+    with pytest.raises(ray_ckpt.errors.UnsupportedValueError, match="cycle"):
         _tree.flatten(state)
 
 
 def test_errors_survive_pickling():
     import pickle
 
-    error = ray_ckpt.MissingKeysError("missing a")
+    error = ray_ckpt.errors.MissingKeysError("missing a")
     error.missing_keys = ["a"]
     again = pickle.loads(pickle.dumps(error))
-    assert type(again) is ray_ckpt.MissingKeysError and str(again) == "missing a"
+    assert type(again) is ray_ckpt.errors.MissingKeysError and str(again) == "missing a"
     assert again.missing_keys == ["a"] and isinstance(again, RuntimeError)
     not_found = pickle.loads(pickle.dumps(ray_ckpt.CheckpointNotFoundError("gone")))
     assert isinstance(not_found, FileNotFoundError) and str(not_found) == "gone"

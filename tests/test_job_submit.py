@@ -33,6 +33,7 @@ import pytest
 import torch
 
 import ray_ckpt
+import ray_ckpt.tools
 
 REPO = Path(__file__).resolve().parent.parent
 RAY = Path(sys.executable).with_name("ray")
@@ -188,7 +189,7 @@ def test_job_checkpoints_and_resumes_from_the_newest_committed(head, tmp_path):
     # --keep-last 3: the manager deleted the older ones once the newer had committed
     assert [e.step for e in ray_ckpt.list_checkpoints(str(root)) if e.committed] == [60, 80, 90]
     for entry in ray_ckpt.list_checkpoints(str(root)):
-        assert ray_ckpt.verify(entry.path).ok, entry.path
+        assert ray_ckpt.tools.verify(entry.path).ok, entry.path
 
     _assert_same_as_uninterrupted(root / "step-000000090", steps=90, width=64)
 

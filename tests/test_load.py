@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import ray_ckpt
+import ray_ckpt.errors
 from ray_ckpt.format import HEADER_SIZE, MARKER_NAME
 
 from .helpers import assert_same, small_config, tiny_model, trained
@@ -81,7 +82,7 @@ def test_none_leaf_loads_the_whole_subtree(backend, saved):
 def test_strict_names_every_missing_key(backend, saved):
     path, _ = saved
     target = {"model": {"w": torch.zeros(300, 300), "extra": torch.zeros(1)}, "nope": 1}
-    with pytest.raises(ray_ckpt.MissingKeysError) as info:
+    with pytest.raises(ray_ckpt.errors.MissingKeysError) as info:
         backend.ckptr.load(path, target, strict=True)
     assert isinstance(info.value, RuntimeError)
     assert info.value.missing_keys == ["model.extra", "nope"]
@@ -101,7 +102,7 @@ def test_strict_names_every_missing_key(backend, saved):
 )
 def test_mismatch_names_the_key(backend, saved, target, match):
     path, _ = saved
-    with pytest.raises(ray_ckpt.StateDictMismatchError, match=match) as info:
+    with pytest.raises(ray_ckpt.errors.StateDictMismatchError, match=match) as info:
         backend.ckptr.load(path, {"model": {"w": target}})
     assert "model.w" in str(info.value)
     assert torch.count_nonzero(target) == 0  # nothing was read into it
@@ -109,7 +110,7 @@ def test_mismatch_names_the_key(backend, saved, target, match):
 
 def test_structure_mismatch_names_the_key(backend, saved):
     path, _ = saved
-    with pytest.raises(ray_ckpt.StateDictMismatchError, match="'step'"):
+    with pytest.raises(ray_ckpt.errors.StateDictMismatchError, match="'step'"):
         backend.ckptr.load(path, {"step": torch.zeros(1)})
 
 
@@ -127,7 +128,7 @@ def test_map_location(ckptr, saved_locally):
 )
 def test_bad_map_location_is_refused(ckptr, saved_locally, bad):
     path, _ = saved_locally
-    with pytest.raises(ray_ckpt.UnsupportedValueError, match="default_map_location"):
+    with pytest.raises(ray_ckpt.errors.UnsupportedValueError, match="default_map_location"):
         ckptr.load(path, default_map_location=bad)
 
 
@@ -142,7 +143,7 @@ def test_path_that_is_a_file(backend):
     backend.write(file, b"hello")
     with pytest.raises(ray_ckpt.CheckpointNotFoundError, match="is a file"):
         backend.ckptr.load(file)
-    with pytest.raises(ray_ckpt.CheckpointExistsError, match="is a file"):
+    with pytest.raises(ray_ckpt.errors.CheckpointExistsError, match="is a file"):
         backend.ckptr.save(file, {"a": torch.ones(1)})
     assert backend.read(file) == b"hello"
 
@@ -150,7 +151,7 @@ def test_path_that_is_a_file(backend):
 def test_incomplete_directory_is_refused(backend, saved):
     path, _ = saved
     backend.delete(f"{path}/{MARKER_NAME}")
-    with pytest.raises(ray_ckpt.IncompleteCheckpointError, match="no commit marker"):
+    with pytest.raises(ray_ckpt.errors.IncompleteCheckpointError, match="no commit marker"):
         backend.ckptr.load(path)
 
 
@@ -232,7 +233,7 @@ def test_overwrite_policy(backend, saved):
     path, _ = saved
     ckptr = backend.ckptr
     before = backend.files(path)
-    with pytest.raises(ray_ckpt.CheckpointExistsError, match="overwrite=True"):
+    with pytest.raises(ray_ckpt.errors.CheckpointExistsError, match="overwrite=True"):
         ckptr.save(path, {"x": torch.ones(1)})
     assert "model" in ckptr.load(path)  # untouched
     assert backend.files(path) == before
@@ -247,7 +248,7 @@ def test_overwrite_policy(backend, saved):
 def test_directory_with_foreign_files_is_refused(backend):
     notes = backend.path("notes.txt")
     backend.write(notes, b"mine")
-    with pytest.raises(ray_ckpt.CheckpointExistsError, match=r"notes\.txt"):
+    with pytest.raises(ray_ckpt.errors.CheckpointExistsError, match=r"notes\.txt"):
         backend.ckptr.save(backend.root, {"x": torch.ones(1)})
     assert backend.read(notes) == b"mine"
     assert backend.listdir(backend.root) == ["notes.txt"]
@@ -256,7 +257,7 @@ def test_directory_with_foreign_files_is_refused(backend):
 def test_closed_checkpointer_refuses(cluster, tmp_path):
     c = ray_ckpt.make_sync_checkpointer()
     c.close()
-    with pytest.raises(ray_ckpt.CheckpointerClosedError, match="closed"):
+    with pytest.raises(ray_ckpt.errors.CheckpointerClosedError, match="closed"):
         c.save(str(tmp_path / "c"), {"x": torch.ones(1)})
 
 
@@ -291,12 +292,14 @@ def test_a_dict_none_of_whose_keys_exist_fails_even_without_strict(ckptr, tmp_pa
     other = torch.nn.Sequential()
     other.add_module("fc1", torch.nn.Linear(16, 32))
     target = {"model": other.state_dict(), "step": 0}
-    with pytest.raises(ray_ckpt.MissingKeysError, match=r"none of the 2 key\(s\).*'model'") as info:
+    with pytest.raises(
+        ray_ckpt.errors.MissingKeysError, match=r"none of the 2 key\(s\).*'model'"
+    ) as info:
         ckptr.load(path, target, strict=False)
     assert "'fc1.weight' -> '1.weight'" in str(info.value)  # difflib's closest match
     assert info.value.missing_keys == ["model.fc1.weight", "model.fc1.bias"]
     assert target["step"] == 0  # nothing was assigned
-    with pytest.raises(ray_ckpt.MissingKeysError, match="at the root"):
+    with pytest.raises(ray_ckpt.errors.MissingKeysError, match="at the root"):
         ckptr.load(path, {"mdl": None})
     # a partial match is no mistake: strict=False loads what exists
     assert ckptr.load(path, {"step": 0, "epoch": 1}) == {"step": 3, "epoch": 1}
@@ -380,5 +383,5 @@ def test_the_module_prefix_is_not_guessed_when_ambiguous(ckptr, tmp_path):
     """Only a prefix on every key of one side and none of the other is mapped."""
     path = str(tmp_path / "ckpt")
     ckptr.save(path, {"model": {"module.a": torch.ones(1), "b": torch.ones(1)}})
-    with pytest.raises(ray_ckpt.MissingKeysError, match="none of the 1 key"):
+    with pytest.raises(ray_ckpt.errors.MissingKeysError, match="none of the 1 key"):
         ckptr.load(path, {"model": {"a": torch.zeros(1)}})

@@ -10,6 +10,7 @@ import ray
 import torch
 
 import ray_ckpt
+import ray_ckpt.errors
 from ray_ckpt.writer import CheckpointWriter
 
 from .helpers import small_config
@@ -103,7 +104,7 @@ def test_a_save_that_fails_half_way_keeps_the_committed_ones(cluster, tmp_path):
         manager = ray_ckpt.CheckpointManager(str(tmp_path), actor, keep_last=2)
         _run(manager, range(3))
         manager.save(3, _state(3) | {"more": torch.ones(1000)})  # two buckets: one fails
-        with pytest.raises(ray_ckpt.CheckpointWriteError, match="injected"):
+        with pytest.raises(ray_ckpt.errors.CheckpointWriteError, match="injected"):
             manager.wait()
         assert manager.steps() == [1, 2] and manager.latest() == 2  # nothing lost
         assert torch.equal(manager.load()["w"], torch.full((1000,), 2.0))
@@ -135,5 +136,5 @@ def test_bad_arguments(sync_ckptr, tmp_path):
         manager.save(-1, _state(0))
     with pytest.raises(ray_ckpt.CheckpointNotFoundError):
         manager.load()
-    with pytest.raises(ray_ckpt.UnsupportedValueError, match="JSON"):
+    with pytest.raises(ray_ckpt.errors.UnsupportedValueError, match="JSON"):
         manager.save(1, _state(1), metrics={"loss": object()})

@@ -16,6 +16,9 @@ import ray
 import torch
 
 import ray_ckpt
+import ray_ckpt.memory
+import ray_ckpt.tiers
+import ray_ckpt.tools
 from ray_ckpt import memory
 
 from . import conftest
@@ -116,7 +119,7 @@ def test_save_to_memory_and_load_back_exactly(mcluster, sync):
         assert_same(target["model"], _state(1)["model"])
     copies = _copies(path)
     assert copies and all(len(c) == 2 and node in c for c in copies), copies
-    [info] = [i for i in ray_ckpt.memory_checkpoints() if i.path == path]
+    [info] = [i for i in ray_ckpt.tiers.memory_checkpoints() if i.path == path]
     assert info.committed and info.complete and info.copies == 2 and info.tier == "memory"
     [entry] = ray_ckpt.list_checkpoints(path.rsplit("/", 1)[0])
     assert entry.committed and entry.path == path
@@ -237,7 +240,7 @@ def test_node_removed_after_a_memory_save_loads_from_the_replica(mcluster, caplo
     _remove(mcluster, worker)
     # the copies on the removed node are gone; the replica serves the load
     with ray_ckpt.make_sync_checkpointer() as ckptr, caplog.at_level(logging.INFO):
-        loaded, source = ray_ckpt.load_newest(ckptr, [path.rsplit("/", 1)[0]])
+        loaded, source = ray_ckpt.tiers.load_newest(ckptr, [path.rsplit("/", 1)[0]])
     assert_same(loaded, _state(5))
     assert source.tier == "memory" and source.path == path
     # re-replication restores two copies, on live nodes only
@@ -253,14 +256,14 @@ def test_losing_every_copy_falls_back_to_durable_with_a_warning(mcluster, tmp_pa
     base = root.partition("?")[0]
     ray.get(_save_on_node.options(**on_node(worker)).remote(f"{base}/step-000000010?replicas=0",
                                                            10))
-    ray_ckpt.persist(f"{base}/step-000000010", f"{durable}/step-000000010")
+    ray_ckpt.tiers.persist(f"{base}/step-000000010", f"{durable}/step-000000010")
     ray.get(_save_on_node.options(**on_node(worker)).remote(f"{base}/step-000000011?replicas=0",
                                                            11))
     assert all(c == [worker] for c in _copies(f"{base}/step-000000011"))
     _remove(mcluster, worker)
     with ray_ckpt.make_sync_checkpointer() as ckptr, caplog.at_level(logging.INFO):
         target = _state(0)
-        loaded, source = ray_ckpt.load_newest(ckptr, [root, durable], target, strict=True)
+        loaded, source = ray_ckpt.tiers.load_newest(ckptr, [root, durable], target, strict=True)
     assert source.tier == "durable" and source.step == 10
     assert_same(loaded, _state(10))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -275,7 +278,7 @@ def test_persist_every_k_writes_the_on_disk_format(mcluster, tmp_path):
     mem_root = f"{_root()}?keep_last=2"
     with ray_ckpt.make_async_checkpointer(config=small_config()) as ckptr:
         durable = ray_ckpt.CheckpointManager(durable_root, ckptr, keep_last=3)
-        manager = ray_ckpt.TieredCheckpointManager(durable, mem_root, persist_every=2)
+        manager = ray_ckpt.tiers.TieredCheckpointManager(durable, mem_root, persist_every=2)
         for step in range(7):
             manager.save(step, _state(step), metrics={"loss": 1.0 / (step + 1)})
         manager.wait()
@@ -287,7 +290,7 @@ def test_persist_every_k_writes_the_on_disk_format(mcluster, tmp_path):
         manager.close()
     # a durable checkpoint is a plain one, and verifies
     assert_same(ray_ckpt.CheckpointReader().read(durable.path(4))[0], _state(4))
-    assert ray_ckpt.verify(durable.path(4)).ok
+    assert ray_ckpt.tools.verify(durable.path(4)).ok
 
 
 # --- accounting --------------------------------------------------------------------------------
@@ -298,7 +301,7 @@ def test_capacity_evicts_the_oldest_then_refuses(mcluster, caplog):
     head = ray.get_runtime_context().get_node_id()
     held = ray.get(memory.catalog().held_on.remote(head))
     fraction = (held + 3.5 * MiB) / memory.store_capacity(head)
-    fs = ray_ckpt.memory_filesystem(replicas=0, keep_last=5, capacity_fraction=fraction)
+    fs = ray_ckpt.memory.memory_filesystem(replicas=0, keep_last=5, capacity_fraction=fraction)
     root = _root().removeprefix("mem://")
     state = {"w": torch.randn(256, 1024)}  # 1 MiB: a save needs 2 MiB of room
     with ray_ckpt.make_sync_checkpointer(filesystem=fs) as ckptr, caplog.at_level(logging.INFO):
@@ -309,7 +312,7 @@ def test_capacity_evicts_the_oldest_then_refuses(mcluster, caplog):
         assert names == ["step-2", "step-3"], names
         assert any("evicted" in r.getMessage() and "step-1" in r.getMessage()
                    for r in caplog.records)
-        with pytest.raises(ray_ckpt.MemoryTierFullError, match="needs"):
+        with pytest.raises(ray_ckpt.memory.MemoryTierFullError, match="needs"):
             ckptr.save(f"{root}/step-4", {"w": torch.randn(1024, 1024)})  # 4 MiB: never fits
         # refused without evicting anything
         assert [e.name for e in ray_ckpt.list_checkpoints(root, filesystem=fs)] == [

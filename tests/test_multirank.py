@@ -12,6 +12,7 @@ import ray
 import torch
 
 import ray_ckpt
+import ray_ckpt.errors
 from ray_ckpt.barrier import coordinator_name
 
 from .conftest import on_node
@@ -106,9 +107,11 @@ def test_a_rank_that_raises_fails_the_save_everywhere(cluster, tmp_path):
     path = str(tmp_path / "c")
     bad = ranks[1].save.remote(path, extra={"oops": object()})  # refused at save time
     good = ranks[0].save.remote(path)
-    with pytest.raises(ray_ckpt.PickleNotAllowedError):
+    with pytest.raises(ray_ckpt.errors.PickleNotAllowedError):
         ray.get(bad, timeout=60)
-    with pytest.raises(ray_ckpt.CheckpointWriteError, match=r"rank 1: PickleNotAllowedError"):
+    with pytest.raises(
+        ray_ckpt.errors.CheckpointWriteError, match=r"rank 1: PickleNotAllowedError"
+    ):
         ray.get(good, timeout=60)
     assert not os.path.exists(os.path.join(path, "ray_ckpt.commit"))
     assert not [f for f in os.listdir(path) if f.endswith(".data")]
@@ -121,7 +124,7 @@ def test_a_rank_that_never_arrives_times_out_on_every_rank(cluster, tmp_path):
     started = time.monotonic()
     refs = [ranks[0].save.remote(path), ranks[1].save.remote(path)]  # rank 2 never saves
     for ref in refs:
-        with pytest.raises(ray_ckpt.BarrierTimeoutError, match=r"ranks \[2\] did not reach"):
+        with pytest.raises(ray_ckpt.errors.BarrierTimeoutError, match=r"ranks \[2\] did not reach"):
             ray.get(ref, timeout=60)
     assert time.monotonic() - started < 45  # 3 s of barrier plus saving on a busy machine
     assert not os.path.exists(os.path.join(path, "ray_ckpt.commit"))
@@ -134,7 +137,7 @@ def test_replicas_that_differ_are_refused(cluster, tmp_path):
     refs = [r.save.remote(path, seed=rank) for rank, r in enumerate(ranks)]  # models differ
     for ref in refs:
         differ = "different values on ranks 0 and 1"
-        with pytest.raises(ray_ckpt.CheckpointWriteError, match=differ):
+        with pytest.raises(ray_ckpt.errors.CheckpointWriteError, match=differ):
             ray.get(ref, timeout=60)
     assert not os.path.exists(os.path.join(path, "ray_ckpt.commit"))
 
@@ -182,7 +185,7 @@ def test_a_rank_process_that_dies_fails_the_save_quickly(cluster, tmp_path):
         time.sleep(0.05)  # rank 1's join is on its way from its process
     ray.kill(doomed)  # its process dies mid-save
     started = time.monotonic()
-    with pytest.raises(ray_ckpt.CheckpointWriteError, match="rank 1: its process died"):
+    with pytest.raises(ray_ckpt.errors.CheckpointWriteError, match="rank 1: its process died"):
         ray.get(good, timeout=60)
     assert time.monotonic() - started < 20  # not the 600 s barrier timeout
     open(gate, "w").close()

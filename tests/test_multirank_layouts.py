@@ -16,6 +16,7 @@ import ray
 import torch
 
 import ray_ckpt
+import ray_ckpt.errors
 from ray_ckpt.commit import RankReport, commit_reports
 from ray_ckpt.coordinator import SaveRequest
 from ray_ckpt.format import Extent, ItemMeta
@@ -237,7 +238,7 @@ def test_a_key_on_some_ranks_with_different_values_is_refused(cluster, tmp_path)
     refs = [rank.save.remote(path, state) for rank, state in zip(ranks, states)]
     for ref in refs:
         differ = "different values on ranks 0 and 1"
-        with pytest.raises(ray_ckpt.CheckpointWriteError, match=differ):
+        with pytest.raises(ray_ckpt.errors.CheckpointWriteError, match=differ):
             ray.get(ref, timeout=300)
     assert not os.path.exists(os.path.join(path, "ray_ckpt.commit"))
 
@@ -262,7 +263,9 @@ def test_a_key_no_rank_wrote_is_refused(tmp_path):
         overwrite=False, hook=None, fsync=False, barrier_timeout_secs=10, started_unix=0.0,
     )
     reports = [_report(r, owner=1, written=False) for r in range(2)]
-    with pytest.raises(ray_ckpt.CheckpointWriteError, match="key 'w': no rank wrote its bytes"):
+    with pytest.raises(
+        ray_ckpt.errors.CheckpointWriteError, match="key 'w': no rank wrote its bytes"
+    ):
         commit_reports(request, reports, "x")
     assert not storage.exists("ray_ckpt.commit")
 
@@ -354,7 +357,7 @@ def test_overlapping_shards_are_found_along_any_dimension():
 
     columns = [((0, 4 * c), (8, 4)) for c in range(100)]
     assert _first_overlap(columns) is None
-    clash = columns + [((2, 398), (2, 2))]  # rows 2-3 of columns 398-399: inside the last one
+    clash = [*columns, ((2, 398), (2, 2))]  # rows 2-3 of columns 398-399: inside the last one
     assert _first_overlap(clash) is not None
     grid = [((4 * r, 4 * c), (4, 4)) for r in range(10) for c in range(10)]
     assert _first_overlap(grid) is None

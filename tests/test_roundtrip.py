@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import ray_ckpt
+import ray_ckpt.errors
 from ray_ckpt import _tree, cli
 from ray_ckpt.format import DTYPES, MARKER_NAME
 
@@ -163,12 +164,14 @@ def test_pickle_needs_allow_pickle_on_save_and_on_load(backend):
         def __init__(self) -> None:
             self.value = 42
 
-    with pytest.raises(ray_ckpt.PickleNotAllowedError, match=r"key 'obj'.*allow_pickle=True"):
+    with pytest.raises(
+        ray_ckpt.errors.PickleNotAllowedError, match=r"key 'obj'.*allow_pickle=True"
+    ):
         ckptr.save(backend.path("refused"), {"obj": Custom()})
     assert not backend.exists(f"{backend.path('refused')}/{MARKER_NAME}")
 
     ckptr.save(path, {"obj": {1, 2, 3}, "t": torch.ones(2)}, allow_pickle=True)
-    with pytest.raises(ray_ckpt.PickleNotAllowedError, match=r"\['obj'\]"):
+    with pytest.raises(ray_ckpt.errors.PickleNotAllowedError, match=r"\['obj'\]"):
         ckptr.load(path)
     # tensors can still be loaded without the pickled key, and with allow_pickle all of it
     assert torch.equal(ckptr.load(path, {"t": torch.zeros(2)})["t"], torch.ones(2))
@@ -192,7 +195,7 @@ def test_unsupported_values_name_the_key(ckptr, tmp_path, value, match):
 
 
 def test_non_dict_state_dict_is_refused(ckptr, tmp_path):
-    with pytest.raises(ray_ckpt.UnsupportedValueError, match="must be a dict"):
+    with pytest.raises(ray_ckpt.errors.UnsupportedValueError, match="must be a dict"):
         ckptr.save(str(tmp_path / "c"), [torch.ones(1)])  # type: ignore[arg-type]
 
 
@@ -239,7 +242,9 @@ def test_state_dict_nested_up_to_max_depth_saves_loads_and_inspects(
 
 def test_state_dict_nested_deeper_than_max_depth_is_refused_naming_the_key(ckptr, tmp_path):
     path = tmp_path / "too-deep"
-    with pytest.raises(ray_ckpt.UnsupportedValueError, match=r"nesting deeper than 512") as info:
+    with pytest.raises(
+        ray_ckpt.errors.UnsupportedValueError, match=r"nesting deeper than 512"
+    ) as info:
         ckptr.save(str(path), _nested(_tree.MAX_DEPTH + 1))
     assert str(info.value).startswith("key 'root.0.0.k3.0")  # the key path's prefix
     assert not path.exists() or not any(path.iterdir())

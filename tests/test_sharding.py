@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 import ray_ckpt
+import ray_ckpt.errors
 from ray_ckpt.sharding import ShardedTensor, overlap, runs
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -152,7 +153,9 @@ def test_full_load_without_process_group_consolidates(saved_on_two):
 
 
 def test_global_shape_mismatch_names_both_layouts(saved_on_two):
-    with pytest.raises(ray_ckpt.StateDictMismatchError, match=r"float32 \[37, 12\].*\[36, 12\]"):
+    with pytest.raises(
+        ray_ckpt.errors.StateDictMismatchError, match=r"float32 \[37, 12\].*\[36, 12\]"
+    ):
         ray_ckpt.CheckpointReader().read(saved_on_two, {"model": {"w": torch.zeros(36, 12)}})
 
 
@@ -160,7 +163,9 @@ def test_missing_shard_is_named(cluster, tmp_path):
     with ray_ckpt.make_sync_checkpointer() as ckptr:
         # a ShardedTensor covering only half of its global tensor: refused at save time
         half = ShardedTensor(torch.ones(5, 4), (10, 4), (0, 0))
-        with pytest.raises(ray_ckpt.CheckpointWriteError, match="cover 20 of the 40 elements"):
+        with pytest.raises(
+            ray_ckpt.errors.CheckpointWriteError, match="cover 20 of the 40 elements"
+        ):
             ckptr.save(str(tmp_path / "c"), {"w": half})
 
 

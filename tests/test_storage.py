@@ -22,6 +22,8 @@ import pytest
 import torch
 
 import ray_ckpt
+import ray_ckpt.catalog
+import ray_ckpt.errors
 from ray_ckpt.config import StorageConfig
 from ray_ckpt.format import MARKER_NAME
 from ray_ckpt.storage import PutCommit, RenameCommit, Storage, commit_strategy_for, is_transient
@@ -149,7 +151,7 @@ def test_local_rename_commit_is_exclusive_by_hard_link(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "link", spy)
     RenameCommit().commit(storage, MARKER_NAME, b"first", "tmp-1", exclusive=True)
     assert linked == [("tmp-1", MARKER_NAME)]
-    with pytest.raises(ray_ckpt.CheckpointExistsError, match="overwrite=True"):
+    with pytest.raises(ray_ckpt.errors.CheckpointExistsError, match="overwrite=True"):
         RenameCommit().commit(storage, MARKER_NAME, b"second", "tmp-2", exclusive=True)
     assert sorted(os.listdir(tmp_path)) == [MARKER_NAME]  # no temporary left behind
     RenameCommit().commit(storage, MARKER_NAME, b"third", "tmp-3", exclusive=False)
@@ -197,9 +199,9 @@ def test_a_save_in_progress_is_never_taken_for_a_checkpoint(backend, tmp_path_fa
         # every data file and the manifest are durable now; only the marker is missing
         assert any(f.endswith(".data") for f in backend.files(path))
         assert any(f.startswith("manifest-") for f in backend.files(path))
-        with pytest.raises(ray_ckpt.IncompleteCheckpointError, match="no commit marker"):
+        with pytest.raises(ray_ckpt.errors.IncompleteCheckpointError, match="no commit marker"):
             backend.ckptr.load(path)
-        with pytest.raises(ray_ckpt.IncompleteCheckpointError):
+        with pytest.raises(ray_ckpt.errors.IncompleteCheckpointError):
             ray_ckpt.CheckpointReader(filesystem=backend.filesystem).open(path)
         (entry,) = ray_ckpt.list_checkpoints(backend.root, filesystem=backend.filesystem)
         assert (entry.name, entry.committed) == ("step-7", False)
@@ -293,7 +295,7 @@ def test_transient_errors_give_up_after_max_attempts(tmp_path, caplog):
     ])
     (tmp_path / "obj").write_bytes(b"x")
     storage = Storage(faulty(pafs.LocalFileSystem(), plan), str(tmp_path), FAST_RETRIES)
-    with pytest.raises(ray_ckpt.StorageError, match="failed after 3 attempts") as info:
+    with pytest.raises(ray_ckpt.errors.StorageError, match="failed after 3 attempts") as info:
         storage.read_file("obj")
     assert "obj" in str(info.value) and "max_attempts" in str(info.value)
     assert len(plan.journal("read")) == 3
@@ -305,7 +307,7 @@ def test_permanent_errors_fail_at_once(tmp_path, caplog):
         Fault("write", "obj", times=None, error=PermissionError(errno.EACCES, "injected")),
     ])
     storage = Storage(faulty(pafs.LocalFileSystem(), plan), str(tmp_path), FAST_RETRIES)
-    with pytest.raises(ray_ckpt.StorageError, match="read/write access") as info:
+    with pytest.raises(ray_ckpt.errors.StorageError, match="read/write access") as info:
         storage.write_file("obj", [b"x"], fsync=False)
     assert str(tmp_path / "obj") in str(info.value)
     assert len(plan.journal("write")) == 1
@@ -316,11 +318,11 @@ def test_a_missing_bucket_fails_at_once_naming_the_bucket(s3_server, cluster, ca
     fs = s3_server.filesystem()
     started = time.monotonic()
     with ray_ckpt.make_sync_checkpointer(filesystem=fs) as ckptr:
-        with pytest.raises(ray_ckpt.StorageError) as saving:
+        with pytest.raises(ray_ckpt.errors.StorageError) as saving:
             ckptr.save("no-such-bucket/run/step-1", _state())
-        with pytest.raises(ray_ckpt.StorageError) as loading:
+        with pytest.raises(ray_ckpt.errors.StorageError) as loading:
             ckptr.load("no-such-bucket/run/step-1")
-    with pytest.raises(ray_ckpt.StorageError) as listing:
+    with pytest.raises(ray_ckpt.errors.StorageError) as listing:
         ray_ckpt.list_checkpoints("no-such-bucket/run", filesystem=fs)
     for info in (saving, loading, listing):
         assert "bucket 'no-such-bucket' does not exist" in str(info.value)
@@ -343,9 +345,9 @@ def locked_s3(tmp_path_factory):
 def test_access_denied_fails_at_once_naming_the_bucket_and_credentials(locked_s3, cluster, caplog):
     fs = locked_s3.filesystem(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1))
     with ray_ckpt.make_sync_checkpointer(filesystem=fs) as ckptr:
-        with pytest.raises(ray_ckpt.StorageError) as saving:
+        with pytest.raises(ray_ckpt.errors.StorageError) as saving:
             ckptr.save("private-bucket/run/step-1", _state())
-        with pytest.raises(ray_ckpt.StorageError) as loading:
+        with pytest.raises(ray_ckpt.errors.StorageError) as loading:
             ckptr.load("private-bucket/run/step-1")
     for info in (saving, loading):
         message = str(info.value)
@@ -364,7 +366,7 @@ def test_an_unreachable_endpoint_is_retried_then_reported(caplog):
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1),
     )
     storage = Storage(fs, f"{S3_BUCKET}/x", FAST_RETRIES)
-    with pytest.raises(ray_ckpt.StorageError, match="failed after 3 attempts") as info:
+    with pytest.raises(ray_ckpt.errors.StorageError, match="failed after 3 attempts") as info:
         storage.list_files()
     assert "reachable" in str(info.value) and f"{S3_BUCKET}/x" in str(info.value)
     assert sum("retrying" in r.getMessage() for r in caplog.records) == 2
@@ -392,19 +394,20 @@ def test_list_and_delete_touch_only_checkpoints(backend):
     assert entries[0].nbytes == sum(t.numel() * 4 for t in _state().values() if torch.is_tensor(t))
     assert_same(_state(1), ckptr.load(entries[0].path))
 
-    ray_ckpt.delete_checkpoint(backend.path("step-1"), filesystem=fs)
-    ray_ckpt.delete_checkpoint(backend.path("step-3"), filesystem=fs)  # uncommitted: deletable
+    ray_ckpt.catalog.delete_checkpoint(backend.path("step-1"), filesystem=fs)
+    # uncommitted: deletable
+    ray_ckpt.catalog.delete_checkpoint(backend.path("step-3"), filesystem=fs)
     assert "step-1" not in backend.listdir(backend.root)
     assert "step-3" not in backend.listdir(backend.root)
 
     with pytest.raises(ray_ckpt.CheckpointError, match="README"):
-        ray_ckpt.delete_checkpoint(backend.path("mixed"), filesystem=fs)
+        ray_ckpt.catalog.delete_checkpoint(backend.path("mixed"), filesystem=fs)
     with pytest.raises(ray_ckpt.CheckpointError, match=r"todo\.txt"):
-        ray_ckpt.delete_checkpoint(backend.path("notes"), filesystem=fs)
+        ray_ckpt.catalog.delete_checkpoint(backend.path("notes"), filesystem=fs)
     with pytest.raises(ray_ckpt.CheckpointError, match="not a checkpoint directory"):
-        ray_ckpt.delete_checkpoint(backend.path("notes", "todo.txt"), filesystem=fs)
+        ray_ckpt.catalog.delete_checkpoint(backend.path("notes", "todo.txt"), filesystem=fs)
     with pytest.raises(ray_ckpt.CheckpointNotFoundError):
-        ray_ckpt.delete_checkpoint(backend.path("step-99"), filesystem=fs)
+        ray_ckpt.catalog.delete_checkpoint(backend.path("step-99"), filesystem=fs)
     assert backend.read(backend.path("mixed", "README")) == b"keep me"
     assert backend.read(backend.path("notes", "todo.txt")) == b"mine"
     assert_same(_state(4), ckptr.load(backend.path("mixed")))

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import ray_ckpt
+import ray_ckpt.errors
 from ray_ckpt.config import StorageConfig
 from ray_ckpt.format import MARKER_NAME
 
@@ -92,7 +93,9 @@ def test_a_failed_save_commits_nothing_and_leaves_other_checkpoints_alone(
     assert [c.name for c in plan.journal("write")].count(failed) == 1
 
     assert backend.files(path) == [], "every file of the failed save was deleted"
-    with pytest.raises((ray_ckpt.IncompleteCheckpointError, ray_ckpt.CheckpointNotFoundError)):
+    with pytest.raises(
+        (ray_ckpt.errors.IncompleteCheckpointError, ray_ckpt.CheckpointNotFoundError)
+    ):
         backend.ckptr.load(path)
     after = {name: backend.read(f"{previous}/{name}") for name in backend.files(previous)}
     assert after == before, "the previous checkpoint is byte for byte untouched"
@@ -130,7 +133,7 @@ def test_transient_failures_are_retried_and_the_save_commits(backend, faulty_ckp
 def test_too_many_transient_failures_fail_the_save_after_max_attempts(backend, faulty_ckptr):
     ckptr, plan = faulty_ckptr(Fault("write", "r*.data", nth=2, times=None, error=SLOW_DOWN))
     path = backend.path("step-4")
-    with pytest.raises(ray_ckpt.CheckpointWriteError, match="after 3 attempts") as info:
+    with pytest.raises(ray_ckpt.errors.CheckpointWriteError, match="after 3 attempts") as info:
         ckptr.save(path, _state(4))
     assert "max_attempts" in str(info.value)
     first = _faulted_names(plan)[0]
@@ -171,7 +174,7 @@ def test_a_read_that_keeps_failing_names_the_file(backend, faulty_ckptr):
     ckptr, plan = faulty_ckptr(
         Fault("read", "r*.data", times=None, error=PermissionError("injected: access denied"))
     )
-    with pytest.raises(ray_ckpt.StorageError, match="injected") as info:
+    with pytest.raises(ray_ckpt.errors.StorageError, match="injected") as info:
         ckptr.load(path)
     (name, *_) = _faulted_names(plan)
     assert name in str(info.value) and "Fix:" in str(info.value)

@@ -23,6 +23,7 @@ import ray
 import torch
 
 import ray_ckpt
+import ray_ckpt.tools
 from ray_ckpt import cli
 from ray_ckpt.tools._source import _windows, opened, stored_refs
 
@@ -100,7 +101,7 @@ def test_inspect_shows_a_sharded_tensor_as_one_key_with_its_shards(capsys, saved
 
 def test_verify_checks_every_shard_and_names_a_damaged_one(saved_on_two, tmp_path):
     info = ray_ckpt.CheckpointReader().open(saved_on_two)
-    report = ray_ckpt.verify(saved_on_two)
+    report = ray_ckpt.tools.verify(saved_on_two)
     assert report.ok, report.problems
     assert report.bytes_checked == info.marker.total_nbytes
     assert report.extents_checked == info.table.num_rows
@@ -110,16 +111,16 @@ def test_verify_checks_every_shard_and_names_a_damaged_one(saved_on_two, tmp_pat
     shutil.copytree(saved_on_two, damaged)
     (_, second), = [s for s in _shard_items(str(damaged), "model.w") if s[0] == (19, 0)]
     flip_byte(str(damaged / second[0].file), second[0].offset + 5)
-    report = ray_ckpt.verify(str(damaged))
+    report = ray_ckpt.tools.verify(str(damaged))
     assert [(p.kind, p.key, p.file) for p in report.problems] == [
         ("checksum", "model.w", second[0].file)
     ]
     # every tool that reads the tensor stops there, naming the key; exports leave nothing
     with pytest.raises(ray_ckpt.CorruptCheckpointError, match=r"key 'model\.w': checksum mismatch"):
-        ray_ckpt.diff_checkpoints(saved_on_two, str(damaged))
+        ray_ckpt.tools.diff_checkpoints(saved_on_two, str(damaged))
     for to, out in (("torch", tmp_path / "m.pt"), ("safetensors", tmp_path / "hf")):
         with pytest.raises(ray_ckpt.CorruptCheckpointError, match=r"key 'model\.w': checksum"):
-            ray_ckpt.export_checkpoint(str(damaged), str(out), to=to)
+            ray_ckpt.tools.export_checkpoint(str(damaged), str(out), to=to)
         assert not out.exists() or not any(out.iterdir())
     # small windows read each shard in pieces: the CRC32C still covers every byte
     with opened(str(damaged), None, None) as source:
@@ -160,7 +161,7 @@ def test_windows_tile_a_tensor_in_c_order():
 def test_diff_compares_sharded_with_unsharded_by_global_value(
     capsys, cluster, saved_on_two, unsharded, tmp_path
 ):
-    report = ray_ckpt.diff_checkpoints(saved_on_two, unsharded)
+    report = ray_ckpt.tools.diff_checkpoints(saved_on_two, unsharded)
     assert report.same and report.unchanged == 4, report
     assert run(capsys, "diff", "--exit-code", unsharded, saved_on_two)[0] == 0
 
@@ -170,7 +171,7 @@ def test_diff_compares_sharded_with_unsharded_by_global_value(
     other = str(tmp_path / "changed")
     with ray_ckpt.make_sync_checkpointer() as ckptr:
         ckptr.save(other, changed)
-    report = ray_ckpt.diff_checkpoints(saved_on_two, other)
+    report = ray_ckpt.tools.diff_checkpoints(saved_on_two, other)
     assert {c.key: (c.what, c.numel_changed, c.max_abs_diff) for c in report.changed} == {
         "model.w": ("values", 1, pytest.approx(1.0)), "model.e": ("values", 1, pytest.approx(0.5))
     }
@@ -194,7 +195,7 @@ def test_export_torch_consolidates_and_imports_back(capsys, cluster, saved_on_tw
     assert rc == 0 and f"imported 3 tensors ({cli.human_bytes(1776 + 48 + 420)})" in text
     assert f"from {out} (torch, 1 file(s)) to {imported}" in text
     assert_same(_original(), ray_ckpt.CheckpointReader().read(imported)[0])
-    assert ray_ckpt.verify(imported).ok
+    assert ray_ckpt.tools.verify(imported).ok
     entry, = ray_ckpt.list_checkpoints(str(tmp_path))
     assert entry.metadata["imported_from"] == {"source": str(out), "format": "torch"}
 
@@ -205,7 +206,7 @@ def test_export_safetensors_shards_import_and_export_again_to_the_same_bytes(
     from safetensors import safe_open
 
     first = tmp_path / "hf"
-    result = ray_ckpt.export_checkpoint(saved_on_two, str(first), max_shard_bytes=400)
+    result = ray_ckpt.tools.export_checkpoint(saved_on_two, str(first), max_shard_bytes=400)
     assert result.skipped == ["step"]
     files = sorted(os.listdir(first))
     assert files == [*(f"model-0000{k}-of-00003.safetensors" for k in (1, 2, 3)),
@@ -217,24 +218,24 @@ def test_export_safetensors_shards_import_and_export_again_to_the_same_bytes(
     assert_same(dict(sorted(_flat(_original()).items())), dict(sorted(exported.items())))
 
     imported = str(tmp_path / "imported")
-    result = ray_ckpt.import_checkpoint(str(first), imported)
+    result = ray_ckpt.tools.import_checkpoint(str(first), imported)
     assert (result.format, result.tensors, len(result.files)) == ("safetensors", 3, 3)
     assert_same(_flat(_original()), ray_ckpt.CheckpointReader().read(imported)[0])
 
     second = tmp_path / "hf2"
-    ray_ckpt.export_checkpoint(imported, str(second), max_shard_bytes=400)
+    ray_ckpt.tools.export_checkpoint(imported, str(second), max_shard_bytes=400)
     assert sorted(os.listdir(second)) == files
     for name in files:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
 
     # the single file and the index file itself are sources too; under= nests the state
     single = tmp_path / "single"
-    ray_ckpt.export_checkpoint(saved_on_two, str(single), only="model")
+    ray_ckpt.tools.export_checkpoint(saved_on_two, str(single), only="model")
     nested = str(tmp_path / "nested")
-    ray_ckpt.import_checkpoint(str(single / "model.safetensors"), nested, under="model")
+    ray_ckpt.tools.import_checkpoint(str(single / "model.safetensors"), nested, under="model")
     assert_same({"model": _original()["model"]}, ray_ckpt.CheckpointReader().read(nested)[0])
     again = str(tmp_path / "again")
-    ray_ckpt.import_checkpoint(str(first / "model.safetensors.index.json"), again)
+    ray_ckpt.tools.import_checkpoint(str(first / "model.safetensors.index.json"), again)
     assert_same(_flat(_original()), ray_ckpt.CheckpointReader().read(again)[0])
 
 
@@ -256,7 +257,7 @@ def test_import_refuses_arbitrary_objects_without_running_them(tmp_path):
     source = tmp_path / "evil.pt"
     torch.save({"w": torch.ones(2), "obj": _Planted(str(planted))}, source)
     with pytest.raises(ray_ckpt.CheckpointError, match="never unpickles arbitrary objects") as e:
-        ray_ckpt.import_checkpoint(str(source), str(tmp_path / "out"))
+        ray_ckpt.tools.import_checkpoint(str(source), str(tmp_path / "out"))
     assert str(source) in str(e.value) and "open" in str(e.value)
     assert not planted.exists() and not (tmp_path / "out").exists()
 
@@ -288,10 +289,10 @@ def test_import_names_what_is_wrong_with_a_source(capsys, tmp_path):
 def test_import_of_a_legacy_torch_file_and_of_a_bare_tensor_under_a_key(cluster, tmp_path):
     legacy = tmp_path / "legacy.pt"
     torch.save(_original(), legacy, _use_new_zipfile_serialization=False)
-    ray_ckpt.import_checkpoint(str(legacy), str(tmp_path / "a"))
+    ray_ckpt.tools.import_checkpoint(str(legacy), str(tmp_path / "a"))
     assert_same(_original(), ray_ckpt.CheckpointReader().read(str(tmp_path / "a"))[0])
     torch.save(torch.arange(5), tmp_path / "bare.pt")
-    ray_ckpt.import_checkpoint(str(tmp_path / "bare.pt"), str(tmp_path / "b"), under="x")
+    ray_ckpt.tools.import_checkpoint(str(tmp_path / "bare.pt"), str(tmp_path / "b"), under="x")
     assert_same({"x": torch.arange(5)}, ray_ckpt.CheckpointReader().read(str(tmp_path / "b"))[0])
 
 
@@ -324,6 +325,7 @@ def _save_column_shards(path: str, rank: int, rows: int, cols: int) -> None:
 _GROWTH = r"""
 import re, sys
 import ray_ckpt
+import ray_ckpt.tools
 from ray_ckpt.cli import main
 
 def mib(field):
@@ -352,6 +354,7 @@ for pair in sys.argv[1:]:
 _IMPORT_GROWTH = r"""
 import re, sys, threading, time
 import ray_ckpt
+import ray_ckpt.tools
 
 def anon_mib():
     return int(re.search(r"RssAnon:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
@@ -363,7 +366,7 @@ def run(src, dest):
             state = {k: v.clone() for k, v in load_file(src[6:] + "/model.safetensors").items()}
             ckptr.save(dest, state)
     else:
-        ray_ckpt.import_checkpoint(src, dest)
+        ray_ckpt.tools.import_checkpoint(src, dest)
 
 for pair in sys.argv[1:]:
     (tiny_src, tiny_dest), (big_src, big_dest) = (p.split("|") for p in pair.split("||"))

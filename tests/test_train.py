@@ -30,6 +30,8 @@ from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, Scalin
 from ray.train.torch import TorchTrainer
 
 import ray_ckpt
+import ray_ckpt.errors
+import ray_ckpt.tools
 import ray_ckpt.train
 from ray_ckpt.storage import Storage
 
@@ -216,7 +218,7 @@ def test_num_to_keep_deletes_ray_ckpt_checkpoints(reference):
     entries = ray_ckpt.list_checkpoints(result.path)
     assert sorted(e.path for e in entries) == sorted(kept) and all(e.committed for e in entries)
     for path, step in kept.items():
-        assert ray_ckpt.verify(path).ok
+        assert ray_ckpt.tools.verify(path).ok
         for rank in (0, 1):
             assert _load(path, rank)["step"] == step
 
@@ -295,7 +297,7 @@ def test_example_fails_once_resumes_and_keeps_the_best(cluster, tmp_path, monkey
     assert result.metrics["step"] == 11
     kept = sorted(cp.path for cp, _ in result.best_checkpoints)
     assert result.checkpoint.path in kept and 1 <= len(kept) <= 2
-    assert all(ray_ckpt.verify(p).ok for p in kept)
+    assert all(ray_ckpt.tools.verify(p).ok for p in kept)
     # Ray Train deleted every checkpoint it registered and did not keep. With async uploads
     # the save of step 3 may still be in flight when rank 1 fails: it is then either cut
     # short (its files discarded, an empty directory left) or committed without Ray Train
@@ -409,7 +411,7 @@ def _resize_loop(config: dict[str, Any]) -> None:
         try:
             ray_ckpt.train.load({"model": bigger}, checkpoint=ray.train.Checkpoint(previous))
             missing: Any = "loaded"
-        except ray_ckpt.MissingKeysError as e:
+        except ray_ckpt.errors.MissingKeysError as e:
             missing = e.missing_keys
         Path(config["record_dir"], f"strict-rank{rank}.txt").write_text(repr(missing))
     for step in range(state["step"] + 1, state["step"] + 3):

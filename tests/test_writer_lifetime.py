@@ -11,6 +11,7 @@ import ray
 import torch
 
 import ray_ckpt
+import ray_ckpt.tools
 
 from .helpers import small_config
 
@@ -50,7 +51,7 @@ def test_an_idle_writer_exits_and_the_next_save_starts_it_again(cluster, tmp_pat
         _wait_until_gone(name, config.namespace)
         ckptr.save(str(tmp_path / "b"), state)  # the cached handle is dead: started anew
         assert _alive(name, config.namespace)
-        assert ray_ckpt.verify(str(tmp_path / "b")).ok
+        assert ray_ckpt.tools.verify(str(tmp_path / "b")).ok
         assert ckptr.load(str(tmp_path / "b"))["step"] == 1
         _wait_until_gone(name, config.namespace)
 
