@@ -32,7 +32,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -205,7 +205,7 @@ _CONSTANTS = {
 
 def _loads_deep(text: str, max_depth: int, where: str) -> Any:
     """A JSON parser that keeps its open containers in a list, not on the call stack."""
-    skip = _WHITESPACE.match
+    skip = cast(Callable[[str, int], re.Match[str]], _WHITESPACE.match)  # matches everywhere
     pos = skip(text, 0).end()
     open_: list[list[Any]] = []  # [container, its current key (dicts)]
 

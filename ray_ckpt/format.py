@@ -84,6 +84,10 @@ def _dtype_names() -> dict[torch.dtype, str]:
     return {d: name for name, d in _dtypes().items()}
 
 
+if TYPE_CHECKING:
+    DTYPES: dict[str, torch.dtype]  # every torch dtype by its manifest name (built on first use)
+
+
 def __getattr__(name: str) -> Any:
     if name == "DTYPES":  # module attribute, computed on first access (see _dtypes)
         return _dtypes()

@@ -104,7 +104,8 @@ def holder_name(node_id: str) -> str:
     return f"ray_ckpt_holder_{node_id}"
 
 
-@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=16)
+# (Ray's typing overloads of ``ray.remote`` omit ``max_concurrency``, a documented option.)
+@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=16)  # type: ignore[call-overload]
 class _Holder:
     """Owns the held copies of one node: every object here was put by this actor."""
 
@@ -190,7 +191,7 @@ class _Dir:
     committed_unix: float | None = None
 
 
-@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=32)
+@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=32)  # type: ignore[call-overload]
 class _Catalog:
     """Where each memory checkpoint's files are: small files kept here, data files by node."""
 
@@ -370,7 +371,7 @@ class _Catalog:
 
     def _evictable(self, node: str, saving: str) -> list[str]:
         """Committed checkpoints with bytes on ``node`` that may be evicted, oldest first."""
-        out = []
+        out: list[str] = []
         while True:
             victim = self._oldest_evictable(node, saving, skip=set(out))
             if victim is None:
@@ -478,13 +479,13 @@ class _Catalog:
                 continue
             with self._lock:
                 parent, _, name = path.rpartition("/")
-                d = self._dirs.get(parent)
-                f = None if d is None else d.data.get(name)
-                if f is None:  # freed meanwhile
+                held_dir = self._dirs.get(parent)
+                held = None if held_dir is None else held_dir.data.get(name)
+                if held is None:  # freed meanwhile
                     holder_for(dst).drop.remote([path])
                     continue
-                if dst not in f.nodes:
-                    f.nodes.append(dst)
+                if dst not in held.nodes:
+                    held.nodes.append(dst)
             made += 1
             self._repairs += 1
             logger.info("memory tier: re-replicated %s%s from %s to %s", SCHEME, path, src, dst)

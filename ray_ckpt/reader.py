@@ -532,7 +532,8 @@ class _Walker:
             elif callable(entry):  # a container's last step, once its children's are planned
                 self.plan.steps.append(entry)
             else:
-                self._visit(*entry, stack)
+                target, stored, path, put = entry
+                self._visit(target, stored, path, put, stack)
 
     def _visit(
         self,

@@ -299,7 +299,7 @@ class TieredCheckpointManager:
         metadata = {"metrics": dict(metrics or {}), "step": step}
         result = self._ckptr.save(self.path(step), state_dict, metadata=metadata, **save_kwargs)
         if step % self.persist_every == 0:
-            if isinstance(self._ckptr, AsyncCheckpointer):
+            if result is not None:  # an async save: persist once it has committed
                 self._pending = (step, result[1])
             else:
                 self._start_persist(step)

@@ -255,23 +255,23 @@ def file_size_problems(
             keys.add(key)
             needed[e.file] = (max(end, e.offset + e.length), keys)
     for file, (end, key_set) in sorted(needed.items()):
-        keys = sorted(key_set)
-        listed = ", ".join(repr(k) for k in keys[:5])
-        more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
+        held = sorted(key_set)
+        listed = ", ".join(repr(k) for k in held[:5])
+        more = f" and {len(held) - 5} more" if len(held) > 5 else ""
         where = f"{display}/{file}"
         if file not in sizes:
             yield Problem(
                 "missing-file",
                 f"data file {where} is missing; it holds keys {listed}{more}. Restore it or use "
                 "another checkpoint.",
-                file=file, key=keys[0],
+                file=file, key=held[0],
             )
         elif sizes[file] < end:
             yield Problem(
                 "truncated",
                 f"data file {where} is truncated to {sizes[file]} bytes, but the manifest needs "
                 f"{end}; it holds keys {listed}{more}. Restore it or use another checkpoint.",
-                file=file, key=keys[0],
+                file=file, key=held[0],
             )
 
 
