@@ -65,7 +65,7 @@ _OWN_FILE_RE = re.compile(
 )
 
 @functools.cache
-def _dtypes() -> dict[str, torch.dtype]:
+def dtypes() -> dict[str, torch.dtype]:
     """Every torch dtype with a fixed element size, by the name the manifest uses. Quantized
     dtypes are absent on purpose: their bytes need scales and zero points the format does not
     carry. Built on first use, so that reading markers and manifests (``ray-ckpt ls``) does
@@ -81,17 +81,9 @@ def _dtypes() -> dict[str, torch.dtype]:
 
 @functools.cache
 def _dtype_names() -> dict[torch.dtype, str]:
-    return {d: name for name, d in _dtypes().items()}
+    return {d: name for name, d in dtypes().items()}
 
 
-if TYPE_CHECKING:
-    DTYPES: dict[str, torch.dtype]  # every torch dtype by its manifest name (built on first use)
-
-
-def __getattr__(name: str) -> Any:
-    if name == "DTYPES":  # module attribute, computed on first access (see _dtypes)
-        return _dtypes()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -100,10 +92,10 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def dtype_from_name(name: str, *, where: str) -> torch.dtype:
     try:
-        return _dtypes()[name]
+        return dtypes()[name]
     except KeyError:
         raise CorruptCheckpointError(
-            f"{where}: unknown dtype {name!r}; this reader knows {sorted(_dtypes())}"
+            f"{where}: unknown dtype {name!r}; this reader knows {sorted(dtypes())}"
         ) from None
 
 

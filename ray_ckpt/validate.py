@@ -329,7 +329,7 @@ def shard_problems(
 ) -> Iterator[Problem]:
     """The shards of one sharded tensor: tensors of one dtype, each of the tensor's rank and
     global shape, whose boxes lie inside it, do not overlap and tile it exactly."""
-    from .format import DTYPES, KIND_TENSOR
+    from .format import KIND_TENSOR, dtypes
 
     metas = [manifest.items.get(i) for i in indices]
     if any(m is None or m.kind != KIND_TENSOR for m in metas):
@@ -339,12 +339,12 @@ def shard_problems(
     shards: list[ItemMeta] = [m for m in metas if m is not None]
     key = shards[0].key
     here = f"{where}, key {key!r}"
-    dtypes = {m.dtype for m in shards}
-    if len(dtypes) != 1:
-        yield Problem("structure", f"{here}: its shards have dtypes {sorted(map(str, dtypes))}",
+    names = {m.dtype for m in shards}
+    if len(names) != 1:
+        yield Problem("structure", f"{here}: its shards have dtypes {sorted(map(str, names))}",
                       key=key)
         return
-    dtype = DTYPES.get(shards[0].dtype or "")
+    dtype = dtypes().get(shards[0].dtype or "")
     problem = next(shape_problems(list(global_shape), dtype.itemsize if dtype else 1, here), None)
     if problem is not None:
         yield problem
@@ -407,10 +407,10 @@ def numpy_dtype_names() -> frozenset[str]:
     """The dtypes whose tensors convert to numpy arrays."""
     import torch  # not at the top: `ray-ckpt ls` checks markers without importing torch
 
-    from .format import DTYPES
+    from .format import dtypes
 
     names = set()
-    for name, dtype in DTYPES.items():
+    for name, dtype in dtypes().items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:

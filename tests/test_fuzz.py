@@ -44,10 +44,10 @@ import ray_ckpt.tools
 from ray_ckpt import validate
 from ray_ckpt._checksum import crc32c
 from ray_ckpt.format import (
-    DTYPES,
     MARKER_NAME,
     Extent,
     Marker,
+    dtypes,
     manifest_from_bytes,
     manifest_to_bytes,
 )
@@ -64,7 +64,7 @@ ALLOC_LIMIT_BYTES = 64 << 20  # what one load of these small checkpoints may add
 
 # --- random state dicts -----------------------------------------------------------------------
 
-SAVEABLE = sorted(n for n, d in DTYPES.items() if d.itemsize > 0)
+SAVEABLE = sorted(n for n, d in dtypes().items() if d.itemsize > 0)
 # sub-byte dtypes (int1..int7, uint1..uint7) have no copy kernel: torch cannot make a
 # non-contiguous one contiguous, so only contiguous ones are generated for them
 SUB_BYTE = {f"{u}int{i}" for u in ("", "u") for i in range(1, 8)}
@@ -87,7 +87,7 @@ NUMPY_OK = [
 @st.composite
 def tensors(draw: Any) -> torch.Tensor:
     name = draw(st.sampled_from(SAVEABLE))
-    dtype = DTYPES[name]
+    dtype = dtypes()[name]
     shape = tuple(draw(st.lists(st.integers(0, 4), max_size=4)))
     layout = (
         draw(st.sampled_from(["contiguous", "transposed", "strided"]))
@@ -120,7 +120,7 @@ def _pretty_tensor(t: torch.Tensor, printer: Any, cycle: bool) -> None:
     )
 
 
-SUB_BYTE_DTYPES = {DTYPES[n] for n in SUB_BYTE}
+SUB_BYTE_DTYPES = {dtypes()[n] for n in SUB_BYTE}
 for_type_by_name("torch", "Tensor", _pretty_tensor)
 
 

@@ -13,7 +13,7 @@ import torch
 import ray_ckpt
 import ray_ckpt.errors
 from ray_ckpt import _tree, cli
-from ray_ckpt.format import DTYPES, MARKER_NAME
+from ray_ckpt.format import MARKER_NAME, dtypes
 
 from .helpers import assert_same, nested_state, small_config, tiny_model, trained
 
@@ -35,12 +35,12 @@ def _random_bytes_tensor(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Te
     return raw.view(dtype).reshape(shape)
 
 
-SAVEABLE = sorted(n for n, d in DTYPES.items() if d.itemsize > 0)
+SAVEABLE = sorted(n for n, d in dtypes().items() if d.itemsize > 0)
 
 
 def test_every_dtype_round_trips_bit_for_bit(backend):
     ckptr, path = backend.ckptr, backend.path("c")
-    state = {name: _random_bytes_tensor(DTYPES[name], (3, 5)) for name in SAVEABLE}
+    state = {name: _random_bytes_tensor(dtypes()[name], (3, 5)) for name in SAVEABLE}
     state["scalar_bf16"] = torch.tensor(1.5, dtype=torch.bfloat16)
     ckptr.save(path, state)
     loaded = ckptr.load(path)
@@ -49,7 +49,7 @@ def test_every_dtype_round_trips_bit_for_bit(backend):
         "bfloat16", "float8_e4m3fn", "float8_e5m2", "complex64", "complex128",
         "bool", "uint16", "uint32", "uint64",
     ):
-        assert loaded[name].dtype == DTYPES[name]
+        assert loaded[name].dtype == dtypes()[name]
 
 
 def test_odd_tensors(backend):
