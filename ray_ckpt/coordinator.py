@@ -39,7 +39,8 @@ from typing import Any
 import numpy as np
 import ray
 
-from . import memory, metrics
+from . import memory
+from . import metrics
 from ._checksum import crc32c
 from .config import CheckpointerConfig
 from .errors import (

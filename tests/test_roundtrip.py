@@ -12,7 +12,8 @@ import torch
 
 import ray_ckpt
 import ray_ckpt.errors
-from ray_ckpt import _tree, cli
+from ray_ckpt import _tree
+from ray_ckpt import cli
 from ray_ckpt.format import MARKER_NAME, dtypes
 
 from .helpers import assert_same, nested_state, small_config, tiny_model, trained
