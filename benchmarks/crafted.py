@@ -1,4 +1,4 @@
-"""Crafted checkpoints (issue 13): hostile ones built by hand with :mod:`ray_ckpt.format`, no Ray,
+"""Crafted checkpoints (issue 13): hostile ones built by hand with :mod:`ray_ckpt.format.manifest`, no Ray,
 and what each costs ray_ckpt to refuse.
 
 ``python -m benchmarks.crafted [--json]`` builds every attack in a temporary directory and runs
@@ -24,22 +24,23 @@ from typing import Any
 
 import torch
 from ray_ckpt._checksum import crc32c
-from ray_ckpt.format import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    HEADER_SIZE,
-    KIND_TENSOR,
-    MARKER_NAME,
+from ray_ckpt.format.header import HEADER_SIZE, encode_header
+from ray_ckpt.format.manifest import (
     META_TREES,
     Extent,
     ItemMeta,
     build_manifest,
-    data_file_name,
-    dtype_name,
-    encode_header,
-    manifest_file_name,
     manifest_from_bytes,
     manifest_to_bytes,
+)
+from ray_ckpt.format.names import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    KIND_TENSOR,
+    MARKER_NAME,
+    data_file_name,
+    dtype_name,
+    manifest_file_name,
 )
 
 CKPT_ID = "0123456789abcdef"

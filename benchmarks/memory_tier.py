@@ -152,8 +152,8 @@ def _start_s3(log: Path) -> tuple[subprocess.Popen[bytes], pafs.S3FileSystem]:
 
 
 def _copies(path: str) -> list[list[str]]:
-    from ray_ckpt import memory
-    from ray_ckpt.storage import Storage
+    from ray_ckpt.storage import memory
+    from ray_ckpt.storage.storage import Storage
 
     storage = Storage.from_path(path)
     cat = memory.catalog()

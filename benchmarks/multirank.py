@@ -12,10 +12,10 @@ Two parts (``python -m benchmarks.multirank [--real 2,8,16,32,64] [--synthetic 1
   coordinator, the merge and the commit. *control bytes* are the pickled size of what each rank
   sends to the coordinator: its replicated keys (``assign``) and its report, rebuilt from the
   rank's real staging plan (items, tree, replicas, shards, one extent per owned item).
-* **synthetic**: the merge/commit logic alone, :class:`ray_ckpt.commit.Merger` and
-  :func:`ray_ckpt.commit.commit_merged` (to a local directory), fed reports of R ranks x
+* **synthetic**: the merge/commit logic alone, :class:`ray_ckpt.save.dedup.Merger` and
+  :func:`ray_ckpt.save.commit.commit_merged` (to a local directory), fed reports of R ranks x
   ``items`` items (90% replicated over every rank, 10% sharded over every rank), and
-  :func:`ray_ckpt.stager.assign_replica_owners` for the same key sets. Reports are built before
+  :func:`ray_ckpt.save.dedup.assign_replica_owners` for the same key sets. Reports are built before
   the clock starts; each is dropped once merged, as the coordinator does. Prints time per
   rank-item, manifest bytes, the merger's rows (items, extents, distinct trees) and the peak
   memory the merge allocates (tracemalloc, a separate pass).
@@ -48,8 +48,9 @@ def synthetic_reports(ranks: int, items: int) -> Iterator[Any]:
     """Report by report, what ``ranks`` ranks of a data-parallel + sharded job send: ``items``
     keys each, 90% replicated (the owner of key k is rank k % ranks: it alone has an extent),
     10% 1-D tensors sharded over every rank (a 16-element box each)."""
-    from ray_ckpt.commit import RankReport
-    from ray_ckpt.format import Extent, ItemMeta, PackedRows
+    from ray_ckpt._util import PackedRows
+    from ray_ckpt.format.manifest import Extent, ItemMeta
+    from ray_ckpt.save.protocol import RankReport
 
     sharded = max(1, items // 10)
     replicated = items - sharded
@@ -82,8 +83,8 @@ def synthetic_reports(ranks: int, items: int) -> Iterator[Any]:
 
 
 def _request(path: str) -> Any:
-    from ray_ckpt.coordinator import SaveRequest
-    from ray_ckpt.storage import Storage
+    from ray_ckpt.save.protocol import SaveRequest
+    from ray_ckpt.storage.storage import Storage
     from ray_ckpt.types import RankInfo
 
     return SaveRequest(
@@ -95,8 +96,8 @@ def _request(path: str) -> Any:
 
 def synthetic(ranks: int, items: int) -> dict[str, Any]:
     """Merge and commit ``ranks`` x ``items`` synthetic rank-items; time and size them."""
-    from ray_ckpt.commit import Merger, commit_merged
-    from ray_ckpt.stager import assign_replica_owners
+    from ray_ckpt.save.commit import commit_merged
+    from ray_ckpt.save.dedup import Merger, assign_replica_owners
 
     reports = list(synthetic_reports(ranks, items))
     report_bytes = len(pickle.dumps(reports[-1], protocol=5))
@@ -141,8 +142,8 @@ def synthetic(ranks: int, items: int) -> dict[str, Any]:
 def _merge_peak_mib(ranks: int, items: int) -> float:
     """Peak memory the merger holds while every report is merged (reports made one at a time,
     as they arrive at the coordinator); tracemalloc, so a separate, slower pass."""
-    from ray_ckpt.commit import Merger
-    from ray_ckpt.storage import Storage
+    from ray_ckpt.save.dedup import Merger
+    from ray_ckpt.storage.storage import Storage
 
     merger = Merger(Storage.from_path(tempfile.gettempdir()))
     tracemalloc.start()
@@ -206,9 +207,10 @@ class BenchRank:
     def _control_bytes(self, state: dict[str, Any]) -> int:
         """What this rank sends to the coordinator: its replicated keys, then its report,
         rebuilt from its real staging plan (one extent per owned item)."""
-        from ray_ckpt.commit import RankReport
-        from ray_ckpt.format import Extent, PackedRows
-        from ray_ckpt.stager import DefaultStager
+        from ray_ckpt._util import PackedRows
+        from ray_ckpt.format.manifest import Extent
+        from ray_ckpt.save.protocol import RankReport
+        from ray_ckpt.save.stager import DefaultStager
 
         sent: list[Any] = []
 

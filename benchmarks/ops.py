@@ -286,8 +286,8 @@ class ObjectStorePut(Op):
     def run(self, ctx: Context) -> dict[str, float]:
         import ray
         from ray_ckpt.config import CheckpointStagerConfig
-        from ray_ckpt.coordinator import ASYNC_PUT_BYTES
-        from ray_ckpt.stager import pieces
+        from ray_ckpt.save.pieces import pieces
+        from ray_ckpt.save.pipeline import ASYNC_PUT_BYTES
 
         files = _chunks([byte_view(t) for _, t in tensors(ctx.state)], RAW_FILE_BYTES)
         files = [[pieces(view) for view in file] for file in files]

@@ -25,23 +25,23 @@ if TYPE_CHECKING:  # the names below, for type checkers; at run time each loads 
         CheckpointWriterConfig,
         StorageConfig,
     )
-    from .coordinator import SaveResult, StageStats
     from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
     from .futures import CheckpointFuture
+    from .load.reader import CheckpointReader
     from .manager import CheckpointManager
-    from .reader import CheckpointReader
+    from .save.encoder import CheckpointWriter
+    from .save.protocol import SaveResult, StageStats, WriterHook
+    from .save.stager import CheckpointStager
     from .sharding import ShardedTensor
-    from .stager import CheckpointStager
     from .types import RankInfo
-    from .writer import CheckpointWriter, WriterHook
 
 __version__ = "0.1.0"
 
 # The public API: DESIGN.md's contract names. Everything else public lives in its submodule:
 # every error in ray_ckpt.errors, the tools (inspect, verify, diff, export, import) in
 # ray_ckpt.tools (not imported here), ray_ckpt.catalog.CheckpointEntry and
-# ray_ckpt.catalog.delete_checkpoint, ray_ckpt.reader.CheckpointInfo,
-# ray_ckpt.stager.DefaultStager, ray_ckpt.types.STATE_DICT, ray_ckpt.builder.default_rank_info.
+# ray_ckpt.catalog.delete_checkpoint, ray_ckpt.load.validate.CheckpointInfo,
+# ray_ckpt.save.stager.DefaultStager, ray_ckpt.types.STATE_DICT, ray_ckpt.builder.default_rank_info.
 __all__ = [
     "AsyncCheckpointer",
     "CheckpointError",

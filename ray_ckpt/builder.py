@@ -11,17 +11,14 @@ import ray
 
 from .checkpointer import AsyncCheckpointer, SyncCheckpointer
 from .config import CheckpointerConfig
-from .coordinator import Coordinator
-from .reader import CheckpointReader
-from .stager import DefaultStager
+from .load.reader import CheckpointReader
+from .save.encoder import CheckpointWriter, default_writer_init_fn
+from .save.pipeline import Coordinator
+from .save.pool import WriterPool
+from .save.protocol import WriterHook
+from .save.stager import DefaultStager
+from .save.writer import default_subprocess_init_fn
 from .types import RankInfo
-from .writer import (
-    CheckpointWriter,
-    WriterHook,
-    WriterPool,
-    default_subprocess_init_fn,
-    default_writer_init_fn,
-)
 
 logger = logging.getLogger(__name__)
 

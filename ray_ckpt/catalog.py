@@ -5,7 +5,7 @@ entries with the path the caller would pass back: ``root`` joined with the direc
 the caller's own form (a local path, a URI with its query kept, or a path on ``filesystem``).
 
 Only ray_ckpt's own files are ever deleted: a directory that holds anything ray_ckpt did not
-write (see :func:`ray_ckpt.format.is_own_file`), subdirectories included, is refused whole.
+write (see :func:`ray_ckpt.format.names.is_own_file`), subdirectories included, is refused whole.
 Deletion removes the commit marker first, so from the first byte deleted on, a reader sees an
 incomplete checkpoint and refuses it, never a checkpoint with files missing; it then deletes the
 files it listed, by name, and removes the directory only once it is empty, so a file that
@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import StorageConfig
-from .credentials import redact
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
-from .format import MARKER_NAME, Marker, is_own_file
-from .storage import Storage
-from .validate import marker_listing_problems, raise_first
+from .format.checks import marker_listing_problems, raise_first
+from .format.marker import Marker
+from .format.names import MARKER_NAME, is_own_file
+from .storage.credentials import redact
+from .storage.storage import Storage
 
 _STEP_RE = re.compile(r"^[^\d]*?(\d+)$")
 

@@ -2,7 +2,7 @@
 
 ``SyncCheckpointer.save`` returns once the checkpoint is committed. ``AsyncCheckpointer.save``
 returns ``(stage_future, write_future)`` as soon as staging has started (or ended, without
-``use_async_staging``). Both run the same protocol (:mod:`ray_ckpt.coordinator`); the
+``use_async_staging``). Both run the same protocol (:mod:`ray_ckpt.save.pipeline`); the
 synchronous one simply waits for both futures before returning.
 """
 
@@ -13,12 +13,13 @@ import logging
 import threading
 from typing import Any
 
-from .coordinator import Coordinator, SaveResult, StageStats
 from .errors import CheckpointerClosedError, MissingKeysError
 from .futures import CheckpointFuture
-from .reader import CheckpointReader
+from .load.reader import CheckpointReader
+from .save.pipeline import Coordinator
+from .save.pool import WriterPool
+from .save.protocol import SaveResult, StageStats
 from .types import STATE_DICT
-from .writer import WriterPool
 
 logger = logging.getLogger(__name__)
 

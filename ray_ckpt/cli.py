@@ -27,9 +27,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from .credentials import redact
 from .errors import CheckpointError
-from .storage import MEMORY_SCHEME
+from .storage.classify import MEMORY_SCHEME
+from .storage.credentials import redact
 
 if TYPE_CHECKING:
     from .catalog import CheckpointEntry
@@ -259,7 +259,7 @@ def print_problems(report: VerifyReport, out: TextIO) -> None:
 
 def _ls(args: argparse.Namespace) -> int:
     from .runs import list_run
-    from .storage import Storage
+    from .storage.storage import Storage
 
     held = _memory_copies(args.root)
     root = Storage.from_path(args.root)
@@ -384,7 +384,7 @@ def _entry_doc(entry: CheckpointEntry) -> dict[str, Any]:
 
 def _clean(args: argparse.Namespace) -> int:
     from .runs import clean
-    from .storage import Storage
+    from .storage.storage import Storage
 
     root = Storage.from_path(args.root)
     if not root.exists():

@@ -29,9 +29,9 @@ from typing import Any
 from .catalog import CheckpointEntry, delete_checkpoint, join_path, list_checkpoints
 from .catalog import step_of as _step_of_dir_name
 from .checkpointer import AsyncCheckpointer, Checkpointer
-from .credentials import redact
 from .errors import CheckpointError, CheckpointNotFoundError
-from .storage import Storage
+from .storage.credentials import redact
+from .storage.storage import Storage
 
 logger = logging.getLogger(__name__)
 

@@ -33,8 +33,10 @@ import pyarrow as pa
 from .catalog import CheckpointEntry, delete_storage, join_path, list_checkpoints
 from .config import StorageConfig
 from .errors import CheckpointError, CorruptCheckpointError
-from .format import MARKER_NAME, META_TREE, Marker, is_own_file
-from .storage import Storage
+from .format.manifest import META_TREE
+from .format.marker import Marker
+from .format.names import MARKER_NAME, is_own_file
+from .storage.storage import Storage
 
 RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train v2's manager state
 DEFAULT_MIN_AGE_SECS = 600.0  # an incomplete save younger than this may still be writing

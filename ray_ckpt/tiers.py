@@ -23,15 +23,16 @@ from typing import Any
 
 import ray
 
-from . import memory
 from .catalog import CheckpointEntry, join_path, list_checkpoints
 from .checkpointer import AsyncCheckpointer, Checkpointer
-from .commit import discard_files
-from .coordinator import check_destination
 from .errors import CheckpointError, CheckpointNotFoundError, IncompleteCheckpointError
-from .format import MARKER_NAME, Marker, marker_temp_name
+from .format.marker import Marker
+from .format.names import MARKER_NAME, marker_temp_name
 from .manager import CheckpointManager
-from .storage import Storage
+from .save.commit import discard_files
+from .save.pipeline import check_destination
+from .storage import memory
+from .storage.storage import Storage
 
 logger = logging.getLogger(__name__)
 

@@ -68,11 +68,11 @@ from .builder import make_async_checkpointer
 from .catalog import describe
 from .checkpointer import AsyncCheckpointer, missing_keys_error
 from .config import CheckpointerConfig
-from .coordinator import SaveResult
 from .errors import CheckpointError
 from .futures import CheckpointFuture
-from .memory import SCHEME
-from .storage import Storage
+from .save.protocol import SaveResult
+from .storage.memory import SCHEME
+from .storage.storage import Storage
 from .tiers import DURABLE, MEMORY, Source, candidates, choose
 from .types import STATE_DICT, RankInfo
 
@@ -146,7 +146,7 @@ class TrainCheckpointer:
         self, state_dict: Mapping[str, Any], step: int, *, allow_pickle: bool = False
     ) -> CheckpointFuture[SaveResult]:
         """Save this rank's ``state_dict`` as memory checkpoint ``step`` of the run (see
-        :mod:`ray_ckpt.memory`); not reported to Ray Train. Every rank must call it. Returns
+        :mod:`ray_ckpt.storage.memory`); not reported to Ray Train. Every rank must call it. Returns
         once the state is staged; the write future resolves once it is held and replicated."""
         path = f"{memory_root(_run_storage())}/step-{step:09d}"
         ckptr = self._checkpointer(_run_storage().storage_filesystem)

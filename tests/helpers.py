@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 import ray_ckpt
-from ray_ckpt.format import MARKER_NAME
+from ray_ckpt.format.names import MARKER_NAME
 
 
 def small_config(**staging: Any) -> ray_ckpt.CheckpointerConfig:

@@ -14,8 +14,8 @@ import torch
 
 import ray_ckpt
 import ray_ckpt.errors
-from ray_ckpt.stager import DefaultStager
-from ray_ckpt.writer import CheckpointWriter
+from ray_ckpt.save.encoder import CheckpointWriter
+from ray_ckpt.save.stager import DefaultStager
 
 from .helpers import assert_same, small_config, tiny_model, trained
 

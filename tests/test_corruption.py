@@ -44,7 +44,8 @@ import torch
 import ray_ckpt
 import ray_ckpt.errors
 import ray_ckpt.tools
-from ray_ckpt.format import HEADER_SIZE, MARKER_NAME
+from ray_ckpt.format.header import HEADER_SIZE
+from ray_ckpt.format.names import MARKER_NAME
 
 from .helpers import assert_same
 

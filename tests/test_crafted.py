@@ -1,5 +1,5 @@
 """Crafted checkpoints (issue 13, items 1-9): hostile checkpoints built by hand with
-:mod:`ray_ckpt.format` (builders in benchmarks/crafted.py, no Ray), each refused with a
+:mod:`ray_ckpt.format.manifest` (builders in benchmarks/crafted.py, no Ray), each refused with a
 :class:`~ray_ckpt.CheckpointError` by the reader and every tool before anything is allocated,
 and by the CLI with one line and exit status 1 (2 for a usage error), never a traceback.
 

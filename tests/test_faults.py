@@ -29,7 +29,7 @@ from ray.util.state import list_actors
 
 import ray_ckpt
 import ray_ckpt.errors
-from ray_ckpt.format import MARKER_NAME
+from ray_ckpt.format.names import MARKER_NAME
 
 from .faulty_fs import Fault, FaultPlan, faulty
 from .helpers import assert_same, small_config
@@ -314,7 +314,7 @@ _DRIVER = textwrap.dedent(
     import ray, torch
     import ray_ckpt
     import ray_ckpt.errors
-    from ray_ckpt.stager import DefaultStager
+    from ray_ckpt.save.stager import DefaultStager
 
     address, root, mode, first = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 

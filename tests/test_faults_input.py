@@ -35,7 +35,8 @@ import ray_ckpt
 import ray_ckpt.errors
 import ray_ckpt.tools
 from ray_ckpt._checksum import crc32c
-from ray_ckpt.format import MARKER_NAME, manifest_from_bytes, manifest_to_bytes
+from ray_ckpt.format.manifest import manifest_from_bytes, manifest_to_bytes
+from ray_ckpt.format.names import MARKER_NAME
 
 from .helpers import small_config
 

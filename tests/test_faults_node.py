@@ -18,7 +18,7 @@ import torch
 
 import ray_ckpt
 import ray_ckpt.errors
-from ray_ckpt.format import MARKER_NAME
+from ray_ckpt.format.names import MARKER_NAME
 
 from .conftest import CLUSTERS, MiB, ensure_cluster, on_node
 from .helpers import assert_same

@@ -26,7 +26,7 @@ import ray_ckpt
 import ray_ckpt.errors
 import ray_ckpt.tools
 from ray_ckpt.config import StorageConfig
-from ray_ckpt.format import MARKER_NAME
+from ray_ckpt.format.names import MARKER_NAME
 
 from .faulty_fs import Fault, FaultPlan, faulty
 from .helpers import assert_same, small_config

@@ -12,22 +12,17 @@ import torch
 
 import ray_ckpt
 import ray_ckpt.errors
-from ray_ckpt import _tree
 from ray_ckpt._checksum import crc32c
 from ray_ckpt.config import CheckpointStagerConfig
-from ray_ckpt.format import (
-    ALIGNMENT,
-    HEADER_SIZE,
-    Extent,
-    ItemMeta,
-    Marker,
-    build_manifest,
-    data_file_name,
-    parse_manifest,
-)
-from ray_ckpt.stager import PUT_PIECE_BYTES, DefaultStager, pieces
-from ray_ckpt.storage import Storage
-from ray_ckpt.writer import CheckpointWriter, _Pieces
+from ray_ckpt.format import tree as _tree
+from ray_ckpt.format.header import HEADER_SIZE
+from ray_ckpt.format.manifest import Extent, ItemMeta, build_manifest, parse_manifest
+from ray_ckpt.format.marker import Marker
+from ray_ckpt.format.names import ALIGNMENT, data_file_name
+from ray_ckpt.save.encoder import CheckpointWriter, _Pieces
+from ray_ckpt.save.pieces import PUT_PIECE_BYTES, pieces
+from ray_ckpt.save.stager import DefaultStager
+from ray_ckpt.storage.storage import Storage
 
 CKPT_ID = "0123456789abcdef"
 

@@ -41,16 +41,11 @@ from hypothesis.vendor.pretty import for_type_by_name
 
 import ray_ckpt
 import ray_ckpt.tools
-from ray_ckpt import validate
 from ray_ckpt._checksum import crc32c
-from ray_ckpt.format import (
-    MARKER_NAME,
-    Extent,
-    Marker,
-    dtypes,
-    manifest_from_bytes,
-    manifest_to_bytes,
-)
+from ray_ckpt.format import checks as validate
+from ray_ckpt.format.manifest import Extent, manifest_from_bytes, manifest_to_bytes
+from ray_ckpt.format.marker import Marker
+from ray_ckpt.format.names import MARKER_NAME, dtypes
 
 FEW = settings(
     max_examples=12,

@@ -33,18 +33,36 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 # Lowest first. A module belongs to the layer of its longest matching entry (a module name, or a
 # package name that covers its submodules). A module may import its own layer and those below.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("ray_ckpt.errors", "ray_ckpt.types", "ray_ckpt._checksum", "ray_ckpt.metrics"),
-    ("ray_ckpt.config", "ray_ckpt.sharding", "ray_ckpt.format", "ray_ckpt._tree"),
-    ("ray_ckpt.storage",),
-    ("ray_ckpt.futures", "ray_ckpt.stager"),
-    ("ray_ckpt.writer", "ray_ckpt.commit", "ray_ckpt.coordinator", "ray_ckpt.barrier"),
-    ("ray_ckpt.reader",),
-    ("ray_ckpt.checkpointer", "ray_ckpt.catalog"),
+    ("ray_ckpt.errors", "ray_ckpt.types", "ray_ckpt._checksum", "ray_ckpt.metrics",
+     "ray_ckpt._util", "ray_ckpt._stateful"),
+    ("ray_ckpt.config", "ray_ckpt.sharding"),
+    ("ray_ckpt.format.names",),
+    ("ray_ckpt.format.header", "ray_ckpt.format.layout", "ray_ckpt.format.tree"),
+    ("ray_ckpt.format.checks",),
+    ("ray_ckpt.format.marker", "ray_ckpt.format.manifest"),
+    ("ray_ckpt.storage.credentials",),
+    ("ray_ckpt.storage.classify", "ray_ckpt.storage.local"),
+    ("ray_ckpt.storage.storage",),
+    ("ray_ckpt.storage.atomic", "ray_ckpt.storage.files", "ray_ckpt.storage.memory"),
+    ("ray_ckpt.catalog",),
+    ("ray_ckpt.futures",),
+    ("ray_ckpt.save.protocol",),
+    ("ray_ckpt.save.dedup", "ray_ckpt.save.pieces"),
+    ("ray_ckpt.save.stager", "ray_ckpt.save.encoder", "ray_ckpt.save.commit"),
+    ("ray_ckpt.save.barrier", "ray_ckpt.save.writer"),
+    ("ray_ckpt.save.pool",),
+    ("ray_ckpt.save.pipeline",),
+    ("ray_ckpt.load.validate", "ray_ckpt.load.extents", "ray_ckpt.load.map_location"),
+    ("ray_ckpt.load.match",),
+    ("ray_ckpt.load.reader",),
+    ("ray_ckpt.checkpointer", "ray_ckpt.runs"),
     ("ray_ckpt.builder", "ray_ckpt.manager"),
-    ("ray_ckpt.tools",),
+    ("ray_ckpt.tiers", "ray_ckpt.tools"),
     ("ray_ckpt.train", "ray_ckpt.demo"),
     ("ray_ckpt.cli",),
-    ("ray_ckpt", "ray_ckpt.__main__"),
+    # the packages' __init__ (docstrings only) and the package itself
+    ("ray_ckpt", "ray_ckpt.__main__", "ray_ckpt.format", "ray_ckpt.storage", "ray_ckpt.save",
+     "ray_ckpt.load"),
 )
 
 # Optional heavy dependencies a function may import on first use (top-level module names or
@@ -58,27 +76,7 @@ LAZY_IMPORTS_ALLOWED: tuple[str, ...] = (
 )
 
 # What the tree breaks today, by name (issue 14's package move empties this list).
-KNOWN_VIOLATIONS: frozenset[str] = frozenset(
-    {
-        # the save path's circle, held together by imports inside functions
-        "circle: ray_ckpt.barrier, ray_ckpt.commit, ray_ckpt.coordinator, ray_ckpt.writer",
-        # tools' export writes through the file writers, which use export's temp-file helpers
-        "circle: ray_ckpt.tools._safetensors, ray_ckpt.tools._torchfile, ray_ckpt.tools.export",
-        "lazy import: ray_ckpt.barrier imports ray_ckpt.commit in a function",
-        "lazy import: ray_ckpt.barrier imports ray_ckpt.coordinator in a function",
-        "lazy import: ray_ckpt.barrier imports ray_ckpt.types in a function",
-        "lazy import: ray_ckpt.coordinator imports ray_ckpt.barrier in a function",
-        "lazy import: ray_ckpt.writer imports ray_ckpt.commit in a function",
-        "lazy import: ray_ckpt.writer imports ray_ckpt.coordinator in a function",
-        "lazy import: ray_ckpt.tools.export imports ray_ckpt.tools._safetensors in a function",
-        "lazy import: ray_ckpt.tools.export imports ray_ckpt.tools._torchfile in a function",
-        "lazy import: ray_ckpt.tools.importer imports ray_ckpt.builder in a function",
-        "lazy import: ray_ckpt._tree imports ray_ckpt.format in a function",
-        "lazy import: ray_ckpt.format imports ray_ckpt._checksum in a function",
-        "lazy import: ray_ckpt.format imports secrets in a function",
-        "lazy import: ray_ckpt.cli imports ray_ckpt.demo in a function",
-    }
-)
+KNOWN_VIOLATIONS: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ import torch
 
 import ray_ckpt
 import ray_ckpt.errors
-from ray_ckpt.format import HEADER_SIZE, MARKER_NAME
+from ray_ckpt.format.header import HEADER_SIZE
+from ray_ckpt.format.names import MARKER_NAME
 
 from .helpers import assert_same, small_config, tiny_model, trained
 
@@ -264,8 +265,8 @@ def test_closed_checkpointer_refuses(cluster, tmp_path):
 def test_reads_coalesce_small_neighbours_only_and_never_past_one_slice():
     """Neighbouring small items share a read (through a scratch buffer, then copied out);
     an item larger than a slice is read alone, straight into its tensor."""
-    from ray_ckpt.format import Extent
-    from ray_ckpt.reader import _SLICE_BYTES, _coalesce, _Piece
+    from ray_ckpt.format.manifest import Extent
+    from ray_ckpt.load.extents import _SLICE_BYTES, _coalesce, _Piece
 
     sizes = [1000] * 300 + [4 << 20, 4 << 20, 3000, 3000]
     pieces, offset = [], 64

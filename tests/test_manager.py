@@ -11,7 +11,7 @@ import torch
 
 import ray_ckpt
 import ray_ckpt.errors
-from ray_ckpt.writer import CheckpointWriter
+from ray_ckpt.save.encoder import CheckpointWriter
 
 from .helpers import small_config
 

@@ -16,10 +16,10 @@ import ray
 import torch
 
 import ray_ckpt
-import ray_ckpt.memory
+import ray_ckpt.storage.memory
 import ray_ckpt.tiers
 import ray_ckpt.tools
-from ray_ckpt import memory
+from ray_ckpt.storage import memory
 
 from . import conftest
 from .conftest import MiB, on_node
@@ -56,7 +56,7 @@ def _state(seed: int) -> dict:
 
 
 def _copies(path: str) -> list[list[str]]:
-    storage = ray_ckpt.storage.Storage.from_path(path)
+    storage = ray_ckpt.storage.storage.Storage.from_path(path)
     cat = memory.catalog()
     names = [n for n in storage.list_files() if n.endswith(".data")]
     return [sorted(ray.get(cat.copies.remote(f"{storage.path}/{n}"))) for n in names]
@@ -301,7 +301,7 @@ def test_capacity_evicts_the_oldest_then_refuses(mcluster, caplog):
     head = ray.get_runtime_context().get_node_id()
     held = ray.get(memory.catalog().held_on.remote(head))
     fraction = (held + 3.5 * MiB) / memory.store_capacity(head)
-    fs = ray_ckpt.memory.memory_filesystem(replicas=0, keep_last=5, capacity_fraction=fraction)
+    fs = ray_ckpt.storage.memory.memory_filesystem(replicas=0, keep_last=5, capacity_fraction=fraction)
     root = _root().removeprefix("mem://")
     state = {"w": torch.randn(256, 1024)}  # 1 MiB: a save needs 2 MiB of room
     with ray_ckpt.make_sync_checkpointer(filesystem=fs) as ckptr, caplog.at_level(logging.INFO):
@@ -312,7 +312,7 @@ def test_capacity_evicts_the_oldest_then_refuses(mcluster, caplog):
         assert names == ["step-2", "step-3"], names
         assert any("evicted" in r.getMessage() and "step-1" in r.getMessage()
                    for r in caplog.records)
-        with pytest.raises(ray_ckpt.memory.MemoryTierFullError, match="needs"):
+        with pytest.raises(ray_ckpt.storage.memory.MemoryTierFullError, match="needs"):
             ckptr.save(f"{root}/step-4", {"w": torch.randn(1024, 1024)})  # 4 MiB: never fits
         # refused without evicting anything
         assert [e.name for e in ray_ckpt.list_checkpoints(root, filesystem=fs)] == [

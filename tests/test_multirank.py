@@ -13,7 +13,7 @@ import torch
 
 import ray_ckpt
 import ray_ckpt.errors
-from ray_ckpt.barrier import coordinator_name
+from ray_ckpt.save.barrier import barrier_name
 
 from .conftest import on_node
 from .helpers import assert_same, manifest_file
@@ -179,7 +179,7 @@ def test_a_rank_process_that_dies_fails_the_save_quickly(cluster, tmp_path):
     while not os.path.exists(gate + ".reached") and time.monotonic() < deadline:
         time.sleep(0.05)
     coordinator = ray.get_actor(
-        coordinator_name(ray_ckpt.storage.Storage.from_path(path)), namespace="ray_ckpt"
+        barrier_name(ray_ckpt.storage.storage.Storage.from_path(path)), namespace="ray_ckpt"
     )
     while 1 not in ray.get(coordinator.status.remote())["joined"]:
         time.sleep(0.05)  # rank 1's join is on its way from its process

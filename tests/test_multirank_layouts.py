@@ -17,10 +17,10 @@ import torch
 
 import ray_ckpt
 import ray_ckpt.errors
-from ray_ckpt.commit import RankReport, commit_reports
-from ray_ckpt.coordinator import SaveRequest
-from ray_ckpt.format import Extent, ItemMeta
-from ray_ckpt.storage import Storage
+from ray_ckpt.format.manifest import Extent, ItemMeta
+from ray_ckpt.save.commit import commit_reports
+from ray_ckpt.save.protocol import RankReport, SaveRequest
+from ray_ckpt.storage.storage import Storage
 from ray_ckpt.types import RankInfo
 
 from .conftest import on_node
@@ -338,7 +338,7 @@ def test_64_ranks_on_4_nodes_commit_once_and_load_on_64_and_on_8(tmp_path):
 
 
 def test_replica_owners_are_chosen_among_the_holders_and_balanced():
-    from ray_ckpt.stager import assign_replica_owners
+    from ray_ckpt.save.dedup import assign_replica_owners
 
     stage0 = [(f'["l{i}"]', 100) for i in range(4)] + [('["embed"]', 1000)]
     stage1 = [(f'["m{i}"]', 100) for i in range(4)] + [('["embed"]', 1000)]
@@ -353,7 +353,7 @@ def test_replica_owners_are_chosen_among_the_holders_and_balanced():
 
 
 def test_overlapping_shards_are_found_along_any_dimension():
-    from ray_ckpt.commit import _first_overlap
+    from ray_ckpt.save.dedup import _first_overlap
 
     columns = [((0, 4 * c), (8, 4)) for c in range(100)]
     assert _first_overlap(columns) is None

@@ -12,9 +12,9 @@ import torch
 
 import ray_ckpt
 import ray_ckpt.errors
-from ray_ckpt import _tree
 from ray_ckpt import cli
-from ray_ckpt.format import MARKER_NAME, dtypes
+from ray_ckpt.format import tree as _tree
+from ray_ckpt.format.names import MARKER_NAME, dtypes
 
 from .helpers import assert_same, nested_state, small_config, tiny_model, trained
 

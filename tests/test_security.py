@@ -35,7 +35,7 @@ from ray._private import ray_constants
 import ray_ckpt
 from ray_ckpt import cli
 from ray_ckpt.builder import LOCAL_RAY_SYSTEM_CONFIG
-from ray_ckpt.credentials import redact
+from ray_ckpt.storage.credentials import redact
 
 from .conftest import CLUSTERS, S3_ACCESS_KEY, S3_BUCKET, S3_REGION, MiB, ensure_cluster
 
@@ -322,9 +322,9 @@ def _explicit_filesystems(secret: str) -> dict[str, Any]:
 def test_a_storage_pickles_without_secrets_and_rebuilds_from_the_handoff(kind, secret):
     import pickle
 
-    from ray_ckpt import credentials
     from ray_ckpt.errors import StorageError
-    from ray_ckpt.storage import Storage
+    from ray_ckpt.storage import credentials
+    from ray_ckpt.storage.storage import Storage
 
     fs = _explicit_filesystems(secret)[kind]
     storage = Storage(fs, "bucket/run/step-1")
@@ -346,7 +346,7 @@ def test_a_storage_pickles_without_secrets_and_rebuilds_from_the_handoff(kind, s
 def test_a_filesystem_without_explicit_keys_pickles_as_before():
     import pickle
 
-    from ray_ckpt.storage import Storage
+    from ray_ckpt.storage.storage import Storage
 
     fs = pafs.S3FileSystem(endpoint_override="127.0.0.1:9", scheme="http", region=S3_REGION)
     storage = Storage(fs, "bucket/run")

@@ -25,8 +25,10 @@ import ray_ckpt
 import ray_ckpt.catalog
 import ray_ckpt.errors
 from ray_ckpt.config import StorageConfig
-from ray_ckpt.format import MARKER_NAME
-from ray_ckpt.storage import PutCommit, RenameCommit, Storage, commit_strategy_for, is_transient
+from ray_ckpt.format.names import MARKER_NAME
+from ray_ckpt.storage.atomic import PutCommit, RenameCommit, commit_strategy_for
+from ray_ckpt.storage.classify import is_transient
+from ray_ckpt.storage.storage import Storage
 
 from .conftest import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, start_s3_server
 from .faulty_fs import Fault, FaultPlan, faulty
@@ -60,7 +62,7 @@ def test_commit_strategy_follows_the_filesystem(s3_fs, custom_fs, tmp_path):
     }
     for name, (fs, strategy) in expected.items():
         assert isinstance(commit_strategy_for(fs), strategy), name
-        assert isinstance(Storage(fs, "x/y").commit_strategy, strategy), name
+        assert isinstance(commit_strategy_for(Storage(fs, "x/y").fs), strategy), name
     assert Storage.from_path(str(tmp_path)).is_local
 
 

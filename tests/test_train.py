@@ -33,7 +33,7 @@ import ray_ckpt
 import ray_ckpt.errors
 import ray_ckpt.tools
 import ray_ckpt.train
-from ray_ckpt.storage import Storage
+from ray_ckpt.storage.storage import Storage
 
 from .helpers import assert_same
 

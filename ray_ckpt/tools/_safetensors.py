@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from .._tree import key_string
 from ..errors import CheckpointError, CheckpointExistsError, UnsupportedValueError
-from ._source import Progress, Source, TensorLeaf, byte_view, is_tensor_ref, leaves
-from .export import discard, publish, temp_name
+from ..format.tree import key_string, leaves
+from ._files import discard, publish, temp_name
+from ._source import Progress, Source, TensorLeaf, byte_view, is_tensor_ref
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"

@@ -1,7 +1,7 @@
 """Shared by the tools: progress reporting, and reading the items of an opened checkpoint.
 
 A :class:`Source` is a checkpoint opened with :meth:`CheckpointReader.open` (marker, validated
-manifest, decoded tree) plus its open files (:class:`~ray_ckpt.storage.FileReader`). It reads
+manifest, decoded tree) plus its open files (:class:`~ray_ckpt.storage.files.FileReader`). It reads
 one item, or one extent, at a time, checking each data file's header once and every extent's
 CRC32C, so a tool holds at most what it asks for.
 
@@ -29,15 +29,18 @@ import numpy as np
 import torch
 
 from .._checksum import crc32c
-from .._tree import ItemRef, ShardedRef, key_string, leaves
 from ..config import StorageConfig
 from ..errors import CheckpointError, CorruptCheckpointError
-from ..format import HEADER_SIZE, KIND_PICKLE, Extent, Manifest, check_header, dtype_from_name
-from ..reader import CheckpointInfo, CheckpointReader
+from ..format.checks import raise_first, shard_problems
+from ..format.header import HEADER_SIZE, check_header
+from ..format.manifest import Extent, Manifest
+from ..format.names import KIND_PICKLE, dtype_from_name
+from ..format.tree import ItemRef, ShardedRef, key_string, leaves
+from ..load.reader import CheckpointReader
+from ..load.validate import CheckpointInfo
 from ..sharding import Box, overlap, runs, slices
-from ..storage import FileReader
+from ..storage.files import FileReader, open_files
 from ..types import RankInfo
-from ..validate import raise_first, shard_problems
 
 DEFAULT_CHUNK_BYTES = 16 << 20
 DEFAULT_WINDOW_BYTES = 16 << 20
@@ -183,7 +186,7 @@ class Source:
 
     def tensor(self, ref: StoredRef) -> TensorLeaf:
         """The tensor ``ref`` stands for; a sharded one's shards are checked to tile it
-        (:func:`ray_ckpt.validate.shard_problems`)."""
+        (:func:`ray_ckpt.format.checks.shard_problems`)."""
         if isinstance(ref, ItemRef):
             meta = self.manifest.items[ref.index]
             shape = meta.shape or ()
@@ -260,7 +263,7 @@ def opened(
     path: str, filesystem: Any, storage_config: StorageConfig | None, rank: int = 0
 ) -> Iterator[Source]:
     info = open_checkpoint(path, filesystem, storage_config, rank)
-    with info.storage.reader() as files:
+    with open_files(info.storage) as files:
         yield Source(info, files)
 
 

@@ -38,18 +38,10 @@ from typing import Any
 
 import torch
 
-from .._tree import ItemRef, ShardedRef, materialize
 from ..errors import CheckpointError, CheckpointExistsError, PickleNotAllowedError
-from ._source import (
-    Progress,
-    Source,
-    StoredRef,
-    TensorLeaf,
-    byte_view,
-    ref_ident,
-    stored_refs,
-)
-from .export import discard, publish, temp_name
+from ..format.tree import ItemRef, ShardedRef, materialize
+from ._files import discard, publish, temp_name
+from ._source import Progress, Source, StoredRef, TensorLeaf, byte_view, ref_ident, stored_refs
 
 Ident = int | tuple[int, ...]  # an item, or the items of a sharded tensor's shards
 

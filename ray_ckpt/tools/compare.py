@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from .._tree import ItemRef, ShardedRef, key_string
 from ..config import StorageConfig
-from ..format import KIND_PICKLE
+from ..format.names import KIND_PICKLE
+from ..format.tree import ItemRef, ShardedRef, key_string, leaves
 from ._source import (
     DEFAULT_WINDOW_BYTES,
     KIND_OF_TAG,
@@ -29,7 +29,6 @@ from ._source import (
     Progress,
     Source,
     is_tensor_ref,
-    leaves,
     opened,
 )
 

@@ -15,7 +15,9 @@ from typing import Any
 
 from ..config import StorageConfig
 from ..errors import CheckpointError
+from ._safetensors import write_safetensors
 from ._source import NoProgress, Progress, opened, subtree
+from ._torchfile import write_torch
 
 logger = logging.getLogger(__name__)
 
@@ -80,14 +82,12 @@ def export_checkpoint(
             tree = without_prefix(tree, strip_prefix, source.info.storage.display)
         try:
             if to == "torch":
-                from ._torchfile import write_torch
 
                 files, tensors, nbytes, skipped = write_torch(
                     source, tree, target, allow_pickle=allow_pickle, overwrite=overwrite,
                     progress=progress,
                 )
             else:
-                from ._safetensors import write_safetensors
 
                 files, tensors, nbytes, skipped = write_safetensors(
                     source, tree, target, max_shard_bytes=max_shard_bytes, overwrite=overwrite,
@@ -130,27 +130,3 @@ def local_output(out: str) -> str:
     return os.path.abspath(out.removeprefix("file://"))
 
 
-def temp_name(directory: str, name: str) -> str:
-    """Where ``name`` is written before it is complete."""
-    return os.path.join(directory, f".{name}.tmp-{os.getpid()}")
-
-
-def publish(directory: str, temps: list[str], names: list[str], stale: list[str]) -> None:
-    """Rename the finished ``temps`` to ``names``, then delete ``stale`` files of an export
-    they replace; make the directory durable."""
-    for temp, name in zip(temps, names, strict=True):
-        os.replace(temp, os.path.join(directory, name))
-    for name in stale:
-        if name not in names:
-            os.unlink(os.path.join(directory, name))
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def discard(temps: list[str]) -> None:
-    for temp in temps:
-        if os.path.exists(temp):
-            os.unlink(temp)

@@ -35,10 +35,11 @@ from typing import Any
 
 import torch
 
+from ..builder import make_sync_checkpointer
 from ..checkpointer import AsyncCheckpointer, Checkpointer
 from ..config import CheckpointerConfig
-from ..credentials import redact
 from ..errors import CheckpointError, CheckpointNotFoundError, UnsupportedValueError
+from ..storage.credentials import redact
 from ..types import RankInfo
 from ._safetensors import DTYPES, INDEX, SINGLE
 
@@ -116,7 +117,6 @@ def _save(
     metadata: dict[str, Any],
 ) -> None:
     if checkpointer is None:
-        from ..builder import make_sync_checkpointer
 
         with make_sync_checkpointer(config, RankInfo(0, 1), filesystem=filesystem) as ckptr:
             ckptr.save(dest, state, overwrite=overwrite, allow_pickle=allow_pickle,

@@ -15,13 +15,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .._checksum import crc32c
-from .._tree import decode
+from ..catalog import read_marker
 from ..config import StorageConfig
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError
-from ..format import HEADER_SIZE, MARKER_NAME, Extent, Manifest, check_header
-from ..reader import read_marker
-from ..storage import FileReader, Storage
-from ..validate import Problem, allocation_problems, file_size_problems, tree_problems
+from ..format.checks import Problem, allocation_problems, file_size_problems, tree_problems
+from ..format.header import HEADER_SIZE, check_header
+from ..format.manifest import Extent, Manifest
+from ..format.names import MARKER_NAME
+from ..format.tree import decode
+from ..storage.files import FileReader, open_files
+from ..storage.storage import Storage
 from ._source import DEFAULT_CHUNK_BYTES, NoProgress, Progress, reader_for
 
 
@@ -80,7 +83,7 @@ def verify(
     )
     buffer = memoryview(bytearray(min(chunk_bytes, _largest_extent(by_file)) or 1))
     try:
-        with storage.reader() as files:
+        with open_files(storage) as files:
             for file in sorted(set(by_file) - bad_files):
                 _verify_file(storage, files, file, by_file[file], buffer, report, progress)
     finally:

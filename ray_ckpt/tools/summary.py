@@ -8,10 +8,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .._tree import ItemRef, ShardedRef, key_string
 from ..config import StorageConfig
-from ..format import Manifest
-from ._source import KIND_OF_TAG, leaves, open_checkpoint
+from ..format.manifest import Manifest
+from ..format.tree import ItemRef, ShardedRef, key_string, leaves
+from ._source import KIND_OF_TAG, open_checkpoint
 
 
 @dataclass(frozen=True)

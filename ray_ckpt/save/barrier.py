@@ -14,9 +14,9 @@ whichever rank gets there first) and talks to it three times::
                                                                   returns once the save is decided
     (a failing rank's session)   fail(rank, error)
 
-Each report is merged as it arrives (:class:`ray_ckpt.commit.Merger`: the coordinator keeps
+Each report is merged as it arrives (:class:`ray_ckpt.save.dedup.Merger`: the coordinator keeps
 the checkpoint's items once, not every rank's copy of them); it commits (manifest, then marker:
-:func:`ray_ckpt.commit.commit_merged`) once every one of the ``world_size`` ranks has arrived,
+:func:`ray_ckpt.save.commit.commit_merged`) once every one of the ``world_size`` ranks has arrived,
 and answers every ``arrive`` with the same :class:`~ray_ckpt.SaveResult`. It fails the save on
 every rank, committing nothing, as soon as one rank fails, a joined rank's process dies, or
 ``barrier_timeout_secs`` pass after the first rank joined; the error names the ranks that
@@ -36,10 +36,14 @@ from typing import Any
 
 import ray
 
-from .credentials import Handoff, accept
-from .errors import BarrierTimeoutError, CheckpointWriteError
-from .format import new_checkpoint_id
-from .storage import Storage
+from ..errors import BarrierTimeoutError, CheckpointWriteError
+from ..format.names import new_checkpoint_id
+from ..storage.credentials import Handoff, accept
+from ..storage.storage import Storage
+from ..types import RankInfo
+from .commit import commit_merged
+from .dedup import Merger, assign_replica_owners
+from .protocol import SaveRequest
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +51,7 @@ _WATCH_INTERVAL_SECS = 0.5
 _LINGER_SECS = 2.0
 
 
-class _CheckpointCoordinator:
+class _SaveBarrier:
     """See the module docstring. An async actor: every ``arrive`` waits on one event."""
 
     def __init__(
@@ -59,8 +63,6 @@ class _CheckpointCoordinator:
         fsync: bool,
         barrier_timeout_secs: float,
     ) -> None:
-        from .coordinator import SaveRequest
-        from .types import RankInfo
 
         self._world_size = world_size
         self._timeout = barrier_timeout_secs
@@ -106,7 +108,7 @@ class _CheckpointCoordinator:
     async def assign(self, rank: int, keys: list[tuple[str, int]]) -> list[int]:
         """The writing rank of each of ``keys`` (this rank's replicated tensors, as path id and
         bytes), once every rank has sent its own: see
-        :func:`ray_ckpt.stager.assign_replica_owners`. Equal key lists are kept once."""
+        :func:`ray_ckpt.save.dedup.assign_replica_owners`. Equal key lists are kept once."""
         self._start()
         assert self._assignment is not None and self._decided is not None
         key_set = tuple(keys)
@@ -114,7 +116,6 @@ class _CheckpointCoordinator:
             self._assigned[rank] = key_set
             self._key_sets.setdefault(key_set, []).append(rank)
         if len(self._assigned) == self._world_size and self._owners is None:
-            from .stager import assign_replica_owners
 
             sets = list(self._key_sets.items())
             owners = assign_replica_owners([(ranks, list(k)) for k, ranks in sets])
@@ -169,7 +170,6 @@ class _CheckpointCoordinator:
     def _merge(self, report: Any) -> None:
         """Fold ``report`` into the checkpoint's items as it arrives, so that the coordinator
         holds each replicated item once, never every rank's copy of it."""
-        from .commit import Merger
 
         if self._merger is None:
             self._merger = Merger(self._request.storage)
@@ -195,7 +195,6 @@ class _CheckpointCoordinator:
                 f"nothing was committed. {failed}"
             ))
         elif len(self._arrived) == self._world_size:
-            from .commit import commit_merged
 
             try:
                 result = await asyncio.to_thread(
@@ -267,15 +266,15 @@ class _CheckpointCoordinator:
         ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
 
-CheckpointCoordinatorActor = ray.remote(_CheckpointCoordinator)
+SaveBarrierActor = ray.remote(_SaveBarrier)
 
 
-def coordinator_name(storage: Storage) -> str:
+def barrier_name(storage: Storage) -> str:
     digest = hashlib.sha1(storage.display.encode()).hexdigest()[:24]
     return f"ray_ckpt.checkpoint.{digest}"
 
 
-def coordinator_for(
+def barrier_for(
     storage: Storage,
     *,
     namespace: str,
@@ -286,8 +285,8 @@ def coordinator_for(
     barrier_timeout_secs: float,
 ) -> Any:
     """Find (or create) the coordinator of the checkpoint at ``storage``."""
-    return CheckpointCoordinatorActor.options(  # type: ignore[attr-defined]
-        name=coordinator_name(storage),
+    return SaveBarrierActor.options(  # type: ignore[attr-defined]
+        name=barrier_name(storage),
         namespace=namespace,
         get_if_exists=True,
         lifetime="detached",

@@ -7,7 +7,7 @@ by the GCS (for a detached actor, for the cluster's life, and in Redis with GCS 
 tolerance), and a task argument over ~100 KiB goes to the object store, shared memory that Ray
 may spill to files under its session directory. So the secrets are split off:
 
-* A :class:`~ray_ckpt.storage.Storage` pickles its filesystem as a :class:`FilesystemSpec`,
+* A :class:`~ray_ckpt.storage.storage.Storage` pickles its filesystem as a :class:`FilesystemSpec`,
   the filesystem's options *without* its secret fields plus a random ``secret_id``. That is all
   that crosses in a ``SaveRequest``, a ``write_bucket`` call or the barrier actor's constructor.
 * The secrets themselves cross as a :class:`Handoff`, always the *first* argument of an actor
@@ -36,7 +36,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from .errors import StorageError
+from ..errors import StorageError
 
 # Option names of pyarrow filesystems (their ``__reduce__`` keyword arguments) that are secret.
 SECRET_FIELDS = frozenset(
@@ -81,7 +81,7 @@ class Handoff:
 
 @dataclass(frozen=True)
 class FilesystemSpec:
-    """A filesystem without its secrets: what a pickled :class:`~ray_ckpt.storage.Storage`
+    """A filesystem without its secrets: what a pickled :class:`~ray_ckpt.storage.storage.Storage`
     holds. ``secret_id`` names the secrets in the registry; None when there are none."""
 
     reconstruct: Callable[..., pafs.FileSystem]

@@ -22,7 +22,7 @@ The protocol, in the order it runs::
 
 The caller's half (this module) runs on the caller's thread (``SyncCheckpointer``) or on a
 staging thread (``AsyncCheckpointer`` with ``use_async_staging``); the writer's half
-(:mod:`ray_ckpt.commit`) runs in the writer actor of the caller's node, so a save commits even
+(:mod:`ray_ckpt.save.commit`) runs in the writer actor of the caller's node, so a save commits even
 while the caller trains on.
 """
 
@@ -33,33 +33,33 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import ray
 
-from . import memory
-from . import metrics
-from ._checksum import crc32c
-from .config import CheckpointerConfig
-from .errors import (
-    CheckpointError,
-    CheckpointExistsError,
-    CheckpointWriteError,
-    UnsupportedValueError,
+from .. import metrics
+from .._checksum import crc32c
+from ..config import CheckpointerConfig
+from ..errors import CheckpointExistsError, CheckpointWriteError, UnsupportedValueError
+from ..format.layout import BucketLayout
+from ..format.names import MARKER_NAME, is_own_file, new_checkpoint_id
+from ..futures import CheckpointFuture, unwrap_ray_error
+from ..storage import memory
+from ..storage.storage import Storage
+from ..types import RankInfo
+from .barrier import barrier_for
+from .pieces import byte_view
+from .pool import WriterPool
+from .protocol import (
+    SaveRequest,
+    SaveResult,
+    StageStats,
+    StagingOutcome,
+    WriterHook,
+    portable_error,
 )
-from .format import (
-    MARKER_NAME,
-    ItemMeta,
-    is_own_file,
-    new_checkpoint_id,
-)
-from .futures import CheckpointFuture, unwrap_ray_error
-from .stager import BucketLayout, CheckpointStager, StagingPlan, byte_view
-from .storage import Storage
-from .types import RankInfo
-from .writer import WriterHook, WriterPool
+from .stager import CheckpointStager, StagingPlan
 
 logger = logging.getLogger(__name__)
 
@@ -68,63 +68,6 @@ logger = logging.getLogger(__name__)
 # ``put_threads`` groups are put at once. Measured, 1 GiB in pieces under 1 MiB (see
 # stager.PUT_PIECE_BYTES), one thread: 128 MiB a put 1.17x a memcpy, 256 MiB 1.11x.
 ASYNC_PUT_BYTES = 256 << 20
-
-
-@dataclass(frozen=True)
-class StageStats:
-    """What staging did: the result of a stage future."""
-
-    nbytes: int
-    items: int
-    buckets: int
-    stage_secs: float
-
-
-@dataclass(frozen=True)
-class SaveResult:
-    """What a committed save did: the result of a write future."""
-
-    path: str
-    checkpoint_id: str
-    nbytes: int
-    items: int
-    files: int
-    stage_secs: float
-    total_secs: float
-    writers: dict[str, int] = field(default_factory=dict)  # node id -> data files written
-
-    @property
-    def throughput_bytes_per_sec(self) -> float:
-        return self.nbytes / self.total_secs if self.total_secs > 0 else float("inf")
-
-
-@dataclass(frozen=True)
-class SaveRequest:
-    """Everything the session needs to commit, sent when the save starts."""
-
-    storage: Storage
-    checkpoint_id: str
-    rank_info: RankInfo
-    items: list[ItemMeta]
-    tree_json: str
-    overwrite: bool
-    hook: WriterHook | None
-    fsync: bool
-    barrier_timeout_secs: float
-    started_unix: float
-    barrier: Any = None  # the checkpoint's coordinator actor, for multi-rank saves
-    metadata: dict[str, Any] = field(default_factory=dict)  # JSON, kept in the commit marker
-
-
-@dataclass
-class StagingOutcome:
-    """Delivered by the caller when staging ends: the write of every bucket, or the error."""
-
-    shards: list[tuple[str, str, ray.ObjectRef]] = field(default_factory=list)  # node, file, ref
-    error: BaseException | None = None
-    stats: StageStats | None = None
-    replicas: dict[int, tuple[str, int, int | None]] = field(default_factory=dict)
-    shard_items: dict[int, tuple[str, int]] = field(default_factory=dict)  # item -> path, owner
 
 
 class Coordinator:
@@ -235,9 +178,8 @@ class Coordinator:
         """The coordinator actor of this checkpoint, for a multi-rank save (else None)."""
         if self._rank_info.global_world_size == 1:
             return None
-        from .barrier import coordinator_for
 
-        return coordinator_for(
+        return barrier_for(
             storage,
             namespace=self._config.namespace,
             world_size=self._rank_info.global_world_size,
@@ -483,16 +425,6 @@ def _log_summary(future: CheckpointFuture[SaveResult]) -> None:
         )
 
 
-def portable_error(error: BaseException) -> BaseException:
-    """``error`` as it can travel to the writer actor: ray_ckpt's errors pickle; others are
-    described in a :class:`CheckpointWriteError`."""
-    if isinstance(error, CheckpointError):
-        return error
-    return CheckpointWriteError(
-        f"staging failed, so nothing was committed: {type(error).__name__}: {error}"
-    )
-
-
 def _raise_if_failed(
     ref: ray.ObjectRef, storage: Storage, on_failure: Callable[[BaseException], None]
 ) -> None:
@@ -530,6 +462,3 @@ def check_destination(storage: Storage, *, overwrite: bool) -> bool:
     existed = bool(files) or storage.exists()
     storage.make_dir()
     return not existed
-
-
-__all__ = ["Coordinator", "SaveRequest", "SaveResult", "StageStats", "StagingOutcome"]

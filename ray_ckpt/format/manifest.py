@@ -7,123 +7,41 @@ A checkpoint is a directory holding three kinds of file:
 * one manifest ``manifest-{checkpoint_id}.arrow``: an Arrow IPC file with one row per extent
   (key, dtype, shape, file, offset, length, CRC32C) and, in its schema metadata, the format
   version and the tree: the state dict's structure with its non-tensor leaves encoded as
-  tagged JSON (see :mod:`ray_ckpt._tree`), never as pickle;
+  tagged JSON (see :mod:`ray_ckpt.format.tree`), never as pickle;
 * the commit marker ``ray_ckpt.commit``, written last: a small JSON document that names the
   manifest and carries its length and CRC32C. A directory without it is not a checkpoint.
 
 Names carry the checkpoint id so that a save can write beside an old checkpoint and replace
-it by swapping the marker alone (see :mod:`ray_ckpt.storage`).
+it by swapping the marker alone (see :mod:`ray_ckpt.storage.storage`).
 
 This module knows names, layouts and validation. It does no I/O of its own.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import gc
 import json
-import re
-import struct
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import CorruptCheckpointError, FormatVersionError
-from .validate import (
-    load_json,
-    marker_problems,
-    overlap_problems,
-    raise_first,
-    shape_problems,
-    world_size_problems,
+from .._util import without_gc
+from ..errors import CorruptCheckpointError, FormatVersionError
+from .checks import load_json, overlap_problems, raise_first, shape_problems, world_size_problems
+from .header import HEADER_SIZE
+from .marker import Marker
+from .names import (
+    _DATA_RE,
+    CHECKSUM_ALGORITHM,
+    FORMAT_VERSION,
+    KIND_PICKLE,
+    KIND_TENSOR,
+    dtype_from_name,
 )
 
 if TYPE_CHECKING:
-    import torch
-
-FORMAT_NAME = "ray_ckpt"
-FORMAT_VERSION = 1
-ALIGNMENT = 64
-MARKER_NAME = "ray_ckpt.commit"
-HEADER_SIZE = 64
-HEADER_MAGIC = b"RAYCKPT\x00"
-CHECKSUM_ALGORITHM = "crc32c"
-
-KIND_TENSOR = "tensor"
-KIND_PICKLE = "pickle"
-
-_ID_RE = re.compile(r"^[0-9a-f]{16}$")
-_DATA_RE = re.compile(r"^r(\d{5})-(\d{6})-([0-9a-f]{16})\.data$")
-_MANIFEST_RE = re.compile(r"^manifest-([0-9a-f]{16})\.arrow$")
-_OWN_FILE_RE = re.compile(
-    r"^(r\d{5}-\d{6}-[0-9a-f]{16}\.data|manifest-[0-9a-f]{16}\.arrow|"
-    r"ray_ckpt\.commit(\.tmp-[0-9a-f]{16})?)$"
-)
-
-@functools.cache
-def dtypes() -> dict[str, torch.dtype]:
-    """Every torch dtype with a fixed element size, by the name the manifest uses. Quantized
-    dtypes are absent on purpose: their bytes need scales and zero points the format does not
-    carry. Built on first use, so that reading markers and manifests (``ray-ckpt ls``) does
-    not import torch."""
-    import torch
-
-    return {
-        str(d).removeprefix("torch."): d
-        for d in vars(torch).values()
-        if isinstance(d, torch.dtype) and not str(d).startswith(("torch.qint", "torch.quint"))
-    }
-
-
-@functools.cache
-def _dtype_names() -> dict[torch.dtype, str]:
-    return {d: name for name, d in dtypes().items()}
-
-
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return _dtype_names().get(dtype) or str(dtype).removeprefix("torch.")
-
-
-def dtype_from_name(name: str, *, where: str) -> torch.dtype:
-    try:
-        return dtypes()[name]
-    except KeyError:
-        raise CorruptCheckpointError(
-            f"{where}: unknown dtype {name!r}; this reader knows {sorted(dtypes())}"
-        ) from None
-
-
-def align(offset: int) -> int:
-    return (offset + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
-
-
-def new_checkpoint_id() -> str:
-    import secrets
-
-    return secrets.token_hex(8)
-
-
-def data_file_name(rank: int, seq: int, checkpoint_id: str) -> str:
-    return f"r{rank:05d}-{seq:06d}-{checkpoint_id}.data"
-
-
-def manifest_file_name(checkpoint_id: str) -> str:
-    return f"manifest-{checkpoint_id}.arrow"
-
-
-def is_own_file(name: str) -> bool:
-    """True for every file name ray_ckpt writes into a checkpoint directory."""
-    return _OWN_FILE_RE.match(name) is not None
-
-
-def marker_temp_name(checkpoint_id: str) -> str:
-    return f"{MARKER_NAME}.tmp-{checkpoint_id}"
+    pass
 
 
 # --- data file header -------------------------------------------------------------------------
@@ -136,190 +54,14 @@ def marker_temp_name(checkpoint_id: str) -> str:
 #  36 24  zero
 #  60  4  CRC32C of bytes 0..60 (uint32)
 
-_HEADER = struct.Struct("<8sIII16s24x")
-
-
-def encode_header(rank: int, seq: int, checkpoint_id: str) -> bytes:
-    from ._checksum import crc32c
-
-    body = _HEADER.pack(HEADER_MAGIC, FORMAT_VERSION, rank, seq, checkpoint_id.encode("ascii"))
-    return body + struct.pack("<I", crc32c(body))
-
-
-def check_header(raw: bytes, *, file: str) -> None:
-    """Check a data file's header against its name ``r<rank>-<seq>-<save id>.data``: a file
-    copied over another, or from another checkpoint, is refused."""
-    from ._checksum import crc32c
-
-    match = _DATA_RE.match(file.rsplit("/", 1)[-1])
-    if match is None:
-        raise CorruptCheckpointError(f"{file!r} is not a ray_ckpt data file name")
-    if len(raw) < HEADER_SIZE:
-        raise CorruptCheckpointError(
-            f"data file {file} is truncated: {len(raw)} bytes, shorter than its "
-            f"{HEADER_SIZE}-byte header"
-        )
-    body, (crc,) = raw[:60], struct.unpack("<I", raw[60:64])
-    magic, version, rank, seq, file_id = _HEADER.unpack(body)
-    if magic != HEADER_MAGIC or crc != crc32c(body):
-        raise CorruptCheckpointError(
-            f"data file {file} has a damaged header (bad magic or header checksum)"
-        )
-    if version != FORMAT_VERSION:
-        raise FormatVersionError(
-            f"data file {file} is format version {version}; this ray_ckpt reads version "
-            f"{FORMAT_VERSION}. Upgrade ray_ckpt to read it."
-        )
-    expected = (int(match.group(1)), int(match.group(2)), match.group(3))
-    found = (rank, seq, file_id.decode("ascii", "replace"))
-    if found != expected:
-        raise CorruptCheckpointError(
-            f"data file {file} holds the data of r{found[0]:05d}-{found[1]:06d}-{found[2]}.data: "
-            "files were copied over each other or mixed between checkpoints"
-        )
-
 
 # --- commit marker ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Marker:
-    """The commit marker: names the manifest and pins its bytes."""
-
-    checkpoint_id: str
-    manifest: str
-    manifest_nbytes: int
-    manifest_crc32c: int
-    created_unix: float
-    world_size: int
-    total_nbytes: int
-    metadata: dict[str, Any] = field(default_factory=dict)  # the caller's, e.g. metrics
-
-    def to_bytes(self) -> bytes:
-        doc = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "checkpoint_id": self.checkpoint_id,
-            "manifest": self.manifest,
-            "manifest_nbytes": self.manifest_nbytes,
-            "manifest_crc32c": self.manifest_crc32c,
-            "created_unix": self.created_unix,
-            "world_size": self.world_size,
-            "total_nbytes": self.total_nbytes,
-            "metadata": self.metadata,
-        }
-        return (json.dumps(doc, indent=1, allow_nan=False) + "\n").encode()
-
-    @classmethod
-    def from_bytes(cls, raw: bytes, *, where: str) -> Marker:
-        doc = load_json(raw, what=f"commit marker {where}")
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
-            raise CorruptCheckpointError(f"commit marker {where} is not a ray_ckpt marker")
-        version = doc.get("format_version")
-        if isinstance(version, bool) or not isinstance(version, int):
-            raise CorruptCheckpointError(
-                f"commit marker {where} is malformed: format_version is {version!r}, not an integer"
-            )
-        if version != FORMAT_VERSION:
-            raise FormatVersionError(
-                f"commit marker {where}: the checkpoint is format version {version!r}; this "
-                f"ray_ckpt reads version {FORMAT_VERSION}. Upgrade ray_ckpt to read it."
-            )
-        try:
-            marker = cls(
-                checkpoint_id=str(doc["checkpoint_id"]),
-                manifest=str(doc["manifest"]),
-                manifest_nbytes=_nonneg_int(doc["manifest_nbytes"]),
-                manifest_crc32c=_nonneg_int(doc["manifest_crc32c"]),
-                created_unix=_number(doc["created_unix"]),
-                world_size=_nonneg_int(doc["world_size"]),
-                total_nbytes=_nonneg_int(doc["total_nbytes"]),
-                metadata=_metadata(doc.get("metadata", {})),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise CorruptCheckpointError(f"commit marker {where} is malformed: {e!r}") from None
-        if not _ID_RE.match(marker.checkpoint_id) or marker.manifest != manifest_file_name(
-            marker.checkpoint_id
-        ):
-            raise CorruptCheckpointError(
-                f"commit marker {where} names an invalid manifest {marker.manifest!r}"
-            )
-        raise_first(marker_problems(marker, where))
-        return marker
-
-
-def _metadata(value: Any) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise ValueError(f"metadata must be a JSON object, got {type(value).__name__}")
-    return value
-
-
-def _number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"expected a number, got {value!r}")
-    try:
-        return float(value)
-    except OverflowError:  # an integer too large for a float
-        raise ValueError(f"created_unix {value} is out of range") from None
-
-
-def _nonneg_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"expected a non-negative integer, got {value!r}")
-    return value
 
 
 # --- bulk bookkeeping -------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector while building tens of thousands of small objects
-    (one per tensor): otherwise each burst of allocations triggers a collection that walks the
-    whole heap, which measured 3 to 4 times the cost of the work itself for 50,000 items. What
-    is built here holds no reference cycles; the collector resumes afterwards."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def without_gc(fn: F) -> F:
-    """Run ``fn`` with the collector paused (see :func:`gc_paused`)."""
-
-    @functools.wraps(fn)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        with gc_paused():
-            return fn(*args, **kwargs)
-
-    return run  # type: ignore[return-value]
-
-
 # --- rows that travel between processes ------------------------------------------------------
-
-
-class PackedRows(list):  # type: ignore[type-arg]
-    """A list of named-tuple rows (items, extents, segments) that pickles column by column.
-
-    A save of 50,000 tiny tensors ships 50,000 of each between the caller, the writer and the
-    commit; pickled as objects they cost about a second (measured), as columns a few
-    hundredths. It is a plain list to everything that reads it."""
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        if not self:
-            return (PackedRows, ())
-        return (_unpack_rows, (type(self[0]), tuple(map(list, zip(*self)))))
-
-
-def _unpack_rows(cls: Any, columns: tuple[list[Any], ...]) -> PackedRows:
-    with gc_paused():
-        return PackedRows(map(cls._make, zip(*columns)))
 
 
 # --- manifest ---------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ A :class:`Storage` is one directory on one filesystem, resolved once from a loca
 of them: ``S3FileSystem``, ``GcsFileSystem``, a ``PyFileSystem`` wrapping an fsspec filesystem,
 a ``SubTreeFileSystem``). It pickles, so the same object travels to the writer actors; its
 filesystem pickles with its options but without explicit secrets, which travel apart (see
-:mod:`ray_ckpt.credentials`). On a ``LocalFileSystem`` it talks to the OS directly
+:mod:`ray_ckpt.storage.credentials`). On a ``LocalFileSystem`` it talks to the OS directly
 (``pwritev``/``preadv`` straight from and into tensor memory, ``fsync`` of files and of the
 directory); on any other filesystem it streams through pyarrow:
 
@@ -44,236 +44,42 @@ Commit strategies (how the marker makes a checkpoint exist), chosen by
 
 from __future__ import annotations
 
-import abc
-import ctypes
 import dataclasses
 import errno
 import functools
 import logging
 import os
-import re
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-import pyarrow as pa
 import pyarrow.fs as pafs
 
+from ..config import StorageConfig
+from ..errors import CheckpointNotFoundError, StorageError
 from . import credentials
-from .config import StorageConfig
-from .errors import CheckpointExistsError, CheckpointNotFoundError, StorageError
+from .classify import (
+    _MEMORY_TYPE_NAME,
+    MEMORY_SCHEME,
+    _permanent_error,
+    is_object_store,
+    is_transient,
+    resolve,
+)
+from .local import Buffer, _write_local
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-Buffer = memoryview | bytes
 
-
-READ_CHUNK_BYTES = 64 << 20
 """Largest single read (one ranged GET on object stores) when streaming an extent."""
-
-_TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ECONNRESET, errno.EBUSY}
-# Lower-case fragments of transient errors: plain words, HTTP statuses, and the AWS SDK error
-# names pyarrow puts in its messages ("AWS Error SLOW_DOWN during PutObject operation: ...").
-_TRANSIENT_WORDS = (
-    "timeout",
-    "timed out",
-    "throttl",
-    "slowdown",
-    "slow down",
-    "slow_down",
-    "service unavailable",
-    "service_unavailable",
-    "serviceunavailable",
-    "internal error",
-    "internalerror",
-    "internal_failure",
-    "network_connection",
-    "could not connect",
-    "couldn't connect",
-    "connection refused",
-    "connection reset",
-    "connection was closed",
-    "broken pipe",
-    "try again",
-    "requestlimitexceeded",
-    "http status 429",
-    "http status 500",
-    "http status 502",
-    "http status 503",
-    "http status 504",
-    "error 500",
-    "error 503",
-    "transient",
-)
-# Errors that no retry can fix; checked before the transient words.
-_NO_BUCKET_WORDS = ("no_such_bucket", "nosuchbucket", "no such bucket", "bucket does not exist")
-_NO_BUCKET_RE = re.compile(r"bucket '[^']*' not found")
-_DENIED_WORDS = (
-    "access_denied",
-    "accessdenied",
-    "access denied",
-    "forbidden",
-    "http status 403",
-    "invalid_access_key_id",
-    "invalidaccesskeyid",
-    "signature_does_not_match",
-    "signaturedoesnotmatch",
-    "expired_token",
-    "expiredtoken",
-    "invalid_token",
-    "permission denied",
-)
-_BUCKET_IN_MESSAGE_RE = re.compile(r"bucket '([^']+)'")
-
-# Names (pyarrow type names, fsspec protocols) of object stores: no rename, atomic uploads.
-OBJECT_STORES = frozenset(
-    {"s3", "s3a", "gcs", "gs", "abfs", "abfss", "az", "adl", "wasb", "wasbs", "oss", "r2"}
-)
-
-
-MEMORY_SCHEME = "mem://"  # the memory tier (ray_ckpt.memory)
-_MEMORY_TYPE_NAME = "py::mem"  # its filesystem's type_name
-
-
-def resolve(path: str, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.FileSystem, str]:
-    """Resolve ``path`` once into an ``(fs, fs_path)`` pair.
-
-    With ``filesystem``, ``path`` is a path on that filesystem (a ``file://`` prefix is
-    dropped). Without it, a URI is resolved with ``pyarrow.fs.FileSystem.from_uri`` and
-    anything else is a local path, made absolute.
-    """
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(
-            f"a checkpoint path must be a str or os.PathLike, got {type(path).__name__}"
-        )
-    path = os.fspath(path)
-    if not path:
-        raise ValueError("a checkpoint path must not be empty")
-    if path.startswith(MEMORY_SCHEME):  # the memory tier, whatever the other filesystem is
-        from . import memory  # imports Ray: only for memory paths (`ray-ckpt ls` stays quick)
-
-        return memory.from_uri(path, filesystem)
-    if filesystem is not None:
-        return filesystem, path.removeprefix("file://").rstrip("/") or "/"
-    if "://" in path:
-        try:
-            fs, fs_path = pafs.FileSystem.from_uri(path)
-        except (pa.ArrowException, OSError, ValueError) as e:
-            shown = credentials.redact(path)
-            raise ValueError(
-                f"cannot resolve storage URI {shown!r}: {credentials.redact(str(e))}"
-            ) from None
-        return fs, fs_path.rstrip("/")
-    return pafs.LocalFileSystem(), os.path.abspath(path)
-
-
-def is_transient(error: BaseException) -> bool:
-    """Whether retrying ``error`` may succeed (timeouts, 5xx, throttling, refused or reset
-    connections). Access denied, missing buckets and missing files are never transient."""
-    if isinstance(
-        error, (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError)
-    ):
-        return False
-    text = str(error).lower()
-    if _no_bucket(text) or any(word in text for word in _DENIED_WORDS):
-        return False
-    if isinstance(error, OSError) and error.errno is not None:
-        if error.errno in _TRANSIENT_ERRNOS:
-            return True
-        if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
-            return False
-    if isinstance(error, (TimeoutError, ConnectionError)):
-        return True
-    return any(word in text for word in _TRANSIENT_WORDS)
-
-
-def _no_bucket(text: str) -> bool:
-    return any(word in text for word in _NO_BUCKET_WORDS) or bool(_NO_BUCKET_RE.search(text))
-
-
-def _permanent_error(
-    error: BaseException, what: str, where: str, bucket: str | None
-) -> StorageError:
-    text = str(error)
-    lower = text.lower()
-    found = _BUCKET_IN_MESSAGE_RE.search(text)
-    bucket = found.group(1) if found else bucket
-    if (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) or (
-        "no space left" in lower
-    ):
-        hint = "free space on that device or choose another storage path"
-    elif _no_bucket(lower):
-        hint = (
-            f"bucket {bucket!r} does not exist: create it, or fix the bucket name in the path "
-            "(and check the endpoint and region the filesystem points at)"
-        )
-    elif isinstance(error, PermissionError) or any(word in lower for word in _DENIED_WORDS):
-        if bucket is not None:
-            hint = (
-                f"access to bucket {bucket!r} was denied: give every node of the cluster "
-                "credentials that may list, read, write and delete under this path "
-                "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, an instance profile or role, or "
-                "access_key=/secret_key= on the filesystem) and check the bucket policy"
-            )
-        else:
-            hint = (
-                "check that every node of the cluster has read/write access to the storage "
-                "path (file permissions, mount options)"
-            )
-    elif isinstance(error, OSError) and error.errno == errno.EROFS:
-        hint = "the filesystem is read-only: choose a writable storage path"
-    else:
-        hint = "check the storage path and that the storage is reachable from every node"
-    return StorageError(f"{what} {where} failed: {type(error).__name__}: {text}. Fix: {hint}.")
-
-
-def _fs_names(fs: Any) -> set[str]:
-    """Lower-case names of ``fs`` and of whatever it wraps: pyarrow type names split into words
-    (``py::fsspec+s3`` -> py, fsspec, s3) and fsspec protocols, looking through
-    ``SubTreeFileSystem``, ``PyFileSystem`` handlers and fsspec wrappers (``DirFileSystem``)."""
-    names: set[str] = set()
-    stack, seen = [fs], 0
-    while stack and seen < 16:
-        obj = stack.pop()
-        seen += 1
-        if isinstance(obj, pafs.FileSystem):
-            names.update(re.split(r"[^a-z0-9]+", obj.type_name.lower()))
-            if isinstance(obj, pafs.SubTreeFileSystem):
-                stack.append(obj.base_fs)
-            elif isinstance(obj, pafs.PyFileSystem):
-                stack.append(obj.handler)
-            continue
-        protocol = getattr(obj, "protocol", None)
-        if isinstance(protocol, str):
-            names.add(protocol.lower())
-        elif isinstance(protocol, (list, tuple)):
-            names.update(str(p).lower() for p in protocol)
-        inner = getattr(obj, "fs", None)  # FSSpecHandler.fs, DirFileSystem.fs, wrappers
-        if inner is not None and inner is not obj:
-            stack.append(inner)
-    names.discard("")
-    return names
-
-
-def is_object_store(fs: Any) -> bool:
-    """Whether ``fs`` is (or wraps) an object store, which cannot rename."""
-    return bool(_fs_names(fs) & OBJECT_STORES)
-
-
-def commit_strategy_for(fs: Any) -> CommitStrategy:
-    """:class:`PutCommit` on object stores, :class:`RenameCommit` everywhere else (see the
-    module docstring for why an unknown filesystem gets the rename)."""
-    return PutCommit() if is_object_store(fs) else RenameCommit()
 
 
 class Storage:
     """One directory on one filesystem. Picklable; shared by the caller and the writer actors.
 
-    It pickles without the filesystem's secrets (see :mod:`ray_ckpt.credentials`): a process
+    It pickles without the filesystem's secrets (see :mod:`ray_ckpt.storage.credentials`): a process
     that receives it must have accepted the :meth:`handoff` first (ray_ckpt's actors do, from
     the first argument of their calls), or have credentials of its own."""
 
@@ -366,10 +172,6 @@ class Storage:
         if not name or "/" in name or name in (".", ".."):
             raise ValueError(f"not a plain file name: {name!r}")
         return f"{self.path}/{name}" if self.path != "/" else f"/{name}"
-
-    @property
-    def commit_strategy(self) -> CommitStrategy:
-        return PutCommit() if self.is_object_store else RenameCommit()
 
     # --- retries ------------------------------------------------------------------------------
 
@@ -604,194 +406,5 @@ class Storage:
 
         return self.call("read", path, read)
 
-    @contextmanager
-    def reader(self) -> Iterator[FileReader]:
-        """A reader that keeps files open across calls; close it to release them."""
-        reader = FileReader(self)
-        try:
-            yield reader
-        finally:
-            reader.close()
 
 
-class FileReader:
-    """Reads byte ranges of the files of one :class:`Storage` straight into caller memory."""
-
-    def __init__(self, storage: Storage) -> None:
-        self._storage = storage
-        self._handles: dict[str, object] = {}
-        self._lock = threading.Lock()
-
-    def read_into(
-        self,
-        name: str,
-        offset: int,
-        out: memoryview,
-        *,
-        slice_bytes: int = READ_CHUNK_BYTES,
-        on_slice: Callable[[int, memoryview], None] | None = None,
-    ) -> None:
-        """Fill ``out`` with the bytes of file ``name`` from ``offset`` and call
-        ``on_slice(start, slice)`` with each ``slice_bytes`` of it in order; a short file
-        raises ``EOFError``. Local files are read a slice at a time, so that each slice is
-        still in the CPU cache when ``on_slice`` sees it; other filesystems in ranged reads of
-        up to ``READ_CHUNK_BYTES``. A transient error retries the whole range, starting again
-        at ``start`` 0."""
-        path = self._storage._join(name)
-        view = out.cast("B") if out.format != "B" or out.ndim != 1 else out
-        self._storage.call(
-            "read", path, lambda: self._read_into(name, path, offset, view, slice_bytes, on_slice)
-        )
-
-    def _read_into(
-        self,
-        name: str,
-        path: str,
-        offset: int,
-        view: memoryview,
-        slice_bytes: int,
-        on_slice: Callable[[int, memoryview], None] | None,
-    ) -> None:
-        local = self._storage.is_local
-        if local:
-            fd = self._handle(name, lambda: os.open(path, os.O_RDONLY))
-        else:
-            handle = self._handle(name, lambda: self._storage.fs.open_input_file(path))
-        step = slice_bytes if local else max(slice_bytes, READ_CHUNK_BYTES)
-        for start in range(0, len(view), step):
-            piece = view[start : start + step]
-            done = 0
-            while done < len(piece):
-                at = offset + start + done
-                if local:
-                    n = os.preadv(fd, [piece[done:]], at)  # type: ignore[arg-type]
-                else:
-                    chunk = handle.read_at(len(piece) - done, at)  # type: ignore[attr-defined]
-                    n = len(chunk)
-                    piece[done : done + n] = memoryview(chunk).cast("B")
-                if n == 0:
-                    raise EOFError(f"{path} ends at byte {at}")
-                done += n
-            if on_slice is not None:
-                for within in range(0, len(piece), slice_bytes):
-                    on_slice(start + within, piece[within : within + slice_bytes])
-
-    def _handle(self, name: str, open_fn: Callable[[], Any]) -> Any:
-        with self._lock:
-            handle = self._handles.get(name)
-            if handle is None:
-                handle = self._handles[name] = open_fn()
-            return handle
-
-    def close(self) -> None:
-        for handle in self._handles.values():
-            if isinstance(handle, int):
-                os.close(handle)
-            else:
-                handle.close()  # type: ignore[attr-defined]
-        self._handles.clear()
-
-
-_KICK_BYTES = 8 << 20
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-@functools.cache
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """libc's ``sync_file_range`` (Linux), or None where there is none."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        function = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    return function  # type: ignore[no-any-return]
-
-
-def _write_local(
-    path: str, produce: Callable[[Callable[[Buffer], None]], Any], fsync: bool
-) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    kick = _sync_file_range() if fsync else None
-    position = kicked = 0
-
-    def write(buf: Buffer) -> None:
-        nonlocal position, kicked
-        view = memoryview(buf).cast("B")
-        while view:
-            written = os.write(fd, view[:_KICK_BYTES])
-            view = view[written:]
-            position += written
-            if kick is not None and position - kicked >= _KICK_BYTES:
-                kick(fd, kicked, position - kicked, _SYNC_FILE_RANGE_WRITE)  # start writeback
-                kicked = position
-
-    try:
-        produce(write)
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class CommitStrategy(abc.ABC):
-    """How the commit marker makes a checkpoint exist. Called once, after every data file and
-    the manifest are durable. With ``exclusive``, an existing marker is never replaced: the
-    commit fails with :class:`~ray_ckpt.errors.CheckpointExistsError` instead, so of two saves
-    racing to one path exactly one wins."""
-
-    @abc.abstractmethod
-    def commit(
-        self, storage: Storage, marker_name: str, marker: bytes, temp_name: str, *, exclusive: bool
-    ) -> None:
-        ...
-
-
-def _exists_error(storage: Storage) -> CheckpointExistsError:
-    return CheckpointExistsError(
-        f"another save committed a checkpoint at {storage.display} first; nothing of this save "
-        "was committed. Pass overwrite=True to replace it, or save to a new path."
-    )
-
-
-class RenameCommit(CommitStrategy):
-    """Filesystems with atomic rename: write the marker to ``temp_name`` and fsync it, then
-    rename it over ``marker_name`` (an atomic replace) or, when ``exclusive``, hard-link it there
-    (an atomic create that fails if the marker exists); then fsync the directory."""
-
-    def commit(
-        self, storage: Storage, marker_name: str, marker: bytes, temp_name: str, *, exclusive: bool
-    ) -> None:
-        storage.sync_dir()
-        storage.write_file(temp_name, [marker], fsync=True)
-        src, dst = storage._join(temp_name), storage._join(marker_name)
-        try:
-            if storage.is_local and exclusive:
-                try:
-                    storage.call("link", src, lambda: os.link(src, dst))
-                except FileExistsError:
-                    raise _exists_error(storage) from None
-                storage.delete_files([temp_name])
-            elif storage.is_local:
-                storage.call("rename", src, lambda: os.replace(src, dst))
-            else:
-                if exclusive and storage.exists(marker_name):
-                    raise _exists_error(storage)
-                storage.call("rename", src, lambda: storage.fs.move(src, dst))
-        except BaseException:
-            storage.delete_files([temp_name])
-            raise
-        storage.sync_dir()
-
-
-class PutCommit(CommitStrategy):
-    """Object stores: the marker is uploaded last, in one PUT, which is atomic. (``exclusive``
-    checks for an existing marker first; object stores offer no atomic create through
-    ``pyarrow.fs``, so two saves racing within that window both succeed and the last wins.)"""
-
-    def commit(
-        self, storage: Storage, marker_name: str, marker: bytes, temp_name: str, *, exclusive: bool
-    ) -> None:
-        if exclusive and storage.exists(marker_name):
-            raise _exists_error(storage)
-        storage.write_file(marker_name, [marker], fsync=False)

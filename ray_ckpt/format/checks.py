@@ -2,7 +2,7 @@
 
 One set of checks, called by the reader (:meth:`ray_ckpt.CheckpointReader.open`), by every tool
 (``verify``, ``inspect``, ``diff``, ``export``), by the catalog (``ls``) and by the manifest
-parser (:func:`ray_ckpt.format.parse_manifest`). A tool never re-implements one.
+parser (:func:`ray_ckpt.format.manifest.parse_manifest`). A tool never re-implements one.
 
 The checks are pure: they look at sizes from a listing, a parsed marker, manifest rows and a
 decoded tree, and do no I/O. Each is a generator of :class:`Problem` records, so a caller can
@@ -35,10 +35,13 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import CorruptCheckpointError
+from ..errors import CorruptCheckpointError
+from .names import KIND_PICKLE, KIND_TENSOR, dtypes
+from .tree import ItemRef, ShardedRef
 
 if TYPE_CHECKING:
-    from .format import Extent, ItemMeta, Manifest, Marker
+    from .manifest import Extent, ItemMeta, Manifest
+    from .marker import Marker
 
 MAX_MARKER_BYTES = 16 << 20  # the marker is a few hundred bytes plus the caller's metadata
 MAX_MANIFEST_BYTES = 512 << 20  # ~2.5 million extents; far above any real model's manifest
@@ -295,8 +298,6 @@ def allocation_problems(
 def tree_problems(tree: Any, manifest: Manifest, where: str) -> Iterator[Problem]:
     """Every stored leaf of a decoded tree refers to items of its kind; ``N`` leaves have a
     numpy dtype; every sharded tensor's shards tile it (see :func:`shard_problems`)."""
-    from ._tree import ItemRef, ShardedRef
-    from .format import KIND_PICKLE
 
     seen: set[Any] = set()
     for ref in _stored_refs(tree):
@@ -329,7 +330,6 @@ def shard_problems(
 ) -> Iterator[Problem]:
     """The shards of one sharded tensor: tensors of one dtype, each of the tensor's rank and
     global shape, whose boxes lie inside it, do not overlap and tile it exactly."""
-    from .format import KIND_TENSOR, dtypes
 
     metas = [manifest.items.get(i) for i in indices]
     if any(m is None or m.kind != KIND_TENSOR for m in metas):
@@ -407,7 +407,6 @@ def numpy_dtype_names() -> frozenset[str]:
     """The dtypes whose tensors convert to numpy arrays."""
     import torch  # not at the top: `ray-ckpt ls` checks markers without importing torch
 
-    from .format import dtypes
 
     names = set()
     for name, dtype in dtypes().items():
@@ -423,7 +422,6 @@ def numpy_dtype_names() -> frozenset[str]:
 
 def _stored_refs(tree: Any) -> Iterator[Any]:
     """Every :class:`ItemRef` and :class:`ShardedRef` of a decoded tree, without recursion."""
-    from ._tree import ItemRef, ShardedRef
 
     stack = [tree]
     while stack:

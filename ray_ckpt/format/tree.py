@@ -37,9 +37,10 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from ._stateful import is_stateful, state_dict_of
-from .errors import CorruptCheckpointError, PickleNotAllowedError, UnsupportedValueError
-from .sharding import ShardedTensor, ShardInfo, dtensor_box, is_dtensor
+from .._stateful import is_stateful, state_dict_of
+from ..errors import CorruptCheckpointError, PickleNotAllowedError, UnsupportedValueError
+from ..sharding import ShardedTensor, ShardInfo, dtensor_box, is_dtensor
+from .names import dtype_from_name
 
 MAX_DEPTH = 512  # containers nested in a state dict, the root included
 MAX_KEY_DEPTH = 32  # tuples nested in a dict key
@@ -536,7 +537,6 @@ def _decode(raw: Any, n_items: int, depth: int) -> Any:
     if tag == "b" and isinstance(body, str):
         return base64.b64decode(body, validate=True)
     if tag == "dt":
-        from .format import dtype_from_name
 
         return dtype_from_name(str(body), where="tree")
     if tag == "dv" and isinstance(body, str):

@@ -28,73 +28,28 @@ bucket and every save, and freed by :meth:`DefaultStager.close`.
 from __future__ import annotations
 
 import abc
-import heapq
 import logging
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, cast
+from typing import Any
 
 import numpy as np
 import ray
 import torch
 
-from ._tree import Leaf, flatten
-from .config import CheckpointStagerConfig
-from .errors import UnsupportedValueError
-from .format import (
-    ALIGNMENT,
-    HEADER_SIZE,
-    KIND_PICKLE,
-    KIND_TENSOR,
-    ItemMeta,
-    PackedRows,
-    align,
-    data_file_name,
-    dtype_name,
-    without_gc,
-)
+from .._util import PackedRows, without_gc
+from ..config import CheckpointStagerConfig
+from ..errors import UnsupportedValueError
+from ..format.header import HEADER_SIZE
+from ..format.layout import BucketLayout, Segment
+from ..format.manifest import ItemMeta
+from ..format.names import ALIGNMENT, KIND_PICKLE, KIND_TENSOR, align, data_file_name, dtype_name
+from ..format.tree import Leaf, flatten
+from .dedup import AssignReplicas, Replica, assign_replica_owners
+from .pieces import _group_bytes, byte_view, pieces
 
 logger = logging.getLogger(__name__)
-
-# Ray copies each out-of-band buffer of a put into the object store with one memcpy when it is
-# under 1 MiB, and with 6 threads started and joined for that buffer alone when it is larger.
-# Handing it pieces just under 1 MiB (a multiple of 64 bytes, so they stay aligned) makes the
-# put one plain memcpy per piece: measured, 1 GiB in 256 MiB objects, 2 cores, 1.11x a torch
-# copy_ against 1.37x with 64 MiB buffers (and 2.0x with pieces of exactly 1 MiB).
-PUT_PIECE_BYTES = (1 << 20) - 64
-
-
-class Segment(NamedTuple):
-    """Bytes ``[chunk_offset, chunk_offset + length)`` of item ``item``, found at byte ``start``
-    of staged array ``array`` of a bucket."""
-
-    item: int
-    chunk_offset: int
-    array: int
-    start: int
-    length: int
-
-
-@dataclass(frozen=True)
-class BucketLayout:
-    """What one data file holds and where: sent to the writer with the bucket's object."""
-
-    seq: int
-    file: str
-    array_nbytes: tuple[int, ...]
-    array_offsets: tuple[int, ...]  # offset of each array in the data file
-    segments: list[Segment]  # PackedRows: cheap to send
-
-    @property
-    def nbytes(self) -> int:
-        return sum(self.array_nbytes)
-
-    @property
-    def file_nbytes(self) -> int:
-        if not self.array_nbytes:
-            return HEADER_SIZE
-        return self.array_offsets[-1] + self.array_nbytes[-1]
 
 
 @dataclass
@@ -108,14 +63,6 @@ class _Source:
     is_pack: bool
     # a pack: its groups, (start in pack, leaf indices) of items of one dtype laid back to back
     groups: list[tuple[int, list[int]]] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Replica:
-    """A replicated item of a multi-rank save: the same key on every rank, written by one."""
-
-    path_id: str
-    owner: int
 
 
 @dataclass
@@ -138,46 +85,6 @@ class StagingPlan:
     @property
     def nbytes(self) -> int:
         return sum(m.nbytes for m in self.items)
-
-
-# A multi-rank save's replica assignment: given this rank's replicated candidates, as
-# (path id, bytes), the writing rank of each (asked of the checkpoint's coordinator actor, which
-# answers once every rank has asked: see :func:`assign_replica_owners`).
-AssignReplicas = Callable[[list[tuple[str, int]]], list[int]]
-
-
-def assign_replica_owners(
-    key_sets: list[tuple[list[int], list[tuple[str, int]]]],
-) -> list[list[int]]:
-    """Which rank writes each replicated key of a multi-rank save: the checkpoint is the union
-    of the ranks' keys, so a key is written once, by one of the ranks that hold it.
-
-    ``key_sets`` holds each distinct candidate list (path id, bytes) with the ranks that sent
-    it (DDP: one list for every rank; pipeline stages: one per stage). Largest key first, each
-    to the least loaded of its holders (ties: lowest rank). Returns, per key set, the owner of
-    each of its keys. Cost: O(keys x log ranks) plus O(ranks) per distinct holder group, never
-    ranks x keys: the memory is proportional to the distinct key sets, not to the ranks."""
-    holders: dict[str, tuple[int, list[int]]] = {}
-    for set_id, (_, candidates) in enumerate(key_sets):
-        for path, nbytes in candidates:
-            holders.setdefault(path, (nbytes, []))[1].append(set_id)
-    loads: dict[int, int] = {}
-    heaps: dict[tuple[int, ...], list[tuple[int, int]]] = {}
-    owners: dict[str, int] = {}
-    for path, (nbytes, set_ids) in sorted(holders.items(), key=lambda kv: (-kv[1][0], kv[0])):
-        group = tuple(set_ids)
-        heap = heaps.get(group)
-        if heap is None:
-            ranks = sorted({r for s in group for r in key_sets[s][0]})
-            heap = heaps[group] = [(loads.get(r, 0), r) for r in ranks]
-            heapq.heapify(heap)
-        while heap[0][0] != loads.get(heap[0][1], 0):  # stale: loaded through another group
-            heapq.heapreplace(heap, (loads.get(heap[0][1], 0), heap[0][1]))
-        owner = heap[0][1]
-        loads[owner] = loads.get(owner, 0) + nbytes
-        heapq.heapreplace(heap, (loads[owner], owner))
-        owners[path] = owner
-    return [[owners[path] for path, _ in candidates] for _, candidates in key_sets]
 
 
 class CheckpointStager(abc.ABC):
@@ -496,39 +403,6 @@ def _pack(groups: dict[str, list[ItemMeta]]) -> _Source:
             parts.append((meta.item, position, meta.nbytes))
             position += meta.nbytes
     return _Source(parts=parts, nbytes=position, is_pack=True, groups=spans)
-
-
-def pieces(array: np.ndarray) -> list[pickle.PickleBuffer]:
-    """Consecutive ``PUT_PIECE_BYTES`` of a flat byte array, as views for ``ray.put``.
-
-    A ``PickleBuffer`` goes out of band natively; a numpy array would cost a ``__reduce_ex__``
-    call each (serializing 256 MiB of pieces: 0.25 ms against 0.82 ms). The writer gets each
-    back as a read-only buffer of the object store's memory."""
-    return [
-        pickle.PickleBuffer(array[i : i + PUT_PIECE_BYTES].data)
-        for i in range(0, len(array), PUT_PIECE_BYTES)
-    ]
-
-
-def byte_view(raw: torch.Tensor | np.ndarray) -> Any:
-    """A flat uint8 view of a staged value: numpy on the CPU, a tensor on a device."""
-    if isinstance(raw, np.ndarray):
-        return raw
-    flat = raw.reshape(-1).view(torch.uint8)
-    return flat.numpy() if raw.is_cpu else flat
-
-
-def _group_bytes(values: list[torch.Tensor | np.ndarray]) -> np.ndarray:
-    """The bytes of CPU values of one dtype, back to back: one copy for the whole group."""
-    if isinstance(values[0], np.ndarray):
-        return np.concatenate(values)  # type: ignore[arg-type]
-    tensors = cast("list[torch.Tensor]", values)  # one dtype: all tensors when the first is
-    try:
-        if all(t.dim() == 1 for t in tensors):  # skips a reshape per tensor: 10x faster
-            return torch.cat(tensors).view(torch.uint8).numpy()
-        return torch.cat([t.reshape(-1) for t in tensors]).view(torch.uint8).numpy()
-    except (RuntimeError, NotImplementedError):  # dtypes without a cat kernel (uint3, ...)
-        return np.concatenate([byte_view(t) for t in values])
 
 
 def _under_any(key: str, prefixes: tuple[str, ...]) -> bool:

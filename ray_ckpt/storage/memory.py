@@ -50,9 +50,9 @@ import pyarrow.fs as pafs
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from .errors import CheckpointError
-from .format import MARKER_NAME
-from .storage import MEMORY_SCHEME
+from ..errors import CheckpointError
+from ..format.names import MARKER_NAME
+from .classify import MEMORY_SCHEME
 
 logger = logging.getLogger(__name__)
 

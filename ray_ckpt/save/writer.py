@@ -1,0 +1,296 @@
+"""Writers: one Ray actor per node writes the staged buckets of that node to storage.
+
+Who calls what::
+
+    caller (stager + coordinator)           writer actor on the caller's node
+    ────────────────────────────            ──────────────────────────────────────────
+    run_save(token, request)  ───────────►  waits for staging to end, then gathers,
+    wait_staged(token, [ref]) ───────────►  (resolves when staging has ended; fails the save
+                                            at once if the caller's process dies first)
+    write_bucket(layout, [ref]) ─────────►  any node's writer: ray.get the bucket (zero-copy
+                                            from shared memory), checksum, write, fsync
+    end_staging(token, outcome) ─────────►  wakes run_save and wait_staged
+                                            run_save: manifest, hooks, marker (coordinator)
+
+The refs of ``run_save`` and ``wait_staged`` exist as soon as ``save`` is called: they are the
+``ObjectRef`` behind the write and the stage futures.
+
+The actor is named ``ray_ckpt.writer.<pool>.<node id>`` in the configured namespace, found
+again with ``get_if_exists``, pinned to its node with ``NodeAffinitySchedulingStrategy(soft=
+False)``, detached (it outlives the process that happened to create it) and restarted on
+failure.
+
+Lifetime: a writer exits once nothing has been in flight on it (no save, no write, no call at
+all) for ``CheckpointWriterConfig.idle_timeout_secs`` (10 minutes by default), so that the
+writers of finished jobs do not hold their processes and memory on the cluster; ``None`` keeps
+them. The next save starts it again. A caller that has not used its cached handle for half the
+timeout pings it first (a ping counts as use), and finds or creates the writer anew if it has
+exited. It needs no CPU slot (``num_cpus=0``), so it never competes with training for them.
+Writing itself lives in :class:`CheckpointWriter`, a plain class the actor hosts, so that a
+custom writer (``checkpoint_writer_init_fn``) or a test that injects faults can subclass it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from ..config import CheckpointWriterConfig
+from ..errors import CheckpointWriteError
+from ..format.layout import BucketLayout
+from ..storage.credentials import Handoff, accept
+from ..storage.storage import Storage
+from .commit import commit_save
+from .encoder import CheckpointWriter
+from .protocol import ABANDONED, ShardResult, StagingOutcome
+
+logger = logging.getLogger(__name__)
+
+_CALLER_POLL_SECS = 0.5
+
+
+def default_subprocess_init_fn(*_: Any) -> None:
+    """The default ``subprocess_init_fn`` run once in every writer actor: nothing."""
+
+
+# --- the actor --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Slot:
+    event: threading.Event = field(default_factory=threading.Event)
+    outcome: Any = None
+    consumers: int = 2
+    cancelled: bool = False
+    committing: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def begin_commit(self) -> bool:
+        """Claim the right to commit; False when the save was cancelled first."""
+        with self.lock:
+            if self.cancelled:
+                return False
+            self.committing = True
+            return True
+
+
+class _Mailbox:
+    """Per-save meeting point of ``run_save``, ``wait_staged`` and ``end_staging``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._slots: dict[str, _Slot] = {}
+
+    def slot(self, token: str) -> _Slot:
+        with self._lock:
+            return self._slots.setdefault(token, _Slot())
+
+    def deliver(self, token: str, outcome: Any) -> None:
+        slot = self.slot(token)
+        slot.outcome = outcome
+        slot.event.set()
+
+    def take(self, token: str, timeout_secs: float) -> _Slot:
+        """Wait for ``token``'s outcome; the slot is dropped once both consumers took it."""
+        slot = self.slot(token)
+        arrived = slot.event.wait(timeout_secs)
+        with self._lock:
+            slot.consumers -= 1
+            if slot.consumers <= 0:
+                self._slots.pop(token, None)
+        if not arrived:
+            raise CheckpointWriteError(
+                f"staging of save {token} did not finish within {timeout_secs:.0f}s "
+                "(barrier_timeout_secs); the saving process may have died. Nothing was committed."
+            )
+        return slot
+
+
+class _Activity:
+    """What is in flight on a writer actor, and since when it has been idle."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._since = time.monotonic()
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        with self._lock:
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                self._since = time.monotonic()
+
+    def idle_secs(self) -> float:
+        """Seconds since the last call ended; 0 while one is in flight."""
+        with self._lock:
+            return 0.0 if self._in_flight else time.monotonic() - self._since
+
+
+class _WriterActor:
+    """The Ray actor of one node. See the module docstring for the protocol."""
+
+    def __init__(
+        self,
+        node_id: str,
+        config: CheckpointWriterConfig,
+        writer_init_fn: Callable[..., CheckpointWriter],
+        writer_init_args: dict[str, Any],
+        subprocess_init_fn: Callable[..., None],
+        subprocess_init_args: tuple[Any, ...],
+    ) -> None:
+        logging.basicConfig(level=logging.INFO)
+        subprocess_init_fn(*subprocess_init_args)
+        self._node_id = node_id
+        self._writer = writer_init_fn(config, **writer_init_args)
+        self._mailbox = _Mailbox()
+        self._running: dict[str, _Slot] = {}
+        self._io_slots = threading.BoundedSemaphore(config.io_threads)
+        self._activity = _Activity()
+        self._idle_timeout_secs = config.idle_timeout_secs
+        if self._idle_timeout_secs is not None:
+            threading.Thread(target=self._retire_when_idle, name="ray_ckpt-idle",
+                             daemon=True).start()
+
+    def node_id(self) -> str:
+        with self._activity.busy():  # a ping: the caller is about to use this writer
+            return self._node_id
+
+    def _retire_when_idle(self) -> None:
+        """Ask this actor to exit once it has been idle for ``idle_timeout_secs``."""
+        timeout = float(self._idle_timeout_secs or 0)
+        while True:
+            time.sleep(max(0.5, min(timeout - self._activity.idle_secs(), 5.0)))
+            if self._activity.idle_secs() >= timeout:
+                ray.get_runtime_context().current_actor.retire.remote()
+
+    @ray.method(concurrency_group="control")
+    def retire(self) -> bool:
+        """Exit (for good: no restart) if idle for ``idle_timeout_secs``; else False."""
+        idle = self._activity.idle_secs()
+        if self._idle_timeout_secs is None or idle < self._idle_timeout_secs:
+            return False
+        logger.info("writer %s idle for %.0f s: exiting", self._node_id, idle)
+        # exit_actor() would wait for this threaded actor's other threads; nothing is in
+        # flight, so end the process at once, for good (no restart), which frees the name
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+        return True
+
+    @ray.method(concurrency_group="io")
+    def write_bucket(
+        self,
+        handoff: Handoff | None,
+        storage: Storage,
+        layout: BucketLayout,
+        payload: list[list[list[Any]]],
+        part: int,
+        rank: int,
+        checkpoint_id: str,
+        checksum: bool,
+        fsync: bool,
+    ) -> ShardResult:
+        # ``payload`` (a group of buckets, each a list of arrays, each a list of pieces; this
+        # call writes bucket ``part`` of it) was passed as a top-level ObjectRef: Ray resolved
+        # it zero-copy from this node's shared memory, and releases it once every call given
+        # it has returned.
+        accept(handoff)  # before ``storage`` is used: its filesystem's secrets
+        arrays = payload[part]
+        del payload
+        with self._activity.busy(), self._io_slots:
+            start = time.perf_counter()
+            abandoned = checkpoint_id in ABANDONED
+            extents = [] if abandoned else self._writer.write_bucket(
+                storage, layout, arrays, rank=rank, checkpoint_id=checkpoint_id,
+                checksum=checksum, fsync=fsync,
+            )
+            del arrays
+            if abandoned or checkpoint_id in ABANDONED:  # its save failed: leave no data behind
+                storage.delete_files([layout.file])
+                raise CheckpointWriteError(
+                    f"save {checkpoint_id} to {storage.display} was abandoned; its data file "
+                    f"{layout.file} was deleted"
+                )
+        return ShardResult(
+            file=layout.file,
+            file_nbytes=layout.file_nbytes,
+            extents=extents,
+            node_id=self._node_id,
+            write_secs=time.perf_counter() - start,
+        )
+
+    @ray.method(concurrency_group="control")
+    def run_save(self, handoff: Handoff | None, token: str, request: Any) -> Any:
+
+        accept(handoff)  # before ``request.storage`` is used: its filesystem's secrets
+        slot = self._mailbox.slot(token)
+        self._running[token] = slot
+        try:
+            with self._activity.busy():
+                self._mailbox.take(token, request.barrier_timeout_secs)
+                return commit_save(request, slot)
+        finally:
+            self._running.pop(token, None)
+
+    @ray.method(concurrency_group="control")
+    def wait_staged(
+        self, token: str, timeout_secs: float, caller: list[ray.ObjectRef] | None = None
+    ) -> Any:
+        with self._activity.busy():
+            if caller:
+                self._watch_caller(token, caller[0], timeout_secs)
+            outcome = self._mailbox.take(token, timeout_secs).outcome
+        if outcome.error is not None:
+            raise outcome.error
+        return outcome.stats
+
+    def _watch_caller(self, token: str, alive: ray.ObjectRef, timeout_secs: float) -> None:
+        """Until staging ends, check that the saving process lives: ``alive`` (the save's write
+        ref, owned by that process) becomes ready only if it dies. Then fail the save, which
+        deletes its files, instead of holding it for ``timeout_secs``."""
+
+        slot = self._mailbox.slot(token)
+        deadline = time.monotonic() + timeout_secs
+        while not slot.event.wait(_CALLER_POLL_SECS) and time.monotonic() < deadline:
+            ready, _ = ray.wait([alive], timeout=0, fetch_local=False)
+            if ready:
+                error = CheckpointWriteError(
+                    f"the process that started save {token} died before it finished staging; "
+                    "nothing was committed"
+                )
+                self._mailbox.deliver(token, StagingOutcome(error=error))
+                return
+
+    @ray.method(concurrency_group="control")
+    def end_staging(self, token: str, outcome: Any) -> None:
+        with self._activity.busy():
+            self._mailbox.deliver(token, outcome)
+
+    @ray.method(concurrency_group="control")
+    def cancel(self, token: str) -> bool:
+        """Stop save ``token`` before its commit; False once the commit has begun."""
+        slot = self._running.get(token) or self._mailbox.slot(token)
+        with slot.lock:
+            if slot.committing:
+                return False
+            slot.cancelled = True
+            return True
+
+
+# Ray fixes concurrency groups per class; the writer's own semaphore applies io_threads.
+# (Ray's typing overloads of ``ray.remote`` omit ``concurrency_groups``, a documented option.)
+WriterActor = ray.remote(  # type: ignore[call-overload]
+    concurrency_groups={"io": 16, "control": 32}
+)(_WriterActor)
+
+

@@ -1,0 +1,101 @@
+"""files: moved from ray_ckpt.storage.storage (issue 14). TODO: docstring."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from .storage import Storage
+
+READ_CHUNK_BYTES = 64 << 20
+
+
+@contextmanager
+def open_files(storage: Storage) -> Iterator[FileReader]:
+    """A reader of ``storage``'s files that keeps them open across calls; closed on exit."""
+    reader = FileReader(storage)
+    try:
+        yield reader
+    finally:
+        reader.close()
+
+
+class FileReader:
+    """Reads byte ranges of the files of one :class:`Storage` straight into caller memory."""
+
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+        self._handles: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def read_into(
+        self,
+        name: str,
+        offset: int,
+        out: memoryview,
+        *,
+        slice_bytes: int = READ_CHUNK_BYTES,
+        on_slice: Callable[[int, memoryview], None] | None = None,
+    ) -> None:
+        """Fill ``out`` with the bytes of file ``name`` from ``offset`` and call
+        ``on_slice(start, slice)`` with each ``slice_bytes`` of it in order; a short file
+        raises ``EOFError``. Local files are read a slice at a time, so that each slice is
+        still in the CPU cache when ``on_slice`` sees it; other filesystems in ranged reads of
+        up to ``READ_CHUNK_BYTES``. A transient error retries the whole range, starting again
+        at ``start`` 0."""
+        path = self._storage._join(name)
+        view = out.cast("B") if out.format != "B" or out.ndim != 1 else out
+        self._storage.call(
+            "read", path, lambda: self._read_into(name, path, offset, view, slice_bytes, on_slice)
+        )
+
+    def _read_into(
+        self,
+        name: str,
+        path: str,
+        offset: int,
+        view: memoryview,
+        slice_bytes: int,
+        on_slice: Callable[[int, memoryview], None] | None,
+    ) -> None:
+        local = self._storage.is_local
+        if local:
+            fd = self._handle(name, lambda: os.open(path, os.O_RDONLY))
+        else:
+            handle = self._handle(name, lambda: self._storage.fs.open_input_file(path))
+        step = slice_bytes if local else max(slice_bytes, READ_CHUNK_BYTES)
+        for start in range(0, len(view), step):
+            piece = view[start : start + step]
+            done = 0
+            while done < len(piece):
+                at = offset + start + done
+                if local:
+                    n = os.preadv(fd, [piece[done:]], at)  # type: ignore[arg-type]
+                else:
+                    chunk = handle.read_at(len(piece) - done, at)  # type: ignore[attr-defined]
+                    n = len(chunk)
+                    piece[done : done + n] = memoryview(chunk).cast("B")
+                if n == 0:
+                    raise EOFError(f"{path} ends at byte {at}")
+                done += n
+            if on_slice is not None:
+                for within in range(0, len(piece), slice_bytes):
+                    on_slice(start + within, piece[within : within + slice_bytes])
+
+    def _handle(self, name: str, open_fn: Callable[[], Any]) -> Any:
+        with self._lock:
+            handle = self._handles.get(name)
+            if handle is None:
+                handle = self._handles[name] = open_fn()
+            return handle
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            if isinstance(handle, int):
+                os.close(handle)
+            else:
+                handle.close()  # type: ignore[attr-defined]
+        self._handles.clear()
