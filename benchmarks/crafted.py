@@ -1,5 +1,5 @@
-"""Crafted checkpoints (issue 13): hostile ones built by hand with :mod:`ray_ckpt.format.manifest`, no Ray,
-and what each costs ray_ckpt to refuse.
+"""Crafted checkpoints (issue 13): hostile ones built by hand with
+:mod:`ray_ckpt.format.manifest`, no Ray, and what each costs ray_ckpt to refuse.
 
 ``python -m benchmarks.crafted [--json]`` builds every attack in a temporary directory and runs
 ``ray-ckpt verify`` and ``ray-ckpt inspect`` on each in a fresh subprocess, recording the exit

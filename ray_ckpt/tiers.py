@@ -32,6 +32,7 @@ from .manager import CheckpointManager
 from .save.commit import discard_files
 from .save.pipeline import check_destination
 from .storage import memory
+from .storage.atomic import commit_strategy_for
 from .storage.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def _persist_pinned(src: Storage, durable_path: str, filesystem: Any, fsync: boo
     try:
         _persist_data(src, dest, [n for n in files if n.endswith(".data")], fsync)
         dest.write_file(marker.manifest, [src.read_file(marker.manifest)], fsync=fsync)
-        dest.commit_strategy.commit(
+        commit_strategy_for(dest.fs).commit(
             dest, MARKER_NAME, raw_marker, marker_temp_name(marker.checkpoint_id), exclusive=True
         )
     except BaseException:

@@ -301,7 +301,7 @@ def test_capacity_evicts_the_oldest_then_refuses(mcluster, caplog):
     head = ray.get_runtime_context().get_node_id()
     held = ray.get(memory.catalog().held_on.remote(head))
     fraction = (held + 3.5 * MiB) / memory.store_capacity(head)
-    fs = ray_ckpt.storage.memory.memory_filesystem(replicas=0, keep_last=5, capacity_fraction=fraction)
+    fs = memory.memory_filesystem(replicas=0, keep_last=5, capacity_fraction=fraction)
     root = _root().removeprefix("mem://")
     state = {"w": torch.randn(256, 1024)}  # 1 MiB: a save needs 2 MiB of room
     with ray_ckpt.make_sync_checkpointer(filesystem=fs) as ckptr, caplog.at_level(logging.INFO):

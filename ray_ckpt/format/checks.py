@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CorruptCheckpointError
 from .names import KIND_PICKLE, KIND_TENSOR, dtypes
-from .tree import ItemRef, ShardedRef
+from .refs import ItemRef, ShardedRef
 
 if TYPE_CHECKING:
     from .manifest import Extent, ItemMeta, Manifest

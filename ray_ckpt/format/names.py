@@ -1,14 +1,18 @@
-"""names: moved from ray_ckpt.format.manifest (issue 14). TODO: docstring."""
+"""The format's names: version, alignment, the kinds of items, dtype names, and the names of
+the files of a checkpoint directory (data files, manifest, commit marker). torch is imported
+only when a dtype is first looked up, so that reading markers (``ray-ckpt ls``) stays quick."""
 
 from __future__ import annotations
 
 import functools
 import re
 import secrets
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import CorruptCheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_NAME = "ray_ckpt"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 import pickle
 from collections.abc import Callable
@@ -20,11 +21,13 @@ from ..errors import (
 )
 from ..format.manifest import ItemMeta
 from ..format.names import KIND_PICKLE, dtype_from_name
-from ..format.tree import ItemRef, ShardedRef, key_string, leaves, materialize
+from ..format.refs import ItemRef, ShardedRef, key_string
+from ..format.tree import leaves, materialize
 from ..sharding import Box, ShardedTensor, is_dtensor, overlap, slices, target_box
 from .map_location import MapLocation
-from .reader import logger
 from .validate import CheckpointInfo
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ from typing import Any
 from .._util import PackedRows
 from ..errors import CheckpointWriteError
 from ..format.manifest import Extent, ItemMeta
-from ..format.tree import remap, union_trees
+from ..format.refs import union_trees
+from ..format.tree import remap
 from ..sharding import Box, overlap
 from ..storage.storage import Storage
 from .protocol import RankReport

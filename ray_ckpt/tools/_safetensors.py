@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, CheckpointExistsError, UnsupportedValueError
-from ..format.tree import key_string, leaves
+from ..format.refs import key_string
+from ..format.tree import leaves
 from ._files import discard, publish, temp_name
 from ._source import Progress, Source, TensorLeaf, byte_view, is_tensor_ref
 

@@ -35,7 +35,8 @@ from ..format.checks import raise_first, shard_problems
 from ..format.header import HEADER_SIZE, check_header
 from ..format.manifest import Extent, Manifest
 from ..format.names import KIND_PICKLE, dtype_from_name
-from ..format.tree import ItemRef, ShardedRef, key_string, leaves
+from ..format.refs import ItemRef, ShardedRef, key_string
+from ..format.tree import leaves
 from ..load.reader import CheckpointReader
 from ..load.validate import CheckpointInfo
 from ..sharding import Box, overlap, runs, slices

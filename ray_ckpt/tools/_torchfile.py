@@ -39,7 +39,8 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, CheckpointExistsError, PickleNotAllowedError
-from ..format.tree import ItemRef, ShardedRef, materialize
+from ..format.refs import ItemRef, ShardedRef
+from ..format.tree import materialize
 from ._files import discard, publish, temp_name
 from ._source import Progress, Source, StoredRef, TensorLeaf, byte_view, ref_ident, stored_refs
 

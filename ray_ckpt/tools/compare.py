@@ -21,7 +21,8 @@ import torch
 
 from ..config import StorageConfig
 from ..format.names import KIND_PICKLE
-from ..format.tree import ItemRef, ShardedRef, key_string, leaves
+from ..format.refs import ItemRef, ShardedRef, key_string
+from ..format.tree import leaves
 from ._source import (
     DEFAULT_WINDOW_BYTES,
     KIND_OF_TAG,

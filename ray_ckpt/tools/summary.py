@@ -10,7 +10,8 @@ from typing import Any
 
 from ..config import StorageConfig
 from ..format.manifest import Manifest
-from ..format.tree import ItemRef, ShardedRef, key_string, leaves
+from ..format.refs import ItemRef, ShardedRef, key_string
+from ..format.tree import leaves
 from ._source import KIND_OF_TAG, open_checkpoint
 
 

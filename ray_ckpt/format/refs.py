@@ -1,0 +1,211 @@
+"""refs: moved from ray_ckpt.format.tree (issue 14). TODO: docstring."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, cast
+
+MAX_DEPTH = 512  # containers nested in a state dict, the root included
+
+
+MAX_KEY_DEPTH = 32  # tuples nested in a dict key
+
+
+# JSON nesting of a tree: a dict level is three (``{"d": [[key, value]]}``), a leaf two more
+MAX_JSON_DEPTH = 3 * MAX_DEPTH + MAX_KEY_DEPTH + 8
+
+
+@dataclass(frozen=True)
+class ShardedRef:
+    """A placeholder in a decoded tree for a tensor stored as shards (several items)."""
+
+    indices: tuple[int, ...]
+    global_shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ItemRef:
+    """A placeholder in a decoded tree for a stored item."""
+
+    index: int
+    tag: str  # "T", "N" or "P"
+
+
+def key_string(path: Iterable[Any]) -> str:
+    """The readable, dotted form of a key path, as shown in the manifest and in errors."""
+    return ".".join(map(str, path))
+
+
+def dumps(tree: Any) -> str:
+    """Compact JSON of a tree; trees too deep for json's C encoder are written by a loop."""
+    try:
+        return json.dumps(tree, separators=(",", ":"), allow_nan=False)
+    except RecursionError:
+        return _dumps_deep(tree)
+
+
+def loads(text: str, *, where: str) -> Any:
+    """Parse JSON nested at most MAX_JSON_DEPTH deep; deeper JSON raises ValueError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        return _loads_deep(text, MAX_JSON_DEPTH, where)
+
+
+class _Token(str):
+    """Literal JSON text on :func:`_dumps_deep`'s stack (not a string value to encode)."""
+
+
+def _dumps_deep(tree: Any) -> str:
+    out: list[str] = []
+    stack: list[Any] = [tree]
+    while stack:
+        node = stack.pop()
+        if type(node) is _Token:
+            out.append(node)
+        elif isinstance(node, dict):
+            stack.append(_Token("}"))
+            for i, (key, value) in enumerate(reversed(node.items())):
+                stack.extend((value, _Token(json.dumps(str(key)) + ":")))
+                if i < len(node) - 1:
+                    stack.append(_Token(","))
+            out.append("{")
+        elif isinstance(node, (list, tuple)):
+            stack.append(_Token("]"))
+            for i, value in enumerate(reversed(node)):
+                stack.append(value)
+                if i < len(node) - 1:
+                    stack.append(_Token(","))
+            out.append("[")
+        else:
+            out.append(json.dumps(node, allow_nan=False))
+    return "".join(out)
+
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+_NUMBER = re.compile(r"(-?(?:0|[1-9]\d*))(\.\d+)?([eE][-+]?\d+)?")
+
+
+_CONSTANTS = {
+    "null": None, "true": True, "false": False,
+    "NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf,
+}
+
+
+def _loads_deep(text: str, max_depth: int, where: str) -> Any:
+    """A JSON parser that keeps its open containers in a list, not on the call stack."""
+    skip = cast(Callable[[str, int], re.Match[str]], _WHITESPACE.match)  # matches everywhere
+    pos = skip(text, 0).end()
+    open_: list[list[Any]] = []  # [container, its current key (dicts)]
+
+    def key_at(pos: int) -> tuple[str, int]:
+        if text[pos : pos + 1] != '"':
+            raise ValueError(f"{where}: expected a key at character {pos}")
+        key, pos = json.decoder.scanstring(text, pos + 1)  # type: ignore[attr-defined]
+        pos = skip(text, pos).end()
+        if text[pos : pos + 1] != ":":
+            raise ValueError(f"{where}: expected ':' at character {pos}")
+        return key, skip(text, pos + 1).end()
+
+    while True:
+        char = text[pos : pos + 1]
+        if char in ("{", "["):
+            if len(open_) >= max_depth:
+                raise ValueError(f"{where}: JSON nested deeper than {max_depth} levels")
+            container: Any = {} if char == "{" else []
+            pos = skip(text, pos + 1).end()
+            if text[pos : pos + 1] != ("}" if char == "{" else "]"):
+                open_.append([container, None])
+                if char == "{":
+                    open_[-1][1], pos = key_at(pos)
+                continue
+            value, pos = container, pos + 1
+        elif char == '"':
+            value, pos = json.decoder.scanstring(text, pos + 1)  # type: ignore[attr-defined]
+        else:
+            value, pos = _scalar(text, pos, where)
+        while True:  # put the value into its container; close the containers that end here
+            if not open_:
+                if skip(text, pos).end() != len(text):
+                    raise ValueError(f"{where}: extra data at character {pos}")
+                return value
+            container, key = open_[-1]
+            if isinstance(container, list):
+                container.append(value)
+            else:
+                container[key] = value
+            pos = skip(text, pos).end()
+            char = text[pos : pos + 1]
+            if char == ",":
+                pos = skip(text, pos + 1).end()
+                if isinstance(container, dict):
+                    open_[-1][1], pos = key_at(pos)
+                break
+            if char != ("]" if isinstance(container, list) else "}"):
+                raise ValueError(f"{where}: expected ',' or the container's end at {pos}")
+            open_.pop()
+            value, pos = container, pos + 1
+
+
+def _scalar(text: str, pos: int, where: str) -> tuple[Any, int]:
+    for name, constant in _CONSTANTS.items():
+        if text.startswith(name, pos):
+            return constant, pos + len(name)
+    number = _NUMBER.match(text, pos)
+    if number is None:
+        raise ValueError(f"{where}: expected a JSON value at character {pos}")
+    integer, fraction, exponent = number.groups()
+    if fraction or exponent:
+        return float(integer + (fraction or "") + (exponent or "")), number.end()
+    return int(integer), number.end()
+
+
+def union_trees(trees: list[str], shards: dict[int, list[int]]) -> tuple[str, list[str]]:
+    """The tree of a multi-rank checkpoint, the union of the ranks' ``trees`` (each already
+    numbered in the checkpoint's index space, given lowest rank first): dicts are merged key by
+    key; any other node is the first tree's that has it. A sharded tensor lists ``shards[i]``,
+    every shard of it. Also returns, for each of ``trees``, that tree laid over the union (its
+    own values first: what its ranks load)."""
+    nodes = [_expand(json.loads(tree), shards) for tree in trees]
+    union: Any = None
+    for node in nodes:
+        union = node if union is None else _union(union, node)
+    dump = functools.partial(json.dumps, separators=(",", ":"), allow_nan=False)
+    return dump(union), [dump(_union(node, union)) for node in nodes]
+
+
+def _expand(node: Any, shards: dict[int, list[int]]) -> Any:
+    if isinstance(node, dict):
+        if len(node) == 1 and "D" in node:
+            (index,) = node["D"]["i"]
+            return {"D": {"i": shards.get(index, [index]), "g": node["D"]["g"]}}
+        return {k: _expand(v, shards) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand(v, shards) for v in node]
+    return node
+
+
+def _union(first: Any, other: Any) -> Any:
+    """``first`` with the dict keys of ``other`` that it lacks, recursively."""
+    if not (isinstance(first, dict) and isinstance(other, dict) and len(first) == len(other) == 1):
+        return first
+    ((tag, body),) = first.items()
+    if tag not in ("d", "o") or tag not in other:
+        return first
+    pairs = [[key, value] for key, value in body]
+    where = {json.dumps(key, sort_keys=True): i for i, (key, _) in enumerate(pairs)}
+    for key, value in other[tag]:
+        i = where.get(json.dumps(key, sort_keys=True))
+        if i is None:
+            where[json.dumps(key, sort_keys=True)] = len(pairs)
+            pairs.append([key, value])
+        else:
+            pairs[i][1] = _union(pairs[i][1], value)
+    return {tag: pairs}
