@@ -105,8 +105,13 @@ def test_a_huge_world_size_fails_fast(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_world_size_is_bounded_by_the_trees_present(tmp_path: Path) -> None:
-    path = crafted.plain(tmp_path / "c", marker={"world_size": 5})
-    refused_everywhere(path, "trees of 1", tmp_path)
+    """Per-rank trees, where a checkpoint has them, are one per rank; without them the union
+    tree serves every rank, so the world size changes nothing that is read."""
+    tree = {"d": [["w", {"T": 0}]]}
+    path = crafted.plain(tmp_path / "c", marker={"world_size": 5}, trees=[tree] * 2)
+    refused_everywhere(path, "trees of 2", tmp_path)
+    union = crafted.plain(tmp_path / "u", marker={"world_size": 5})
+    assert verify(str(union)).ok
 
 
 # --- 4: sparse marker and manifest -----------------------------------------------------------

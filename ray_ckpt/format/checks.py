@@ -184,12 +184,14 @@ def marker_problems(marker: Marker, where: str) -> Iterator[Problem]:
 
 
 def world_size_problems(world_size: int, trees: Sequence[str], where: str) -> Iterator[Problem]:
-    """A multi-rank checkpoint holds one tree per rank; a single-rank one holds none."""
-    if world_size > max(1, len(trees)):
+    """Per-rank trees, when a multi-rank checkpoint has them (ranks that load different
+    values), are one per rank; without them the union tree serves every rank. The marker
+    bounds ``world_size`` itself (:func:`marker_problems`)."""
+    if trees and len(trees) != world_size:
         yield Problem(
             "marker",
             f"checkpoint {where}: the commit marker says {world_size} ranks saved it but the "
-            f"manifest holds the trees of {max(1, len(trees))}",
+            f"manifest holds the trees of {len(trees)}",
         )
 
 
