@@ -457,7 +457,7 @@ def test_parse_size_and_human_bytes():
 
 def test_progress_bar_only_on_a_terminal(capsys, monkeypatch, run_root):
     path = str(run_root / "step-000001")
-    monkeypatch.setattr(cli, "PROGRESS_DELAY_SECS", 0.0)
+    monkeypatch.setattr(cli.output, "PROGRESS_DELAY_SECS", 0.0)
     rc, _, err = run(capsys, "verify", path)
     assert rc == 0 and "\r" not in err  # captured output is not a terminal
 
@@ -472,7 +472,7 @@ def test_progress_bar_only_on_a_terminal(capsys, monkeypatch, run_root):
 def test_bench_runs_the_checkouts_benchmarks_or_says_they_are_missing(
     capsys, monkeypatch, tmp_path
 ):
-    monkeypatch.setattr(cli, "source_checkout", lambda: tmp_path)
+    monkeypatch.setattr(cli.commands, "source_checkout", lambda: tmp_path)
     rc, _, err = run(capsys, "bench")
     assert rc == 1 and "run it from a source checkout" in err
 
@@ -483,7 +483,7 @@ def test_bench_runs_the_checkouts_benchmarks_or_says_they_are_missing(
     )
     result = subprocess.run(
         [sys.executable, "-c", "import sys; from ray_ckpt import cli; "
-         f"cli.source_checkout = lambda: __import__('pathlib').Path({str(tmp_path)!r}); "
+         f"cli.commands.source_checkout = lambda: __import__('pathlib').Path({str(tmp_path)!r}); "
          "sys.exit(cli.main(['bench', '--', '--quick', '--size', '1GB']))"],
         capture_output=True, text=True, timeout=120,
     )
