@@ -39,7 +39,10 @@ spill silently.
 
 from __future__ import annotations
 
+import collections
 import logging
+import threading
+import time
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any
@@ -180,12 +183,15 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
 
     def open_held(self, path: str) -> tuple[np.ndarray, str]:
         """The bytes of held file ``path`` and the node they came from: this node's holder
-        first (zero-copy), then the peers' (a transfer)."""
+        first (a zero-copy view of its object), then the peers' (one transfer, started for the
+        checkpoint's other files at once: see :func:`_prefetch`)."""
         cat = catalog()
         nodes = ray.get(cat.copies.remote(path))
         if nodes is None:
             raise FileNotFoundError(f"{SCHEME}{path}")
         local = ray.get_runtime_context().get_node_id()
+        if nodes and local not in nodes:
+            _prefetch(path.rpartition("/")[0], local)
         for node in sorted(nodes, key=lambda n: n != local):
             try:
                 holder = ray.get_actor(holder_name(node), namespace=NAMESPACE)
@@ -263,6 +269,46 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
         raise NotImplementedError("files of a memory checkpoint are written once")
 
 
+_PREFETCHED: collections.OrderedDict[str, None] = collections.OrderedDict()
+_PREFETCHED_LOCK = threading.Lock()
+
+
+def _prefetch(directory: str, local: str) -> None:
+    """Start pulling, all at once and in the background, every data file of checkpoint
+    ``directory`` that has no copy on this node (once per directory, per process).
+
+    A load opens its files one after another; without this, each open would wait for its own
+    transfer, one file at a time. The pulled objects are secondary copies in this node's
+    store: nothing is pinned, so Ray evicts them under pressure, and an open that finds one
+    here reads it without a transfer (an open still in flight joins the same pull)."""
+    with _PREFETCHED_LOCK:
+        if directory in _PREFETCHED:
+            return
+        _PREFETCHED[directory] = None
+        while len(_PREFETCHED) > 16:
+            _PREFETCHED.popitem(last=False)
+    threading.Thread(target=_pull, args=(directory, local), daemon=True,
+                     name="ray_ckpt-mem-prefetch").start()
+
+
+def _pull(directory: str, local: str) -> None:
+    try:
+        copies = ray.get(catalog().data_copies.remote(directory))
+        by_node: dict[str, list[str]] = {}
+        for name, nodes in copies.items():
+            if nodes and local not in nodes:
+                by_node.setdefault(nodes[0], []).append(f"{directory}/{name}")
+        refs = []
+        for node, keys in by_node.items():
+            holder = ray.get_actor(holder_name(node), namespace=NAMESPACE)
+            refs += [r for held in ray.get(holder.refs.remote(keys)) for r in held]
+        if refs:
+            ray.wait(refs, num_returns=len(refs), fetch_local=True, timeout=600)
+    except Exception as e:  # noqa: BLE001 - only a head start: each open fetches its own file
+        # and reports what is missing (this also ends a pull cut short by ray.shutdown)
+        logger.info("memory tier: prefetching %s%s stopped: %s", SCHEME, directory, e)
+
+
 def normalize(path: str) -> str:
     """A path on the memory filesystem: ``mem://run/step-5?replicas=2`` -> ``run/step-5``."""
     return path.removeprefix(SCHEME).partition("?")[0].strip("/")
@@ -322,7 +368,9 @@ def make_room(fs: Any, path: str, nbytes: int) -> None:
     node = ray.get_runtime_context().get_node_id()
     capacity = int(store_capacity(node) * handler.config.capacity_fraction)
     try:
-        evicted = ray.get(catalog().make_room.remote(node, 2 * nbytes, capacity, _strip(path)))
+        evicted, wait_secs = ray.get(
+            catalog().make_room.remote(node, 2 * nbytes, capacity, _strip(path))
+        )
     except ray.exceptions.RayTaskError as e:
         if isinstance(e.cause, MemoryTierFullError):
             raise e.cause from None
@@ -332,6 +380,10 @@ def make_room(fs: Any, path: str, nbytes: int) -> None:
             "memory tier: evicted %s%s to make room for %s%s on node %s (oldest first)",
             SCHEME, victim, SCHEME, _strip(path), node,
         )
+    if wait_secs > 0:
+        logger.info("memory tier: waiting %.2f s for Ray to free dropped memory checkpoints on "
+                    "node %s before saving %s%s", wait_secs, node, SCHEME, _strip(path))
+        time.sleep(wait_secs)
 
 
 __all__ = [

@@ -34,6 +34,24 @@ logger = logging.getLogger(__name__)
 
 CATALOG_NAME = "ray_ckpt_memory_catalog"
 _REPAIR_PERIOD_SECS = 0.5
+# How long a dropped object may still fill its node's store: the raylet frees released objects
+# every ``free_objects_period_milliseconds``, 1000 on a Ray started with its defaults.
+RAY_FREE_PERIOD_SECS = 1.0
+
+
+def pending_frees(
+    freeing: list[tuple[float, str, int]], node: str, now: float
+) -> tuple[int, float]:
+    """Of ``freeing`` ((dropped at, node, bytes), ``time.monotonic()`` times): the bytes dropped
+    on ``node`` that Ray may not have freed yet (the raylet frees released objects at its next
+    periodic free), and when the last of them is surely freed. A save that needs their room
+    waits until then, rather than filling the store and making Ray spill held checkpoints to
+    disk."""
+    mine = [(at, n) for at, where, n in freeing
+            if where == node and at + RAY_FREE_PERIOD_SECS > now]
+    if not mine:
+        return 0, now
+    return sum(n for _, n in mine), max(at for at, _ in mine) + RAY_FREE_PERIOD_SECS
 
 
 class MemoryTierFullError(CheckpointError, MemoryError):
@@ -68,6 +86,7 @@ class _Catalog:
         self._stop = threading.Event()
         self._repairs = 0
         self._pinned: dict[str, int] = {}  # path -> pins: being persisted, never freed
+        self._freeing: list[tuple[float, str, int]] = []  # (dropped at, node, bytes)
         threading.Thread(target=self._repair_loop, daemon=True, name="repair").start()
 
     # --- the filesystem view ------------------------------------------------------------------
@@ -133,6 +152,12 @@ class _Catalog:
             d = self._dirs.get(parent)
             f = None if d is None else d.data.get(name)
             return None if f is None else list(f.nodes)
+
+    def data_copies(self, path: str) -> dict[str, list[str]]:
+        """The nodes holding each data file of directory ``path`` (empty: no such dir)."""
+        with self._lock:
+            d = self._dirs.get(path)
+            return {} if d is None else {n: list(f.nodes) for n, f in d.data.items()}
 
     def lost(self, path: str, node: str) -> None:
         """A reader found no copy of ``path`` on ``node``: forget it."""
@@ -210,11 +235,15 @@ class _Catalog:
                 f.nbytes for d in self._dirs.values() for f in d.data.values() if node in f.nodes
             )
 
-    def make_room(self, node: str, needed: int, capacity: int, saving: str) -> list[str]:
+    def make_room(
+        self, node: str, needed: int, capacity: int, saving: str
+    ) -> tuple[list[str], float]:
         """Evict committed checkpoints holding bytes on ``node``, oldest first, never the newest
         committed one of a directory, one being persisted, nor ``saving``, until ``needed``
-        more bytes fit within ``capacity``. Returns the evicted paths. When even every allowed
-        eviction would not make room, evicts nothing and raises MemoryTierFullError."""
+        more bytes fit within ``capacity``. Returns the evicted paths and how long the save
+        should wait for dropped objects that still fill the store (see :meth:`freeing_on`).
+        When even every allowed eviction would not make room, evicts nothing and raises
+        MemoryTierFullError."""
         with self._lock:
             held = self.held_on(node)
             victims: list[str] = []
@@ -234,7 +263,16 @@ class _Catalog:
                 )
             for victim in victims:
                 self._drop_dir(victim)
-            return victims
+            freeing, until = self.freeing_on(node)
+            return victims, (until - time.monotonic() if held + needed + freeing > capacity
+                             else 0.0)
+
+    def freeing_on(self, node: str) -> tuple[int, float]:
+        """:func:`pending_frees` on ``node`` now."""
+        with self._lock:
+            now = time.monotonic()
+            self._freeing = [e for e in self._freeing if e[0] + RAY_FREE_PERIOD_SECS > now]
+            return pending_frees(self._freeing, node, now)
 
     def _evictable(self, node: str, saving: str) -> list[str]:
         """Committed checkpoints with bytes on ``node`` that may be evicted, oldest first."""
@@ -280,9 +318,11 @@ class _Catalog:
 
     def _free(self, files: dict[str, _File]) -> None:
         by_node: dict[str, list[str]] = {}
+        now = time.monotonic()
         for path, f in files.items():
             for node in f.nodes:
                 by_node.setdefault(node, []).append(path)
+                self._freeing.append((now, node, f.nbytes))
         for node, keys in by_node.items():
             try:
                 ray.get_actor(holder_name(node), namespace=NAMESPACE).drop.remote(keys)

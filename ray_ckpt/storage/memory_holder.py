@@ -74,6 +74,10 @@ class _Holder:
         ref = self._objects.get(key)
         return [] if ref is None else [ref]
 
+    def refs(self, keys: list[str]) -> list[list[ray.ObjectRef]]:
+        """:meth:`ref` of each of ``keys``, in one call."""
+        return [self.ref(key) for key in keys]
+
     def drop(self, keys: list[str]) -> None:
         """Forget ``keys``: their objects are freed once no reader holds a view of them."""
         for key in keys:
