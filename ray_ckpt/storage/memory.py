@@ -58,9 +58,11 @@ from .memory_catalog import CATALOG_NAME, MemoryTierFullError, catalog, in_use
 from .memory_holder import (
     NAMESPACE,
     alive_nodes,
+    forget_actor,
     holder_for,
     holder_name,
     join_parts,
+    named_actor,
     store_capacity,
 )
 
@@ -194,11 +196,12 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
             _prefetch(path.rpartition("/")[0], local)
         for node in sorted(nodes, key=lambda n: n != local):
             try:
-                holder = ray.get_actor(holder_name(node), namespace=NAMESPACE)
+                holder = named_actor(holder_name(node))
                 refs = ray.get(holder.ref.remote(path))
                 if refs:
                     return ray.get(refs[0]), node
             except (ValueError, ray.exceptions.RayError) as e:
+                forget_actor(holder_name(node))
                 logger.info("memory tier: no copy of %s%s on node %s (%s)", SCHEME, path, node, e)
             ray.get(cat.lost.remote(path, node))
         raise MemoryCopiesLostError(
@@ -300,7 +303,7 @@ def _pull(directory: str, local: str) -> None:
                 by_node.setdefault(nodes[0], []).append(f"{directory}/{name}")
         refs = []
         for node, keys in by_node.items():
-            holder = ray.get_actor(holder_name(node), namespace=NAMESPACE)
+            holder = named_actor(holder_name(node))
             refs += [r for held in ray.get(holder.refs.remote(keys)) for r in held]
         if refs:
             ray.wait(refs, num_returns=len(refs), fetch_local=True, timeout=600)
@@ -367,6 +370,15 @@ def make_room(fs: Any, path: str, nbytes: int) -> None:
         return
     node = ray.get_runtime_context().get_node_id()
     capacity = int(store_capacity(node) * handler.config.capacity_fraction)
+    if not in_use():  # the first memory save: nothing is held yet, nothing to evict
+        catalog()  # started now, not awaited: the stall does not wait for the actor to start
+        if 2 * nbytes > capacity:
+            raise MemoryTierFullError(
+                f"memory checkpoint {SCHEME}{_strip(path)} needs {2 * nbytes / 2**20:.1f} MiB "
+                f"on node {node}, more than the {capacity / 2**20:.1f} MiB allowed "
+                "(capacity_fraction of its object store): give the nodes a larger object store"
+            )
+        return
     try:
         evicted, wait_secs = ray.get(
             catalog().make_room.remote(node, 2 * nbytes, capacity, _strip(path))

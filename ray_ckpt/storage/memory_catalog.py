@@ -28,7 +28,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ..errors import CheckpointError
 from ..format.names import MARKER_NAME
 from .classify import MEMORY_SCHEME as SCHEME
-from .memory_holder import NAMESPACE, alive_nodes, holder_for, holder_name
+from .memory_holder import NAMESPACE, alive_nodes, holder_for, holder_name, named_actor
 
 logger = logging.getLogger(__name__)
 
@@ -402,7 +402,7 @@ class _Catalog:
 def in_use() -> bool:
     """Whether this cluster has a memory tier yet (its catalog actor exists)."""
     try:
-        ray.get_actor(CATALOG_NAME, namespace=NAMESPACE)
+        named_actor(CATALOG_NAME)
     except ValueError:
         return False
     return True
@@ -411,7 +411,7 @@ def in_use() -> bool:
 def catalog() -> Any:
     """The cluster's catalog actor, created (detached, on the head node) on first use."""
     try:
-        return ray.get_actor(CATALOG_NAME, namespace=NAMESPACE)
+        return named_actor(CATALOG_NAME)
     except ValueError:
         pass
     head = next(

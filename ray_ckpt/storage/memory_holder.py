@@ -25,6 +25,25 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 NAMESPACE = "ray_ckpt"
 
 
+_HANDLES: dict[tuple[str, str], Any] = {}  # (Ray session, actor name) -> handle
+
+
+def named_actor(name: str) -> Any:
+    """The handle of the memory tier's actor ``name`` (ValueError: there is none), looked up in
+    the GCS once per cluster and process: a load opens many files, each asking the catalog and
+    a holder, and every lookup is a GCS round trip."""
+    key = (ray.get_runtime_context().get_session_name(), name)
+    handle = _HANDLES.get(key)
+    if handle is None:
+        handle = _HANDLES[key] = ray.get_actor(name, namespace=NAMESPACE)
+    return handle
+
+
+def forget_actor(name: str) -> None:
+    """Look ``name`` up again next time (its actor failed a call: its node may be gone)."""
+    _HANDLES.pop((ray.get_runtime_context().get_session_name(), name), None)
+
+
 def holder_name(node_id: str) -> str:
     return f"ray_ckpt_holder_{node_id}"
 
