@@ -17,6 +17,7 @@ import torch
 
 import ray_ckpt
 import ray_ckpt.storage.memory
+import ray_ckpt.storage.memory_catalog
 import ray_ckpt.tiers
 import ray_ckpt.tools
 from ray_ckpt.storage import memory
@@ -318,6 +319,16 @@ def test_capacity_evicts_the_oldest_then_refuses(mcluster, caplog):
         assert [e.name for e in ray_ckpt.list_checkpoints(root, filesystem=fs)] == [
             "step-2", "step-3"]
         assert_same(ckptr.load(f"{root}/step-3"), state)
+
+
+def test_dropped_bytes_count_until_rays_periodic_free_has_surely_run():
+    period = ray_ckpt.storage.memory_catalog.RAY_FREE_PERIOD_SECS
+    freeing = [(10.0, "a", 3 * MiB), (10.5, "a", MiB), (10.2, "b", 5 * MiB)]
+    pending = ray_ckpt.storage.memory_catalog.pending_frees
+    assert pending(freeing, "a", 10.6) == (4 * MiB, 10.5 + period)
+    assert pending(freeing, "a", 10.0 + period + 0.1) == (MiB, 10.5 + period)
+    assert pending(freeing, "a", 10.5 + period) == (0, 10.5 + period)
+    assert pending(freeing, "c", 10.6) == (0, 10.6)
 
 
 def test_ls_shows_memory_checkpoints_with_tier_and_copies(mcluster, capsys):

@@ -18,6 +18,8 @@ unchanged; only where the bytes go differs:
   memory), then the peers' (Ray transfers the object); a file with no live copy fails the load
   as incomplete, never half from one checkpoint and half from another.
 
+The actors live in their own modules: the per-node holders in :mod:`.memory_holder`, the catalog
+(with the accounting and the repair) in :mod:`.memory_catalog`; this module is the filesystem.
 Holders are detached actors pinned to their node (``ray_ckpt_holder_<node id>``, namespace
 ``ray_ckpt``), so a memory checkpoint outlives the process that saved it and a worker restart.
 When a node is lost, the catalog's repair thread drops the copies it held and has a surviving
@@ -37,35 +39,37 @@ spill silently.
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..errors import CheckpointError
-from ..format.names import MARKER_NAME
 from .classify import MEMORY_SCHEME
+from .memory_catalog import CATALOG_NAME, MemoryTierFullError, catalog, in_use
+from .memory_holder import (
+    NAMESPACE,
+    alive_nodes,
+    forget_actor,
+    holder_for,
+    holder_name,
+    join_parts,
+    named_actor,
+    store_capacity,
+)
 
 logger = logging.getLogger(__name__)
 
 SCHEME = MEMORY_SCHEME
-NAMESPACE = "ray_ckpt"
-CATALOG_NAME = "ray_ckpt_memory_catalog"
-_REPAIR_PERIOD_SECS = 0.5
 _DATA_SUFFIX = ".data"
-
-
-class MemoryTierFullError(CheckpointError, MemoryError):
-    """A memory checkpoint does not fit in the object store of a node, even after evicting
-    what the eviction rule allows."""
 
 
 class MemoryCopiesLostError(CheckpointError, FileNotFoundError):
@@ -97,445 +101,26 @@ class MemoryTierConfig:
             )
 
 
-# --- actors -----------------------------------------------------------------------------------
-
-
-def holder_name(node_id: str) -> str:
-    return f"ray_ckpt_holder_{node_id}"
-
-
-# (Ray's typing overloads of ``ray.remote`` omit ``max_concurrency``, a documented option.)
-@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=16)  # type: ignore[call-overload]
-class _Holder:
-    """Owns the held copies of one node: every object here was put by this actor."""
-
-    def __init__(self, node_id: str) -> None:
-        self._node_id = node_id
-        self._objects: dict[str, ray.ObjectRef] = {}
-        self._nbytes: dict[str, int] = {}
-
-    def node_id(self) -> str:
-        return self._node_id
-
-    def adopt(self, key: str, data: np.ndarray) -> int:
-        """Put ``data`` (an argument, owned by the caller) as this holder's own copy."""
-        self._objects[key] = ray.put(np.ascontiguousarray(data))
-        self._nbytes[key] = int(data.nbytes)
-        return int(data.nbytes)
-
-    def copy_from(self, key: str, refs: list[ray.ObjectRef]) -> int:
-        """Fetch another holder's copy (Ray transfers it) and put one of our own."""
-        data = ray.get(refs[0])
-        return self.adopt(key, data)
-
-    def push(self, key: str, peer: Any) -> int:
-        """Have ``peer`` take a copy of ``key``."""
-        return int(ray.get(peer.copy_from.remote(key, [self._objects[key]])))
-
-    def ref(self, key: str) -> list[ray.ObjectRef]:
-        """``[ref]`` of our copy of ``key`` (a list, so Ray does not resolve it), or ``[]``."""
-        ref = self._objects.get(key)
-        return [] if ref is None else [ref]
-
-    def drop(self, keys: list[str]) -> None:
-        for key in keys:
-            self._objects.pop(key, None)
-            self._nbytes.pop(key, None)
-
-    def held_bytes(self) -> int:
-        return sum(self._nbytes.values())
-
-    def write_to(self, key: str, storage: Any, name: str, fsync: bool) -> int:
-        """Write our copy of ``key`` as file ``name`` of ``storage`` (persisting)."""
-        data = ray.get(self._objects[key])
-        storage.write_file(name, [memoryview(data)], fsync=fsync)
-        return int(data.nbytes)
-
-
-def holder_for(node_id: str) -> Any:
-    """The holder of ``node_id``, created there (detached) on first use."""
-    return _Holder.options(  # type: ignore[attr-defined]
-        name=holder_name(node_id),
-        namespace=NAMESPACE,
-        get_if_exists=True,
-        lifetime="detached",
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-    ).remote(node_id)
-
-
-def alive_nodes() -> list[str]:
-    return sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
-
-
-def store_capacity(node_id: str) -> int:
-    for n in ray.nodes():
-        if n["NodeID"] == node_id:
-            return int(n["Resources"].get("object_store_memory", 0))
-    return 0
-
-
-@dataclass
-class _File:
-    nbytes: int
-    target: int  # copies wanted
-    nodes: list[str] = field(default_factory=list)
-
-
-@dataclass
-class _Dir:
-    created: float
-    files: dict[str, bytes] = field(default_factory=dict)  # small files: manifest, marker
-    data: dict[str, _File] = field(default_factory=dict)
-    mtimes: dict[str, float] = field(default_factory=dict)
-    keep_last: int = 2
-    committed_unix: float | None = None
-
-
-@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=32)  # type: ignore[call-overload]
-class _Catalog:
-    """Where each memory checkpoint's files are: small files kept here, data files by node."""
-
-    def __init__(self) -> None:
-        self._dirs: dict[str, _Dir] = {}
-        self._lock = threading.RLock()
-        self._stop = threading.Event()
-        self._repairs = 0
-        self._pinned: dict[str, int] = {}  # path -> pins: being persisted, never freed
-        threading.Thread(target=self._repair_loop, daemon=True, name="repair").start()
-
-    # --- the filesystem view ------------------------------------------------------------------
-
-    def make_dir(self, path: str) -> None:
-        with self._lock:
-            self._dirs.setdefault(path, _Dir(created=time.time()))
-
-    def stat(self, path: str) -> tuple[str, int, float]:
-        """("file" | "dir" | "none", size, mtime)."""
-        with self._lock:
-            if path in self._dirs or any(d.startswith(path + "/") for d in self._dirs):
-                return ("dir", 0, self._dirs[path].created if path in self._dirs else 0.0)
-            parent, _, name = path.rpartition("/")
-            d = self._dirs.get(parent)
-            if d is not None and name in d.files:
-                return ("file", len(d.files[name]), d.mtimes[name])
-            if d is not None and name in d.data:
-                return ("file", d.data[name].nbytes, d.mtimes[name])
-            return ("none", 0, 0.0)
-
-    def listing(self, path: str) -> list[tuple[str, str, int, float]] | None:
-        """(kind, name, size, mtime) of every entry directly under ``path`` (None: no dir)."""
-        with self._lock:
-            prefix = path + "/" if path else ""
-            out: list[tuple[str, str, int, float]] = []
-            subdirs = {p[len(prefix):].split("/", 1)[0] for p in self._dirs if p.startswith(prefix)}
-            for name in sorted(s for s in subdirs if s):
-                out.append(("dir", name, 0, 0.0))
-            d = self._dirs.get(path)
-            if d is None and not out:
-                return None
-            if d is not None:
-                out += [("file", n, len(b), d.mtimes[n]) for n, b in d.files.items()]
-                out += [("file", n, f.nbytes, d.mtimes[n]) for n, f in d.data.items()]
-            return out
-
-    def write_small(self, path: str, data: bytes) -> None:
-        parent, _, name = path.rpartition("/")
-        with self._lock:
-            d = self._dirs.setdefault(parent, _Dir(created=time.time()))
-            d.files[name] = data
-            d.mtimes[name] = time.time()
-
-    def read_small(self, path: str) -> bytes | None:
-        parent, _, name = path.rpartition("/")
-        with self._lock:
-            d = self._dirs.get(parent)
-            return None if d is None else d.files.get(name)
-
-    def add_data(self, path: str, node: str, nbytes: int, target: int) -> None:
-        parent, _, name = path.rpartition("/")
-        with self._lock:
-            d = self._dirs.setdefault(parent, _Dir(created=time.time()))
-            f = d.data.setdefault(name, _File(nbytes=nbytes, target=target))
-            if node not in f.nodes:
-                f.nodes.append(node)
-            d.mtimes[name] = time.time()
-
-    def copies(self, path: str) -> list[str] | None:
-        parent, _, name = path.rpartition("/")
-        with self._lock:
-            d = self._dirs.get(parent)
-            f = None if d is None else d.data.get(name)
-            return None if f is None else list(f.nodes)
-
-    def lost(self, path: str, node: str) -> None:
-        """A reader found no copy of ``path`` on ``node``: forget it."""
-        parent, _, name = path.rpartition("/")
-        with self._lock:
-            d = self._dirs.get(parent)
-            f = None if d is None else d.data.get(name)
-            if f is not None and node in f.nodes:
-                f.nodes.remove(node)
-
-    def move(self, src: str, dst: str, keep_last: int) -> None:
-        """Rename a small file (the marker's commit); a marker arriving commits its directory
-        and applies ``keep_last`` to the directory's siblings."""
-        parent, _, name = src.rpartition("/")
-        dparent, _, dname = dst.rpartition("/")
-        if parent != dparent:
-            raise OSError(f"move across directories is not supported: {src} -> {dst}")
-        with self._lock:
-            d = self._dirs[parent]
-            d.files[dname] = d.files.pop(name)
-            d.mtimes[dname] = time.time()
-            d.mtimes.pop(name, None)
-            if dname == MARKER_NAME:
-                d.committed_unix = time.time()
-                d.keep_last = keep_last
-                self._retain(parent.rpartition("/")[0], keep_last)
-
-    def delete_file(self, path: str) -> None:
-        parent, _, name = path.rpartition("/")
-        with self._lock:
-            d = self._dirs.get(parent)
-            if d is None:
-                raise FileNotFoundError(path)
-            if name in d.files:
-                del d.files[name]
-            elif name in d.data:
-                self._free({path: d.data.pop(name)})
-            else:
-                raise FileNotFoundError(path)
-            d.mtimes.pop(name, None)
-            if name == MARKER_NAME:
-                d.committed_unix = None
-
-    def delete_dir(self, path: str) -> None:
-        with self._lock:
-            for p in [p for p in self._dirs if p == path or p.startswith(path + "/")]:
-                self._drop_dir(p)
-
-    def pin(self, path: str) -> bool:
-        """Keep committed checkpoint ``path`` from retention and eviction (while it is
-        persisted); False when it is not a committed memory checkpoint."""
-        with self._lock:
-            d = self._dirs.get(path)
-            if d is None or d.committed_unix is None:
-                return False
-            self._pinned[path] = self._pinned.get(path, 0) + 1
-            return True
-
-    def unpin(self, path: str) -> None:
-        with self._lock:
-            left = self._pinned.get(path, 0) - 1
-            if left > 0:
-                self._pinned[path] = left
-                return
-            self._pinned.pop(path, None)
-            d = self._dirs.get(path)
-            if d is not None:
-                self._retain(path.rpartition("/")[0], d.keep_last)
-
-    # --- accounting ---------------------------------------------------------------------------
-
-    def held_on(self, node: str) -> int:
-        with self._lock:
-            return sum(
-                f.nbytes for d in self._dirs.values() for f in d.data.values() if node in f.nodes
-            )
-
-    def make_room(self, node: str, needed: int, capacity: int, saving: str) -> list[str]:
-        """Evict committed checkpoints holding bytes on ``node``, oldest first, never the newest
-        committed one of a directory, one being persisted, nor ``saving``, until ``needed``
-        more bytes fit within ``capacity``. Returns the evicted paths. When even every allowed
-        eviction would not make room, evicts nothing and raises MemoryTierFullError."""
-        with self._lock:
-            held = self.held_on(node)
-            victims: list[str] = []
-            for victim in self._evictable(node, saving):
-                if held + needed <= capacity:
-                    break
-                victims.append(victim)
-                held -= sum(f.nbytes for f in self._dirs[victim].data.values() if node in f.nodes)
-            if held + needed > capacity:
-                raise MemoryTierFullError(
-                    f"memory checkpoint {SCHEME}{saving} needs {needed / 2**20:.1f} MiB on node "
-                    f"{node}, which holds {self.held_on(node) / 2**20:.1f} MiB of memory "
-                    f"checkpoints out of {capacity / 2**20:.1f} MiB allowed (capacity_fraction "
-                    "of its object store), and evicting what may be evicted (all but the newest "
-                    "checkpoint of each directory) would not make room. Persist and delete older "
-                    "memory checkpoints, lower keep_last, or give the nodes a larger object store."
-                )
-            for victim in victims:
-                self._drop_dir(victim)
-            return victims
-
-    def _evictable(self, node: str, saving: str) -> list[str]:
-        """Committed checkpoints with bytes on ``node`` that may be evicted, oldest first."""
-        out: list[str] = []
-        while True:
-            victim = self._oldest_evictable(node, saving, skip=set(out))
-            if victim is None:
-                return out
-            out.append(victim)
-
-    def _oldest_evictable(self, node: str, saving: str, skip: set[str]) -> str | None:
-        newest: dict[str, tuple[float, str]] = {}
-        for p, d in self._dirs.items():
-            if d.committed_unix is not None:
-                parent = p.rpartition("/")[0]
-                if parent not in newest or newest[parent][0] < d.committed_unix:
-                    newest[parent] = (d.committed_unix, p)
-        keep = {p for _, p in newest.values()} | {saving} | set(self._pinned)
-        candidates = [
-            (d.committed_unix, p)
-            for p, d in self._dirs.items()
-            if d.committed_unix is not None and p not in keep and p not in skip
-            and any(node in f.nodes for f in d.data.values())
-        ]
-        return min(candidates)[1] if candidates else None
-
-    def _retain(self, parent: str, keep_last: int) -> None:
-        committed = sorted(
-            (d.committed_unix, p)
-            for p, d in self._dirs.items()
-            if d.committed_unix is not None and p.rpartition("/")[0] == parent
-        )
-        for _, p in committed[:-keep_last]:
-            if p in self._pinned:
-                continue
-            logger.info("memory tier: freeing %s%s (keep_last=%d)", SCHEME, p, keep_last)
-            self._drop_dir(p)
-
-    def _drop_dir(self, path: str) -> None:
-        d = self._dirs.pop(path, None)
-        if d is not None:
-            self._free({f"{path}/{n}": f for n, f in d.data.items()})
-
-    def _free(self, files: dict[str, _File]) -> None:
-        by_node: dict[str, list[str]] = {}
-        for path, f in files.items():
-            for node in f.nodes:
-                by_node.setdefault(node, []).append(path)
-        for node, keys in by_node.items():
-            try:
-                ray.get_actor(holder_name(node), namespace=NAMESPACE).drop.remote(keys)
-            except ValueError:  # the holder is gone, and its objects with it
-                pass
-
-    # --- what is held -------------------------------------------------------------------------
-
-    def checkpoints(self) -> list[dict[str, Any]]:
-        with self._lock:
-            out = []
-            for p, d in sorted(self._dirs.items()):
-                if not d.data and not d.files:
-                    continue
-                nodes = sorted({n for f in d.data.values() for n in f.nodes})
-                complete = all(f.nodes for f in d.data.values())
-                out.append({
-                    "path": p,
-                    "committed": d.committed_unix is not None,
-                    "complete": complete,
-                    "nodes": nodes,
-                    "copies": min((len(f.nodes) for f in d.data.values()), default=0),
-                    "nbytes": sum(f.nbytes for f in d.data.values()),
-                })
-            return out
-
-    def repairs(self) -> int:
-        return self._repairs
-
-    # --- repair -------------------------------------------------------------------------------
-
-    def _repair_loop(self) -> None:
-        while not self._stop.wait(_REPAIR_PERIOD_SECS):
-            try:
-                self.repair()
-            except Exception:
-                logger.exception("memory tier: repair round failed")
-
-    def repair(self) -> int:
-        """Forget copies on dead nodes; re-replicate files below their copy target. Returns the
-        number of copies made."""
-        alive = set(alive_nodes())
-        work: list[tuple[str, str, str]] = []
-        with self._lock:
-            for p, d in self._dirs.items():
-                for name, f in d.data.items():
-                    f.nodes = [n for n in f.nodes if n in alive]
-                    if d.committed_unix is None:  # its writer is still replicating it
-                        continue
-                    want = min(f.target, len(alive))
-                    spare = sorted(alive - set(f.nodes), key=self.held_on)
-                    if f.nodes and len(f.nodes) < want and spare:
-                        work.append((f"{p}/{name}", f.nodes[0], spare[0]))
-        made = 0
-        for path, src, dst in work:
-            try:
-                src_holder = ray.get_actor(holder_name(src), namespace=NAMESPACE)
-                ray.get(src_holder.push.remote(path, holder_for(dst)))
-            except Exception as e:  # noqa: BLE001 - this copy failed; the next round retries
-                logger.warning("memory tier: re-replicating %s to %s failed: %s", path, dst, e)
-                continue
-            with self._lock:
-                parent, _, name = path.rpartition("/")
-                held_dir = self._dirs.get(parent)
-                held = None if held_dir is None else held_dir.data.get(name)
-                if held is None:  # freed meanwhile
-                    holder_for(dst).drop.remote([path])
-                    continue
-                if dst not in held.nodes:
-                    held.nodes.append(dst)
-            made += 1
-            self._repairs += 1
-            logger.info("memory tier: re-replicated %s%s from %s to %s", SCHEME, path, src, dst)
-        return made
-
-
-def in_use() -> bool:
-    """Whether this cluster has a memory tier yet (its catalog actor exists)."""
-    try:
-        ray.get_actor(CATALOG_NAME, namespace=NAMESPACE)
-    except ValueError:
-        return False
-    return True
-
-
-def catalog() -> Any:
-    """The cluster's catalog actor, created (detached, on the head node) on first use."""
-    try:
-        return ray.get_actor(CATALOG_NAME, namespace=NAMESPACE)
-    except ValueError:
-        pass
-    head = next(
-        (n["NodeID"] for n in ray.nodes()
-         if n["Alive"] and "node:__internal_head__" in n["Resources"]),
-        ray.get_runtime_context().get_node_id(),
-    )
-    return _Catalog.options(  # type: ignore[attr-defined]
-        name=CATALOG_NAME,
-        namespace=NAMESPACE,
-        get_if_exists=True,
-        lifetime="detached",
-        scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False),
-    ).remote()
-
-
 # --- the filesystem ---------------------------------------------------------------------------
 
 
 class _HeldOutput:
-    """A file being written: kept in the writer's memory until closed, then held."""
+    """A file being written: its parts kept (by reference) until closed, then held.
+
+    A part arrives as ``bytes`` or as a ``pyarrow.Buffer`` (``OutputStream::Write(Buffer)``,
+    whose contract lets a stream keep the buffer rather than copy it): the writer's staged,
+    read-only buffers are kept as they are, and a data file's bytes are copied once, into one
+    array, on close."""
 
     def __init__(self, handler: MemoryFileSystemHandler, path: str) -> None:
         self._handler = handler
         self._path = path
-        self._chunks: list[bytes] = []
+        self._parts: list[Any] = []
         self.closed = False
 
     def write(self, data: Any) -> int:
-        self._chunks.append(bytes(data))
-        return len(self._chunks[-1])
+        self._parts.append(data if isinstance(data, (bytes, pa.Buffer)) else bytes(data))
+        return memoryview(self._parts[-1]).nbytes
 
     def flush(self) -> None:
         pass
@@ -544,12 +129,11 @@ class _HeldOutput:
         if self.closed:
             return
         self.closed = True
-        chunks, self._chunks = self._chunks, []
+        parts, self._parts = self._parts, []
         if self._path.endswith(_DATA_SUFFIX):
-            data = np.frombuffer(b"".join(chunks), dtype=np.uint8)
-            self._handler.hold(self._path, data)
+            self._handler.hold(self._path, join_parts(parts) if parts else np.empty(0, np.uint8))
         else:
-            ray.get(catalog().write_small.remote(self._path, b"".join(chunks)))
+            ray.get(catalog().write_small.remote(self._path, b"".join(map(bytes, parts))))
 
 
 class MemoryFileSystemHandler(pafs.FileSystemHandler):
@@ -601,19 +185,23 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
 
     def open_held(self, path: str) -> tuple[np.ndarray, str]:
         """The bytes of held file ``path`` and the node they came from: this node's holder
-        first (zero-copy), then the peers' (a transfer)."""
+        first (a zero-copy view of its object), then the peers' (one transfer, started for the
+        checkpoint's other files at once: see :func:`_prefetch`)."""
         cat = catalog()
         nodes = ray.get(cat.copies.remote(path))
         if nodes is None:
             raise FileNotFoundError(f"{SCHEME}{path}")
         local = ray.get_runtime_context().get_node_id()
+        if nodes and local not in nodes:
+            _prefetch(path.rpartition("/")[0], local)
         for node in sorted(nodes, key=lambda n: n != local):
             try:
-                holder = ray.get_actor(holder_name(node), namespace=NAMESPACE)
+                holder = named_actor(holder_name(node))
                 refs = ray.get(holder.ref.remote(path))
                 if refs:
                     return ray.get(refs[0]), node
             except (ValueError, ray.exceptions.RayError) as e:
+                forget_actor(holder_name(node))
                 logger.info("memory tier: no copy of %s%s on node %s (%s)", SCHEME, path, node, e)
             ray.get(cat.lost.remote(path, node))
         raise MemoryCopiesLostError(
@@ -684,6 +272,46 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
         raise NotImplementedError("files of a memory checkpoint are written once")
 
 
+_PREFETCHED: collections.OrderedDict[str, None] = collections.OrderedDict()
+_PREFETCHED_LOCK = threading.Lock()
+
+
+def _prefetch(directory: str, local: str) -> None:
+    """Start pulling, all at once and in the background, every data file of checkpoint
+    ``directory`` that has no copy on this node (once per directory, per process).
+
+    A load opens its files one after another; without this, each open would wait for its own
+    transfer, one file at a time. The pulled objects are secondary copies in this node's
+    store: nothing is pinned, so Ray evicts them under pressure, and an open that finds one
+    here reads it without a transfer (an open still in flight joins the same pull)."""
+    with _PREFETCHED_LOCK:
+        if directory in _PREFETCHED:
+            return
+        _PREFETCHED[directory] = None
+        while len(_PREFETCHED) > 16:
+            _PREFETCHED.popitem(last=False)
+    threading.Thread(target=_pull, args=(directory, local), daemon=True,
+                     name="ray_ckpt-mem-prefetch").start()
+
+
+def _pull(directory: str, local: str) -> None:
+    try:
+        copies = ray.get(catalog().data_copies.remote(directory))
+        by_node: dict[str, list[str]] = {}
+        for name, nodes in copies.items():
+            if nodes and local not in nodes:
+                by_node.setdefault(nodes[0], []).append(f"{directory}/{name}")
+        refs = []
+        for node, keys in by_node.items():
+            holder = named_actor(holder_name(node))
+            refs += [r for held in ray.get(holder.refs.remote(keys)) for r in held]
+        if refs:
+            ray.wait(refs, num_returns=len(refs), fetch_local=True, timeout=600)
+    except Exception as e:  # noqa: BLE001 - only a head start: each open fetches its own file
+        # and reports what is missing (this also ends a pull cut short by ray.shutdown)
+        logger.info("memory tier: prefetching %s%s stopped: %s", SCHEME, directory, e)
+
+
 def normalize(path: str) -> str:
     """A path on the memory filesystem: ``mem://run/step-5?replicas=2`` -> ``run/step-5``."""
     return path.removeprefix(SCHEME).partition("?")[0].strip("/")
@@ -742,8 +370,19 @@ def make_room(fs: Any, path: str, nbytes: int) -> None:
         return
     node = ray.get_runtime_context().get_node_id()
     capacity = int(store_capacity(node) * handler.config.capacity_fraction)
+    if not in_use():  # the first memory save: nothing is held yet, nothing to evict
+        catalog()  # started now, not awaited: the stall does not wait for the actor to start
+        if 2 * nbytes > capacity:
+            raise MemoryTierFullError(
+                f"memory checkpoint {SCHEME}{_strip(path)} needs {2 * nbytes / 2**20:.1f} MiB "
+                f"on node {node}, more than the {capacity / 2**20:.1f} MiB allowed "
+                "(capacity_fraction of its object store): give the nodes a larger object store"
+            )
+        return
     try:
-        evicted = ray.get(catalog().make_room.remote(node, 2 * nbytes, capacity, _strip(path)))
+        evicted, wait_secs = ray.get(
+            catalog().make_room.remote(node, 2 * nbytes, capacity, _strip(path))
+        )
     except ray.exceptions.RayTaskError as e:
         if isinstance(e.cause, MemoryTierFullError):
             raise e.cause from None
@@ -753,3 +392,29 @@ def make_room(fs: Any, path: str, nbytes: int) -> None:
             "memory tier: evicted %s%s to make room for %s%s on node %s (oldest first)",
             SCHEME, victim, SCHEME, _strip(path), node,
         )
+    if wait_secs > 0:
+        logger.info("memory tier: waiting %.2f s for Ray to free dropped memory checkpoints on "
+                    "node %s before saving %s%s", wait_secs, node, SCHEME, _strip(path))
+        time.sleep(wait_secs)
+
+
+__all__ = [
+    "CATALOG_NAME",
+    "NAMESPACE",
+    "SCHEME",
+    "MemoryCopiesLostError",
+    "MemoryFileSystemHandler",
+    "MemoryTierConfig",
+    "MemoryTierFullError",
+    "alive_nodes",
+    "catalog",
+    "from_uri",
+    "handler_of",
+    "holder_for",
+    "holder_name",
+    "in_use",
+    "make_room",
+    "memory_filesystem",
+    "normalize",
+    "store_capacity",
+]

@@ -1,0 +1,429 @@
+"""The memory tier's catalog: one detached actor per cluster, on the head node, that knows
+where every memory checkpoint's files are, and its accounting and repair.
+
+* **Files**: the small files of a checkpoint (manifest, marker) are kept here; a data file is
+  known by the nodes whose holders (:mod:`.memory_holder`) hold a copy. A checkpoint exists once
+  the catalog has its marker.
+* **Accounting** (the documented rule): :meth:`_Catalog.make_room` evicts whole committed memory
+  checkpoints with bytes on the saving node, oldest first, never the newest committed one of a
+  directory, one being persisted (pinned) nor the one being saved, until the save fits; when
+  even that is not enough it evicts nothing and refuses with :class:`MemoryTierFullError`.
+  After a commit the catalog keeps the newest ``keep_last`` committed checkpoints of that
+  directory and frees the rest.
+* **Repair**: a thread forgets copies on dead nodes and has a surviving holder push a new copy
+  to another node, until each file has its target of copies again (or one on every node).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from ..errors import CheckpointError
+from ..format.names import MARKER_NAME
+from .classify import MEMORY_SCHEME as SCHEME
+from .memory_holder import NAMESPACE, alive_nodes, holder_for, holder_name, named_actor
+
+logger = logging.getLogger(__name__)
+
+CATALOG_NAME = "ray_ckpt_memory_catalog"
+_REPAIR_PERIOD_SECS = 0.5
+# How long a dropped object may still fill its node's store: the raylet frees released objects
+# every ``free_objects_period_milliseconds``, 1000 on a Ray started with its defaults.
+RAY_FREE_PERIOD_SECS = 1.0
+
+
+def pending_frees(
+    freeing: list[tuple[float, str, int]], node: str, now: float
+) -> tuple[int, float]:
+    """Of ``freeing`` ((dropped at, node, bytes), ``time.monotonic()`` times): the bytes dropped
+    on ``node`` that Ray may not have freed yet (the raylet frees released objects at its next
+    periodic free), and when the last of them is surely freed. A save that needs their room
+    waits until then, rather than filling the store and making Ray spill held checkpoints to
+    disk."""
+    mine = [(at, n) for at, where, n in freeing
+            if where == node and at + RAY_FREE_PERIOD_SECS > now]
+    if not mine:
+        return 0, now
+    return sum(n for _, n in mine), max(at for at, _ in mine) + RAY_FREE_PERIOD_SECS
+
+
+class MemoryTierFullError(CheckpointError, MemoryError):
+    """A memory checkpoint does not fit in the object store of a node, even after evicting
+    what the eviction rule allows."""
+
+
+@dataclass
+class _File:
+    nbytes: int
+    target: int  # copies wanted
+    nodes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Dir:
+    created: float
+    files: dict[str, bytes] = field(default_factory=dict)  # small files: manifest, marker
+    data: dict[str, _File] = field(default_factory=dict)
+    mtimes: dict[str, float] = field(default_factory=dict)
+    keep_last: int = 2
+    committed_unix: float | None = None
+
+
+@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=32)  # type: ignore[call-overload]
+class _Catalog:
+    """Where each memory checkpoint's files are: small files kept here, data files by node."""
+
+    def __init__(self) -> None:
+        self._dirs: dict[str, _Dir] = {}
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._repairs = 0
+        self._pinned: dict[str, int] = {}  # path -> pins: being persisted, never freed
+        self._freeing: list[tuple[float, str, int]] = []  # (dropped at, node, bytes)
+        threading.Thread(target=self._repair_loop, daemon=True, name="repair").start()
+
+    # --- the filesystem view ------------------------------------------------------------------
+
+    def make_dir(self, path: str) -> None:
+        with self._lock:
+            self._dirs.setdefault(path, _Dir(created=time.time()))
+
+    def stat(self, path: str) -> tuple[str, int, float]:
+        """("file" | "dir" | "none", size, mtime)."""
+        with self._lock:
+            if path in self._dirs or any(d.startswith(path + "/") for d in self._dirs):
+                return ("dir", 0, self._dirs[path].created if path in self._dirs else 0.0)
+            parent, _, name = path.rpartition("/")
+            d = self._dirs.get(parent)
+            if d is not None and name in d.files:
+                return ("file", len(d.files[name]), d.mtimes[name])
+            if d is not None and name in d.data:
+                return ("file", d.data[name].nbytes, d.mtimes[name])
+            return ("none", 0, 0.0)
+
+    def listing(self, path: str) -> list[tuple[str, str, int, float]] | None:
+        """(kind, name, size, mtime) of every entry directly under ``path`` (None: no dir)."""
+        with self._lock:
+            prefix = path + "/" if path else ""
+            out: list[tuple[str, str, int, float]] = []
+            subdirs = {p[len(prefix):].split("/", 1)[0] for p in self._dirs if p.startswith(prefix)}
+            for name in sorted(s for s in subdirs if s):
+                out.append(("dir", name, 0, 0.0))
+            d = self._dirs.get(path)
+            if d is None and not out:
+                return None
+            if d is not None:
+                out += [("file", n, len(b), d.mtimes[n]) for n, b in d.files.items()]
+                out += [("file", n, f.nbytes, d.mtimes[n]) for n, f in d.data.items()]
+            return out
+
+    def write_small(self, path: str, data: bytes) -> None:
+        parent, _, name = path.rpartition("/")
+        with self._lock:
+            d = self._dirs.setdefault(parent, _Dir(created=time.time()))
+            d.files[name] = data
+            d.mtimes[name] = time.time()
+
+    def read_small(self, path: str) -> bytes | None:
+        parent, _, name = path.rpartition("/")
+        with self._lock:
+            d = self._dirs.get(parent)
+            return None if d is None else d.files.get(name)
+
+    def add_data(self, path: str, node: str, nbytes: int, target: int) -> None:
+        parent, _, name = path.rpartition("/")
+        with self._lock:
+            d = self._dirs.setdefault(parent, _Dir(created=time.time()))
+            f = d.data.setdefault(name, _File(nbytes=nbytes, target=target))
+            if node not in f.nodes:
+                f.nodes.append(node)
+            d.mtimes[name] = time.time()
+
+    def copies(self, path: str) -> list[str] | None:
+        parent, _, name = path.rpartition("/")
+        with self._lock:
+            d = self._dirs.get(parent)
+            f = None if d is None else d.data.get(name)
+            return None if f is None else list(f.nodes)
+
+    def data_copies(self, path: str) -> dict[str, list[str]]:
+        """The nodes holding each data file of directory ``path`` (empty: no such dir)."""
+        with self._lock:
+            d = self._dirs.get(path)
+            return {} if d is None else {n: list(f.nodes) for n, f in d.data.items()}
+
+    def lost(self, path: str, node: str) -> None:
+        """A reader found no copy of ``path`` on ``node``: forget it."""
+        parent, _, name = path.rpartition("/")
+        with self._lock:
+            d = self._dirs.get(parent)
+            f = None if d is None else d.data.get(name)
+            if f is not None and node in f.nodes:
+                f.nodes.remove(node)
+
+    def move(self, src: str, dst: str, keep_last: int) -> None:
+        """Rename a small file (the marker's commit); a marker arriving commits its directory
+        and applies ``keep_last`` to the directory's siblings."""
+        parent, _, name = src.rpartition("/")
+        dparent, _, dname = dst.rpartition("/")
+        if parent != dparent:
+            raise OSError(f"move across directories is not supported: {src} -> {dst}")
+        with self._lock:
+            d = self._dirs[parent]
+            d.files[dname] = d.files.pop(name)
+            d.mtimes[dname] = time.time()
+            d.mtimes.pop(name, None)
+            if dname == MARKER_NAME:
+                d.committed_unix = time.time()
+                d.keep_last = keep_last
+                self._retain(parent.rpartition("/")[0], keep_last)
+
+    def delete_file(self, path: str) -> None:
+        parent, _, name = path.rpartition("/")
+        with self._lock:
+            d = self._dirs.get(parent)
+            if d is None:
+                raise FileNotFoundError(path)
+            if name in d.files:
+                del d.files[name]
+            elif name in d.data:
+                self._free({path: d.data.pop(name)})
+            else:
+                raise FileNotFoundError(path)
+            d.mtimes.pop(name, None)
+            if name == MARKER_NAME:
+                d.committed_unix = None
+
+    def delete_dir(self, path: str) -> None:
+        with self._lock:
+            for p in [p for p in self._dirs if p == path or p.startswith(path + "/")]:
+                self._drop_dir(p)
+
+    def pin(self, path: str) -> bool:
+        """Keep committed checkpoint ``path`` from retention and eviction (while it is
+        persisted); False when it is not a committed memory checkpoint."""
+        with self._lock:
+            d = self._dirs.get(path)
+            if d is None or d.committed_unix is None:
+                return False
+            self._pinned[path] = self._pinned.get(path, 0) + 1
+            return True
+
+    def unpin(self, path: str) -> None:
+        with self._lock:
+            left = self._pinned.get(path, 0) - 1
+            if left > 0:
+                self._pinned[path] = left
+                return
+            self._pinned.pop(path, None)
+            d = self._dirs.get(path)
+            if d is not None:
+                self._retain(path.rpartition("/")[0], d.keep_last)
+
+    # --- accounting ---------------------------------------------------------------------------
+
+    def held_on(self, node: str) -> int:
+        with self._lock:
+            return sum(
+                f.nbytes for d in self._dirs.values() for f in d.data.values() if node in f.nodes
+            )
+
+    def make_room(
+        self, node: str, needed: int, capacity: int, saving: str
+    ) -> tuple[list[str], float]:
+        """Evict committed checkpoints holding bytes on ``node``, oldest first, never the newest
+        committed one of a directory, one being persisted, nor ``saving``, until ``needed``
+        more bytes fit within ``capacity``. Returns the evicted paths and how long the save
+        should wait for dropped objects that still fill the store (see :meth:`freeing_on`).
+        When even every allowed eviction would not make room, evicts nothing and raises
+        MemoryTierFullError."""
+        with self._lock:
+            held = self.held_on(node)
+            victims: list[str] = []
+            for victim in self._evictable(node, saving):
+                if held + needed <= capacity:
+                    break
+                victims.append(victim)
+                held -= sum(f.nbytes for f in self._dirs[victim].data.values() if node in f.nodes)
+            if held + needed > capacity:
+                raise MemoryTierFullError(
+                    f"memory checkpoint {SCHEME}{saving} needs {needed / 2**20:.1f} MiB on node "
+                    f"{node}, which holds {self.held_on(node) / 2**20:.1f} MiB of memory "
+                    f"checkpoints out of {capacity / 2**20:.1f} MiB allowed (capacity_fraction "
+                    "of its object store), and evicting what may be evicted (all but the newest "
+                    "checkpoint of each directory) would not make room. Persist and delete older "
+                    "memory checkpoints, lower keep_last, or give the nodes a larger object store."
+                )
+            for victim in victims:
+                self._drop_dir(victim)
+            freeing, until = self.freeing_on(node)
+            return victims, (until - time.monotonic() if held + needed + freeing > capacity
+                             else 0.0)
+
+    def freeing_on(self, node: str) -> tuple[int, float]:
+        """:func:`pending_frees` on ``node`` now."""
+        with self._lock:
+            now = time.monotonic()
+            self._freeing = [e for e in self._freeing if e[0] + RAY_FREE_PERIOD_SECS > now]
+            return pending_frees(self._freeing, node, now)
+
+    def _evictable(self, node: str, saving: str) -> list[str]:
+        """Committed checkpoints with bytes on ``node`` that may be evicted, oldest first."""
+        out: list[str] = []
+        while True:
+            victim = self._oldest_evictable(node, saving, skip=set(out))
+            if victim is None:
+                return out
+            out.append(victim)
+
+    def _oldest_evictable(self, node: str, saving: str, skip: set[str]) -> str | None:
+        newest: dict[str, tuple[float, str]] = {}
+        for p, d in self._dirs.items():
+            if d.committed_unix is not None:
+                parent = p.rpartition("/")[0]
+                if parent not in newest or newest[parent][0] < d.committed_unix:
+                    newest[parent] = (d.committed_unix, p)
+        keep = {p for _, p in newest.values()} | {saving} | set(self._pinned)
+        candidates = [
+            (d.committed_unix, p)
+            for p, d in self._dirs.items()
+            if d.committed_unix is not None and p not in keep and p not in skip
+            and any(node in f.nodes for f in d.data.values())
+        ]
+        return min(candidates)[1] if candidates else None
+
+    def _retain(self, parent: str, keep_last: int) -> None:
+        committed = sorted(
+            (d.committed_unix, p)
+            for p, d in self._dirs.items()
+            if d.committed_unix is not None and p.rpartition("/")[0] == parent
+        )
+        for _, p in committed[:-keep_last]:
+            if p in self._pinned:
+                continue
+            logger.info("memory tier: freeing %s%s (keep_last=%d)", SCHEME, p, keep_last)
+            self._drop_dir(p)
+
+    def _drop_dir(self, path: str) -> None:
+        d = self._dirs.pop(path, None)
+        if d is not None:
+            self._free({f"{path}/{n}": f for n, f in d.data.items()})
+
+    def _free(self, files: dict[str, _File]) -> None:
+        by_node: dict[str, list[str]] = {}
+        now = time.monotonic()
+        for path, f in files.items():
+            for node in f.nodes:
+                by_node.setdefault(node, []).append(path)
+                self._freeing.append((now, node, f.nbytes))
+        for node, keys in by_node.items():
+            try:
+                ray.get_actor(holder_name(node), namespace=NAMESPACE).drop.remote(keys)
+            except ValueError:  # the holder is gone, and its objects with it
+                pass
+
+    # --- what is held -------------------------------------------------------------------------
+
+    def checkpoints(self) -> list[dict[str, Any]]:
+        with self._lock:
+            out = []
+            for p, d in sorted(self._dirs.items()):
+                if not d.data and not d.files:
+                    continue
+                nodes = sorted({n for f in d.data.values() for n in f.nodes})
+                complete = all(f.nodes for f in d.data.values())
+                out.append({
+                    "path": p,
+                    "committed": d.committed_unix is not None,
+                    "complete": complete,
+                    "nodes": nodes,
+                    "copies": min((len(f.nodes) for f in d.data.values()), default=0),
+                    "nbytes": sum(f.nbytes for f in d.data.values()),
+                })
+            return out
+
+    def repairs(self) -> int:
+        return self._repairs
+
+    # --- repair -------------------------------------------------------------------------------
+
+    def _repair_loop(self) -> None:
+        while not self._stop.wait(_REPAIR_PERIOD_SECS):
+            try:
+                self.repair()
+            except Exception:
+                logger.exception("memory tier: repair round failed")
+
+    def repair(self) -> int:
+        """Forget copies on dead nodes; re-replicate files below their copy target. Returns the
+        number of copies made."""
+        alive = set(alive_nodes())
+        work: list[tuple[str, str, str]] = []
+        with self._lock:
+            for p, d in self._dirs.items():
+                for name, f in d.data.items():
+                    f.nodes = [n for n in f.nodes if n in alive]
+                    if d.committed_unix is None:  # its writer is still replicating it
+                        continue
+                    want = min(f.target, len(alive))
+                    spare = sorted(alive - set(f.nodes), key=self.held_on)
+                    if f.nodes and len(f.nodes) < want and spare:
+                        work.append((f"{p}/{name}", f.nodes[0], spare[0]))
+        made = 0
+        for path, src, dst in work:
+            try:
+                src_holder = ray.get_actor(holder_name(src), namespace=NAMESPACE)
+                ray.get(src_holder.push.remote(path, holder_for(dst)))
+            except Exception as e:  # noqa: BLE001 - this copy failed; the next round retries
+                logger.warning("memory tier: re-replicating %s to %s failed: %s", path, dst, e)
+                continue
+            with self._lock:
+                parent, _, name = path.rpartition("/")
+                held_dir = self._dirs.get(parent)
+                held = None if held_dir is None else held_dir.data.get(name)
+                if held is None:  # freed meanwhile
+                    holder_for(dst).drop.remote([path])
+                    continue
+                if dst not in held.nodes:
+                    held.nodes.append(dst)
+            made += 1
+            self._repairs += 1
+            logger.info("memory tier: re-replicated %s%s from %s to %s", SCHEME, path, src, dst)
+        return made
+
+
+def in_use() -> bool:
+    """Whether this cluster has a memory tier yet (its catalog actor exists)."""
+    try:
+        named_actor(CATALOG_NAME)
+    except ValueError:
+        return False
+    return True
+
+
+def catalog() -> Any:
+    """The cluster's catalog actor, created (detached, on the head node) on first use."""
+    try:
+        return named_actor(CATALOG_NAME)
+    except ValueError:
+        pass
+    head = next(
+        (n["NodeID"] for n in ray.nodes()
+         if n["Alive"] and "node:__internal_head__" in n["Resources"]),
+        ray.get_runtime_context().get_node_id(),
+    )
+    return _Catalog.options(  # type: ignore[attr-defined]
+        name=CATALOG_NAME,
+        namespace=NAMESPACE,
+        get_if_exists=True,
+        lifetime="detached",
+        scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False),
+    ).remote()
+

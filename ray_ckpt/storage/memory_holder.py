@@ -1,0 +1,142 @@
+"""The memory tier's holders: one detached actor per node that owns the held copies there.
+
+An object in Ray lives as long as the process that put it, so the bytes of a memory
+checkpoint are put by the holder of their node (``ray_ckpt_holder_<node id>``, namespace
+``ray_ckpt``), never by the training process that made them: a memory checkpoint outlives the
+process that saved it and a worker restart. The holder keeps one ``ObjectRef`` per held file;
+dropping it (retention, eviction, delete) releases the object, and the raylet frees it at its
+next periodic free (``free_objects_period_milliseconds``: 1 s on a Ray started with its
+defaults; Ray 2.60 has no call that frees an object at once). A put that needs that room
+meanwhile waits for it in Ray's create queue; it is not spilled.
+
+Readers never receive bytes through an actor call's return value: :meth:`_Holder.ref` returns
+the ``ObjectRef`` (in a list, so Ray does not resolve it) and the reader ``ray.get``s it: a
+zero-copy view of this node's shared memory, or one transfer from a peer's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+NAMESPACE = "ray_ckpt"
+
+
+_HANDLES: dict[tuple[str, str], Any] = {}  # (Ray session, actor name) -> handle
+
+
+def named_actor(name: str) -> Any:
+    """The handle of the memory tier's actor ``name`` (ValueError: there is none), looked up in
+    the GCS once per cluster and process: a load opens many files, each asking the catalog and
+    a holder, and every lookup is a GCS round trip."""
+    key = (ray.get_runtime_context().get_session_name(), name)
+    handle = _HANDLES.get(key)
+    if handle is None:
+        handle = _HANDLES[key] = ray.get_actor(name, namespace=NAMESPACE)
+    return handle
+
+
+def forget_actor(name: str) -> None:
+    """Look ``name`` up again next time (its actor failed a call: its node may be gone)."""
+    _HANDLES.pop((ray.get_runtime_context().get_session_name(), name), None)
+
+
+def holder_name(node_id: str) -> str:
+    return f"ray_ckpt_holder_{node_id}"
+
+
+def join_parts(parts: list[Any]) -> np.ndarray:
+    """One contiguous byte array of ``parts`` (buffers): the parts themselves when one."""
+    if len(parts) == 1:
+        return np.frombuffer(parts[0], dtype=np.uint8)
+    out = np.empty(sum(memoryview(p).nbytes for p in parts), dtype=np.uint8)
+    position = 0
+    for part in parts:
+        view = np.frombuffer(part, dtype=np.uint8)
+        out[position : position + view.nbytes] = view
+        position += view.nbytes
+    return out
+
+
+# (Ray's typing overloads of ``ray.remote`` omit ``max_concurrency``, a documented option.)
+@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=16)  # type: ignore[call-overload]
+class _Holder:
+    """Owns the held copies of one node: every object here was put by this actor."""
+
+    def __init__(self, node_id: str) -> None:
+        self._node_id = node_id
+        self._objects: dict[str, ray.ObjectRef] = {}
+        self._nbytes: dict[str, int] = {}
+
+    def node_id(self) -> str:
+        return self._node_id
+
+    def adopt(self, key: str, data: np.ndarray) -> int:
+        """Put ``data`` (an argument, owned by the caller: a zero-copy view of it in this
+        node's shared memory) as this holder's own copy: one copy, store to store."""
+        self._replace(key, ray.put(data), int(data.nbytes))
+        return int(data.nbytes)
+
+    def copy_from(self, key: str, refs: list[ray.ObjectRef]) -> int:
+        """Fetch another holder's copy (Ray transfers it) and put one of our own."""
+        return self.adopt(key, ray.get(refs[0]))
+
+    def push(self, key: str, peer: Any) -> int:
+        """Have ``peer`` take a copy of ``key``."""
+        return int(ray.get(peer.copy_from.remote(key, [self._objects[key]])))
+
+    def ref(self, key: str) -> list[ray.ObjectRef]:
+        """``[ref]`` of our copy of ``key`` (a list, so Ray does not resolve it), or ``[]``."""
+        ref = self._objects.get(key)
+        return [] if ref is None else [ref]
+
+    def refs(self, keys: list[str]) -> list[list[ray.ObjectRef]]:
+        """:meth:`ref` of each of ``keys``, in one call."""
+        return [self.ref(key) for key in keys]
+
+    def drop(self, keys: list[str]) -> None:
+        """Forget ``keys``: their objects are freed once no reader holds a view of them."""
+        for key in keys:
+            self._pop(key)
+
+    def held_bytes(self) -> int:
+        return sum(self._nbytes.values())
+
+    def write_to(self, key: str, storage: Any, name: str, fsync: bool) -> int:
+        """Write our copy of ``key`` as file ``name`` of ``storage`` (persisting)."""
+        data = ray.get(self._objects[key])
+        storage.write_file(name, [memoryview(data)], fsync=fsync)
+        return int(data.nbytes)
+
+    def _pop(self, key: str) -> ray.ObjectRef | None:
+        self._nbytes.pop(key, None)
+        return self._objects.pop(key, None)
+
+    def _replace(self, key: str, ref: ray.ObjectRef, nbytes: int) -> None:
+        self._objects[key] = ref
+        self._nbytes[key] = nbytes
+
+
+def holder_for(node_id: str) -> Any:
+    """The holder of ``node_id``, created there (detached) on first use."""
+    return _Holder.options(  # type: ignore[attr-defined]
+        name=holder_name(node_id),
+        namespace=NAMESPACE,
+        get_if_exists=True,
+        lifetime="detached",
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+    ).remote(node_id)
+
+
+def alive_nodes() -> list[str]:
+    return sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+
+
+def store_capacity(node_id: str) -> int:
+    for n in ray.nodes():
+        if n["NodeID"] == node_id:
+            return int(n["Resources"].get("object_store_memory", 0))
+    return 0
