@@ -38,7 +38,6 @@ from ..format.checks import (
     raise_first,
     tree_problems,
 )
-from ..format.header import HEADER_SIZE, check_header
 from ..format.manifest import manifest_from_bytes, parse_manifest
 from ..format.names import MARKER_NAME
 from ..format.tree import decode
@@ -48,6 +47,7 @@ from ..storage.storage import Storage
 from ..types import RankInfo
 from .extents import (
     _COALESCE_MAX_BYTES,
+    ExtentReader,
     ReadStats,
     _add_pieces,
     _balance,
@@ -204,22 +204,17 @@ class CheckpointReader:
     def _execute(self, info: CheckpointInfo, reads: list[_Read], stats: ReadStats) -> None:
         """Run the reads on ``io_threads`` threads, each with its own share of the bytes."""
         verify = self._config.verify_checksums
-        display = info.storage.display
         with open_files(info.storage) as files:
+            reader = ExtentReader(files, info.storage.display)
             for file in sorted({read.file for read in reads}):
-                raw = bytearray(HEADER_SIZE)
-                try:
-                    files.read_into(file, 0, memoryview(raw))
-                except EOFError:
-                    pass  # check_header names the truncation
-                check_header(bytes(raw), file=f"{display}/{file}")
+                reader.check_header(file)  # here, before the threads share ``reader``
             shares = _balance(reads, min(self._config.io_threads, max(1, len(reads))))
 
             def work(share: list[_Read]) -> ReadStats:
                 done = ReadStats()
                 scratch = memoryview(bytearray(_COALESCE_MAX_BYTES))
                 for read in share:
-                    _perform(files, read, verify, display, done, scratch)
+                    _perform(reader, read, verify, done, scratch)
                 return done
 
             if len(shares) == 1:

@@ -19,11 +19,11 @@ from ..catalog import read_marker
 from ..config import StorageConfig
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError
 from ..format.checks import Problem, allocation_problems, file_size_problems, tree_problems
-from ..format.header import HEADER_SIZE, check_header
 from ..format.manifest import Extent, Manifest
 from ..format.names import MARKER_NAME
 from ..format.tree import decode
-from ..storage.files import FileReader, open_files
+from ..load.extents import ExtentReader
+from ..storage.files import open_files
 from ..storage.storage import Storage
 from ._source import DEFAULT_CHUNK_BYTES, NoProgress, Progress, reader_for
 
@@ -84,8 +84,9 @@ def verify(
     buffer = memoryview(bytearray(min(chunk_bytes, _largest_extent(by_file)) or 1))
     try:
         with open_files(storage) as files:
+            reader = ExtentReader(files, storage.display)
             for file in sorted(set(by_file) - bad_files):
-                _verify_file(storage, files, file, by_file[file], buffer, report, progress)
+                _verify_file(reader, file, by_file[file], buffer, report, progress)
     finally:
         progress.finish()
     return report
@@ -152,51 +153,43 @@ def _check_trees(storage: Storage, manifest: Manifest, report: VerifyReport) -> 
 
 
 def _verify_file(
-    storage: Storage,
-    files: FileReader,
+    reader: ExtentReader,
     file: str,
     runs: list[tuple[Extent, str]],
     buffer: memoryview,
     report: VerifyReport,
     progress: Progress,
 ) -> None:
-    where = f"{storage.display}/{file}"
-    header = bytearray(HEADER_SIZE)
+    """Check the header of ``file`` and the CRC32C of each of its extents, recording every
+    problem (the texts a load raises: :class:`ExtentReader`'s)."""
     try:
-        files.read_into(file, 0, memoryview(header))
-        check_header(bytes(header), file=where)
-    except (CorruptCheckpointError, EOFError) as e:
+        reader.check_header(file)
+    except CorruptCheckpointError as e:
         report.problems.append(Problem("header", str(e), file=file))
     report.files_checked += 1
     for extent, key in sorted(runs, key=lambda run: run[0].offset):
         try:
-            crc = _stream_crc(files, extent, buffer, progress)
-        except EOFError as e:
-            report.problems.append(Problem(
-                "truncated", f"key {key!r}: data file {where} is truncated ({e})",
-                file=file, key=key,
-            ))
+            crc = _stream_crc(reader, extent, key, buffer, progress)
+        except CorruptCheckpointError as e:
+            report.problems.append(Problem("truncated", str(e), file=file, key=key))
             continue
         report.extents_checked += 1
         report.bytes_checked += extent.length
         if extent.checksum is None:
             report.extents_without_checksum += 1
-        elif crc != extent.checksum:
-            report.problems.append(Problem(
-                "checksum",
-                f"key {key!r}: checksum mismatch in {where} (bytes {extent.offset}.."
-                f"{extent.offset + extent.length}): the file is damaged. Restore it or use "
-                "another checkpoint.",
-                file=file, key=key,
-            ))
+        problem = reader.checksum(crc, extent, key)
+        if problem is not None:
+            report.problems.append(problem)
 
 
-def _stream_crc(files: FileReader, extent: Extent, buffer: memoryview, progress: Progress) -> int:
+def _stream_crc(
+    reader: ExtentReader, extent: Extent, key: str, buffer: memoryview, progress: Progress
+) -> int:
     crc = 0
     done = 0
     while done < extent.length:
         n = min(len(buffer), extent.length - done)
-        files.read_into(extent.file, extent.offset + done, buffer[:n])
+        reader.read(extent.file, extent.offset + done, buffer[:n], key)
         crc = crc32c(buffer[:n], crc)
         done += n
         progress.advance(n)
