@@ -36,11 +36,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CorruptCheckpointError
-from ..sharding import Box, overlap
 from .names import KIND_PICKLE, KIND_TENSOR, dtypes
 from .refs import ItemRef, ShardedRef
 
 if TYPE_CHECKING:
+    from ..sharding import Box  # not at run time: ray_ckpt.sharding imports torch (ls does not)
     from .manifest import Extent, ItemMeta, Manifest
     from .marker import Marker
 
@@ -411,7 +411,7 @@ def first_overlap(boxes: Sequence[Box]) -> tuple[Box, Box] | None:
         start = box[0][axis]
         open_boxes = [o for o in open_boxes if o[0][axis] + o[1][axis] > start]
         for other in open_boxes:
-            if overlap(other, box) is not None:
+            if all(o < b + t and b < o + s for o, s, b, t in zip(*other, *box)):
                 return other, box
         open_boxes.append(box)
     return None
