@@ -17,6 +17,7 @@ import torch
 
 import ray_ckpt
 import ray_ckpt.errors
+from ray_ckpt.format.checks import first_overlap, tiling_problems
 from ray_ckpt.format.manifest import Extent, ItemMeta
 from ray_ckpt.save.commit import commit_reports
 from ray_ckpt.save.protocol import RankReport, SaveRequest
@@ -353,12 +354,14 @@ def test_replica_owners_are_chosen_among_the_holders_and_balanced():
 
 
 def test_overlapping_shards_are_found_along_any_dimension():
-    from ray_ckpt.save.dedup import _first_overlap
-
+    # one sweep serves the save's dedup and the load's tiling check
     columns = [((0, 4 * c), (8, 4)) for c in range(100)]
-    assert _first_overlap(columns) is None
+    assert first_overlap(columns) is None
     clash = [*columns, ((2, 398), (2, 2))]  # rows 2-3 of columns 398-399: inside the last one
-    assert _first_overlap(clash) is not None
+    assert first_overlap(clash) is not None
     grid = [((4 * r, 4 * c), (4, 4)) for r in range(10) for c in range(10)]
-    assert _first_overlap(grid) is None
-    assert _first_overlap([*grid, ((3, 3), (2, 2))]) is not None
+    assert first_overlap(grid) is None
+    assert first_overlap([*grid, ((3, 3), (2, 2))]) is not None
+    assert list(tiling_problems(columns, (8, 400), "t")) == []
+    (problem,) = tiling_problems(clash, (8, 400), "t")
+    assert "[0, 396] and [2, 398] overlap" in problem.message

@@ -40,6 +40,7 @@ from .names import KIND_PICKLE, KIND_TENSOR, dtypes
 from .refs import ItemRef, ShardedRef
 
 if TYPE_CHECKING:
+    from ..sharding import Box  # not at run time: ray_ckpt.sharding imports torch (ls does not)
     from .manifest import Extent, ItemMeta, Manifest
     from .marker import Marker
 
@@ -371,29 +372,23 @@ def shard_problems(
 
 
 def tiling_problems(
-    boxes: list[tuple[tuple[int, ...], tuple[int, ...]]],
+    boxes: list[Box],
     global_shape: tuple[int, ...],
     here: str,
     key: str | None = None,
 ) -> Iterator[Problem]:
     """Boxes (offset, shape) inside ``global_shape`` tile it exactly: no two share an element
     and together they hold as many elements as it does (so they cover all of it)."""
-    boxes = sorted(b for b in boxes if all(b[1]))  # an empty box holds nothing
-    for i, (offset, shape) in enumerate(boxes):
-        for other, other_shape in boxes[i + 1 :]:
-            if other and other[0] >= offset[0] + shape[0]:
-                break  # sorted by offset: no later box starts before this one ends
-            if all(
-                o < b + t and b < o + s
-                for o, s, b, t in zip(offset, shape, other, other_shape)
-            ):
-                yield Problem(
-                    "structure",
-                    f"{here}: the shards at {list(offset)} and {list(other)} overlap; a sharded "
-                    "tensor's shards must tile it exactly",
-                    key=key,
-                )
-                return
+    boxes = [b for b in boxes if all(b[1])]  # an empty box holds nothing
+    clash = first_overlap(boxes)
+    if clash is not None:
+        yield Problem(
+            "structure",
+            f"{here}: the shards at {list(clash[0][0])} and {list(clash[1][0])} overlap; a "
+            "sharded tensor's shards must tile it exactly",
+            key=key,
+        )
+        return
     covered = sum(math.prod(shape) for _, shape in boxes)
     if covered != math.prod(global_shape):
         yield Problem(
@@ -402,6 +397,26 @@ def tiling_problems(
             f"its global shape {list(global_shape)}: a shard is missing",
             key=key,
         )
+
+
+def first_overlap(boxes: Sequence[Box]) -> tuple[Box, Box] | None:
+    """Two of the (non-empty) boxes that share an element, or None. A sweep along the dimension
+    with the most distinct offsets, comparing each box only with those still open along it:
+    O(n log n) for the usual layouts (row, column or grid shards), where all pairs would be
+    O(n^2). Used on load (:func:`tiling_problems`) and by the multi-rank save's dedup."""
+    if len(boxes) < 2 or not boxes[0][0]:
+        return None if len(boxes) < 2 else (boxes[0], boxes[1])
+    dims = len(boxes[0][0])
+    axis = max(range(dims), key=lambda d: len({offset[d] for offset, _ in boxes}))
+    open_boxes: list[Box] = []
+    for box in sorted(boxes, key=lambda b: b[0][axis]):
+        start = box[0][axis]
+        open_boxes = [o for o in open_boxes if o[0][axis] + o[1][axis] > start]
+        for other in open_boxes:
+            if all(o < b + t and b < o + s for o, s, b, t in zip(*other, *box)):
+                return other, box
+        open_boxes.append(box)
+    return None
 
 
 @functools.cache

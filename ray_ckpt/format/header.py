@@ -1,4 +1,12 @@
-"""header: moved from ray_ckpt.format.manifest (issue 14). TODO: docstring."""
+"""The 64-byte header at the start of every data file (docs/FORMAT.md, "Data files").
+
+``magic (8) | format version (u32) | rank (u32) | seq (u32) | checkpoint id (16 ASCII) | 24 zero
+bytes | CRC32C of the 60 bytes before (u32)``, little-endian. The header repeats what the file's
+name ``r<rank>-<seq>-<checkpoint id>.data`` says, so a data file copied over another, or mixed
+in from another checkpoint, is refused by :func:`check_header` before any of its bytes are used.
+Pure: bytes in, bytes or an error out; every reader calls it through
+:class:`~ray_ckpt.load.extents.ExtentReader`.
+"""
 
 from __future__ import annotations
 

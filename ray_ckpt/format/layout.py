@@ -1,4 +1,11 @@
-"""layout: moved from ray_ckpt.save.stager (issue 14). TODO: docstring."""
+"""Where the bytes of a bucket go in its data file: the plan the stager makes and the writer
+follows.
+
+A bucket is one data file. Its staged arrays are written back to back after the header
+(:data:`~ray_ckpt.format.header.HEADER_SIZE`), each at ``array_offsets[i]``; a
+:class:`Segment` says which bytes of which item sit where in which array, which is what the
+manifest's extents record. Pure data, sent to the writer actor with the bucket's object.
+"""
 
 from __future__ import annotations
 

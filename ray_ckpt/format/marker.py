@@ -1,4 +1,12 @@
-"""marker: moved from ray_ckpt.format.manifest (issue 14). TODO: docstring."""
+"""The commit marker (``ray_ckpt.commit``): the file whose presence makes a checkpoint committed.
+
+Written last, atomically, it names the manifest and pins its size and CRC32C, so a reader that
+trusts the marker can trust the manifest, and through the manifest's per-extent CRC32Cs every
+data byte. It also carries what ``ls`` shows without opening the manifest (creation time, world
+size, total bytes, the caller's metadata). :meth:`Marker.from_bytes` parses with bounded JSON
+depth and checks every number (:func:`~ray_ckpt.format.checks.marker_problems`); a marker of a
+newer format version is a :class:`~ray_ckpt.errors.FormatVersionError`.
+"""
 
 from __future__ import annotations
 

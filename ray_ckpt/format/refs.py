@@ -1,4 +1,13 @@
-"""refs: moved from ray_ckpt.format.tree (issue 14). TODO: docstring."""
+"""Tree references and the tree's JSON, kept apart from torch so that ``ls`` stays quick.
+
+A stored tree is JSON in which every stored value is a reference to manifest items. Decoded,
+those references are :class:`ItemRef` (one item: a tensor ``T``, a numpy array ``N`` or a
+pickled object ``P``) and :class:`ShardedRef` (a tensor stored as several shard items). This
+module holds those placeholders, the depth limits of a tree, JSON that survives trees deeper
+than the C parser's recursion (:func:`dumps`, :func:`loads`) and :func:`union_trees`, which
+merges the trees of the ranks of a multi-rank save. Turning a tree into values (tensors,
+tuples, ``torch.Size``) is :mod:`ray_ckpt.format.tree`'s job.
+"""
 
 from __future__ import annotations
 

@@ -1,13 +1,120 @@
-"""extents: moved from ray_ckpt.load.reader (issue 14). TODO: docstring."""
+"""Reading extents from data files: the one extent reader, and the load's read plan.
+
+:class:`ExtentReader` is the only code that turns data-file bytes into checked bytes. The load
+(:class:`~ray_ckpt.load.reader.CheckpointReader`), ``verify`` and every tool read through it,
+so they check a data file's header the same way (once per file) and report a short file and a
+CRC32C mismatch in one text that names the file, the key and the byte range. The texts are
+:class:`~ray_ckpt.format.checks.Problem` records (:func:`truncated_problem`,
+:func:`checksum_problem`): ``verify`` collects them, everyone else raises them as
+:class:`~ray_ckpt.errors.CorruptCheckpointError`.
+
+The rest is the load's plan: the byte ranges a load needs are cut into *pieces* (part of one
+extent, for one destination), neighbouring pieces of a file are *coalesced* into one read, the
+reads are *balanced* over the I/O threads, and :func:`_perform` runs one read, checking the
+CRC32C of every whole extent while its bytes are still in the CPU cache (a piece that is only
+part of an extent, in a load into another sharding, cannot be checked and is counted).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .._checksum import crc32c
 from ..errors import CorruptCheckpointError
+from ..format.checks import Problem
+from ..format.header import HEADER_SIZE, check_header
 from ..format.manifest import Extent, ItemMeta
-from ..storage.files import FileReader
+from ..storage.files import READ_CHUNK_BYTES, FileReader
+
+
+def truncated_problem(key: str, file: str, where: str, error: EOFError) -> Problem:
+    """The data file ``file`` (shown as ``where``) ended inside an extent of ``key``."""
+    return Problem(
+        "truncated",
+        f"key {key!r}: data file {where} is truncated ({error}). Restore the file or use "
+        "another checkpoint.",
+        file=file, key=key,
+    )
+
+
+def checksum_problem(key: str, extent: Extent, where: str) -> Problem:
+    """The bytes of ``extent`` (of ``key``, in the file shown as ``where``) fail its CRC32C."""
+    return Problem(
+        "checksum",
+        f"key {key!r}: checksum mismatch in {where} (bytes {extent.offset}.."
+        f"{extent.offset + extent.length}): the file is damaged. Restore it or use another "
+        "checkpoint.",
+        file=extent.file, key=key,
+    )
+
+
+class ExtentReader:
+    """Reads extents of the data files of one checkpoint (open ``files``, shown as
+    ``display``): see the module docstring. Raises :class:`CorruptCheckpointError`."""
+
+    def __init__(self, files: FileReader, display: str) -> None:
+        self.files = files
+        self.display = display
+        self._headers_checked: set[str] = set()
+
+    def where(self, file: str) -> str:
+        return f"{self.display}/{file}"
+
+    def check_header(self, file: str) -> None:
+        """Check the header of data file ``file`` against its name (once per file)."""
+        if file in self._headers_checked:
+            return
+        raw = bytearray(HEADER_SIZE)
+        try:
+            self.files.read_into(file, 0, memoryview(raw))
+        except EOFError as e:
+            raise CorruptCheckpointError(
+                f"data file {self.where(file)} is truncated: shorter than its {HEADER_SIZE}-byte "
+                f"header ({e}). Restore the file or use another checkpoint."
+            ) from None
+        check_header(bytes(raw), file=self.where(file))
+        self._headers_checked.add(file)
+
+    def read(
+        self,
+        file: str,
+        offset: int,
+        dest: memoryview,
+        key: str,
+        *,
+        slice_bytes: int = READ_CHUNK_BYTES,
+        on_slice: Callable[[int, memoryview], None] | None = None,
+    ) -> None:
+        """Fill ``dest`` from ``file`` at ``offset`` (bytes of ``key``); a short file is a
+        :func:`truncated_problem`. ``on_slice`` as :meth:`FileReader.read_into`."""
+        try:
+            self.files.read_into(file, offset, dest, slice_bytes=slice_bytes, on_slice=on_slice)
+        except EOFError as e:
+            raise CorruptCheckpointError(
+                truncated_problem(key, file, self.where(file), e).message
+            ) from None
+
+    def check(self, crc: int, extent: Extent, key: str) -> None:
+        """Raise the :func:`checksum_problem` when ``crc`` is not the extent's CRC32C."""
+        problem = self.checksum(crc, extent, key)
+        if problem is not None:
+            raise CorruptCheckpointError(problem.message)
+
+    def checksum(self, crc: int, extent: Extent, key: str) -> Problem | None:
+        """The :func:`checksum_problem` when ``crc`` is not the extent's CRC32C (an extent
+        saved without one passes)."""
+        if extent.checksum is None or crc == extent.checksum:
+            return None
+        return checksum_problem(key, extent, self.where(extent.file))
+
+    def read_extent(self, extent: Extent, key: str, dest: memoryview) -> None:
+        """Read all of ``extent`` into ``dest`` (exactly its length), header and CRC32C
+        checked."""
+        self.check_header(extent.file)
+        if extent.length:
+            self.read(extent.file, extent.offset, dest, key)
+        self.check(crc32c(dest), extent, key)
 
 
 @dataclass
@@ -112,15 +219,15 @@ def _balance(reads: list[_Read], shares: int) -> list[list[_Read]]:
 
 
 def _perform(
-    files: FileReader,
+    reader: ExtentReader,
     read: _Read,
     verify: bool,
-    display: str,
     stats: ReadStats,
     scratch: memoryview,
 ) -> None:
     """Read one file range (into its only piece's memory, or ``scratch``, whose bytes are then
-    scattered) and check the CRC32C of every whole extent while its bytes are hot."""
+    scattered) and check the CRC32C of every whole extent while its bytes are hot. The files'
+    headers were checked before."""
     single = len(read.pieces) == 1
     buffer = read.pieces[0].dest if single else scratch
     crc = 0
@@ -129,18 +236,12 @@ def _perform(
         nonlocal crc
         crc = crc32c(piece_of, crc if start else 0)  # a retried read starts again at 0
 
-    try:
-        # slice by slice, checksumming each slice while it is still in the CPU cache
-        files.read_into(
-            read.file, read.offset, buffer[: read.length], slice_bytes=_SLICE_BYTES,
-            on_slice=checksum if single and verify else None,
-        )
-    except EOFError as e:
-        keys = sorted({p.meta.key for p in read.pieces})
-        raise CorruptCheckpointError(
-            f"key {keys[0]!r}: data file {display}/{read.file} is truncated ({e}). Restore "
-            "the file or use another checkpoint."
-        ) from None
+    # slice by slice, checksumming each slice while it is still in the CPU cache
+    reader.read(
+        read.file, read.offset, buffer[: read.length],
+        min(p.meta.key for p in read.pieces),
+        slice_bytes=_SLICE_BYTES, on_slice=checksum if single and verify else None,
+    )
     for piece in read.pieces:
         if single:
             data = buffer
@@ -153,10 +254,5 @@ def _perform(
         stats.nbytes_read += piece.length
         if not whole:
             stats.nbytes_unverified += piece.length
-        elif verify and piece.extent.checksum is not None and crc != piece.extent.checksum:
-            extent = piece.extent
-            raise CorruptCheckpointError(
-                f"key {piece.meta.key!r}: checksum mismatch in {display}/{extent.file} (bytes "
-                f"{extent.offset}..{extent.offset + extent.length}): the file is damaged. "
-                "Restore it or use another checkpoint."
-            )
+        elif verify:
+            reader.check(crc, piece.extent, piece.meta.key)

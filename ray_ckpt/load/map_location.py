@@ -1,4 +1,10 @@
-"""map_location: moved from ray_ckpt.load.reader (issue 14). TODO: docstring."""
+"""``map_location`` of a load: where each tensor read on the CPU goes.
+
+The reader reads every tensor into CPU memory (or straight into a target's own tensor); for
+values read fresh, :func:`resolve_map_location` turns the user's ``map_location`` (``None``, a
+device, a dict from saved device to device, or a callable, as in ``torch.load``) into one
+function ``(cpu_tensor, saved_device) -> tensor`` that the reader applies to each.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,14 @@
-"""match: moved from ray_ckpt.load.reader (issue 14). TODO: docstring."""
+"""Matching a target state dict against the stored tree: the *plan* pass of a load.
+
+One walk (:class:`_Walker`, depth first with an explicit stack) pairs each key of the target
+with what the checkpoint stores and records, in a :class:`_Plan`, what the load will do: the
+copies of stored bytes into the target's own tensors (or into new ones), the values read fresh,
+the keys the checkpoint lacks, and the steps that put fresh values in place after the read
+(modules and optimizers through ``load_state_dict``). Shape and dtype mismatches, missing keys
+and a target that matches nothing are found here, before a byte is read; a sharded target
+(DTensor, :class:`~ray_ckpt.ShardedTensor`) gets the overlap of its box with each stored shard.
+Without a target, the walk plans the whole stored tree. No I/O: the reader runs the copies.
+"""
 
 from __future__ import annotations
 

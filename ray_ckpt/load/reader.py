@@ -26,28 +26,17 @@ import numpy as np
 import torch
 
 from .. import metrics
-from .._checksum import crc32c
 from .._util import without_gc
-from ..catalog import read_marker
 from ..config import CheckpointReaderConfig, StorageConfig
-from ..errors import CorruptCheckpointError, UnsupportedValueError
-from ..format.checks import (
-    allocation_problems,
-    file_size_problems,
-    manifest_listing_problems,
-    raise_first,
-    tree_problems,
-)
-from ..format.header import HEADER_SIZE, check_header
-from ..format.manifest import manifest_from_bytes, parse_manifest
-from ..format.names import MARKER_NAME
-from ..format.tree import decode
+from ..errors import UnsupportedValueError
+from ..format.checks import raise_first
 from ..sharding import runs
 from ..storage.files import open_files
 from ..storage.storage import Storage
 from ..types import RankInfo
 from .extents import (
     _COALESCE_MAX_BYTES,
+    ExtentReader,
     ReadStats,
     _add_pieces,
     _balance,
@@ -58,7 +47,7 @@ from .extents import (
 )
 from .map_location import resolve_map_location
 from .match import _assign, _check_pickles, _Copy, _finish, _item_shape, _Plan, _Walker
-from .validate import CheckpointInfo, _raise_not_a_checkpoint
+from .validate import CheckpointInfo, checkpoint_problems, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -83,31 +72,19 @@ class CheckpointReader:
     # --- open ---------------------------------------------------------------------------------
 
     def open(self, path: str, *, check_files: bool = True) -> CheckpointInfo:
-        """Validate the checkpoint at ``path`` (marker, manifest, file sizes) without reading
-        tensor data. ``check_files=False`` skips the data files (missing or short ones are then
-        no error here): ``verify`` uses it to report every such file."""
+        """Validate the checkpoint at ``path`` (marker, manifest, file sizes, this rank's tree:
+        :mod:`ray_ckpt.load.validate`) without reading tensor data, raising the first problem.
+        ``check_files=False`` skips the data files (missing or short ones are then no error
+        here)."""
         storage = Storage.from_path(path, self._filesystem, self._storage_config)
-        files = storage.list_files()
-        if MARKER_NAME not in files:
-            _raise_not_a_checkpoint(storage, files)
-        marker = read_marker(storage, files)
-        raise_first(manifest_listing_problems(files, marker, storage.display))
-        raw = storage.read_file(marker.manifest)
-        if len(raw) != marker.manifest_nbytes or crc32c(raw) != marker.manifest_crc32c:
-            raise CorruptCheckpointError(
-                f"checkpoint {storage.display} is damaged: manifest {marker.manifest} does not "
-                f"match the checksum and size in the commit marker ({len(raw)} bytes, expected "
-                f"{marker.manifest_nbytes}). Restore the file or use another checkpoint."
-            )
-        where = f"{storage.display}/{marker.manifest}"
-        manifest = parse_manifest(manifest_from_bytes(raw, where=where), where=where, marker=marker)
-        if check_files:
-            raise_first(file_size_problems(manifest, files, storage.display))
-            raise_first(allocation_problems(manifest, files, storage.display))
-        tree_json = manifest.tree_for(self._rank_info.global_rank)
-        tree = decode(tree_json, n_items=max(manifest.items, default=-1) + 1, where=where)
-        raise_first(tree_problems(tree, manifest, where))
-        return CheckpointInfo(storage, marker, manifest, tree, files)
+        files, marker, manifest = read_manifest(storage)
+        rank = self._rank_info.global_rank
+        trees: dict[int, Any] = {}
+        raise_first(checkpoint_problems(
+            storage.display, marker, manifest, files, [rank], check_files=check_files,
+            trees=trees,
+        ))
+        return CheckpointInfo(storage, marker, manifest, trees[rank], files)
 
     # --- read ---------------------------------------------------------------------------------
 
@@ -204,22 +181,17 @@ class CheckpointReader:
     def _execute(self, info: CheckpointInfo, reads: list[_Read], stats: ReadStats) -> None:
         """Run the reads on ``io_threads`` threads, each with its own share of the bytes."""
         verify = self._config.verify_checksums
-        display = info.storage.display
         with open_files(info.storage) as files:
+            reader = ExtentReader(files, info.storage.display)
             for file in sorted({read.file for read in reads}):
-                raw = bytearray(HEADER_SIZE)
-                try:
-                    files.read_into(file, 0, memoryview(raw))
-                except EOFError:
-                    pass  # check_header names the truncation
-                check_header(bytes(raw), file=f"{display}/{file}")
+                reader.check_header(file)  # here, before the threads share ``reader``
             shares = _balance(reads, min(self._config.io_threads, max(1, len(reads))))
 
             def work(share: list[_Read]) -> ReadStats:
                 done = ReadStats()
                 scratch = memoryview(bytearray(_COALESCE_MAX_BYTES))
                 for read in share:
-                    _perform(files, read, verify, display, done, scratch)
+                    _perform(reader, read, verify, done, scratch)
                 return done
 
             if len(shares) == 1:

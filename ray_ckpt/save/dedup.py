@@ -11,10 +11,10 @@ from typing import Any
 
 from .._util import PackedRows
 from ..errors import CheckpointWriteError
+from ..format.checks import first_overlap
 from ..format.manifest import Extent, ItemMeta
 from ..format.refs import union_trees
 from ..format.tree import remap
-from ..sharding import Box, overlap
 from ..storage.storage import Storage
 from .protocol import RankReport
 
@@ -232,7 +232,7 @@ class Merger:
         total = math.prod(first.global_shape or ())
         covered = sum(math.prod(m.shape or ()) for m in shards)
         boxes = [(m.global_offset or (), m.shape or ()) for m in shards if math.prod(m.shape or ())]
-        clash = _first_overlap(boxes)
+        clash = first_overlap(boxes)
         if clash is not None:
             a, b = clash
             self.problems.append(
@@ -243,21 +243,3 @@ class Merger:
                 f"key {first.key!r}: its shards cover {covered} of the {total} elements of "
                 f"{list(first.global_shape or ())}"
             )
-
-
-def _first_overlap(boxes: list[Box]) -> tuple[Box, Box] | None:
-    """Two boxes that overlap, or None: a sweep along the dimension with the most distinct
-    offsets, comparing each box only with those still open along it."""
-    if len(boxes) < 2 or not boxes[0][0]:
-        return None if len(boxes) < 2 else (boxes[0], boxes[1])
-    dims = len(boxes[0][0])
-    axis = max(range(dims), key=lambda d: len({offset[d] for offset, _ in boxes}))
-    open_boxes: list[Box] = []
-    for box in sorted(boxes, key=lambda b: b[0][axis]):
-        start = box[0][axis]
-        open_boxes = [o for o in open_boxes if o[0][axis] + o[1][axis] > start]
-        for other in open_boxes:
-            if overlap(other, box) is not None:
-                return other, box
-        open_boxes.append(box)
-    return None

@@ -32,11 +32,11 @@ from .._checksum import crc32c
 from ..config import StorageConfig
 from ..errors import CheckpointError, CorruptCheckpointError
 from ..format.checks import raise_first, shard_problems
-from ..format.header import HEADER_SIZE, check_header
 from ..format.manifest import Extent, Manifest
 from ..format.names import KIND_PICKLE, dtype_from_name
 from ..format.refs import ItemRef, ShardedRef, key_string
 from ..format.tree import leaves
+from ..load.extents import ExtentReader
 from ..load.reader import CheckpointReader
 from ..load.validate import CheckpointInfo
 from ..sharding import Box, overlap, runs, slices
@@ -125,7 +125,7 @@ class Source:
     def __init__(self, info: CheckpointInfo, files: FileReader) -> None:
         self.info = info
         self.files = files
-        self._headers_checked: set[str] = set()
+        self.extents = ExtentReader(files, info.storage.display)
         # Reused by every call of chunks(): freeing and allocating a window per tensor makes
         # glibc keep the freed windows (its mmap threshold rises to their size), and memory
         # would grow with the number of tensors.
@@ -136,33 +136,14 @@ class Source:
         return self.info.manifest
 
     def where(self, file: str) -> str:
-        return f"{self.info.storage.display}/{file}"
+        return self.extents.where(file)
 
     def check_header(self, file: str) -> None:
-        if file in self._headers_checked:
-            return
-        raw = bytearray(HEADER_SIZE)
-        self.files.read_into(file, 0, memoryview(raw))
-        check_header(bytes(raw), file=self.where(file))
-        self._headers_checked.add(file)
+        self.extents.check_header(file)
 
     def read_extent(self, extent: Extent, key: str, dest: memoryview) -> None:
         """Read ``extent`` into ``dest`` (exactly its length) and check its CRC32C."""
-        self.check_header(extent.file)
-        if extent.length:
-            try:
-                self.files.read_into(extent.file, extent.offset, dest)
-            except EOFError as e:
-                raise CorruptCheckpointError(
-                    f"key {key!r}: data file {self.where(extent.file)} is truncated ({e}). "
-                    "Restore the file or use another checkpoint."
-                ) from None
-        if extent.checksum is not None and crc32c(dest) != extent.checksum:
-            raise CorruptCheckpointError(
-                f"key {key!r}: checksum mismatch in {self.where(extent.file)} (bytes "
-                f"{extent.offset}..{extent.offset + extent.length}): the file is damaged. "
-                "Restore it or use another checkpoint."
-            )
+        self.extents.read_extent(extent, key, dest)
 
     def read_into(self, index: int, dest: np.ndarray, progress: Progress | None = None) -> None:
         """Fill ``dest`` (a uint8 array of the item's size) with item ``index``."""
@@ -362,22 +343,12 @@ class _ItemStream:
                 self._check(extent)
 
     def _read(self, extent: Extent, within: int, dest: memoryview) -> None:
-        self._source.check_header(extent.file)
-        try:
-            self._source.files.read_into(extent.file, extent.offset + within, dest)
-        except EOFError as e:
-            raise CorruptCheckpointError(
-                f"key {self._meta.key!r}: data file {self._source.where(extent.file)} is "
-                f"truncated ({e}). Restore the file or use another checkpoint."
-            ) from None
+        reader = self._source.extents
+        reader.check_header(extent.file)
+        reader.read(extent.file, extent.offset + within, dest, self._meta.key)
 
     def _check(self, extent: Extent) -> None:
-        if extent.checksum is not None and self._crc != extent.checksum:
-            raise CorruptCheckpointError(
-                f"key {self._meta.key!r}: checksum mismatch in {self._source.where(extent.file)}"
-                f" (bytes {extent.offset}..{extent.offset + extent.length}): the file is "
-                "damaged. Restore it or use another checkpoint."
-            )
+        self._source.extents.check(self._crc, extent, self._meta.key)
         self._crc = 0
         self._next += 1
 

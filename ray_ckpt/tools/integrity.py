@@ -2,10 +2,11 @@
 
 Every extent goes through one reusable buffer of ``chunk_bytes`` and its CRC32C is computed as
 the chunks go by, so memory stays at one buffer whatever the checkpoint's size; no tensor is
-ever built. Unlike a load, verification does not stop at the first problem: the checkpoint is
-opened without checking its data files (``CheckpointReader.open(check_files=False)``), every
-missing or truncated one is named, and every other file is still checked, so one run reports
-every bad file and key. It raises only when the storage itself fails
+ever built. Unlike a load, verification does not stop at the first problem: it runs the load's
+own validator (:mod:`ray_ckpt.load.validate`) in collect mode, over every rank's tree, so every
+missing or truncated data file is named, and every other file is still read through the load's
+extent reader (:class:`~ray_ckpt.load.extents.ExtentReader`), so one run reports every bad file
+and key in the texts a load would raise. It raises only when the storage itself fails
 (:class:`~ray_ckpt.errors.StorageError`).
 """
 
@@ -18,14 +19,14 @@ from .._checksum import crc32c
 from ..catalog import read_marker
 from ..config import StorageConfig
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError
-from ..format.checks import Problem, allocation_problems, file_size_problems, tree_problems
-from ..format.header import HEADER_SIZE, check_header
+from ..format.checks import Problem
 from ..format.manifest import Extent, Manifest
 from ..format.names import MARKER_NAME
-from ..format.tree import decode
-from ..storage.files import FileReader, open_files
+from ..load.extents import ExtentReader
+from ..load.validate import checkpoint_problems, read_manifest, tree_ranks
+from ..storage.files import open_files
 from ..storage.storage import Storage
-from ._source import DEFAULT_CHUNK_BYTES, NoProgress, Progress, reader_for
+from ._source import DEFAULT_CHUNK_BYTES, NoProgress, Progress
 
 
 @dataclass
@@ -68,7 +69,7 @@ def verify(
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
     storage = Storage.from_path(path, filesystem, storage_config)
     report = VerifyReport(storage.display)
-    manifest = _open_for_verify(path, storage, filesystem, storage_config, report)
+    manifest = _open_for_verify(storage, report)
     if manifest is None:
         return report
     progress = progress or NoProgress()
@@ -84,8 +85,9 @@ def verify(
     buffer = memoryview(bytearray(min(chunk_bytes, _largest_extent(by_file)) or 1))
     try:
         with open_files(storage) as files:
+            reader = ExtentReader(files, storage.display)
             for file in sorted(set(by_file) - bad_files):
-                _verify_file(storage, files, file, by_file[file], buffer, report, progress)
+                _verify_file(reader, file, by_file[file], buffer, report, progress)
     finally:
         progress.finish()
     return report
@@ -95,18 +97,13 @@ def _largest_extent(by_file: dict[str, list[tuple[Extent, str]]]) -> int:
     return max((e.length for runs in by_file.values() for e, _ in runs), default=0)
 
 
-def _open_for_verify(
-    path: str,
-    storage: Storage,
-    filesystem: Any,
-    storage_config: StorageConfig | None,
-    report: VerifyReport,
-) -> Manifest | None:
-    """The validated manifest, recording every problem found on the way (missing or short data
-    files, every rank's tree); ``None`` when the checkpoint cannot be read any further (no
-    marker, bad marker, bad manifest)."""
+def _open_for_verify(storage: Storage, report: VerifyReport) -> Manifest | None:
+    """The validated manifest, recording every problem of the opened checkpoint
+    (:func:`~ray_ckpt.load.validate.checkpoint_problems`: missing or short data files, every
+    rank's tree); ``None`` when the checkpoint cannot be read any further (no marker, bad
+    marker, bad manifest)."""
     try:
-        info = reader_for(filesystem, storage_config).open(path, check_files=False)
+        files, marker, manifest = read_manifest(storage)
     except CheckpointNotFoundError as e:
         report.problems.append(Problem("not-found", str(e)))
         return None
@@ -116,16 +113,15 @@ def _open_for_verify(
     except CorruptCheckpointError as e:
         report.problems.append(_marker_or_manifest_problem(storage, e))
         return None
-    files = list(file_size_problems(info.manifest, info.file_sizes, storage.display))
-    report.problems.extend(files)
-    if not files:  # a missing or short file is reported as such, not as a forged size too
-        report.problems.extend(allocation_problems(info.manifest, info.file_sizes, storage.display))
-    _check_trees(storage, info.manifest, report)
-    return info.manifest
+    report.problems.extend(
+        checkpoint_problems(storage.display, marker, manifest, files, tree_ranks(manifest))
+    )
+    return manifest
 
 
 def _marker_or_manifest_problem(storage: Storage, error: CorruptCheckpointError) -> Problem:
-    """``open`` refused the marker or the manifest: which one, by reading the marker again."""
+    """``read_manifest`` refused the marker or the manifest: which one, by reading the marker
+    again."""
     try:
         marker = read_marker(storage, storage.list_files())
     except CorruptCheckpointError:
@@ -133,70 +129,44 @@ def _marker_or_manifest_problem(storage: Storage, error: CorruptCheckpointError)
     return Problem("manifest", str(error), file=marker.manifest)
 
 
-def _check_trees(storage: Storage, manifest: Manifest, report: VerifyReport) -> None:
-    """Every rank's tree decodes and passes the structural checks (a load checks only the tree
-    of the rank that loads). The marker's world size was checked against the trees present."""
-    name = f"manifest-{manifest.checkpoint_id}.arrow"
-    where = f"{storage.display}/{name}"
-    n_items = max(manifest.items, default=-1) + 1
-    for rank, tree_json in enumerate(manifest.trees or (manifest.tree_json,)):
-        here = f"{where}, rank {rank}" if manifest.trees else where
-        try:
-            tree = decode(tree_json, n_items=n_items, where=here)
-        except CorruptCheckpointError as e:
-            report.problems.append(Problem("manifest", str(e), file=name))
-            continue
-        for problem in tree_problems(tree, manifest, here):
-            report.problems.append(Problem(problem.kind, problem.message, name, problem.key))
-            break
-
-
 def _verify_file(
-    storage: Storage,
-    files: FileReader,
+    reader: ExtentReader,
     file: str,
     runs: list[tuple[Extent, str]],
     buffer: memoryview,
     report: VerifyReport,
     progress: Progress,
 ) -> None:
-    where = f"{storage.display}/{file}"
-    header = bytearray(HEADER_SIZE)
+    """Check the header of ``file`` and the CRC32C of each of its extents, recording every
+    problem (the texts a load raises: :class:`ExtentReader`'s)."""
     try:
-        files.read_into(file, 0, memoryview(header))
-        check_header(bytes(header), file=where)
-    except (CorruptCheckpointError, EOFError) as e:
+        reader.check_header(file)
+    except CorruptCheckpointError as e:
         report.problems.append(Problem("header", str(e), file=file))
     report.files_checked += 1
     for extent, key in sorted(runs, key=lambda run: run[0].offset):
         try:
-            crc = _stream_crc(files, extent, buffer, progress)
-        except EOFError as e:
-            report.problems.append(Problem(
-                "truncated", f"key {key!r}: data file {where} is truncated ({e})",
-                file=file, key=key,
-            ))
+            crc = _stream_crc(reader, extent, key, buffer, progress)
+        except CorruptCheckpointError as e:
+            report.problems.append(Problem("truncated", str(e), file=file, key=key))
             continue
         report.extents_checked += 1
         report.bytes_checked += extent.length
         if extent.checksum is None:
             report.extents_without_checksum += 1
-        elif crc != extent.checksum:
-            report.problems.append(Problem(
-                "checksum",
-                f"key {key!r}: checksum mismatch in {where} (bytes {extent.offset}.."
-                f"{extent.offset + extent.length}): the file is damaged. Restore it or use "
-                "another checkpoint.",
-                file=file, key=key,
-            ))
+        problem = reader.checksum(crc, extent, key)
+        if problem is not None:
+            report.problems.append(problem)
 
 
-def _stream_crc(files: FileReader, extent: Extent, buffer: memoryview, progress: Progress) -> int:
+def _stream_crc(
+    reader: ExtentReader, extent: Extent, key: str, buffer: memoryview, progress: Progress
+) -> int:
     crc = 0
     done = 0
     while done < extent.length:
         n = min(len(buffer), extent.length - done)
-        files.read_into(extent.file, extent.offset + done, buffer[:n])
+        reader.read(extent.file, extent.offset + done, buffer[:n], key)
         crc = crc32c(buffer[:n], crc)
         done += n
         progress.advance(n)
