@@ -40,10 +40,9 @@ from ..errors import BarrierTimeoutError, CheckpointWriteError
 from ..format.names import new_checkpoint_id
 from ..storage.credentials import Handoff, accept
 from ..storage.storage import Storage
-from ..types import RankInfo
 from .commit import commit_merged
 from .dedup import Merger, assign_replica_owners
-from .protocol import SaveRequest
+from .protocol import CommitTarget
 
 logger = logging.getLogger(__name__)
 
@@ -66,17 +65,12 @@ class _SaveBarrier:
 
         self._world_size = world_size
         self._timeout = barrier_timeout_secs
-        self._checkpoint_id = new_checkpoint_id()
-        self._request = SaveRequest(
+        self._target = CommitTarget(
             storage=storage,
-            checkpoint_id=self._checkpoint_id,
-            rank_info=RankInfo(0, world_size),
-            items=[],
-            tree_json="",
+            checkpoint_id=new_checkpoint_id(),
             overwrite=overwrite,
             hook=hook,
             fsync=fsync,
-            barrier_timeout_secs=barrier_timeout_secs,
             started_unix=time.time(),
         )
         self._handoff: Handoff | None = None
@@ -163,16 +157,16 @@ class _SaveBarrier:
             return
         accept(handoff)
         self._handoff = handoff
-        storage = copy.copy(self._request.storage)
+        storage = copy.copy(self._target.storage)
         storage.adopt(handoff)
-        self._request = dataclasses.replace(self._request, storage=storage)
+        self._target = dataclasses.replace(self._target, storage=storage)
 
     def _merge(self, report: Any) -> None:
         """Fold ``report`` into the checkpoint's items as it arrives, so that the coordinator
         holds each replicated item once, never every rank's copy of it."""
 
         if self._merger is None:
-            self._merger = Merger(self._request.storage)
+            self._merger = Merger(self._target.storage)
         try:
             self._merger.add(report)
         except Exception as e:
@@ -191,14 +185,14 @@ class _SaveBarrier:
         if self._failures:
             failed = "; ".join(f"rank {r}: {why}" for r, why in sorted(self._failures.items()))
             self._decide(False, CheckpointWriteError(
-                f"multi-rank save to {self._request.storage.display} failed on every rank; "
+                f"multi-rank save to {self._target.storage.display} failed on every rank; "
                 f"nothing was committed. {failed}"
             ))
         elif len(self._arrived) == self._world_size:
 
             try:
                 result = await asyncio.to_thread(
-                    commit_merged, self._request, self._merger, self._checkpoint_id
+                    commit_merged, self._target, self._merger
                 )
             except Exception as e:  # noqa: BLE001 - every rank gets this error
                 self._decide(False, e)
@@ -229,7 +223,7 @@ class _SaveBarrier:
         except Exception as e:  # a broken watchdog must fail the save, not hang it
             logger.exception("the coordinator's watchdog failed")
             self._decide(False, CheckpointWriteError(
-                f"multi-rank save to {self._request.storage.display} failed: the coordinator's "
+                f"multi-rank save to {self._target.storage.display} failed: the coordinator's "
                 f"watchdog broke ({type(e).__name__}: {e}); nothing was committed"
             ))
         await self._linger_and_exit()
@@ -253,7 +247,7 @@ class _SaveBarrier:
                 reached = self._arrived if self._owners is not None else self._assigned
                 absent = [r for r in range(self._world_size) if r not in reached]
                 self._decide(False, BarrierTimeoutError(
-                    f"multi-rank save to {self._request.storage.display} failed on every rank; "
+                    f"multi-rank save to {self._target.storage.display} failed on every rank; "
                     f"nothing was committed: ranks {absent} did not reach the barrier within "
                     f"{self._timeout:.0f}s (barrier_timeout_secs). Check those ranks' logs."
                 ))

@@ -39,6 +39,7 @@ from ..storage.storage import Storage
 from .dedup import Merger
 from .protocol import (
     ABANDONED,
+    CommitTarget,
     RankReport,
     SaveRequest,
     SaveResult,
@@ -65,7 +66,7 @@ def commit_save(request: SaveRequest, slot: Any) -> SaveResult:
             )
         report = _report(request, outcome, shards)
         if request.barrier is None:
-            return commit_reports(request, [report], request.checkpoint_id)
+            return commit_reports(request.commit_target(), [report])
     except BaseException as e:
         metrics.record_failure()
         if request.barrier is not None:
@@ -109,30 +110,27 @@ def _through_barrier(request: SaveRequest, report: RankReport) -> SaveResult:
 
 
 @without_gc
-def commit_reports(
-    request: SaveRequest, reports: list[RankReport], checkpoint_id: str
-) -> SaveResult:
-    """Commit the reports of every rank as checkpoint ``checkpoint_id`` (see
-    :func:`commit_merged`)."""
-    merger = Merger(request.storage)
+def commit_reports(target: CommitTarget, reports: list[RankReport]) -> SaveResult:
+    """Commit the reports of every rank as ``target`` (see :func:`commit_merged`)."""
+    merger = Merger(target.storage)
     for report in reports:
         merger.add(report)
-    return commit_merged(request, merger, checkpoint_id)
+    return commit_merged(target, merger)
 
 
 @without_gc
-def commit_merged(request: SaveRequest, merger: Merger, checkpoint_id: str) -> SaveResult:
-    """Commit the merged reports of every rank as checkpoint ``checkpoint_id``: manifest
-    (durable), ``pre_commit`` hook, marker (exclusive unless overwriting), ``post_commit`` hook,
-    then the files of the checkpoint this one replaced."""
-    storage = request.storage
+def commit_merged(target: CommitTarget, merger: Merger) -> SaveResult:
+    """Commit the merged reports of every rank as checkpoint ``target.checkpoint_id`` in
+    ``target.storage``: manifest (durable), ``pre_commit`` hook, marker (exclusive unless
+    overwriting), ``post_commit`` hook, then the files of the checkpoint this one replaced."""
+    storage, checkpoint_id, hook = target.storage, target.checkpoint_id, target.hook
     items, extents, tree, rank_trees = merger.finish()
-    replaced = _committed_files(storage) if request.overwrite else set()
+    replaced = _committed_files(storage) if target.overwrite else set()
     table = build_manifest(items, extents, tree, checkpoint_id, rank_trees)
     raw = manifest_to_bytes(table)
     manifest = manifest_file_name(checkpoint_id)
     try:
-        storage.write_file(manifest, [raw], fsync=request.fsync)
+        storage.write_file(manifest, [raw], fsync=target.fsync)
         marker = Marker(
             checkpoint_id=checkpoint_id,
             manifest=manifest,
@@ -143,14 +141,14 @@ def commit_merged(request: SaveRequest, merger: Merger, checkpoint_id: str) -> S
             total_nbytes=sum(m.nbytes for m in items),
             metadata=merger.metadata,
         )
-        if request.hook is not None:
-            request.hook.pre_commit(storage.display)
+        if hook is not None:
+            hook.pre_commit(storage.display)
         commit_strategy_for(storage.fs).commit(
             storage,
             MARKER_NAME,
             marker.to_bytes(),
             marker_temp_name(checkpoint_id),
-            exclusive=not request.overwrite,
+            exclusive=not target.overwrite,
         )
     except BaseException:
         storage.delete_files([manifest])
@@ -159,8 +157,8 @@ def commit_merged(request: SaveRequest, merger: Merger, checkpoint_id: str) -> S
     stale = sorted(replaced - kept)
     if stale:
         storage.delete_files(stale)
-    if request.hook is not None:
-        request.hook.post_commit(storage.display)
+    if hook is not None:
+        hook.post_commit(storage.display)
     result = SaveResult(
         path=storage.display,
         checkpoint_id=checkpoint_id,
@@ -168,7 +166,7 @@ def commit_merged(request: SaveRequest, merger: Merger, checkpoint_id: str) -> S
         items=len(items),
         files=len({e.file for e in extents}) + 2,
         stage_secs=merger.stage_secs,
-        total_secs=time.time() - request.started_unix,
+        total_secs=time.time() - target.started_unix,
         writers=dict(merger.writers),
     )
     metrics.record_commit(result.nbytes, result.total_secs)

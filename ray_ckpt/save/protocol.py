@@ -44,6 +44,19 @@ class SaveResult:
 
 
 @dataclass(frozen=True)
+class CommitTarget:
+    """What the commit of a checkpoint reads (:func:`ray_ckpt.save.commit.commit_merged`): where
+    it goes and under which id, how it is written, and when its save started."""
+
+    storage: Storage
+    checkpoint_id: str
+    overwrite: bool
+    hook: WriterHook | None
+    fsync: bool
+    started_unix: float
+
+
+@dataclass(frozen=True)
 class SaveRequest:
     """Everything the session needs to commit, sent when the save starts."""
 
@@ -59,6 +72,17 @@ class SaveRequest:
     started_unix: float
     barrier: Any = None  # the checkpoint's coordinator actor, for multi-rank saves
     metadata: dict[str, Any] = field(default_factory=dict)  # JSON, kept in the commit marker
+
+    def commit_target(self) -> CommitTarget:
+        """What a single-rank commit of this save needs."""
+        return CommitTarget(
+            storage=self.storage,
+            checkpoint_id=self.checkpoint_id,
+            overwrite=self.overwrite,
+            hook=self.hook,
+            fsync=self.fsync,
+            started_unix=self.started_unix,
+        )
 
 
 @dataclass
