@@ -21,7 +21,7 @@ import concurrent.futures
 import logging
 import time
 from collections import Counter
-from typing import Any
+from collections.abc import Callable
 
 import ray
 
@@ -51,16 +51,19 @@ from .protocol import (
 logger = logging.getLogger(__name__)
 
 
-def commit_save(request: SaveRequest, slot: Any) -> SaveResult:
-    """Gather every write of this rank's save, then commit it (one rank) or hand it to the
-    checkpoint's coordinator (several ranks). On failure, delete this save's files."""
+def commit_save(
+    request: SaveRequest, outcome: StagingOutcome, begin_commit: Callable[[], bool]
+) -> SaveResult:
+    """Gather every write of this rank's save (``outcome``: what staging handed over), then
+    commit it (one rank) or hand it to the checkpoint's barrier (several ranks), once
+    ``begin_commit`` allows it (False: the save was cancelled). On failure, delete this save's
+    files."""
     storage = request.storage
-    outcome: StagingOutcome = slot.outcome
     try:
         shards = gather_shards(outcome.shards, storage, request.barrier_timeout_secs)
         if outcome.error is not None:
             raise outcome.error
-        if not slot.begin_commit():
+        if not begin_commit():
             raise concurrent.futures.CancelledError(
                 f"save to {storage.display} was cancelled; nothing was committed"
             )
@@ -93,7 +96,7 @@ def _report(request: SaveRequest, outcome: StagingOutcome, shards: list[ShardRes
 
 
 def _through_barrier(request: SaveRequest, report: RankReport) -> SaveResult:
-    """Hand this rank's report to the checkpoint's coordinator and wait for its decision."""
+    """Hand this rank's report to the checkpoint's barrier and wait for its decision."""
     assert request.barrier is not None
     try:
         return ray.get(  # type: ignore[no-any-return]

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import ray
 
 from .. import metrics
@@ -52,10 +53,12 @@ from .barrier import barrier_for
 from .pieces import byte_view
 from .pool import WriterPool
 from .protocol import (
+    BarrierHandle,
     SaveRequest,
     SaveResult,
     StageStats,
     StagingOutcome,
+    WriterHandle,
     WriterHook,
     portable_error,
 )
@@ -80,7 +83,7 @@ class Coordinator:
         rank_info: RankInfo,
         stager: CheckpointStager,
         pool: WriterPool,
-        filesystem: Any = None,
+        filesystem: pafs.FileSystem | None = None,
         commit_hook: WriterHook | None = None,
     ) -> None:
         self._config = config
@@ -174,8 +177,8 @@ class Coordinator:
             self._stage_all(plan, storage, session, staged, started, overlap_writes)
         return stage_future, write_future
 
-    def _barrier(self, storage: Storage, overwrite: bool) -> Any:
-        """The coordinator actor of this checkpoint, for a multi-rank save (else None)."""
+    def _barrier(self, storage: Storage, overwrite: bool) -> BarrierHandle | None:
+        """The barrier actor of this checkpoint, for a multi-rank save (else None)."""
         if self._rank_info.global_world_size == 1:
             return None
 
@@ -189,7 +192,7 @@ class Coordinator:
             barrier_timeout_secs=self._config.writer_config.barrier_timeout_secs,
         )
 
-    def _assigner(self, barrier: Any) -> Callable[[list[tuple[str, int]]], list[int]]:
+    def _assigner(self, barrier: BarrierHandle) -> Callable[[list[tuple[str, int]]], list[int]]:
         """Asks the checkpoint's coordinator which rank writes each replicated key; it answers
         once every rank has asked (the union of the ranks' keys), or raises the save's error."""
         rank = self._rank_info.global_rank
@@ -207,7 +210,7 @@ class Coordinator:
         self,
         plan: StagingPlan,
         storage: Storage,
-        session: Any,
+        session: WriterHandle,
         staged: concurrent.futures.Future[StageStats],
         started: float,
         overlap_writes: bool,
@@ -266,7 +269,8 @@ class Coordinator:
         # (every writer gets a share: with spread_across_nodes, no fewer groups than writers)
         share = -(-sum(b.nbytes for b in plan.buckets) // len(targets))
         put_limit = 0 if overlap_writes else min(ASYNC_PUT_BYTES, budget // 4, share)
-        staged: list[tuple[int, list[int], Any]] = []  # put, not yet handed to a writer
+        # put, not yet handed to a writer: (group, its buckets, its put)
+        staged: list[tuple[int, list[int], concurrent.futures.Future[ray.ObjectRef]]] = []
         held: dict[int, int] = {}  # group -> bytes in the object store (staged or in flight)
         in_flight: dict[ray.ObjectRef, int] = {}  # write -> its group
         # an async save copies several groups at once, each ray.put on its own thread (CUDA:
@@ -307,7 +311,7 @@ class Coordinator:
                     wait_for_a_write()
                     pressed = True
                 if puts is None:
-                    put: concurrent.futures.Future[Any] = concurrent.futures.Future()
+                    put: concurrent.futures.Future[ray.ObjectRef] = concurrent.futures.Future()
                     put.set_result(self._stager.stage(plan, buckets))
                 else:
                     put = puts.submit(self._stager.stage, plan, buckets)
@@ -337,7 +341,7 @@ class Coordinator:
             out[item] = (replica.path_id, replica.owner, crc)
         return out
 
-    def _placement(self) -> list[tuple[str, Any]]:
+    def _placement(self) -> list[tuple[str, WriterHandle]]:
         """The writers that write this save's buckets, in turn: this node's own, or (with
         ``spread_across_nodes``) every alive node's, this node's first."""
         local = self._pool.local_node_id()

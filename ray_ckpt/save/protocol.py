@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import ray
 
@@ -13,6 +13,50 @@ from ..errors import CheckpointError, CheckpointWriteError
 from ..format.manifest import Extent, ItemMeta
 from ..storage.storage import Storage
 from ..types import RankInfo
+
+
+class RemoteMethod(Protocol):
+    """A method of a Ray actor handle: ``.remote(...)`` runs it in the actor, returns its ref."""
+
+    def remote(self, *args: Any, **kwargs: Any) -> ray.ObjectRef: ...
+
+    def options(self, **options: Any) -> RemoteMethod: ...
+
+
+class BarrierHandle(Protocol):
+    """The handle (a ``ray.actor.ActorHandle``) of a checkpoint's multi-rank barrier actor
+    (:mod:`ray_ckpt.save.barrier`): the methods its ranks call on it."""
+
+    @property
+    def join(self) -> RemoteMethod: ...
+    @property
+    def assign(self) -> RemoteMethod: ...
+    @property
+    def arrive(self) -> RemoteMethod: ...
+    @property
+    def fail(self) -> RemoteMethod: ...
+    @property
+    def status(self) -> RemoteMethod: ...
+
+
+class WriterHandle(Protocol):
+    """The handle (a ``ray.actor.ActorHandle``) of a node's writer actor
+    (:mod:`ray_ckpt.save.writer`): the methods the caller and the pool call on it."""
+
+    @property
+    def _actor_id(self) -> ray.ActorID: ...
+    @property
+    def node_id(self) -> RemoteMethod: ...
+    @property
+    def write_bucket(self) -> RemoteMethod: ...
+    @property
+    def run_save(self) -> RemoteMethod: ...
+    @property
+    def wait_staged(self) -> RemoteMethod: ...
+    @property
+    def end_staging(self) -> RemoteMethod: ...
+    @property
+    def cancel(self) -> RemoteMethod: ...
 
 
 @dataclass(frozen=True)
@@ -70,7 +114,7 @@ class SaveRequest:
     fsync: bool
     barrier_timeout_secs: float
     started_unix: float
-    barrier: Any = None  # the checkpoint's coordinator actor, for multi-rank saves
+    barrier: BarrierHandle | None = None  # the checkpoint's barrier actor, multi-rank saves
     metadata: dict[str, Any] = field(default_factory=dict)  # JSON, kept in the commit marker
 
     def commit_target(self) -> CommitTarget:

@@ -78,7 +78,7 @@ class StagingPlan:
     sources: list[list[_Source]] = field(repr=False)
     host_bytes: list[torch.Tensor | np.ndarray] = field(repr=False)
     on_cuda: bool = False
-    ready_event: Any = field(default=None, repr=False)  # CUDA event recorded at save()
+    ready_event: torch.cuda.Event | None = field(default=None, repr=False)  # recorded at plan
     replicas: dict[int, Replica] = field(default_factory=dict)  # item index -> replica
     shard_owners: dict[int, int] = field(default_factory=dict)  # shard item -> writing rank
 
@@ -124,7 +124,7 @@ class DefaultStager(CheckpointStager):
     def __init__(self, config: CheckpointStagerConfig | None = None) -> None:
         self._config = config or CheckpointStagerConfig()
         self._pinned: torch.Tensor | None = None
-        self._stream: Any = None
+        self._stream: torch.cuda.Stream | None = None
 
     # --- plan ---------------------------------------------------------------------------------
 
@@ -328,7 +328,7 @@ class DefaultStager(CheckpointStager):
             self._pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
         return self._pinned
 
-    def _side_stream(self) -> Any:
+    def _side_stream(self) -> torch.cuda.Stream | None:
         if not self._config.use_non_blocking_copy:
             return None
         if self._stream is None:
