@@ -35,12 +35,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import pyarrow.fs as pafs
 import ray
 
 from .. import metrics
-from .._checksum import crc32c
 from ..config import CheckpointerConfig
 from ..errors import CheckpointExistsError, CheckpointWriteError, UnsupportedValueError
 from ..format.layout import BucketLayout
@@ -50,7 +48,7 @@ from ..storage import memory
 from ..storage.storage import Storage
 from ..types import RankInfo
 from .barrier import barrier_for
-from .pieces import byte_view
+from .dedup import replica_checksums
 from .pool import WriterPool
 from .protocol import (
     BarrierHandle,
@@ -220,7 +218,9 @@ class Coordinator:
         def all_staged() -> None:
             """Every byte is in the object store: the caller may change its tensors now,
             before the (remote) hand-off of the last buckets to the writers."""
-            outcome.replicas = self._replica_checksums(plan)
+            outcome.replicas = replica_checksums(
+                plan.replicas, plan.host_bytes, self._config.staging_config.verify_replicas
+            )
             outcome.shard_items = {
                 item: (plan.leaves[item].path_id, owner)
                 for item, owner in plan.shard_owners.items()
@@ -330,16 +330,6 @@ class Coordinator:
             concurrent.futures.wait([put for _, _, put in staged])
         all_staged()
         dispatch()
-
-    def _replica_checksums(self, plan: StagingPlan) -> dict[int, tuple[str, int, int | None]]:
-        """Path, owner and (with ``verify_replicas``, on CPU) CRC32C of each replicated item."""
-        verify = self._config.staging_config.verify_replicas
-        out: dict[int, tuple[str, int, int | None]] = {}
-        for item, replica in plan.replicas.items():
-            raw = byte_view(plan.host_bytes[item])
-            crc = crc32c(raw.data) if verify and isinstance(raw, np.ndarray) else None
-            out[item] = (replica.path_id, replica.owner, crc)
-        return out
 
     def _placement(self) -> list[tuple[str, WriterHandle]]:
         """The writers that write this save's buckets, in turn: this node's own, or (with

@@ -46,7 +46,7 @@ from ..format.layout import BucketLayout, Segment
 from ..format.manifest import ItemMeta
 from ..format.names import ALIGNMENT, KIND_PICKLE, KIND_TENSOR, align, data_file_name, dtype_name
 from ..format.tree import Leaf, flatten
-from .dedup import AssignReplicas, Replica, assign_replica_owners
+from .dedup import AssignReplicas, Replica, replicated_items
 from .pieces import _group_bytes, byte_view, pieces
 
 logger = logging.getLogger(__name__)
@@ -148,7 +148,9 @@ class DefaultStager(CheckpointStager):
             items.append(meta)
             host_bytes.append(raw)
             on_cuda = on_cuda or (isinstance(raw, torch.Tensor) and raw.device.type == "cuda")
-        replicas = self._replicas(leaves, items, world_size, assign_replicas)
+        replicas = replicated_items(
+            leaves, items, world_size, self._config.rank_local_keys, assign_replicas
+        )
         shard_owners = {
             leaf.index: leaf.shard.owner(leaf.path_id, rank)
             for leaf in leaves
@@ -179,36 +181,6 @@ class DefaultStager(CheckpointStager):
             replicas=replicas,
             shard_owners=shard_owners,
         )
-
-    def _replicas(
-        self,
-        leaves: list[Leaf],
-        items: list[ItemMeta],
-        world_size: int,
-        assign: AssignReplicas | None,
-    ) -> dict[int, Replica]:
-        """Which tensors are replicated across ranks (every tensor that is neither sharded nor
-        rank-local: held by one rank or by several, written once), and which rank writes each
-        (:func:`assign_replica_owners`, through ``assign``)."""
-        if world_size <= 1:
-            return {}
-        prefixes = self._config.rank_local_keys
-        candidates = [
-            (leaf, meta)
-            for leaf, meta in zip(leaves, items)
-            if meta.kind == KIND_TENSOR
-            and leaf.shard is None
-            and not _under_any(leaf.key, prefixes)
-        ]
-        keys = [(leaf.path_id, meta.nbytes) for leaf, meta in candidates]
-        if assign is None:
-            owners = assign_replica_owners([(list(range(world_size)), keys)])[0]
-        else:
-            owners = assign(keys)
-        return {
-            meta.item: Replica(leaf.path_id, owner)
-            for (leaf, meta), owner in zip(candidates, owners)
-        }
 
     def _layout(self, items: list[ItemMeta]) -> list[list[_Source]]:
         """Assign every item's bytes to arrays and arrays to buckets of ``bucket_size_bytes``.
@@ -403,10 +375,6 @@ def _pack(groups: dict[str, list[ItemMeta]]) -> _Source:
             parts.append((meta.item, position, meta.nbytes))
             position += meta.nbytes
     return _Source(parts=parts, nbytes=position, is_pack=True, groups=spans)
-
-
-def _under_any(key: str, prefixes: tuple[str, ...]) -> bool:
-    return any(p == "" or key == p or key.startswith(p + ".") for p in prefixes)
 
 
 def _bucket_layout(seq: int, file: str, sources: list[_Source]) -> BucketLayout:
