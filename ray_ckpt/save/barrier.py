@@ -1,4 +1,4 @@
-"""The coordinator of a multi-rank checkpoint: one named Ray actor per checkpoint, the barrier.
+"""The barrier of a multi-rank checkpoint: one named Ray actor per checkpoint.
 
 Every rank of a save finds it by name (``ray_ckpt.checkpoint.<hash of the path>``, created by
 whichever rank gets there first) and talks to it three times::
@@ -14,14 +14,14 @@ whichever rank gets there first) and talks to it three times::
                                                                   returns once the save is decided
     (a failing rank's session)   fail(rank, error)
 
-Each report is merged as it arrives (:class:`ray_ckpt.save.dedup.Merger`: the coordinator keeps
+Each report is merged as it arrives (:class:`ray_ckpt.save.dedup.Merger`: the barrier keeps
 the checkpoint's items once, not every rank's copy of them); it commits (manifest, then marker:
 :func:`ray_ckpt.save.commit.commit_merged`) once every one of the ``world_size`` ranks has arrived,
 and answers every ``arrive`` with the same :class:`~ray_ckpt.SaveResult`. It fails the save on
 every rank, committing nothing, as soon as one rank fails, a joined rank's process dies, or
 ``barrier_timeout_secs`` pass after the first rank joined; the error names the ranks that
 failed or never arrived. Having answered everyone, it exits, so a later save to the same path
-gets a fresh coordinator.
+gets a fresh barrier.
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ class _SaveBarrier:
         self._target = dataclasses.replace(self._target, storage=storage)
 
     def _merge(self, report: RankReport) -> None:
-        """Fold ``report`` into the checkpoint's items as it arrives, so that the coordinator
+        """Fold ``report`` into the checkpoint's items as it arrives, so that the barrier
         holds each replicated item once, never every rank's copy of it."""
 
         if self._merger is None:

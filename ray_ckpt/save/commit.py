@@ -1,7 +1,7 @@
 """The commit: the writer's half of a save (see :mod:`ray_ckpt.save.pipeline` for the whole).
 
 Runs in the writer actor of the saving process's node (a single-rank save) or in the
-checkpoint's coordinator actor (:mod:`ray_ckpt.save.barrier`, a multi-rank save)::
+checkpoint's barrier actor (:mod:`ray_ckpt.save.barrier`, a multi-rank save)::
 
     gather        wait for every bucket's write; one error names every failed writer, node and
                   cause; nothing is committed
@@ -10,7 +10,7 @@ checkpoint's coordinator actor (:mod:`ray_ckpt.save.barrier`, a multi-rank save)
                   for the union of the ranks' items (a replicated tensor or a shard box once),
                   every disagreement collected, one tree, the union of the ranks' trees
     commit        manifest (durable), ``pre_commit`` hook, marker last (exclusive unless
-                  overwriting: ``storage.CommitStrategy``), ``post_commit`` hook
+                  overwriting: ``storage.atomic.CommitStrategy``), ``post_commit`` hook
     clean up      on failure: every file of this save; after an overwrite: the files of the
                   checkpoint it replaced
 """

@@ -1,4 +1,15 @@
-"""dedup: moved from ray_ckpt.save.stager (issue 14). TODO: docstring."""
+"""Multi-rank dedup: a tensor held by several ranks is written once and numbered once.
+
+In the order a multi-rank save runs::
+
+    (stager, each rank)    replicated_items        which items are replicated; their writers
+                                                   come from the barrier (assign_replica_owners
+                                                   over the union of the ranks' keys)
+    (pipeline, each rank)  replica_checksums       path, owner and CRC32C of each, for the report
+    (barrier / commit)     Merger                  folds the ranks' reports into one item list,
+                                                   a replicated item or shard box once; collects
+                                                   every disagreement (values, shapes, tiling)
+"""
 
 from __future__ import annotations
 
@@ -34,7 +45,7 @@ class Replica:
 
 
 # A multi-rank save's replica assignment: given this rank's replicated candidates, as
-# (path id, bytes), the writing rank of each (asked of the checkpoint's coordinator actor, which
+# (path id, bytes), the writing rank of each (asked of the checkpoint's barrier actor, which
 # answers once every rank has asked: see :func:`assign_replica_owners`).
 AssignReplicas = Callable[[list[tuple[str, int]]], list[int]]
 

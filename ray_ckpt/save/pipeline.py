@@ -1,29 +1,20 @@
-"""The coordinator: turns one ``save`` call into a committed checkpoint.
+"""The pipeline: the caller's half of a save (:class:`Coordinator`), ``save`` to hand-off.
 
 The protocol, in the order it runs::
 
-    (caller)  check the destination      refuse a committed checkpoint (unless overwrite) or
-                                         a directory that holds files ray_ckpt did not write
+    (caller)  check the destination      refuse a committed checkpoint or foreign files
     (caller)  plan                       flatten, validate, lay out buckets (stager)
-    (caller)  open the session           run_save / wait_staged on this node's writer: their
-                                         refs back the write and stage futures from now on
-    (caller)  stage + dispatch           for each group of buckets (one bucket, or up to
-                                         ASYNC_PUT_BYTES for an async save), within the
-                                         memory budget: ray.put it (stager; an async save
-                                         puts put_threads groups at once), write_bucket
-                                         of each of its buckets on one writer
+    (caller)  open the session           run_save / wait_staged on this node's writer (their
+                                         refs back the write and stage futures)
+    (caller)  stage + dispatch           each group of buckets (one, or ASYNC_PUT_BYTES for
+                                         an async save), within the memory budget: ray.put
+                                         (stager), then write_bucket of each on one writer
     (caller)  end staging                hand every write's ref to the session
-    (writer)  gather                     wait for every write; one error names every failed
-                                         writer, node and cause; nothing is committed
-    (writer)  commit                     manifest (fsynced), pre_commit hook, marker last
-                                         (storage.CommitStrategy), post_commit hook
-    (writer)  clean up                   on failure: every file of this save; after an
-                                         overwrite: the files of the checkpoint it replaced
+    (writer)  gather, commit, clean up   :mod:`ray_ckpt.save.commit` (multi-rank: through
+                                         the checkpoint's barrier, :mod:`ray_ckpt.save.barrier`)
 
-The caller's half (this module) runs on the caller's thread (``SyncCheckpointer``) or on a
-staging thread (``AsyncCheckpointer`` with ``use_async_staging``); the writer's half
-(:mod:`ray_ckpt.save.commit`) runs in the writer actor of the caller's node, so a save commits even
-while the caller trains on.
+Runs on the caller's thread (``SyncCheckpointer``) or a staging thread (``AsyncCheckpointer``);
+the commit runs in the writer actor of the caller's node, so it goes on while the caller trains.
 """
 
 from __future__ import annotations
@@ -150,7 +141,7 @@ class Coordinator:
         handoff = storage.handoff()
         write_ref = session.run_save.remote(handoff, checkpoint_id, request)
         if request.barrier is not None:
-            # the pending write ref is this process's: the coordinator learns of its death
+            # the pending write ref is this process's: the barrier learns of its death
             request.barrier.join.remote(self._rank_info.global_rank, [write_ref])
         # the pending write ref is this process's: the writer learns of its death while staging
         stage_ref = session.wait_staged.remote(
@@ -191,7 +182,7 @@ class Coordinator:
         )
 
     def _assigner(self, barrier: BarrierHandle) -> Callable[[list[tuple[str, int]]], list[int]]:
-        """Asks the checkpoint's coordinator which rank writes each replicated key; it answers
+        """Asks the checkpoint's barrier which rank writes each replicated key; it answers
         once every rank has asked (the union of the ranks' keys), or raises the save's error."""
         rank = self._rank_info.global_rank
         timeout = self._config.writer_config.barrier_timeout_secs + 60
@@ -199,7 +190,7 @@ class Coordinator:
         def assign(keys: list[tuple[str, int]]) -> list[int]:
             try:
                 return list(ray.get(barrier.assign.remote(rank, keys), timeout=timeout))
-            except Exception as e:  # noqa: BLE001 - the coordinator's own error, unwrapped
+            except Exception as e:  # noqa: BLE001 - the barrier's own error, unwrapped
                 raise unwrap_ray_error(e) from None
 
         return assign

@@ -1,4 +1,10 @@
-"""pool: moved from ray_ckpt.save.writer (issue 14). TODO: docstring."""
+"""The writer pool: finds (or creates) the writer actor of a node for the pipeline.
+
+One :class:`WriterPool` per checkpointer. The pipeline asks it for this node's writer (the
+session of a save) and, with ``spread_across_nodes``, for every node's; a cached handle is
+checked before use once its writer may have retired (idle timeout), and dropped when its actor
+died. Actors are named per pool and node (:mod:`ray_ckpt.save.writer` says why).
+"""
 
 from __future__ import annotations
 

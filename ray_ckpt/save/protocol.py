@@ -1,4 +1,15 @@
-"""protocol: moved from ray_ckpt.save.pipeline (issue 14). TODO: docstring."""
+"""The messages that cross between a save's processes, and the handles they cross through.
+
+A leaf of the save path: it imports nothing else of ``save/``, so the caller's pipeline, the
+writer actor, the commit and the barrier all type their calls with it. In the order a save
+sends them: the pipeline sends a :class:`SaveRequest` to the writer actor of its node
+(``run_save``), each write returns a :class:`ShardResult`, the pipeline ends staging with a
+:class:`StagingOutcome` (``end_staging``; a :class:`StageStats` is the stage future's result);
+a multi-rank save's writer sends a :class:`RankReport` to the checkpoint's barrier actor; the
+commit writes a :class:`CommitTarget` and answers a :class:`SaveResult`. :class:`WriterHook`
+runs around the commit; the handles (:class:`WriterHandle`, :class:`BarrierHandle`) name the
+actor methods callers use.
+"""
 
 from __future__ import annotations
 
@@ -182,7 +193,7 @@ class WriterHook(abc.ABC):
     """Actions around the commit of a checkpoint.
 
     Both run once per checkpoint, in the writer actor that commits it (the one on the node of
-    the saving process, or of rank 0's coordinator for multi-rank saves), so a hook must pickle.
+    the saving process, or the checkpoint's barrier for multi-rank saves), so a hook must pickle.
     ``pre_commit`` runs after every data file and the manifest are durable and before the
     marker is written; an exception there fails the save with nothing committed.
     ``post_commit`` runs after the marker is durable.

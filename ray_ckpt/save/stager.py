@@ -10,7 +10,7 @@ Call order, all in the caller's process::
 A bucket becomes one data file. ``stage`` puts a group of buckets as one object (a list with
 one payload per bucket): a sync save stages one bucket at a time, to start writing at once; an
 async save stages up to 256 MiB a put, since each ``ray.put`` has a fixed cost (see
-``coordinator.ASYNC_PUT_BYTES``). A bucket's payload is a list of byte arrays, each put as a
+``pipeline.ASYNC_PUT_BYTES``). A bucket's payload is a list of byte arrays, each put as a
 list of *pieces* of at most ``PUT_PIECE_BYTES`` (views, no copy; see there why):
 
 * at most one *pack*: tensors up to ``pack_threshold_bytes`` copied side by side, each at a

@@ -2,7 +2,7 @@
 
 Who calls what::
 
-    caller (stager + coordinator)           writer actor on the caller's node
+    caller (stager + pipeline)              writer actor on the caller's node
     ────────────────────────────            ──────────────────────────────────────────
     run_save(token, request)  ───────────►  waits for staging to end, then gathers,
     wait_staged(token, [ref]) ───────────►  (resolves when staging has ended; fails the save
@@ -10,7 +10,8 @@ Who calls what::
     write_bucket(layout, [ref]) ─────────►  any node's writer: ray.get the bucket (zero-copy
                                             from shared memory), checksum, write, fsync
     end_staging(token, outcome) ─────────►  wakes run_save and wait_staged
-                                            run_save: manifest, hooks, marker (coordinator)
+                                            run_save: manifest, hooks, marker (commit; or the
+                                            barrier, for a multi-rank save)
 
 The refs of ``run_save`` and ``wait_staged`` exist as soon as ``save`` is called: they are the
 ``ObjectRef`` behind the write and the stage futures.
