@@ -82,15 +82,13 @@ def synthetic_reports(ranks: int, items: int) -> Iterator[Any]:
         )
 
 
-def _request(path: str) -> Any:
-    from ray_ckpt.save.protocol import SaveRequest
+def _target(path: str) -> Any:
+    from ray_ckpt.save.protocol import CommitTarget
     from ray_ckpt.storage.storage import Storage
-    from ray_ckpt.types import RankInfo
 
-    return SaveRequest(
-        storage=Storage.from_path(path), checkpoint_id="bench", rank_info=RankInfo(0, 2),
-        items=[], tree_json="", overwrite=False, hook=None, fsync=False,
-        barrier_timeout_secs=60, started_unix=time.time(),
+    return CommitTarget(
+        storage=Storage.from_path(path), checkpoint_id="bench", overwrite=False, hook=None,
+        fsync=False, started_unix=time.time(),
     )
 
 
@@ -111,14 +109,14 @@ def synthetic(ranks: int, items: int) -> dict[str, Any]:
         owners = assign_replica_owners([(list(range(ranks)), keys)])
         t_assign = time.perf_counter() - t0
         assert len(owners[0]) == len(keys)
-        merger = Merger(_request(scratch).storage)
+        merger = Merger(_target(scratch).storage)
         t0 = time.perf_counter()
         while reports:
             merger.add(reports.pop())  # dropped once merged
         t_merge = time.perf_counter() - t0
         rows = (len(merger.items), len(merger.extents), len(merger.trees))
         t0 = time.perf_counter()
-        result = commit_merged(_request(scratch), merger, "bench")
+        result = commit_merged(_target(scratch), merger)
         t_commit = time.perf_counter() - t0
         manifest = max(
             (p for p in __import__("pathlib").Path(scratch).iterdir() if "manifest" in p.name),

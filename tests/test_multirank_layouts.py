@@ -20,7 +20,7 @@ import ray_ckpt.errors
 from ray_ckpt.format.checks import first_overlap, tiling_problems
 from ray_ckpt.format.manifest import Extent, ItemMeta
 from ray_ckpt.save.commit import commit_reports
-from ray_ckpt.save.protocol import RankReport, SaveRequest
+from ray_ckpt.save.protocol import CommitTarget, RankReport
 from ray_ckpt.storage.storage import Storage
 from ray_ckpt.types import RankInfo
 
@@ -259,15 +259,15 @@ def _report(rank: int, owner: int, *, written: bool) -> RankReport:
 def test_a_key_no_rank_wrote_is_refused(tmp_path):
     """A rank whose stager disagreed on who writes ``w``: nobody wrote it, nothing commits."""
     storage = Storage.from_path(str(tmp_path / "c"))
-    request = SaveRequest(
-        storage=storage, checkpoint_id="x", rank_info=RankInfo(0, 2), items=[], tree_json="",
-        overwrite=False, hook=None, fsync=False, barrier_timeout_secs=10, started_unix=0.0,
+    target = CommitTarget(
+        storage=storage, checkpoint_id="x", overwrite=False, hook=None, fsync=False,
+        started_unix=0.0,
     )
     reports = [_report(r, owner=1, written=False) for r in range(2)]
     with pytest.raises(
         ray_ckpt.errors.CheckpointWriteError, match="key 'w': no rank wrote its bytes"
     ):
-        commit_reports(request, reports, "x")
+        commit_reports(target, reports)
     assert not storage.exists("ray_ckpt.commit")
 
 

@@ -1,4 +1,4 @@
-"""The coordinator of a multi-rank checkpoint: one named Ray actor per checkpoint, the barrier.
+"""The barrier of a multi-rank checkpoint: one named Ray actor per checkpoint.
 
 Every rank of a save finds it by name (``ray_ckpt.checkpoint.<hash of the path>``, created by
 whichever rank gets there first) and talks to it three times::
@@ -14,14 +14,14 @@ whichever rank gets there first) and talks to it three times::
                                                                   returns once the save is decided
     (a failing rank's session)   fail(rank, error)
 
-Each report is merged as it arrives (:class:`ray_ckpt.save.dedup.Merger`: the coordinator keeps
+Each report is merged as it arrives (:class:`ray_ckpt.save.dedup.Merger`: the barrier keeps
 the checkpoint's items once, not every rank's copy of them); it commits (manifest, then marker:
 :func:`ray_ckpt.save.commit.commit_merged`) once every one of the ``world_size`` ranks has arrived,
 and answers every ``arrive`` with the same :class:`~ray_ckpt.SaveResult`. It fails the save on
 every rank, committing nothing, as soon as one rank fails, a joined rank's process dies, or
 ``barrier_timeout_secs`` pass after the first rank joined; the error names the ranks that
 failed or never arrived. Having answered everyone, it exits, so a later save to the same path
-gets a fresh coordinator.
+gets a fresh barrier.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import dataclasses
 import hashlib
 import logging
 import time
-from typing import Any
+from typing import cast
 
 import ray
 
@@ -40,10 +40,9 @@ from ..errors import BarrierTimeoutError, CheckpointWriteError
 from ..format.names import new_checkpoint_id
 from ..storage.credentials import Handoff, accept
 from ..storage.storage import Storage
-from ..types import RankInfo
 from .commit import commit_merged
 from .dedup import Merger, assign_replica_owners
-from .protocol import SaveRequest
+from .protocol import BarrierHandle, CommitTarget, RankReport, SaveResult, WriterHook
 
 logger = logging.getLogger(__name__)
 
@@ -59,37 +58,32 @@ class _SaveBarrier:
         storage: Storage,
         world_size: int,
         overwrite: bool,
-        hook: Any,
+        hook: WriterHook | None,
         fsync: bool,
         barrier_timeout_secs: float,
     ) -> None:
 
         self._world_size = world_size
         self._timeout = barrier_timeout_secs
-        self._checkpoint_id = new_checkpoint_id()
-        self._request = SaveRequest(
+        self._target = CommitTarget(
             storage=storage,
-            checkpoint_id=self._checkpoint_id,
-            rank_info=RankInfo(0, world_size),
-            items=[],
-            tree_json="",
+            checkpoint_id=new_checkpoint_id(),
             overwrite=overwrite,
             hook=hook,
             fsync=fsync,
-            barrier_timeout_secs=barrier_timeout_secs,
             started_unix=time.time(),
         )
         self._handoff: Handoff | None = None
         self._joined: dict[int, ray.ObjectRef] = {}
         self._arrived: set[int] = set()
-        self._merger: Any = None
+        self._merger: Merger | None = None
         self._key_sets: dict[tuple[tuple[str, int], ...], list[int]] = {}  # keys -> ranks
         self._assigned: dict[int, tuple[tuple[str, int], ...]] = {}
         self._owners: dict[tuple[tuple[str, int], ...], list[int]] | None = None
         self._assignment: asyncio.Event | None = None
         self._failures: dict[int, str] = {}
         self._decided: asyncio.Event | None = None
-        self._outcome: tuple[bool, Any] | None = None
+        self._outcome: SaveResult | BaseException | None = None  # the decision
         self._answered = 0
         self._watchdog: asyncio.Task[None] | None = None
         self._first_join = time.monotonic()
@@ -128,11 +122,11 @@ class _SaveBarrier:
         waiter.cancel()
         decided.cancel()
         if self._owners is None:
-            assert self._outcome is not None
-            raise self._outcome[1]
+            assert isinstance(self._outcome, BaseException)
+            raise self._outcome
         return self._owners[key_set]
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> dict[str, object]:
         """Which ranks have joined and arrived, and the failures so far (for operators)."""
         return {
             "world_size": self._world_size,
@@ -143,7 +137,7 @@ class _SaveBarrier:
             "decided": self._outcome is not None,
         }
 
-    async def arrive(self, handoff: Handoff | None, report: Any) -> Any:
+    async def arrive(self, handoff: Handoff | None, report: RankReport) -> SaveResult:
         self._start()
         self._adopt(handoff)
         assert self._decided is not None
@@ -163,16 +157,16 @@ class _SaveBarrier:
             return
         accept(handoff)
         self._handoff = handoff
-        storage = copy.copy(self._request.storage)
+        storage = copy.copy(self._target.storage)
         storage.adopt(handoff)
-        self._request = dataclasses.replace(self._request, storage=storage)
+        self._target = dataclasses.replace(self._target, storage=storage)
 
-    def _merge(self, report: Any) -> None:
-        """Fold ``report`` into the checkpoint's items as it arrives, so that the coordinator
+    def _merge(self, report: RankReport) -> None:
+        """Fold ``report`` into the checkpoint's items as it arrives, so that the barrier
         holds each replicated item once, never every rank's copy of it."""
 
         if self._merger is None:
-            self._merger = Merger(self._request.storage)
+            self._merger = Merger(self._target.storage)
         try:
             self._merger.add(report)
         except Exception as e:
@@ -190,36 +184,36 @@ class _SaveBarrier:
             return
         if self._failures:
             failed = "; ".join(f"rank {r}: {why}" for r, why in sorted(self._failures.items()))
-            self._decide(False, CheckpointWriteError(
-                f"multi-rank save to {self._request.storage.display} failed on every rank; "
+            self._decide(CheckpointWriteError(
+                f"multi-rank save to {self._target.storage.display} failed on every rank; "
                 f"nothing was committed. {failed}"
             ))
         elif len(self._arrived) == self._world_size:
-
+            assert self._merger is not None  # every rank arrived, none failed: all merged
             try:
                 result = await asyncio.to_thread(
-                    commit_merged, self._request, self._merger, self._checkpoint_id
+                    commit_merged, self._target, self._merger
                 )
             except Exception as e:  # noqa: BLE001 - every rank gets this error
-                self._decide(False, e)
+                self._decide(e)
             else:
-                self._decide(True, result)
+                self._decide(result)
 
-    def _decide(self, ok: bool, value: Any) -> None:
+    def _decide(self, outcome: SaveResult | BaseException) -> None:
+        """Decide the save once: committed (its result) or failed (the error every rank gets)."""
         assert self._decided is not None
         if not self._decided.is_set():
-            self._outcome = (ok, value)
+            self._outcome = outcome
             self._decided.set()
-            if not ok:
-                logger.warning("%s", value)
+            if isinstance(outcome, BaseException):
+                logger.warning("%s", outcome)
 
-    def _answer(self) -> Any:
+    def _answer(self) -> SaveResult:
         assert self._outcome is not None
         self._answered += 1
-        ok, value = self._outcome
-        if ok:
-            return value
-        raise value
+        if isinstance(self._outcome, BaseException):
+            raise self._outcome
+        return self._outcome
 
     async def _watch(self) -> None:
         """Fail the save when a joined rank's process dies or the barrier times out; exit once
@@ -227,9 +221,9 @@ class _SaveBarrier:
         try:
             await self._watch_ranks()
         except Exception as e:  # a broken watchdog must fail the save, not hang it
-            logger.exception("the coordinator's watchdog failed")
-            self._decide(False, CheckpointWriteError(
-                f"multi-rank save to {self._request.storage.display} failed: the coordinator's "
+            logger.exception("the barrier's watchdog failed")
+            self._decide(CheckpointWriteError(
+                f"multi-rank save to {self._target.storage.display} failed: the barrier's "
                 f"watchdog broke ({type(e).__name__}: {e}); nothing was committed"
             ))
         await self._linger_and_exit()
@@ -252,8 +246,8 @@ class _SaveBarrier:
             if time.monotonic() - self._first_join > self._timeout and not self._decided.is_set():
                 reached = self._arrived if self._owners is not None else self._assigned
                 absent = [r for r in range(self._world_size) if r not in reached]
-                self._decide(False, BarrierTimeoutError(
-                    f"multi-rank save to {self._request.storage.display} failed on every rank; "
+                self._decide(BarrierTimeoutError(
+                    f"multi-rank save to {self._target.storage.display} failed on every rank; "
                     f"nothing was committed: ranks {absent} did not reach the barrier within "
                     f"{self._timeout:.0f}s (barrier_timeout_secs). Check those ranks' logs."
                 ))
@@ -280,12 +274,12 @@ def barrier_for(
     namespace: str,
     world_size: int,
     overwrite: bool,
-    hook: Any,
+    hook: WriterHook | None,
     fsync: bool,
     barrier_timeout_secs: float,
-) -> Any:
-    """Find (or create) the coordinator of the checkpoint at ``storage``."""
-    return SaveBarrierActor.options(  # type: ignore[attr-defined]
+) -> BarrierHandle:
+    """Find (or create) the barrier actor of the checkpoint at ``storage``."""
+    handle = SaveBarrierActor.options(  # type: ignore[attr-defined]
         name=barrier_name(storage),
         namespace=namespace,
         get_if_exists=True,
@@ -294,3 +288,4 @@ def barrier_for(
         max_restarts=0,
         max_concurrency=1000,
     ).remote(storage, world_size, overwrite, hook, fsync, barrier_timeout_secs)
+    return cast("BarrierHandle", handle)  # Ray types it "ActorHandle or the class itself"

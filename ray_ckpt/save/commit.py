@@ -1,7 +1,7 @@
 """The commit: the writer's half of a save (see :mod:`ray_ckpt.save.pipeline` for the whole).
 
 Runs in the writer actor of the saving process's node (a single-rank save) or in the
-checkpoint's coordinator actor (:mod:`ray_ckpt.save.barrier`, a multi-rank save)::
+checkpoint's barrier actor (:mod:`ray_ckpt.save.barrier`, a multi-rank save)::
 
     gather        wait for every bucket's write; one error names every failed writer, node and
                   cause; nothing is committed
@@ -10,7 +10,7 @@ checkpoint's coordinator actor (:mod:`ray_ckpt.save.barrier`, a multi-rank save)
                   for the union of the ranks' items (a replicated tensor or a shard box once),
                   every disagreement collected, one tree, the union of the ranks' trees
     commit        manifest (durable), ``pre_commit`` hook, marker last (exclusive unless
-                  overwriting: ``storage.CommitStrategy``), ``post_commit`` hook
+                  overwriting: ``storage.atomic.CommitStrategy``), ``post_commit`` hook
     clean up      on failure: every file of this save; after an overwrite: the files of the
                   checkpoint it replaced
 """
@@ -21,7 +21,7 @@ import concurrent.futures
 import logging
 import time
 from collections import Counter
-from typing import Any
+from collections.abc import Callable
 
 import ray
 
@@ -39,6 +39,7 @@ from ..storage.storage import Storage
 from .dedup import Merger
 from .protocol import (
     ABANDONED,
+    CommitTarget,
     RankReport,
     SaveRequest,
     SaveResult,
@@ -50,22 +51,25 @@ from .protocol import (
 logger = logging.getLogger(__name__)
 
 
-def commit_save(request: SaveRequest, slot: Any) -> SaveResult:
-    """Gather every write of this rank's save, then commit it (one rank) or hand it to the
-    checkpoint's coordinator (several ranks). On failure, delete this save's files."""
+def commit_save(
+    request: SaveRequest, outcome: StagingOutcome, begin_commit: Callable[[], bool]
+) -> SaveResult:
+    """Gather every write of this rank's save (``outcome``: what staging handed over), then
+    commit it (one rank) or hand it to the checkpoint's barrier (several ranks), once
+    ``begin_commit`` allows it (False: the save was cancelled). On failure, delete this save's
+    files."""
     storage = request.storage
-    outcome: StagingOutcome = slot.outcome
     try:
         shards = gather_shards(outcome.shards, storage, request.barrier_timeout_secs)
         if outcome.error is not None:
             raise outcome.error
-        if not slot.begin_commit():
+        if not begin_commit():
             raise concurrent.futures.CancelledError(
                 f"save to {storage.display} was cancelled; nothing was committed"
             )
         report = _report(request, outcome, shards)
         if request.barrier is None:
-            return commit_reports(request, [report], request.checkpoint_id)
+            return commit_reports(request.commit_target(), [report])
     except BaseException as e:
         metrics.record_failure()
         if request.barrier is not None:
@@ -92,7 +96,7 @@ def _report(request: SaveRequest, outcome: StagingOutcome, shards: list[ShardRes
 
 
 def _through_barrier(request: SaveRequest, report: RankReport) -> SaveResult:
-    """Hand this rank's report to the checkpoint's coordinator and wait for its decision."""
+    """Hand this rank's report to the checkpoint's barrier and wait for its decision."""
     assert request.barrier is not None
     try:
         return ray.get(  # type: ignore[no-any-return]
@@ -109,30 +113,27 @@ def _through_barrier(request: SaveRequest, report: RankReport) -> SaveResult:
 
 
 @without_gc
-def commit_reports(
-    request: SaveRequest, reports: list[RankReport], checkpoint_id: str
-) -> SaveResult:
-    """Commit the reports of every rank as checkpoint ``checkpoint_id`` (see
-    :func:`commit_merged`)."""
-    merger = Merger(request.storage)
+def commit_reports(target: CommitTarget, reports: list[RankReport]) -> SaveResult:
+    """Commit the reports of every rank as ``target`` (see :func:`commit_merged`)."""
+    merger = Merger(target.storage)
     for report in reports:
         merger.add(report)
-    return commit_merged(request, merger, checkpoint_id)
+    return commit_merged(target, merger)
 
 
 @without_gc
-def commit_merged(request: SaveRequest, merger: Merger, checkpoint_id: str) -> SaveResult:
-    """Commit the merged reports of every rank as checkpoint ``checkpoint_id``: manifest
-    (durable), ``pre_commit`` hook, marker (exclusive unless overwriting), ``post_commit`` hook,
-    then the files of the checkpoint this one replaced."""
-    storage = request.storage
+def commit_merged(target: CommitTarget, merger: Merger) -> SaveResult:
+    """Commit the merged reports of every rank as checkpoint ``target.checkpoint_id`` in
+    ``target.storage``: manifest (durable), ``pre_commit`` hook, marker (exclusive unless
+    overwriting), ``post_commit`` hook, then the files of the checkpoint this one replaced."""
+    storage, checkpoint_id, hook = target.storage, target.checkpoint_id, target.hook
     items, extents, tree, rank_trees = merger.finish()
-    replaced = _committed_files(storage) if request.overwrite else set()
+    replaced = _committed_files(storage) if target.overwrite else set()
     table = build_manifest(items, extents, tree, checkpoint_id, rank_trees)
     raw = manifest_to_bytes(table)
     manifest = manifest_file_name(checkpoint_id)
     try:
-        storage.write_file(manifest, [raw], fsync=request.fsync)
+        storage.write_file(manifest, [raw], fsync=target.fsync)
         marker = Marker(
             checkpoint_id=checkpoint_id,
             manifest=manifest,
@@ -143,14 +144,14 @@ def commit_merged(request: SaveRequest, merger: Merger, checkpoint_id: str) -> S
             total_nbytes=sum(m.nbytes for m in items),
             metadata=merger.metadata,
         )
-        if request.hook is not None:
-            request.hook.pre_commit(storage.display)
+        if hook is not None:
+            hook.pre_commit(storage.display)
         commit_strategy_for(storage.fs).commit(
             storage,
             MARKER_NAME,
             marker.to_bytes(),
             marker_temp_name(checkpoint_id),
-            exclusive=not request.overwrite,
+            exclusive=not target.overwrite,
         )
     except BaseException:
         storage.delete_files([manifest])
@@ -159,8 +160,8 @@ def commit_merged(request: SaveRequest, merger: Merger, checkpoint_id: str) -> S
     stale = sorted(replaced - kept)
     if stale:
         storage.delete_files(stale)
-    if request.hook is not None:
-        request.hook.post_commit(storage.display)
+    if hook is not None:
+        hook.post_commit(storage.display)
     result = SaveResult(
         path=storage.display,
         checkpoint_id=checkpoint_id,
@@ -168,7 +169,7 @@ def commit_merged(request: SaveRequest, merger: Merger, checkpoint_id: str) -> S
         items=len(items),
         files=len({e.file for e in extents}) + 2,
         stage_secs=merger.stage_secs,
-        total_secs=time.time() - request.started_unix,
+        total_secs=time.time() - target.started_unix,
         writers=dict(merger.writers),
     )
     metrics.record_commit(result.nbytes, result.total_secs)

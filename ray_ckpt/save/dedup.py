@@ -1,4 +1,15 @@
-"""dedup: moved from ray_ckpt.save.stager (issue 14). TODO: docstring."""
+"""Multi-rank dedup: a tensor held by several ranks is written once and numbered once.
+
+In the order a multi-rank save runs::
+
+    (stager, each rank)    replicated_items        which items are replicated; their writers
+                                                   come from the barrier (assign_replica_owners
+                                                   over the union of the ranks' keys)
+    (pipeline, each rank)  replica_checksums       path, owner and CRC32C of each, for the report
+    (barrier / commit)     Merger                  folds the ranks' reports into one item list,
+                                                   a replicated item or shard box once; collects
+                                                   every disagreement (values, shapes, tiling)
+"""
 
 from __future__ import annotations
 
@@ -9,13 +20,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import torch
+
+from .._checksum import crc32c
 from .._util import PackedRows
 from ..errors import CheckpointWriteError
 from ..format.checks import first_overlap
 from ..format.manifest import Extent, ItemMeta
+from ..format.names import KIND_TENSOR
 from ..format.refs import union_trees
-from ..format.tree import remap
+from ..format.tree import Leaf, remap
 from ..storage.storage import Storage
+from .pieces import byte_view
 from .protocol import RankReport
 
 
@@ -28,9 +45,58 @@ class Replica:
 
 
 # A multi-rank save's replica assignment: given this rank's replicated candidates, as
-# (path id, bytes), the writing rank of each (asked of the checkpoint's coordinator actor, which
+# (path id, bytes), the writing rank of each (asked of the checkpoint's barrier actor, which
 # answers once every rank has asked: see :func:`assign_replica_owners`).
 AssignReplicas = Callable[[list[tuple[str, int]]], list[int]]
+
+
+def replicated_items(
+    leaves: list[Leaf],
+    items: list[ItemMeta],
+    world_size: int,
+    rank_local_keys: tuple[str, ...],
+    assign: AssignReplicas | None,
+) -> dict[int, Replica]:
+    """Which of a rank's items are replicated across ranks (every tensor that is neither sharded
+    nor rank-local: held by one rank or by several, written once), and which rank writes each
+    (:func:`assign_replica_owners`, through ``assign``; without it, every rank is taken to hold
+    the same keys). Called by the stager when it plans a multi-rank save."""
+    if world_size <= 1:
+        return {}
+    candidates = [
+        (leaf, meta)
+        for leaf, meta in zip(leaves, items)
+        if meta.kind == KIND_TENSOR
+        and leaf.shard is None
+        and not _under_any(leaf.key, rank_local_keys)
+    ]
+    keys = [(leaf.path_id, meta.nbytes) for leaf, meta in candidates]
+    if assign is None:
+        owners = assign_replica_owners([(list(range(world_size)), keys)])[0]
+    else:
+        owners = assign(keys)
+    return {
+        meta.item: Replica(leaf.path_id, owner)
+        for (leaf, meta), owner in zip(candidates, owners)
+    }
+
+
+def _under_any(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(p == "" or key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def replica_checksums(
+    replicas: dict[int, Replica], host_bytes: list[torch.Tensor | np.ndarray], verify: bool
+) -> dict[int, tuple[str, int, int | None]]:
+    """Path, owner and (with ``verify``, on CPU) CRC32C of each replicated item, as a rank
+    reports them (:class:`~ray_ckpt.save.protocol.RankReport`) so that :class:`Merger` can
+    check that the ranks agree. Called by the pipeline once staging has copied every byte."""
+    out: dict[int, tuple[str, int, int | None]] = {}
+    for item, replica in replicas.items():
+        raw = byte_view(host_bytes[item])
+        crc = crc32c(raw.data) if verify and isinstance(raw, np.ndarray) else None
+        out[item] = (replica.path_id, replica.owner, crc)
+    return out
 
 
 def assign_replica_owners(

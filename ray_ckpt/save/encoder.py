@@ -1,4 +1,10 @@
-"""encoder: moved from ray_ckpt.save.writer (issue 14). TODO: docstring."""
+"""The bucket encoder: one staged bucket becomes one data file (docs/FORMAT.md).
+
+Called by the writer actor's ``write_bucket`` (:mod:`ray_ckpt.save.writer`) for every bucket
+the pipeline hands it: header, each array at its aligned offset, CRC32C of every extent computed
+while its bytes are in the cache, fsync. Returns the extents the commit puts in the manifest.
+:class:`CheckpointWriter` is plain Python, the extension point of ``checkpoint_writer_init_fn``.
+"""
 
 from __future__ import annotations
 

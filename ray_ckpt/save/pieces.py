@@ -1,4 +1,9 @@
-"""pieces: moved from ray_ckpt.save.stager (issue 14). TODO: docstring."""
+"""Byte views of staged values, cut into the pieces ``ray.put`` copies fastest.
+
+Used by the stager (:mod:`ray_ckpt.save.stager`) as it stages a bucket, and by dedup to
+checksum a replicated tensor's bytes; nothing here copies, except :func:`_group_bytes` (one
+copy for a group of small values of one dtype).
+"""
 
 from __future__ import annotations
 

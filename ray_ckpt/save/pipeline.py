@@ -1,29 +1,20 @@
-"""The coordinator: turns one ``save`` call into a committed checkpoint.
+"""The pipeline: the caller's half of a save (:class:`Coordinator`), ``save`` to hand-off.
 
 The protocol, in the order it runs::
 
-    (caller)  check the destination      refuse a committed checkpoint (unless overwrite) or
-                                         a directory that holds files ray_ckpt did not write
+    (caller)  check the destination      refuse a committed checkpoint or foreign files
     (caller)  plan                       flatten, validate, lay out buckets (stager)
-    (caller)  open the session           run_save / wait_staged on this node's writer: their
-                                         refs back the write and stage futures from now on
-    (caller)  stage + dispatch           for each group of buckets (one bucket, or up to
-                                         ASYNC_PUT_BYTES for an async save), within the
-                                         memory budget: ray.put it (stager; an async save
-                                         puts put_threads groups at once), write_bucket
-                                         of each of its buckets on one writer
+    (caller)  open the session           run_save / wait_staged on this node's writer (their
+                                         refs back the write and stage futures)
+    (caller)  stage + dispatch           each group of buckets (one, or ASYNC_PUT_BYTES for
+                                         an async save), within the memory budget: ray.put
+                                         (stager), then write_bucket of each on one writer
     (caller)  end staging                hand every write's ref to the session
-    (writer)  gather                     wait for every write; one error names every failed
-                                         writer, node and cause; nothing is committed
-    (writer)  commit                     manifest (fsynced), pre_commit hook, marker last
-                                         (storage.CommitStrategy), post_commit hook
-    (writer)  clean up                   on failure: every file of this save; after an
-                                         overwrite: the files of the checkpoint it replaced
+    (writer)  gather, commit, clean up   :mod:`ray_ckpt.save.commit` (multi-rank: through
+                                         the checkpoint's barrier, :mod:`ray_ckpt.save.barrier`)
 
-The caller's half (this module) runs on the caller's thread (``SyncCheckpointer``) or on a
-staging thread (``AsyncCheckpointer`` with ``use_async_staging``); the writer's half
-(:mod:`ray_ckpt.save.commit`) runs in the writer actor of the caller's node, so a save commits even
-while the caller trains on.
+Runs on the caller's thread (``SyncCheckpointer``) or a staging thread (``AsyncCheckpointer``);
+the commit runs in the writer actor of the caller's node, so it goes on while the caller trains.
 """
 
 from __future__ import annotations
@@ -35,11 +26,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
+import pyarrow.fs as pafs
 import ray
 
 from .. import metrics
-from .._checksum import crc32c
 from ..config import CheckpointerConfig
 from ..errors import CheckpointExistsError, CheckpointWriteError, UnsupportedValueError
 from ..format.layout import BucketLayout
@@ -49,13 +39,15 @@ from ..storage import memory
 from ..storage.storage import Storage
 from ..types import RankInfo
 from .barrier import barrier_for
-from .pieces import byte_view
+from .dedup import replica_checksums
 from .pool import WriterPool
 from .protocol import (
+    BarrierHandle,
     SaveRequest,
     SaveResult,
     StageStats,
     StagingOutcome,
+    WriterHandle,
     WriterHook,
     portable_error,
 )
@@ -80,7 +72,7 @@ class Coordinator:
         rank_info: RankInfo,
         stager: CheckpointStager,
         pool: WriterPool,
-        filesystem: Any = None,
+        filesystem: pafs.FileSystem | None = None,
         commit_hook: WriterHook | None = None,
     ) -> None:
         self._config = config
@@ -149,7 +141,7 @@ class Coordinator:
         handoff = storage.handoff()
         write_ref = session.run_save.remote(handoff, checkpoint_id, request)
         if request.barrier is not None:
-            # the pending write ref is this process's: the coordinator learns of its death
+            # the pending write ref is this process's: the barrier learns of its death
             request.barrier.join.remote(self._rank_info.global_rank, [write_ref])
         # the pending write ref is this process's: the writer learns of its death while staging
         stage_ref = session.wait_staged.remote(
@@ -174,8 +166,8 @@ class Coordinator:
             self._stage_all(plan, storage, session, staged, started, overlap_writes)
         return stage_future, write_future
 
-    def _barrier(self, storage: Storage, overwrite: bool) -> Any:
-        """The coordinator actor of this checkpoint, for a multi-rank save (else None)."""
+    def _barrier(self, storage: Storage, overwrite: bool) -> BarrierHandle | None:
+        """The barrier actor of this checkpoint, for a multi-rank save (else None)."""
         if self._rank_info.global_world_size == 1:
             return None
 
@@ -189,8 +181,8 @@ class Coordinator:
             barrier_timeout_secs=self._config.writer_config.barrier_timeout_secs,
         )
 
-    def _assigner(self, barrier: Any) -> Callable[[list[tuple[str, int]]], list[int]]:
-        """Asks the checkpoint's coordinator which rank writes each replicated key; it answers
+    def _assigner(self, barrier: BarrierHandle) -> Callable[[list[tuple[str, int]]], list[int]]:
+        """Asks the checkpoint's barrier which rank writes each replicated key; it answers
         once every rank has asked (the union of the ranks' keys), or raises the save's error."""
         rank = self._rank_info.global_rank
         timeout = self._config.writer_config.barrier_timeout_secs + 60
@@ -198,7 +190,7 @@ class Coordinator:
         def assign(keys: list[tuple[str, int]]) -> list[int]:
             try:
                 return list(ray.get(barrier.assign.remote(rank, keys), timeout=timeout))
-            except Exception as e:  # noqa: BLE001 - the coordinator's own error, unwrapped
+            except Exception as e:  # noqa: BLE001 - the barrier's own error, unwrapped
                 raise unwrap_ray_error(e) from None
 
         return assign
@@ -207,7 +199,7 @@ class Coordinator:
         self,
         plan: StagingPlan,
         storage: Storage,
-        session: Any,
+        session: WriterHandle,
         staged: concurrent.futures.Future[StageStats],
         started: float,
         overlap_writes: bool,
@@ -217,7 +209,9 @@ class Coordinator:
         def all_staged() -> None:
             """Every byte is in the object store: the caller may change its tensors now,
             before the (remote) hand-off of the last buckets to the writers."""
-            outcome.replicas = self._replica_checksums(plan)
+            outcome.replicas = replica_checksums(
+                plan.replicas, plan.host_bytes, self._config.staging_config.verify_replicas
+            )
             outcome.shard_items = {
                 item: (plan.leaves[item].path_id, owner)
                 for item, owner in plan.shard_owners.items()
@@ -266,7 +260,8 @@ class Coordinator:
         # (every writer gets a share: with spread_across_nodes, no fewer groups than writers)
         share = -(-sum(b.nbytes for b in plan.buckets) // len(targets))
         put_limit = 0 if overlap_writes else min(ASYNC_PUT_BYTES, budget // 4, share)
-        staged: list[tuple[int, list[int], Any]] = []  # put, not yet handed to a writer
+        # put, not yet handed to a writer: (group, its buckets, its put)
+        staged: list[tuple[int, list[int], concurrent.futures.Future[ray.ObjectRef]]] = []
         held: dict[int, int] = {}  # group -> bytes in the object store (staged or in flight)
         in_flight: dict[ray.ObjectRef, int] = {}  # write -> its group
         # an async save copies several groups at once, each ray.put on its own thread (CUDA:
@@ -307,7 +302,7 @@ class Coordinator:
                     wait_for_a_write()
                     pressed = True
                 if puts is None:
-                    put: concurrent.futures.Future[Any] = concurrent.futures.Future()
+                    put: concurrent.futures.Future[ray.ObjectRef] = concurrent.futures.Future()
                     put.set_result(self._stager.stage(plan, buckets))
                 else:
                     put = puts.submit(self._stager.stage, plan, buckets)
@@ -327,17 +322,7 @@ class Coordinator:
         all_staged()
         dispatch()
 
-    def _replica_checksums(self, plan: StagingPlan) -> dict[int, tuple[str, int, int | None]]:
-        """Path, owner and (with ``verify_replicas``, on CPU) CRC32C of each replicated item."""
-        verify = self._config.staging_config.verify_replicas
-        out: dict[int, tuple[str, int, int | None]] = {}
-        for item, replica in plan.replicas.items():
-            raw = byte_view(plan.host_bytes[item])
-            crc = crc32c(raw.data) if verify and isinstance(raw, np.ndarray) else None
-            out[item] = (replica.path_id, replica.owner, crc)
-        return out
-
-    def _placement(self) -> list[tuple[str, Any]]:
+    def _placement(self) -> list[tuple[str, WriterHandle]]:
         """The writers that write this save's buckets, in turn: this node's own, or (with
         ``spread_across_nodes``) every alive node's, this node's first."""
         local = self._pool.local_node_id()

@@ -1,4 +1,10 @@
-"""pool: moved from ray_ckpt.save.writer (issue 14). TODO: docstring."""
+"""The writer pool: finds (or creates) the writer actor of a node for the pipeline.
+
+One :class:`WriterPool` per checkpointer. The pipeline asks it for this node's writer (the
+session of a save) and, with ``spread_across_nodes``, for every node's; a cached handle is
+checked before use once its writer may have retired (idle timeout), and dropped when its actor
+died. Actors are named per pool and node (:mod:`ray_ckpt.save.writer` says why).
+"""
 
 from __future__ import annotations
 
@@ -6,15 +12,17 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import ray
+from ray.actor import ActorHandle
 from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..config import CheckpointWriterConfig
 from ..errors import CheckpointWriteError
 from .encoder import CheckpointWriter, default_writer_init_fn
+from .protocol import WriterHandle
 from .writer import WriterActor, default_subprocess_init_fn, logger
 
 # The writer is long-lived, so its heap must not creep. Measured over 70 saves of a 16 MB state
@@ -47,7 +55,7 @@ class WriterPool:
             and not writer_init_args
         )
         self._pool = _pool_name(self._custom, config)
-        self._handles: dict[str, Any] = {}
+        self._handles: dict[str, WriterHandle] = {}
         self._used: dict[str, float] = {}  # when each cached handle was last used (monotonic)
         self._died: set[str] = set()  # nodes whose writer died: wait for its successor
         self._lock = threading.Lock()
@@ -58,7 +66,7 @@ class WriterPool:
     def actor_name(self, node_id: str) -> str:
         return f"ray_ckpt.writer.{self._pool}.{node_id}"
 
-    def for_node(self, node_id: str) -> Any:
+    def for_node(self, node_id: str) -> WriterHandle:
         with self._lock:
             handle = self._handles.get(node_id)
             if handle is not None and not self._still_there(node_id, handle):
@@ -72,10 +80,10 @@ class WriterPool:
                 self._handles[node_id] = handle
             return handle
 
-    def local(self) -> Any:
+    def local(self) -> WriterHandle:
         return self.for_node(self.local_node_id())
 
-    def _still_there(self, node_id: str, handle: Any) -> bool:
+    def _still_there(self, node_id: str, handle: WriterHandle) -> bool:
         """Whether a cached writer may be used: certainly when this pool used it within half
         its idle timeout (it cannot have retired since); else ask it (the ping counts as use,
         so it will not retire before the save's calls reach it)."""
@@ -114,9 +122,9 @@ class WriterPool:
             handles, self._handles = list(self._handles.values()), {}
         if self._custom:
             for handle in handles:
-                ray.kill(handle, no_restart=True)
+                ray.kill(cast("ActorHandle", handle), no_restart=True)  # it is one
 
-    def _create(self, node_id: str) -> Any:
+    def _create(self, node_id: str) -> WriterHandle:
         writer_init_fn, writer_init_args, subprocess_init_fn, subprocess_init_args = self._init
         return WriterActor.options(  # type: ignore[attr-defined]
             name=self.actor_name(node_id),
@@ -141,7 +149,7 @@ class WriterPool:
 _RESTART_TIMEOUT_SECS = 300.0
 
 
-def _wait_until_alive(handle: Any, name: str) -> None:
+def _wait_until_alive(handle: WriterHandle, name: str) -> None:
     """Wait until the writer behind ``handle`` answers: one that is restarting after its
     process died (a call to it would fail at once with ActorUnavailableError), or one just
     created in place of a writer killed for good. The ping is retried across restarts."""

@@ -1,11 +1,22 @@
-"""protocol: moved from ray_ckpt.save.pipeline (issue 14). TODO: docstring."""
+"""The messages that cross between a save's processes, and the handles they cross through.
+
+A leaf of the save path: it imports nothing else of ``save/``, so the caller's pipeline, the
+writer actor, the commit and the barrier all type their calls with it. In the order a save
+sends them: the pipeline sends a :class:`SaveRequest` to the writer actor of its node
+(``run_save``), each write returns a :class:`ShardResult`, the pipeline ends staging with a
+:class:`StagingOutcome` (``end_staging``; a :class:`StageStats` is the stage future's result);
+a multi-rank save's writer sends a :class:`RankReport` to the checkpoint's barrier actor; the
+commit writes a :class:`CommitTarget` and answers a :class:`SaveResult`. :class:`WriterHook`
+runs around the commit; the handles (:class:`WriterHandle`, :class:`BarrierHandle`) name the
+actor methods callers use.
+"""
 
 from __future__ import annotations
 
 import abc
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import ray
 
@@ -13,6 +24,50 @@ from ..errors import CheckpointError, CheckpointWriteError
 from ..format.manifest import Extent, ItemMeta
 from ..storage.storage import Storage
 from ..types import RankInfo
+
+
+class RemoteMethod(Protocol):
+    """A method of a Ray actor handle: ``.remote(...)`` runs it in the actor, returns its ref."""
+
+    def remote(self, *args: Any, **kwargs: Any) -> ray.ObjectRef: ...
+
+    def options(self, **options: Any) -> RemoteMethod: ...
+
+
+class BarrierHandle(Protocol):
+    """The handle (a ``ray.actor.ActorHandle``) of a checkpoint's multi-rank barrier actor
+    (:mod:`ray_ckpt.save.barrier`): the methods its ranks call on it."""
+
+    @property
+    def join(self) -> RemoteMethod: ...
+    @property
+    def assign(self) -> RemoteMethod: ...
+    @property
+    def arrive(self) -> RemoteMethod: ...
+    @property
+    def fail(self) -> RemoteMethod: ...
+    @property
+    def status(self) -> RemoteMethod: ...
+
+
+class WriterHandle(Protocol):
+    """The handle (a ``ray.actor.ActorHandle``) of a node's writer actor
+    (:mod:`ray_ckpt.save.writer`): the methods the caller and the pool call on it."""
+
+    @property
+    def _actor_id(self) -> ray.ActorID: ...
+    @property
+    def node_id(self) -> RemoteMethod: ...
+    @property
+    def write_bucket(self) -> RemoteMethod: ...
+    @property
+    def run_save(self) -> RemoteMethod: ...
+    @property
+    def wait_staged(self) -> RemoteMethod: ...
+    @property
+    def end_staging(self) -> RemoteMethod: ...
+    @property
+    def cancel(self) -> RemoteMethod: ...
 
 
 @dataclass(frozen=True)
@@ -44,6 +99,19 @@ class SaveResult:
 
 
 @dataclass(frozen=True)
+class CommitTarget:
+    """What the commit of a checkpoint reads (:func:`ray_ckpt.save.commit.commit_merged`): where
+    it goes and under which id, how it is written, and when its save started."""
+
+    storage: Storage
+    checkpoint_id: str
+    overwrite: bool
+    hook: WriterHook | None
+    fsync: bool
+    started_unix: float
+
+
+@dataclass(frozen=True)
 class SaveRequest:
     """Everything the session needs to commit, sent when the save starts."""
 
@@ -57,8 +125,19 @@ class SaveRequest:
     fsync: bool
     barrier_timeout_secs: float
     started_unix: float
-    barrier: Any = None  # the checkpoint's coordinator actor, for multi-rank saves
+    barrier: BarrierHandle | None = None  # the checkpoint's barrier actor, multi-rank saves
     metadata: dict[str, Any] = field(default_factory=dict)  # JSON, kept in the commit marker
+
+    def commit_target(self) -> CommitTarget:
+        """What a single-rank commit of this save needs."""
+        return CommitTarget(
+            storage=self.storage,
+            checkpoint_id=self.checkpoint_id,
+            overwrite=self.overwrite,
+            hook=self.hook,
+            fsync=self.fsync,
+            started_unix=self.started_unix,
+        )
 
 
 @dataclass
@@ -114,7 +193,7 @@ class WriterHook(abc.ABC):
     """Actions around the commit of a checkpoint.
 
     Both run once per checkpoint, in the writer actor that commits it (the one on the node of
-    the saving process, or of rank 0's coordinator for multi-rank saves), so a hook must pickle.
+    the saving process, or the checkpoint's barrier for multi-rank saves), so a hook must pickle.
     ``pre_commit`` runs after every data file and the manifest are durable and before the
     marker is written; an exception there fails the save with nothing committed.
     ``post_commit`` runs after the marker is durable.

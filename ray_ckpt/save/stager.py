@@ -10,7 +10,7 @@ Call order, all in the caller's process::
 A bucket becomes one data file. ``stage`` puts a group of buckets as one object (a list with
 one payload per bucket): a sync save stages one bucket at a time, to start writing at once; an
 async save stages up to 256 MiB a put, since each ``ray.put`` has a fixed cost (see
-``coordinator.ASYNC_PUT_BYTES``). A bucket's payload is a list of byte arrays, each put as a
+``pipeline.ASYNC_PUT_BYTES``). A bucket's payload is a list of byte arrays, each put as a
 list of *pieces* of at most ``PUT_PIECE_BYTES`` (views, no copy; see there why):
 
 * at most one *pack*: tensors up to ``pack_threshold_bytes`` copied side by side, each at a
@@ -46,7 +46,7 @@ from ..format.layout import BucketLayout, Segment
 from ..format.manifest import ItemMeta
 from ..format.names import ALIGNMENT, KIND_PICKLE, KIND_TENSOR, align, data_file_name, dtype_name
 from ..format.tree import Leaf, flatten
-from .dedup import AssignReplicas, Replica, assign_replica_owners
+from .dedup import AssignReplicas, Replica, replicated_items
 from .pieces import _group_bytes, byte_view, pieces
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class StagingPlan:
     sources: list[list[_Source]] = field(repr=False)
     host_bytes: list[torch.Tensor | np.ndarray] = field(repr=False)
     on_cuda: bool = False
-    ready_event: Any = field(default=None, repr=False)  # CUDA event recorded at save()
+    ready_event: torch.cuda.Event | None = field(default=None, repr=False)  # recorded at plan
     replicas: dict[int, Replica] = field(default_factory=dict)  # item index -> replica
     shard_owners: dict[int, int] = field(default_factory=dict)  # shard item -> writing rank
 
@@ -124,7 +124,7 @@ class DefaultStager(CheckpointStager):
     def __init__(self, config: CheckpointStagerConfig | None = None) -> None:
         self._config = config or CheckpointStagerConfig()
         self._pinned: torch.Tensor | None = None
-        self._stream: Any = None
+        self._stream: torch.cuda.Stream | None = None
 
     # --- plan ---------------------------------------------------------------------------------
 
@@ -148,7 +148,9 @@ class DefaultStager(CheckpointStager):
             items.append(meta)
             host_bytes.append(raw)
             on_cuda = on_cuda or (isinstance(raw, torch.Tensor) and raw.device.type == "cuda")
-        replicas = self._replicas(leaves, items, world_size, assign_replicas)
+        replicas = replicated_items(
+            leaves, items, world_size, self._config.rank_local_keys, assign_replicas
+        )
         shard_owners = {
             leaf.index: leaf.shard.owner(leaf.path_id, rank)
             for leaf in leaves
@@ -179,36 +181,6 @@ class DefaultStager(CheckpointStager):
             replicas=replicas,
             shard_owners=shard_owners,
         )
-
-    def _replicas(
-        self,
-        leaves: list[Leaf],
-        items: list[ItemMeta],
-        world_size: int,
-        assign: AssignReplicas | None,
-    ) -> dict[int, Replica]:
-        """Which tensors are replicated across ranks (every tensor that is neither sharded nor
-        rank-local: held by one rank or by several, written once), and which rank writes each
-        (:func:`assign_replica_owners`, through ``assign``)."""
-        if world_size <= 1:
-            return {}
-        prefixes = self._config.rank_local_keys
-        candidates = [
-            (leaf, meta)
-            for leaf, meta in zip(leaves, items)
-            if meta.kind == KIND_TENSOR
-            and leaf.shard is None
-            and not _under_any(leaf.key, prefixes)
-        ]
-        keys = [(leaf.path_id, meta.nbytes) for leaf, meta in candidates]
-        if assign is None:
-            owners = assign_replica_owners([(list(range(world_size)), keys)])[0]
-        else:
-            owners = assign(keys)
-        return {
-            meta.item: Replica(leaf.path_id, owner)
-            for (leaf, meta), owner in zip(candidates, owners)
-        }
 
     def _layout(self, items: list[ItemMeta]) -> list[list[_Source]]:
         """Assign every item's bytes to arrays and arrays to buckets of ``bucket_size_bytes``.
@@ -328,7 +300,7 @@ class DefaultStager(CheckpointStager):
             self._pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
         return self._pinned
 
-    def _side_stream(self) -> Any:
+    def _side_stream(self) -> torch.cuda.Stream | None:
         if not self._config.use_non_blocking_copy:
             return None
         if self._stream is None:
@@ -403,10 +375,6 @@ def _pack(groups: dict[str, list[ItemMeta]]) -> _Source:
             parts.append((meta.item, position, meta.nbytes))
             position += meta.nbytes
     return _Source(parts=parts, nbytes=position, is_pack=True, groups=spans)
-
-
-def _under_any(key: str, prefixes: tuple[str, ...]) -> bool:
-    return any(p == "" or key == p or key.startswith(p + ".") for p in prefixes)
 
 
 def _bucket_layout(seq: int, file: str, sources: list[_Source]) -> BucketLayout:

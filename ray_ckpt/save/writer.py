@@ -2,7 +2,7 @@
 
 Who calls what::
 
-    caller (stager + coordinator)           writer actor on the caller's node
+    caller (stager + pipeline)              writer actor on the caller's node
     ────────────────────────────            ──────────────────────────────────────────
     run_save(token, request)  ───────────►  waits for staging to end, then gathers,
     wait_staged(token, [ref]) ───────────►  (resolves when staging has ended; fails the save
@@ -10,7 +10,8 @@ Who calls what::
     write_bucket(layout, [ref]) ─────────►  any node's writer: ray.get the bucket (zero-copy
                                             from shared memory), checksum, write, fsync
     end_staging(token, outcome) ─────────►  wakes run_save and wait_staged
-                                            run_save: manifest, hooks, marker (coordinator)
+                                            run_save: manifest, hooks, marker (commit; or the
+                                            barrier, for a multi-rank save)
 
 The refs of ``run_save`` and ``wait_staged`` exist as soon as ``save`` is called: they are the
 ``ObjectRef`` behind the write and the stage futures.
@@ -49,7 +50,14 @@ from ..storage.credentials import Handoff, accept
 from ..storage.storage import Storage
 from .commit import commit_save
 from .encoder import CheckpointWriter
-from .protocol import ABANDONED, ShardResult, StagingOutcome
+from .protocol import (
+    ABANDONED,
+    SaveRequest,
+    SaveResult,
+    ShardResult,
+    StageStats,
+    StagingOutcome,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +74,7 @@ def default_subprocess_init_fn(*_: Any) -> None:
 @dataclass
 class _Slot:
     event: threading.Event = field(default_factory=threading.Event)
-    outcome: Any = None
+    outcome: StagingOutcome = field(default_factory=StagingOutcome)
     consumers: int = 2
     cancelled: bool = False
     committing: bool = False
@@ -92,7 +100,7 @@ class _Mailbox:
         with self._lock:
             return self._slots.setdefault(token, _Slot())
 
-    def deliver(self, token: str, outcome: Any) -> None:
+    def deliver(self, token: str, outcome: StagingOutcome) -> None:
         slot = self.slot(token)
         slot.outcome = outcome
         slot.event.set()
@@ -230,22 +238,21 @@ class _WriterActor:
         )
 
     @ray.method(concurrency_group="control")
-    def run_save(self, handoff: Handoff | None, token: str, request: Any) -> Any:
-
+    def run_save(self, handoff: Handoff | None, token: str, request: SaveRequest) -> SaveResult:
         accept(handoff)  # before ``request.storage`` is used: its filesystem's secrets
         slot = self._mailbox.slot(token)
         self._running[token] = slot
         try:
             with self._activity.busy():
                 self._mailbox.take(token, request.barrier_timeout_secs)
-                return commit_save(request, slot)
+                return commit_save(request, slot.outcome, slot.begin_commit)
         finally:
             self._running.pop(token, None)
 
     @ray.method(concurrency_group="control")
     def wait_staged(
         self, token: str, timeout_secs: float, caller: list[ray.ObjectRef] | None = None
-    ) -> Any:
+    ) -> StageStats | None:
         with self._activity.busy():
             if caller:
                 self._watch_caller(token, caller[0], timeout_secs)
@@ -272,7 +279,7 @@ class _WriterActor:
                 return
 
     @ray.method(concurrency_group="control")
-    def end_staging(self, token: str, outcome: Any) -> None:
+    def end_staging(self, token: str, outcome: StagingOutcome) -> None:
         with self._activity.busy():
             self._mailbox.deliver(token, outcome)
 
