@@ -1,4 +1,6 @@
-"""_util: moved from ray_ckpt.format.manifest (issue 14). TODO: docstring."""
+"""Small helpers that are not part of the format: pausing the garbage collector around bulk
+work (``without_gc``, ``gc_paused``) and ``PackedRows``, the rows of many small items packed
+into one buffer."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""atomic: moved from ray_ckpt.storage.storage (issue 14). TODO: docstring."""
+"""Commit atomicity: how the commit marker is made visible all at once. ``RenameCommit`` on
+filesystems (write a temporary sibling, fsync, rename or link), ``PutCommit`` on object stores
+(one PUT is atomic; they cannot rename); ``commit_strategy_for`` picks one for a filesystem."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""classify: moved from ray_ckpt.storage.storage (issue 14). TODO: docstring."""
+"""Where a path lives and what an error means: ``resolve`` turns a path or URI into a
+``(pyarrow filesystem, path)`` pair once (``mem://`` paths go to the memory tier), and the
+classifiers tell a transient storage error (retry) from a permanent one (missing bucket,
+access denied), and an object store from a filesystem."""
 
 from __future__ import annotations
 

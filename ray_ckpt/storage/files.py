@@ -1,4 +1,6 @@
-"""files: moved from ray_ckpt.storage.storage (issue 14). TODO: docstring."""
+"""Reading a checkpoint's files: ``FileReader`` keeps the data files of one :class:`Storage`
+open across calls and reads byte ranges straight into caller memory; ``open_files`` scopes
+one."""
 
 from __future__ import annotations
 

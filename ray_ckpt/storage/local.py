@@ -1,4 +1,6 @@
-"""local: moved from ray_ckpt.storage.storage (issue 14). TODO: docstring."""
+"""Local-disk writes below :class:`Storage`: buffers written with ``os.write`` while the
+kernel is asked to start writeback as they go (``sync_file_range``), so the final fsync has
+little left to wait for."""
 
 from __future__ import annotations
 

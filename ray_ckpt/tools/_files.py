@@ -1,4 +1,5 @@
-"""_files: moved from ray_ckpt.tools.export (issue 14). TODO: docstring."""
+"""Files the export tools write: a temporary name beside the destination, published by an
+atomic rename once complete, discarded on failure."""
 
 from __future__ import annotations
 
