@@ -223,6 +223,12 @@ def test_num_to_keep_deletes_ray_ckpt_checkpoints(reference):
             assert _load(path, rank)["step"] == step
 
 
+def _ddp_names(model_state: dict[str, Any]) -> dict[str, Any]:
+    """The names DDP's ``state_dict()`` gives: a DDP-wrapped module is saved under the plain
+    model's names (as DCP's get_model_state_dict does) and loads back into the wrapper."""
+    return type(model_state)((f"module.{k}", v) for k, v in model_state.items())
+
+
 def test_load_restores_model_and_optimizer_in_a_fresh_process_state(reference):
     """``load`` into a fresh DDP model and AdamW gives back exactly the state the run had when
     it saved its last checkpoint, on both ranks (async uploads: reported once committed)."""
@@ -235,7 +241,7 @@ def test_load_restores_model_and_optimizer_in_a_fresh_process_state(reference):
         assert_same(reloaded["optim"], trained["optim"])
         assert reloaded["optim"]["state"], "AdamW's moments were not restored"
         saved = _load(result.checkpoint.path, rank)
-        assert_same(reloaded["model"], saved["model"])
+        assert_same(reloaded["model"], _ddp_names(saved["model"]))
         fresh = _records(records, f"start-0-rank{rank}")
         assert fresh["checkpoint"] is None and fresh["loaded_none"]  # load() -> None at first
 
@@ -263,7 +269,7 @@ def test_worker_crash_resumes_from_last_committed_checkpoint(cluster, tmp_path, 
         assert resumed["checkpoint"] == steps[3]
         saved = _load(steps[3], rank)
         assert saved["step"] == 3
-        assert_same(resumed["model"], saved["model"])
+        assert_same(resumed["model"], _ddp_names(saved["model"]))
         assert_same(resumed["optim"], saved["optim"])
         assert resumed["optim"]["state"], "AdamW's moments were not restored"
 
@@ -580,19 +586,22 @@ def test_a_broken_pipe_ends_quietly(reference):
 
 
 def test_export_strips_ddps_module_prefix(reference, tmp_path):
-    """A DDP model's keys are ``module.0.weight``; ``--strip-prefix module.`` exports the
-    plain model's names, which load strictly into the unwrapped model."""
+    """A checkpoint of a DDP model's ``state_dict()`` (keys ``module.0.weight``, as a plain
+    dict holds them) exports with ``--strip-prefix module.`` under the plain model's names,
+    which load strictly into the unwrapped model."""
     result, _ = reference
+    plain = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    path = str(tmp_path / "ddp")
+    with ray_ckpt.make_sync_checkpointer() as ckptr:
+        ckptr.save(path, {"model": _ddp_names(plain.state_dict()), "step": 1})
     out = tmp_path / "model.pt"
-    rc, _, err = _cli("export", result.checkpoint.path, "--to", "torch", str(out),
+    rc, _, err = _cli("export", path, "--to", "torch", str(out),
                       "--only", "model", "--strip-prefix", "module.")
     assert rc == 0, err
     exported = torch.load(out, weights_only=True)
     assert sorted(exported) == ["0.bias", "0.weight", "2.bias", "2.weight"]
-    plain = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
     plain.load_state_dict(exported, strict=True)
-    saved = _load(result.checkpoint.path)["model"]
-    assert_same({f"module.{k}": v for k, v in exported.items()}, dict(saved))
+    assert_same(_ddp_names(exported), dict(_load(path)["model"]))
     rc, _, err = _cli("export", result.checkpoint.path, "--to", "torch", str(tmp_path / "x.pt"),
                       "--only", "model", "--strip-prefix", "encoder.")
     assert rc == 1 and "no key starts with 'encoder.'" in err
