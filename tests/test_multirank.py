@@ -13,6 +13,7 @@ import torch
 
 import ray_ckpt
 import ray_ckpt.errors
+from ray_ckpt.format.refs import MAX_DEPTH
 from ray_ckpt.save.barrier import barrier_name
 
 from .conftest import on_node
@@ -100,6 +101,37 @@ def test_ranks_save_one_checkpoint_with_replicas_written_once(cluster, tmp_path,
         assert_same(expected, loaded)
     # without a rank, a notebook sees rank 0's view
     assert ray_ckpt.CheckpointReader().read(path)[0]["rank_note"] == "rank 0"
+
+
+def _dicts_nested(depth: int, bottom: dict) -> dict:
+    """``bottom`` under ``depth - 1`` nested dicts (dicts merge across ranks; lists do not)."""
+    for level in range(depth - 1):
+        bottom = {f"k{level}": bottom}
+    return bottom
+
+
+def _bottom(tree: dict) -> dict:
+    while "w" not in tree:
+        (tree,) = tree.values()
+    return tree
+
+
+def test_ranks_save_a_state_dict_nested_max_depth_deep(cluster, tmp_path):
+    """The union of the ranks' trees is merged by loops: a state dict nested MAX_DEPTH deep,
+    each rank with a key of its own at the bottom, saves on 2 ranks as on one, and each rank
+    loads the union there (it was a RecursionError at commit)."""
+    ranks = _ranks(cluster, 2, sync=True)
+    path = str(tmp_path / "deep")
+    deeps = [  # under the state's root: MAX_DEPTH levels in all
+        _dicts_nested(MAX_DEPTH - 1, {"w": torch.arange(6.0), f"only_rank{rank}": rank})
+        for rank in range(2)
+    ]
+    ray.get([r.save.remote(path, extra={"deep": d}) for r, d in zip(ranks, deeps)], timeout=120)
+    for loaded in ray.get([r.load.remote(path) for r in ranks]):
+        bottom = _bottom(loaded["deep"])
+        assert sorted(bottom) == ["only_rank0", "only_rank1", "w"]
+        assert (bottom["only_rank0"], bottom["only_rank1"]) == (0, 1)
+        assert torch.equal(bottom["w"], torch.arange(6.0))
 
 
 def test_a_rank_that_raises_fails_the_save_everywhere(cluster, tmp_path):

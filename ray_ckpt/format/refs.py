@@ -11,7 +11,6 @@ tuples, ``torch.Size``) is :mod:`ray_ckpt.format.tree`'s job.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import re
@@ -181,40 +180,63 @@ def union_trees(trees: list[str], shards: dict[int, list[int]]) -> tuple[str, li
     numbered in the checkpoint's index space, given lowest rank first): dicts are merged key by
     key; any other node is the first tree's that has it. A sharded tensor lists ``shards[i]``,
     every shard of it. Also returns, for each of ``trees``, that tree laid over the union (its
-    own values first: what its ranks load)."""
-    nodes = [_expand(json.loads(tree), shards) for tree in trees]
+    own values first: what its ranks load). Trees are walked by loops, not recursion, so a
+    state dict nested MAX_DEPTH deep merges as it saves on one rank."""
+    nodes = [_expand(loads(tree, where="the tree of a rank"), shards) for tree in trees]
     union: Any = None
     for node in nodes:
         union = node if union is None else _union(union, node)
-    dump = functools.partial(json.dumps, separators=(",", ":"), allow_nan=False)
-    return dump(union), [dump(_union(node, union)) for node in nodes]
+    return dumps(union), [dumps(_union(node, union)) for node in nodes]
 
 
-def _expand(node: Any, shards: dict[int, list[int]]) -> Any:
-    if isinstance(node, dict):
-        if len(node) == 1 and "D" in node:
-            (index,) = node["D"]["i"]
-            return {"D": {"i": shards.get(index, [index]), "g": node["D"]["g"]}}
-        return {k: _expand(v, shards) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_expand(v, shards) for v in node]
-    return node
+def _is_sharded(node: Any) -> bool:
+    return isinstance(node, dict) and len(node) == 1 and "D" in node
+
+
+def _expand(root: Any, shards: dict[int, list[int]]) -> Any:
+    """``root`` (freshly parsed, changed in place) with every sharded tensor's one index
+    replaced by the indices of all its shards."""
+
+    def expanded(node: Any) -> Any:
+        if not _is_sharded(node):
+            return node
+        (index,) = node["D"]["i"]
+        return {"D": {"i": shards.get(index, [index]), "g": node["D"]["g"]}}
+
+    root = expanded(root)
+    stack = [root] if isinstance(root, (dict, list)) else []
+    while stack:
+        node = stack.pop()
+        if _is_sharded(node):
+            continue
+        for key, child in list(node.items() if isinstance(node, dict) else enumerate(node)):
+            if isinstance(child, (dict, list)):
+                node[key] = child = expanded(child)
+                stack.append(child)
+    return root
 
 
 def _union(first: Any, other: Any) -> Any:
-    """``first`` with the dict keys of ``other`` that it lacks, recursively."""
-    if not (isinstance(first, dict) and isinstance(other, dict) and len(first) == len(other) == 1):
-        return first
-    ((tag, body),) = first.items()
-    if tag not in ("d", "o") or tag not in other:
-        return first
-    pairs = [[key, value] for key, value in body]
-    where = {json.dumps(key, sort_keys=True): i for i, (key, _) in enumerate(pairs)}
-    for key, value in other[tag]:
-        i = where.get(json.dumps(key, sort_keys=True))
-        if i is None:
-            where[json.dumps(key, sort_keys=True)] = len(pairs)
-            pairs.append([key, value])
-        else:
-            pairs[i][1] = _union(pairs[i][1], value)
-    return {tag: pairs}
+    """``first`` with the dict keys of ``other`` that it lacks, at every depth (neither is
+    changed: merged dicts are new, their values shared)."""
+    out: list[Any] = [None]
+    stack: list[tuple[Any, Any, list[Any], int]] = [(first, other, out, 0)]
+    while stack:
+        mine, theirs, holder, slot = stack.pop()
+        holder[slot] = mine
+        if not (isinstance(mine, dict) and isinstance(theirs, dict)
+                and len(mine) == len(theirs) == 1):
+            continue
+        ((tag, body),) = mine.items()
+        if tag not in ("d", "o") or tag not in theirs:
+            continue
+        pairs = [[key, value] for key, value in body]
+        where = {json.dumps(key, sort_keys=True): i for i, (key, _) in enumerate(pairs)}
+        for key, value in theirs[tag]:
+            i = where.setdefault(json.dumps(key, sort_keys=True), len(pairs))
+            if i == len(pairs):
+                pairs.append([key, value])
+            else:
+                stack.append((pairs[i][1], value, pairs[i], 1))
+        holder[slot] = {tag: pairs}
+    return out[0]
