@@ -321,6 +321,40 @@ def test_capacity_evicts_the_oldest_then_refuses(mcluster, caplog):
         assert_same(ckptr.load(f"{root}/step-3"), state)
 
 
+def test_evicting_for_a_save_waits_for_rays_free_after_the_stall_not_in_it(mcluster):
+    """On a Ray with its default 1 s free period, evicted bytes still fill the store for up to
+    a second. A save whose staged bytes fit beside them does not wait in the stall; only its
+    held copies wait for the free (in the writer). One whose staged bytes need that room waits
+    before staging."""
+    head = ray.get_runtime_context().get_node_id()
+    cat = memory.catalog()
+    fs = memory.memory_filesystem(replicas=0, keep_last=5)
+    state = {"w": torch.randn(256, 1024)}  # 1 MiB
+    for case, (saved, capacity_in_files) in {"fits": (2, 3.5), "staging": (3, 3.2)}.items():
+        for info in ray_ckpt.tiers.memory_checkpoints():  # nothing else to evict
+            fs.delete_dir(info.path.removeprefix("mem://"))
+        time.sleep(ray_ckpt.storage.memory_catalog.RAY_FREE_PERIOD_SECS)  # their frees done
+        root = _root().removeprefix("mem://")
+        held = ray.get(cat.held_on.remote(head))
+        with ray_ckpt.make_sync_checkpointer(filesystem=fs) as ckptr:
+            for step in range(saved):
+                ckptr.save(f"{root}/step-{step}", state)
+        per_file = (ray.get(cat.held_on.remote(head)) - held) // saved
+        capacity = held + int(capacity_in_files * per_file)
+        victims, stall_wait, hold_wait = ray.get(
+            cat.make_room.remote(head, per_file, capacity, f"{root}/step-{saved}"))
+        if case == "fits":  # step-0 evicted; 1 held + 1 staged + 1 freeing fit in 3.5
+            assert victims == [f"{root}/step-0"]
+            assert stall_wait == 0 and hold_wait > 0
+            assert ray.get(cat.hold_wait.remote(f"{root}/step-{saved}")) > 0
+        else:  # steps 0 and 1 evicted; 1 held + 1 staged + 2 freeing do not fit in 3.2
+            assert victims == [f"{root}/step-0", f"{root}/step-1"]
+            assert stall_wait > 0 and hold_wait > 0
+        with ray_ckpt.make_sync_checkpointer(filesystem=fs) as ckptr:
+            ckptr.save(f"{root}/step-{saved}", state)  # the writer waits, then holds
+            assert_same(ckptr.load(f"{root}/step-{saved}"), state)
+
+
 def test_dropped_bytes_count_until_rays_periodic_free_has_surely_run():
     period = ray_ckpt.storage.memory_catalog.RAY_FREE_PERIOD_SECS
     freeing = [(10.0, "a", 3 * MiB), (10.5, "a", MiB), (10.2, "b", 5 * MiB)]

@@ -34,7 +34,10 @@ checkpoint of a directory and never one being written; if that is still not enou
 the save with :class:`MemoryTierFullError`. After a commit the catalog keeps the newest
 ``keep_last`` committed checkpoints of that directory and frees the rest, so a node holds at
 most ``keep_last x (1 + replicas)`` checkpoints' worth of copies. Nothing is left for Ray to
-spill silently.
+spill silently: on a Ray started with its defaults, evicted objects fill the store for up to a
+second after their release (the raylet frees them periodically), so a save whose room depends on
+them waits: in the stall only when the staged bytes themselves need that room, otherwise the
+writer waits, after the stall, before holding the files.
 """
 
 from __future__ import annotations
@@ -162,12 +165,18 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
     # --- holding ------------------------------------------------------------------------------
 
     def hold(self, path: str, data: np.ndarray) -> None:
-        """Hold ``data`` as file ``path``: on this node's holder, then ``replicas`` peers."""
+        """Hold ``data`` as file ``path``: on this node's holder, then ``replicas`` peers
+        (first waiting, if the room check said so, for Ray to free what was evicted for it)."""
         node = ray.get_runtime_context().get_node_id()
         holder = holder_for(node)
+        cat = catalog()
+        wait_secs = ray.get(cat.hold_wait.remote(path.rpartition("/")[0]))
+        if wait_secs > 0:
+            logger.info("memory tier: waiting %.2f s for Ray to free evicted memory checkpoints "
+                        "on node %s before holding %s%s", wait_secs, node, SCHEME, path)
+            time.sleep(wait_secs)
         nbytes = int(ray.get(holder.adopt.remote(path, data)))
         target = 1 + self.config.replicas
-        cat = catalog()
         ray.get(cat.add_data.remote(path, node, nbytes, target))
         peers = [n for n in alive_nodes() if n != node]
         loads = ray.get([cat.held_on.remote(n) for n in peers])
@@ -380,8 +389,8 @@ def make_room(fs: Any, path: str, nbytes: int) -> None:
             )
         return
     try:
-        evicted, wait_secs = ray.get(
-            catalog().make_room.remote(node, 2 * nbytes, capacity, _strip(path))
+        evicted, wait_secs, _ = ray.get(
+            catalog().make_room.remote(node, nbytes, capacity, _strip(path))
         )
     except ray.exceptions.RayTaskError as e:
         if isinstance(e.cause, MemoryTierFullError):
@@ -392,9 +401,9 @@ def make_room(fs: Any, path: str, nbytes: int) -> None:
             "memory tier: evicted %s%s to make room for %s%s on node %s (oldest first)",
             SCHEME, victim, SCHEME, _strip(path), node,
         )
-    if wait_secs > 0:
+    if wait_secs > 0:  # the staged bytes need this room now: a wait in the stall
         logger.info("memory tier: waiting %.2f s for Ray to free dropped memory checkpoints on "
-                    "node %s before saving %s%s", wait_secs, node, SCHEME, _strip(path))
+                    "node %s before staging %s%s", wait_secs, node, SCHEME, _strip(path))
         time.sleep(wait_secs)
 
 

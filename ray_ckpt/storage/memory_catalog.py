@@ -87,6 +87,7 @@ class _Catalog:
         self._repairs = 0
         self._pinned: dict[str, int] = {}  # path -> pins: being persisted, never freed
         self._freeing: list[tuple[float, str, int]] = []  # (dropped at, node, bytes)
+        self._hold_after: dict[str, float] = {}  # directory -> when its held copies fit
         threading.Thread(target=self._repair_loop, daemon=True, name="repair").start()
 
     # --- the filesystem view ------------------------------------------------------------------
@@ -236,14 +237,17 @@ class _Catalog:
             )
 
     def make_room(
-        self, node: str, needed: int, capacity: int, saving: str
-    ) -> tuple[list[str], float]:
+        self, node: str, nbytes: int, capacity: int, saving: str
+    ) -> tuple[list[str], float, float]:
         """Evict committed checkpoints holding bytes on ``node``, oldest first, never the newest
-        committed one of a directory, one being persisted, nor ``saving``, until ``needed``
-        more bytes fit within ``capacity``. Returns the evicted paths and how long the save
-        should wait for dropped objects that still fill the store (see :meth:`freeing_on`).
-        When even every allowed eviction would not make room, evicts nothing and raises
-        MemoryTierFullError."""
+        committed one of a directory, one being persisted, nor ``saving``, until a checkpoint of
+        ``nbytes`` fits within ``capacity`` twice (its staged bytes and its held copy). Returns
+        the evicted paths, how long the save must wait, before staging, for dropped objects
+        that still fill the store (see :meth:`freeing_on`) to leave room for the staged bytes,
+        and how long until its held copies fit: the writer waits for that (:meth:`hold_wait`),
+        after the stall. When even every allowed eviction would not make room, evicts nothing and
+        raises MemoryTierFullError."""
+        needed = 2 * nbytes
         with self._lock:
             held = self.held_on(node)
             victims: list[str] = []
@@ -264,8 +268,23 @@ class _Catalog:
             for victim in victims:
                 self._drop_dir(victim)
             freeing, until = self.freeing_on(node)
-            return victims, (until - time.monotonic() if held + needed + freeing > capacity
-                             else 0.0)
+            now = time.monotonic()
+            self._hold_after = {d: t for d, t in self._hold_after.items() if t > now}
+            hold_wait = until - now if held + needed + freeing > capacity else 0.0
+            if hold_wait > 0:
+                self._hold_after[saving] = until
+            return victims, (until - now if held + nbytes + freeing > capacity else 0.0), hold_wait
+
+    def hold_wait(self, directory: str) -> float:
+        """Seconds the writer of memory checkpoint ``directory`` must wait before holding its
+        files: until Ray has freed the objects dropped to make room for them (0 when none)."""
+        with self._lock:
+            until = self._hold_after.get(directory)
+            now = time.monotonic()
+            if until is None or until <= now:
+                self._hold_after.pop(directory, None)
+                return 0.0
+            return until - now
 
     def freeing_on(self, node: str) -> tuple[int, float]:
         """:func:`pending_frees` on ``node`` now."""
