@@ -1,6 +1,11 @@
 """Reading a checkpoint's files: ``FileReader`` keeps the data files of one :class:`Storage`
 open across calls and reads byte ranges straight into caller memory; ``open_files`` scopes
-one."""
+one.
+
+A filesystem whose files are already in this process's memory (the memory tier: a held file
+is a view of shared memory) says so by giving its ``pyarrow.fs.PyFileSystem`` handler an
+``open_buffer(path)`` method returning the file's bytes as a buffer: ranges are then copied
+from it straight into caller memory, a slice at a time like a local file, with no read copy."""
 
 from __future__ import annotations
 
@@ -64,11 +69,14 @@ class FileReader:
         on_slice: Callable[[int, memoryview], None] | None,
     ) -> None:
         local = self._storage.is_local
+        held = getattr(getattr(self._storage.fs, "handler", None), "open_buffer", None)
         if local:
             fd = self._handle(name, lambda: os.open(path, os.O_RDONLY))
+        elif held is not None:
+            data = self._handle(name, lambda: memoryview(held(path)).cast("B"))
         else:
             handle = self._handle(name, lambda: self._storage.fs.open_input_file(path))
-        step = slice_bytes if local else max(slice_bytes, READ_CHUNK_BYTES)
+        step = slice_bytes if local or held else max(slice_bytes, READ_CHUNK_BYTES)
         for start in range(0, len(view), step):
             piece = view[start : start + step]
             done = 0
@@ -76,6 +84,10 @@ class FileReader:
                 at = offset + start + done
                 if local:
                     n = os.preadv(fd, [piece[done:]], at)  # type: ignore[arg-type]
+                elif held is not None:
+                    chunk = data[at : at + len(piece) - done]
+                    n = len(chunk)
+                    piece[done : done + n] = chunk
                 else:
                     chunk = handle.read_at(len(piece) - done, at)  # type: ignore[attr-defined]
                     n = len(chunk)
@@ -98,6 +110,8 @@ class FileReader:
         for handle in self._handles.values():
             if isinstance(handle, int):
                 os.close(handle)
+            elif isinstance(handle, memoryview):
+                handle.release()
             else:
                 handle.close()  # type: ignore[attr-defined]
         self._handles.clear()

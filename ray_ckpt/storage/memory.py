@@ -264,6 +264,11 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
     def open_input_stream(self, path: str) -> pa.NativeFile:
         return self.open_input_file(path)
 
+    def open_buffer(self, path: str) -> np.ndarray:
+        """The bytes of data file ``path``, for :class:`~.files.FileReader` to copy ranges of
+        straight into a load's tensors (no read copy)."""
+        return self.open_held(_strip(path))[0]
+
     def open_input_file(self, path: str) -> pa.NativeFile:
         path = _strip(path)
         if path.endswith(_DATA_SUFFIX):
