@@ -43,6 +43,7 @@ writer waits, after the stall, before holding the files.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import threading
 import time
@@ -136,7 +137,7 @@ class _HeldOutput:
         if self._path.endswith(_DATA_SUFFIX):
             self._handler.hold(self._path, join_parts(parts) if parts else np.empty(0, np.uint8))
         else:
-            ray.get(catalog().write_small.remote(self._path, b"".join(map(bytes, parts))))
+            ray.get(_catalog().write_small.remote(self._path, b"".join(map(bytes, parts))))
 
 
 class MemoryFileSystemHandler(pafs.FileSystemHandler):
@@ -169,7 +170,7 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
         (first waiting, if the room check said so, for Ray to free what was evicted for it)."""
         node = ray.get_runtime_context().get_node_id()
         holder = holder_for(node)
-        cat = catalog()
+        cat = _catalog()
         wait_secs = ray.get(cat.hold_wait.remote(path.rpartition("/")[0]))
         if wait_secs > 0:
             logger.info("memory tier: waiting %.2f s for Ray to free evicted memory checkpoints "
@@ -196,7 +197,7 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
         """The bytes of held file ``path`` and the node they came from: this node's holder
         first (a zero-copy view of its object), then the peers' (one transfer, started for the
         checkpoint's other files at once: see :func:`_prefetch`)."""
-        cat = catalog()
+        cat = _catalog()
         nodes = ray.get(cat.copies.remote(path))
         if nodes is None:
             raise FileNotFoundError(f"{SCHEME}{path}")
@@ -221,13 +222,15 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
     # --- pyarrow.fs ---------------------------------------------------------------------------
 
     def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
-        cat = catalog()
+        if not in_use():  # no catalog yet: nothing exists (a first save does not wait for one)
+            return [_info(_strip(p), "none", 0, 0.0) for p in paths]
+        cat = _catalog()
         stats = ray.get([cat.stat.remote(_strip(p)) for p in paths])
         return [_info(_strip(p), *s) for p, s in zip(paths, stats)]
 
     def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
         base = _strip(selector.base_dir)
-        entries = ray.get(catalog().listing.remote(base))
+        entries = ray.get(_catalog().listing.remote(base)) if in_use() else None
         if entries is None:
             if selector.allow_not_found:
                 return []
@@ -241,10 +244,13 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
         return out
 
     def create_dir(self, path: str, recursive: bool) -> None:
-        ray.get(catalog().make_dir.remote(_strip(path)))
+        if in_use():
+            ray.get(_catalog().make_dir.remote(_strip(path)))
+        else:  # the first save: the catalog starts now; its start is not waited for here
+            _start_catalog(_strip(path))
 
     def delete_dir(self, path: str) -> None:
-        ray.get(catalog().delete_dir.remote(_strip(path)))
+        ray.get(_catalog().delete_dir.remote(_strip(path)))
 
     def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
         raise NotImplementedError("delete the checkpoint directories one by one")
@@ -253,10 +259,10 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
         raise NotImplementedError("delete the checkpoint directories one by one")
 
     def delete_file(self, path: str) -> None:
-        ray.get(catalog().delete_file.remote(_strip(path)))
+        ray.get(_catalog().delete_file.remote(_strip(path)))
 
     def move(self, src: str, dest: str) -> None:
-        ray.get(catalog().move.remote(_strip(src), _strip(dest), self.config.keep_last))
+        ray.get(_catalog().move.remote(_strip(src), _strip(dest), self.config.keep_last))
 
     def copy_file(self, src: str, dest: str) -> None:
         raise NotImplementedError("files of a memory checkpoint are not copied")
@@ -274,7 +280,7 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
         if path.endswith(_DATA_SUFFIX):
             data, _ = self.open_held(path)
             return pa.BufferReader(pa.py_buffer(data))
-        raw = ray.get(catalog().read_small.remote(path))
+        raw = ray.get(_catalog().read_small.remote(path))
         if raw is None:
             raise FileNotFoundError(f"{SCHEME}{path}")
         return pa.BufferReader(raw)
@@ -284,6 +290,36 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
 
     def open_append_stream(self, path: str, metadata: Any = None) -> pa.NativeFile:
         raise NotImplementedError("files of a memory checkpoint are written once")
+
+
+# (Ray session, future of a make_dir call) sent while the catalog was starting, not yet waited for
+_UNSETTLED: list[tuple[str, concurrent.futures.Future[Any]]] = []
+
+
+def _start_catalog(path: str) -> None:
+    """A first save's ``make_dir``: the catalog actor is created and sent the call by a thread,
+    so the stall waits neither for the actor's class to be exported nor for it to start."""
+    future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+    def start() -> None:
+        try:
+            future.set_result(catalog().make_dir.remote(path))
+        except BaseException as e:  # noqa: BLE001 - raised by the next _catalog() call
+            future.set_exception(e)
+
+    _UNSETTLED.append((ray.get_runtime_context().get_session_name(), future))
+    threading.Thread(target=start, daemon=True, name="ray_ckpt-catalog-start").start()
+
+
+def _catalog() -> Any:
+    """:func:`catalog`, once the calls this process sent while it was starting are done (a
+    later call must see the directory: the calls of a threaded actor may run out of order)."""
+    if _UNSETTLED:
+        session = ray.get_runtime_context().get_session_name()
+        calls = _UNSETTLED[:]
+        del _UNSETTLED[: len(calls)]
+        ray.get([f.result() for in_session, f in calls if in_session == session])
+    return catalog()
 
 
 _PREFETCHED: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -310,7 +346,7 @@ def _prefetch(directory: str, local: str) -> None:
 
 def _pull(directory: str, local: str) -> None:
     try:
-        copies = ray.get(catalog().data_copies.remote(directory))
+        copies = ray.get(_catalog().data_copies.remote(directory))
         by_node: dict[str, list[str]] = {}
         for name, nodes in copies.items():
             if nodes and local not in nodes:
@@ -384,8 +420,9 @@ def make_room(fs: Any, path: str, nbytes: int) -> None:
         return
     node = ray.get_runtime_context().get_node_id()
     capacity = int(store_capacity(node) * handler.config.capacity_fraction)
-    if not in_use():  # the first memory save: nothing is held yet, nothing to evict
-        catalog()  # started now, not awaited: the stall does not wait for the actor to start
+    if not in_use() or _UNSETTLED:  # the first memory save: nothing is held, nothing to evict
+        if not _UNSETTLED:
+            _start_catalog(_strip(path))  # not awaited: the stall does not wait for the actor
         if 2 * nbytes > capacity:
             raise MemoryTierFullError(
                 f"memory checkpoint {SCHEME}{_strip(path)} needs {2 * nbytes / 2**20:.1f} MiB "
