@@ -116,6 +116,7 @@ def make_sync_checkpointer(
     config = config or CheckpointerConfig()
     ensure_ray(config)
     pool = WriterPool(config.writer_config, config.namespace)
+    pool.prestart()
     coordinator, reader = _parts(config, rank_info, filesystem, commit_hook, pool)
     return SyncCheckpointer(coordinator, reader, pool)
 
@@ -155,6 +156,7 @@ def make_async_checkpointer(
         subprocess_init_fn=subprocess_init_fn,
         subprocess_init_args=subprocess_init_args,
     )
+    pool.prestart()
     coordinator, reader = _parts(config, rank_info, filesystem, commit_hook, pool)
     return AsyncCheckpointer(
         coordinator,

@@ -83,6 +83,23 @@ class WriterPool:
     def local(self) -> WriterHandle:
         return self.for_node(self.local_node_id())
 
+    def prestart(self) -> None:
+        """Start this node's shared writer now, from a thread, so that the first save finds it
+        running (its start, a process importing torch and pyarrow, is most of a first save's
+        cost) and the caller does not wait for its class to be exported. Writers of a custom
+        pool start on first use: ``close()`` kills them, and must not race a start."""
+        if self._custom:
+            return
+
+        def start() -> None:
+            try:
+                self.local()
+            except Exception as e:  # noqa: BLE001 - the first save starts it, and reports why
+                logger.info("ray_ckpt: starting this node's writer ahead of the first save "
+                            "failed (%s); the first save starts it", e)
+
+        threading.Thread(target=start, daemon=True, name="ray_ckpt-writer-prestart").start()
+
     def _still_there(self, node_id: str, handle: WriterHandle) -> bool:
         """Whether a cached writer may be used: certainly when this pool used it within half
         its idle timeout (it cannot have retired since); else ask it (the ping counts as use,
