@@ -579,19 +579,59 @@ def test_verify_diff_and_export_memory_does_not_grow_with_the_checkpoint(ckptr, 
 # --- latency: commands import only what they need (issue 16) --------------------------------
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["ls", "ROOT"], ["ls", "--json", "ROOT"]])
-def test_help_and_ls_import_neither_torch_nor_ray(run_root, argv):
-    """torch and Ray take seconds to import; --help and ls need neither (the whole-process
-    times are in benchmarks/cli_latency.py)."""
-    argv = [str(run_root) if a == "ROOT" else a for a in argv]
+@pytest.mark.parametrize("argv", [
+    ["--help"], ["ls", "ROOT"], ["ls", "--json", "ROOT"], ["inspect", "CKPT"],
+    ["inspect", "--json", "CKPT"],
+])
+def test_help_ls_and_inspect_import_neither_torch_nor_ray(capsys, monkeypatch, run_root, argv):
+    """torch and Ray take seconds to import; --help, ls and inspect need neither (the
+    whole-process times are in benchmarks/cli_latency.py), and print what they print in a
+    process that has both (this one)."""
+    argv = [str(run_root) if a == "ROOT" else str(run_root / "step-000001") if a == "CKPT"
+            else a for a in argv]
     probe = (
         "import sys\nfrom ray_ckpt import cli\n"
         f"try:\n    rc = cli.main({argv!r})\nexcept SystemExit as e:\n    rc = e.code\n"
-        "print(rc, sorted(m for m in ('torch', 'ray') if m in sys.modules))"
+        "print(rc, sorted(m for m in ('torch', 'ray', 'ray_ckpt.load.reader') "
+        "if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "COLUMNS": "100"},
+    )
+    assert done.returncode == 0, done.stderr
+    *printed, last = done.stdout.splitlines()
+    assert last == "0 []"
+    monkeypatch.setenv("COLUMNS", "100")  # argparse wraps --help to the terminal's width
+    rc, out, _ = run(capsys, *argv)
+    assert rc == 0 and "torch" in sys.modules
+    assert printed == out.splitlines() and printed
+
+
+def test_inspect_imports_torch_only_for_torch_values_and_shows_them_as_before(
+    ckptr, tmp_path, capsys
+):
+    """A tree's torch.Size, dtype and device leaves are real torch objects: inspect of a
+    checkpoint holding them imports torch, shows their repr, and loads give them back."""
+    state = {"w": torch.ones(2), "size": torch.Size([2, 3]), "dtype": torch.bfloat16,
+             "device": torch.device("cpu"), "n": 1}
+    ckptr.save(str(tmp_path / "ckpt"), state)
+    rc, out, _ = run(capsys, "inspect", str(tmp_path / "ckpt"))
+    assert rc == 0
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:-1]}
+    assert rows["size"] == ["value", "Size", "torch.Size([2,", "3])"]
+    assert rows["dtype"] == ["value", "dtype", "torch.bfloat16"]
+    assert rows["device"] == ["value", "device", "device(type='cpu')"]
+    assert_same(ckptr.load(str(tmp_path / "ckpt")), state)
+    probe = (
+        "import sys\nfrom ray_ckpt import cli\n"
+        f"rc = cli.main({['inspect', str(tmp_path / 'ckpt')]!r})\n"
+        "print(rc, 'torch' in sys.modules)"
     )
     done = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "0 []"
+    *printed, last = done.stdout.splitlines()
+    assert last == "0 True" and printed == out.splitlines()

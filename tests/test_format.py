@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
+import os
+import subprocess
+import sys
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -15,10 +20,27 @@ import ray_ckpt.errors
 from ray_ckpt._checksum import crc32c
 from ray_ckpt.config import CheckpointStagerConfig
 from ray_ckpt.format import tree as _tree
+from ray_ckpt.format.flatten import flatten
 from ray_ckpt.format.header import HEADER_SIZE
-from ray_ckpt.format.manifest import Extent, ItemMeta, build_manifest, parse_manifest
+from ray_ckpt.format.manifest import (
+    Extent,
+    ItemMeta,
+    build_manifest,
+    manifest_from_bytes,
+    manifest_to_bytes,
+    parse_manifest,
+)
 from ray_ckpt.format.marker import Marker
-from ray_ckpt.format.names import ALIGNMENT, data_file_name
+from ray_ckpt.format.names import (
+    ALIGNMENT,
+    ITEMSIZES,
+    NUMPY_DTYPES,
+    data_file_name,
+    dtype_from_name,
+    dtype_name,
+    dtypes,
+    itemsize,
+)
 from ray_ckpt.save.encoder import CheckpointWriter, _Pieces
 from ray_ckpt.save.pieces import PUT_PIECE_BYTES, pieces
 from ray_ckpt.save.stager import DefaultStager
@@ -216,7 +238,7 @@ def test_reference_cycles_are_refused():
     state: dict = {"a": 1}
     state["self"] = state
     with pytest.raises(ray_ckpt.errors.UnsupportedValueError, match="cycle"):
-        _tree.flatten(state)
+        flatten(state)
 
 
 def test_errors_survive_pickling():
@@ -229,3 +251,103 @@ def test_errors_survive_pickling():
     assert again.missing_keys == ["a"] and isinstance(again, RuntimeError)
     not_found = pickle.loads(pickle.dumps(ray_ckpt.CheckpointNotFoundError("gone")))
     assert isinstance(not_found, FileNotFoundError) and str(not_found) == "gone"
+
+
+# --- reading a manifest and a tree without torch (issue 16: a quick `ray-ckpt inspect`) --------
+
+
+def _storable_torch_dtypes() -> dict[str, torch.dtype]:
+    """Every dtype of this torch with a fixed element size (quantized ones need scales the
+    format does not carry), by its name without ``torch.``."""
+    return {
+        str(d).removeprefix("torch."): d for d in vars(torch).values()
+        if isinstance(d, torch.dtype) and not str(d).startswith(("torch.qint", "torch.quint"))
+    }
+
+
+def test_the_itemsize_table_is_torchs_for_every_dtype_it_names():
+    """ITEMSIZES (torch-free, for parsing manifests) cannot drift from torch: the same names
+    as this torch's storable dtypes, each with torch's ``itemsize``."""
+    storable = _storable_torch_dtypes()
+    assert {name: d.itemsize for name, d in storable.items()} == ITEMSIZES
+    assert dtypes() == storable
+    assert all(dtype_name(d) == name for name, d in storable.items())
+
+
+def test_the_numpy_dtypes_are_those_whose_tensors_convert_to_numpy():
+    convertible = set()
+    for name, dtype in _storable_torch_dtypes().items():
+        try:
+            with warnings.catch_warnings():  # complex32 is "experimental"
+                warnings.simplefilter("ignore")
+                torch.empty(0, dtype=dtype).numpy()
+        except (TypeError, RuntimeError):
+            continue
+        convertible.add(name)
+    assert convertible == NUMPY_DTYPES
+
+
+def test_an_unknown_dtype_name_is_a_corrupt_manifest_naming_it():
+    with pytest.raises(ray_ckpt.CorruptCheckpointError, match="'float7'"):
+        itemsize("float7", where="m")
+    with pytest.raises(ray_ckpt.CorruptCheckpointError, match="'float7'"):
+        dtype_from_name("float7", where="m")
+
+
+_READ_WITHOUT_TORCH = """
+import json, sys
+from ray_ckpt.format.manifest import manifest_from_bytes, parse_manifest
+from ray_ckpt.format.marker import Marker
+from ray_ckpt.format.tree import decode, leaves
+doc = json.load(sys.stdin)
+marker = Marker.from_bytes(doc["marker"].encode("latin-1"), where="m")
+manifest = parse_manifest(manifest_from_bytes(doc["manifest"].encode("latin-1"), where="m"),
+                          where="m", marker=marker)
+tree = decode(manifest.tree_json, n_items=len(manifest.items), where="t")
+out = [sorted((m.key, m.dtype, m.nbytes) for m in manifest.items.values()),
+       repr(list(leaves(tree))), "torch" in sys.modules]
+special = decode('{"d":[["s",{"S":[2,3]}],["t",{"dt":"bfloat16"}]]}', n_items=0, where="t")
+out += [repr(special), "torch" in sys.modules]
+print(json.dumps(out))
+"""
+
+
+def test_manifest_and_tree_are_read_without_torch_until_a_torch_value_needs_it():
+    """Parsing a manifest and decoding a tree of containers, tensors, arrays and plain values
+    import no torch (and give what they give with torch loaded); a torch.Size or dtype leaf
+    imports it."""
+    state = {
+        "w": torch.ones(3, dtype=torch.bfloat16), "e": torch.zeros(2, dtype=torch.float8_e4m3fn),
+        "a": np.arange(4), "o": collections.OrderedDict(x=(1, 2.5, None)),
+        (1, "k"): [float("nan"), b"\x00\xff", "s", True], "empty": {},
+    }
+    tree_json, leaves = flatten(state)
+    items = [
+        ItemMeta(leaf.index, leaf.key, "tensor", dtype_name(t.dtype), tuple(t.shape), "cpu",
+                 t.nbytes)
+        for leaf in leaves
+        for t in [torch.as_tensor(leaf.value)]
+    ]
+    extents, offset = [], HEADER_SIZE
+    for meta in items:
+        extents.append(Extent(meta.item, 0, data_file_name(0, 0, CKPT_ID), offset, meta.nbytes,
+                              0, 0))
+        offset += 64
+    raw = manifest_to_bytes(build_manifest(items, extents, tree_json, CKPT_ID))
+    marker = Marker(CKPT_ID, f"manifest-{CKPT_ID}.arrow", len(raw), crc32c(raw), 0.0, 1,
+                    sum(m.nbytes for m in items))
+    doc = {"marker": marker.to_bytes().decode("latin-1"), "manifest": raw.decode("latin-1")}
+    done = subprocess.run(
+        [sys.executable, "-c", _READ_WITHOUT_TORCH], input=json.dumps(doc), capture_output=True,
+        text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert done.returncode == 0, done.stderr
+    metas, leaves_repr, torch_before, special, torch_after = json.loads(done.stdout)
+    manifest = parse_manifest(manifest_from_bytes(raw, where="m"), where="m", marker=marker)
+    tree = _tree.decode(manifest.tree_json, n_items=len(manifest.items), where="t")
+    assert metas == [list(m) for m in sorted(
+        (m.key, m.dtype, m.nbytes) for m in manifest.items.values()
+    )]
+    assert leaves_repr == repr(list(_tree.leaves(tree)))
+    assert torch_before is False
+    assert special == repr({"s": torch.Size([2, 3]), "t": torch.bfloat16}) and torch_after

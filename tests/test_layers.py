@@ -41,8 +41,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
      "ray_ckpt._util", "ray_ckpt._stateful"),
     ("ray_ckpt.config", "ray_ckpt.sharding"),
     ("ray_ckpt.format.names", "ray_ckpt.format.refs"),
-    ("ray_ckpt.format.header", "ray_ckpt.format.layout", "ray_ckpt.format.tree"),
-    ("ray_ckpt.format.checks",),
+    ("ray_ckpt.format.header", "ray_ckpt.format.layout", "ray_ckpt.format.tree",
+     "ray_ckpt.format.torch_leaves"),
+    ("ray_ckpt.format.checks", "ray_ckpt.format.flatten"),
     ("ray_ckpt.format.marker", "ray_ckpt.format.manifest"),
     ("ray_ckpt.storage.credentials",),
     ("ray_ckpt.storage.classify", "ray_ckpt.storage.local"),
@@ -88,8 +89,11 @@ LAZY_ON_PURPOSE: dict[tuple[str, str], str] = {
     ("ray_ckpt.cli", "ray"): "the same: only the commands that talk to a cluster import Ray",
     ("ray_ckpt.storage.classify", "ray_ckpt.storage.memory"): "the memory tier's filesystem "
     "imports Ray: it is loaded for mem:// paths only",
-    ("ray_ckpt.format", "torch"): "the dtype table: markers and manifests are read and checked "
-    "without importing torch",
+    ("ray_ckpt.format", "torch"): "torch dtypes by name, for loads and tools that read tensor "
+    "data: markers and manifests are read and checked with the torch-free ITEMSIZES table",
+    ("ray_ckpt.format.tree", "ray_ckpt.format.torch_leaves"): "decoding a tree imports torch "
+    "only for a torch.Size/dtype/device leaf: `ray-ckpt inspect` of a tree without one never "
+    "imports torch",
 }
 
 # What the tree breaks today, by name (issue 14's package move empties this list).

@@ -27,7 +27,6 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import CheckpointError
-from ..storage.credentials import redact
 from .commands import (
     EXIT_FAILED,
     EXIT_OK,
@@ -259,6 +258,8 @@ def _quiet_broken_pipe() -> int:
 
 
 def _fail(args: argparse.Namespace, error: BaseException, status: int) -> int:
+    from ..storage.credentials import redact  # imports pyarrow: not for `ray-ckpt --help`
+
     if args.verbose:
         logger.error("ray-ckpt %s failed", args.command, exc_info=error)
     print(f"ray-ckpt {args.command}: error: {clean(redact(str(error)))}", file=sys.stderr)

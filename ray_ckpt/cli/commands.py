@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError
-from ..storage.classify import MEMORY_SCHEME
 from . import output
 from .output import (
     ProgressBar,
@@ -106,6 +105,8 @@ def run_ls(args: argparse.Namespace) -> int:
 def memory_copies(root: str) -> dict[str, MemoryCheckpointInfo] | None:
     """For a ``mem://`` root: every memory checkpoint by path (connects to the running Ray
     cluster, ``address="auto"``); None for durable roots."""
+    from ..storage.classify import MEMORY_SCHEME  # imports pyarrow, which --help does not
+
     if not root.startswith(MEMORY_SCHEME):
         return None
     import ray

@@ -27,16 +27,14 @@ The rules (docs/FORMAT.md, "Structural rules", states them for writers of other 
 
 from __future__ import annotations
 
-import functools
 import json
 import math
-import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CorruptCheckpointError
-from .names import KIND_PICKLE, KIND_TENSOR, dtypes
+from .names import ITEMSIZES, KIND_PICKLE, KIND_TENSOR, NUMPY_DTYPES
 from .refs import ItemRef, ShardedRef
 
 if TYPE_CHECKING:
@@ -319,7 +317,7 @@ def tree_problems(tree: Any, manifest: Manifest, where: str) -> Iterator[Problem
                 f"{where}: the tree refers to item {ref.index} as {ref.tag!r}, which the "
                 "manifest does not hold",
             )
-        elif ref.tag == "N" and meta.dtype not in numpy_dtype_names():
+        elif ref.tag == "N" and meta.dtype not in NUMPY_DTYPES:
             yield Problem(
                 "structure",
                 f"{where}, key {meta.key!r}: a numpy array of dtype {meta.dtype}, which numpy "
@@ -347,8 +345,8 @@ def shard_problems(
         yield Problem("structure", f"{here}: its shards have dtypes {sorted(map(str, names))}",
                       key=key)
         return
-    dtype = dtypes().get(shards[0].dtype or "")
-    problem = next(shape_problems(list(global_shape), dtype.itemsize if dtype else 1, here), None)
+    size = ITEMSIZES.get(shards[0].dtype or "", 1)
+    problem = next(shape_problems(list(global_shape), size, here), None)
     if problem is not None:
         yield problem
         return
@@ -417,24 +415,6 @@ def first_overlap(boxes: Sequence[Box]) -> tuple[Box, Box] | None:
                 return other, box
         open_boxes.append(box)
     return None
-
-
-@functools.cache
-def numpy_dtype_names() -> frozenset[str]:
-    """The dtypes whose tensors convert to numpy arrays."""
-    import torch  # not at the top: `ray-ckpt ls` checks markers without importing torch
-
-
-    names = set()
-    for name, dtype in dtypes().items():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                torch.empty(0, dtype=dtype).numpy()
-            except (TypeError, RuntimeError):
-                continue
-        names.add(name)
-    return frozenset(names)
 
 
 def _stored_refs(tree: Any) -> Iterator[Any]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -37,12 +37,8 @@ from .names import (
     FORMAT_VERSION,
     KIND_PICKLE,
     KIND_TENSOR,
-    dtype_from_name,
+    itemsize,
 )
-
-if TYPE_CHECKING:
-    pass
-
 
 # --- data file header -------------------------------------------------------------------------
 #
@@ -297,9 +293,9 @@ def _check_columns(table: pa.Table, *, where: str) -> None:
     for name, low in (("item", 0), ("item_nbytes", 0), ("chunk_offset", 0), ("length", 0),
                       ("offset", HEADER_SIZE)):
         column = table.column(name)
-        bad = pc.less(column, low)
-        if table.num_rows and pc.any(bad).as_py():
-            row = pc.index(bad, True).as_py()
+        smallest = pc.min(column).as_py()  # not pc.less(column, low): pyarrow would import
+        if smallest is not None and smallest < low:  # pandas to convert `low`, for 0.3 s
+            row = pc.index(pc.less(column, low), True).as_py()
             value = column[row].as_py()
             label = "item index" if name == "item" else name
             problem = (
@@ -334,15 +330,15 @@ def _parse_item(row: dict[str, Any], *, where: str) -> ItemMeta:
     shape: tuple[int, ...] | None = None
     if kind == KIND_TENSOR:
         here = f"manifest {where}, key {key!r}"
-        dtype = dtype_from_name(row["dtype"] or "", where=here)
-        raise_first(shape_problems(row["shape"], dtype.itemsize, here))
+        size = itemsize(row["dtype"], where=here)
+        raise_first(shape_problems(row["shape"], size, here))
         shape = tuple(row["shape"])
         numel = 1
         for d in shape:
             numel *= d
-        if numel * dtype.itemsize != nbytes:
+        if numel * size != nbytes:
             raise CorruptCheckpointError(
-                f"{here}: shape {list(shape)} of {row['dtype']} needs {numel * dtype.itemsize} "
+                f"{here}: shape {list(shape)} of {row['dtype']} needs {numel * size} "
                 f"bytes but the manifest records {nbytes}"
             )
         global_shape, global_offset = _global_box(row, shape, here)

@@ -41,11 +41,12 @@ import torch
 from .._util import PackedRows, without_gc
 from ..config import CheckpointStagerConfig
 from ..errors import UnsupportedValueError
+from ..format.flatten import flatten
 from ..format.header import HEADER_SIZE
 from ..format.layout import BucketLayout, Segment
 from ..format.manifest import ItemMeta
 from ..format.names import ALIGNMENT, KIND_PICKLE, KIND_TENSOR, align, data_file_name, dtype_name
-from ..format.tree import Leaf, flatten
+from ..format.tree import Leaf
 from .dedup import AssignReplicas, Replica, replicated_items
 from .pieces import _group_bytes, byte_view, pieces
 

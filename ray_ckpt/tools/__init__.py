@@ -1,9 +1,10 @@
 """Tools over committed checkpoints: inspect, verify, diff, export and import (the CLI is built on
 them).
 
-Every tool starts from :meth:`ray_ckpt.CheckpointReader.open` (marker, validated manifest,
-decoded tree) and reads tensor bytes through the storage's ``FileReader``; none parses the
-format itself. They share one rule: **memory stays bounded**, whatever the checkpoint's size.
+Every tool starts from ``_open.open_checkpoint``, the validator of
+:meth:`ray_ckpt.CheckpointReader.open` without torch (marker, validated manifest, decoded tree),
+and reads tensor bytes through the storage's ``FileReader``; none parses the format itself.
+They share one rule: **memory stays bounded**, whatever the checkpoint's size.
 
 ========================  ==================================================================
 :func:`inspect_checkpoint` every leaf (key, kind, dtype, shape, bytes, files; a sharded

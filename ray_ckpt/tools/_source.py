@@ -1,6 +1,6 @@
 """Shared by the tools: progress reporting, and reading the items of an opened checkpoint.
 
-A :class:`Source` is a checkpoint opened with :meth:`CheckpointReader.open` (marker, validated
+A :class:`Source` is a checkpoint opened with :func:`._open.open_checkpoint` (marker, validated
 manifest, decoded tree) plus its open files (:class:`~ray_ckpt.storage.files.FileReader`). It reads
 one item, or one extent, at a time, checking each data file's header once and every extent's
 CRC32C, so a tool holds at most what it asks for.
@@ -37,15 +37,14 @@ from ..format.names import KIND_PICKLE, dtype_from_name
 from ..format.refs import ItemRef, ShardedRef, key_string
 from ..format.tree import leaves
 from ..load.extents import ExtentReader
-from ..load.reader import CheckpointReader
 from ..load.validate import CheckpointInfo
 from ..sharding import Box, overlap, runs, slices
 from ..storage.files import FileReader, open_files
-from ..types import RankInfo
+from ._open import KIND_OF_TAG as KIND_OF_TAG  # for the tools that take it from here
+from ._open import open_checkpoint
 
 DEFAULT_CHUNK_BYTES = 16 << 20
 DEFAULT_WINDOW_BYTES = 16 << 20
-KIND_OF_TAG = {"T": "tensor", "N": "ndarray", "P": "pickle"}
 
 
 class Progress(Protocol):
@@ -247,30 +246,6 @@ def opened(
     info = open_checkpoint(path, filesystem, storage_config, rank)
     with open_files(info.storage) as files:
         yield Source(info, files)
-
-
-def reader_for(
-    filesystem: Any, storage_config: StorageConfig | None, rank: int = 0
-) -> CheckpointReader:
-    if rank < 0:
-        raise ValueError(f"rank must be >= 0, got {rank}")
-    return CheckpointReader(
-        RankInfo(rank, rank + 1), storage_config=storage_config, filesystem=filesystem
-    )
-
-
-def open_checkpoint(
-    path: str, filesystem: Any, storage_config: StorageConfig | None, rank: int = 0
-) -> CheckpointInfo:
-    """:meth:`CheckpointReader.open` as rank ``rank`` sees the checkpoint: the tree is the one
-    that rank saved (rank-local keys differ between ranks of a multi-rank save)."""
-    info = reader_for(filesystem, storage_config, rank).open(path)
-    if rank >= info.marker.world_size:
-        raise CheckpointError(
-            f"checkpoint {info.storage.display} was saved by {info.marker.world_size} rank(s); "
-            f"rank {rank} is not one of them (use 0..{info.marker.world_size - 1})"
-        )
-    return info
 
 
 KeyPath = tuple[Any, ...]

@@ -12,7 +12,7 @@ from ..config import StorageConfig
 from ..format.manifest import Manifest
 from ..format.refs import ItemRef, ShardedRef, key_string
 from ..format.tree import leaves
-from ._source import KIND_OF_TAG, open_checkpoint
+from ._open import KIND_OF_TAG, open_checkpoint
 
 
 @dataclass(frozen=True)
