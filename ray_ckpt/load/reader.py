@@ -29,7 +29,6 @@ from .. import metrics
 from .._util import without_gc
 from ..config import CheckpointReaderConfig, StorageConfig
 from ..errors import UnsupportedValueError
-from ..format.checks import raise_first
 from ..sharding import runs
 from ..storage.files import open_files
 from ..storage.storage import Storage
@@ -47,7 +46,7 @@ from .extents import (
 )
 from .map_location import resolve_map_location
 from .match import _assign, _check_pickles, _Copy, _finish, _item_shape, _Plan, _Walker
-from .validate import CheckpointInfo, checkpoint_problems, read_manifest
+from .validate import CheckpointInfo, open_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -77,14 +76,7 @@ class CheckpointReader:
         ``check_files=False`` skips the data files (missing or short ones are then no error
         here)."""
         storage = Storage.from_path(path, self._filesystem, self._storage_config)
-        files, marker, manifest = read_manifest(storage)
-        rank = self._rank_info.global_rank
-        trees: dict[int, Any] = {}
-        raise_first(checkpoint_problems(
-            storage.display, marker, manifest, files, [rank], check_files=check_files,
-            trees=trees,
-        ))
-        return CheckpointInfo(storage, marker, manifest, trees[rank], files)
+        return open_checkpoint(storage, self._rank_info.global_rank, check_files=check_files)
 
     # --- read ---------------------------------------------------------------------------------
 

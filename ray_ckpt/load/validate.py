@@ -82,6 +82,18 @@ def read_manifest(storage: Storage) -> tuple[dict[str, int], Marker, Manifest]:
     return files, marker, manifest
 
 
+def open_checkpoint(storage: Storage, rank: int, *, check_files: bool = True) -> CheckpointInfo:
+    """The committed checkpoint in ``storage``, validated (:func:`read_manifest`, then
+    :func:`checkpoint_problems` for rank ``rank``'s tree; ``check_files=False`` skips the data
+    files), with that tree; raises the first problem. Needs neither torch nor Ray."""
+    files, marker, manifest = read_manifest(storage)
+    trees: dict[int, Any] = {}
+    raise_first(checkpoint_problems(
+        storage.display, marker, manifest, files, [rank], check_files=check_files, trees=trees
+    ))
+    return CheckpointInfo(storage, marker, manifest, trees[rank], files)
+
+
 def checkpoint_problems(
     display: str,
     marker: Marker,
