@@ -28,6 +28,7 @@ from ray_ckpt.config import StorageConfig
 from ray_ckpt.format.names import MARKER_NAME
 from ray_ckpt.storage.atomic import PutCommit, RenameCommit, commit_strategy_for
 from ray_ckpt.storage.classify import is_transient
+from ray_ckpt.storage.files import _Buffers
 from ray_ckpt.storage.storage import Storage
 
 from .conftest import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, start_s3_server
@@ -417,3 +418,25 @@ def test_list_and_delete_touch_only_checkpoints(backend):
         "step-2", "step-10", "mixed"
     ]
     assert backend.listdir(backend.root) == ["mixed", "notes", "step-10", "step-2"]
+
+
+@pytest.mark.parametrize("sizes", [[], [0], [5], [3, 0, 0, 7, 1], [0, 4, 0], [1] * 9])
+def test_a_file_held_as_buffers_reads_any_range_like_its_bytes(sizes):
+    """The memory tier's held files are lists of buffers: every range reads as the same range
+    of the joined bytes, one buffer at a time, and ends empty at the end (EOF)."""
+    data = bytes(range(sum(sizes)))
+    buffers, at = [], 0
+    for n in sizes:
+        buffers.append(data[at : at + n])
+        at += n
+    held = _Buffers(buffers)
+    for start in range(len(data) + 2):
+        for want in range(1, len(data) + 2):
+            got, offset = b"", start
+            while len(got) < want:
+                chunk = bytes(held.at(offset, want - len(got)))
+                if not chunk:
+                    break
+                got, offset = got + chunk, offset + len(chunk)
+            assert got == data[start : start + want], (start, want)
+    held.release()

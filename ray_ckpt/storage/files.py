@@ -4,11 +4,14 @@ one.
 
 A filesystem whose files are already in this process's memory (the memory tier: a held file
 is a view of shared memory) says so by giving its ``pyarrow.fs.PyFileSystem`` handler an
-``open_buffer(path)`` method returning the file's bytes as a buffer: ranges are then copied
-from it straight into caller memory, a slice at a time like a local file, with no read copy."""
+``open_buffers(path)`` method returning the file's bytes as a list of buffers, in order: ranges
+are then copied from them straight into caller memory, a slice at a time like a local file,
+with no read copy."""
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -69,11 +72,11 @@ class FileReader:
         on_slice: Callable[[int, memoryview], None] | None,
     ) -> None:
         local = self._storage.is_local
-        held = getattr(getattr(self._storage.fs, "handler", None), "open_buffer", None)
+        held = getattr(getattr(self._storage.fs, "handler", None), "open_buffers", None)
         if local:
             fd = self._handle(name, lambda: os.open(path, os.O_RDONLY))
         elif held is not None:
-            data = self._handle(name, lambda: memoryview(held(path)).cast("B"))
+            data = self._handle(name, lambda: _Buffers(held(path)))
         else:
             handle = self._handle(name, lambda: self._storage.fs.open_input_file(path))
         step = slice_bytes if local or held else max(slice_bytes, READ_CHUNK_BYTES)
@@ -85,7 +88,7 @@ class FileReader:
                 if local:
                     n = os.preadv(fd, [piece[done:]], at)  # type: ignore[arg-type]
                 elif held is not None:
-                    chunk = data[at : at + len(piece) - done]
+                    chunk = data.at(at, len(piece) - done)
                     n = len(chunk)
                     piece[done : done + n] = chunk
                 else:
@@ -110,8 +113,28 @@ class FileReader:
         for handle in self._handles.values():
             if isinstance(handle, int):
                 os.close(handle)
-            elif isinstance(handle, memoryview):
+            elif isinstance(handle, _Buffers):
                 handle.release()
             else:
                 handle.close()  # type: ignore[attr-defined]
         self._handles.clear()
+
+
+class _Buffers:
+    """A file held in memory as buffers, in order (see the module docstring)."""
+
+    def __init__(self, buffers: list[Any]) -> None:
+        self._views = [memoryview(b).cast("B") for b in buffers]
+        self._starts = list(itertools.accumulate((len(v) for v in self._views), initial=0))
+
+    def at(self, offset: int, nbytes: int) -> memoryview:
+        """Up to ``nbytes`` of the file from ``offset``, within one buffer (empty at the end)."""
+        i = bisect.bisect_right(self._starts, offset) - 1
+        if not 0 <= i < len(self._views):
+            return memoryview(b"")
+        within = offset - self._starts[i]
+        return self._views[i][within : within + nbytes]
+
+    def release(self) -> None:
+        for view in self._views:
+            view.release()

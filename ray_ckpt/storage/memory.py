@@ -65,7 +65,6 @@ from .memory_holder import (
     forget_actor,
     holder_for,
     holder_name,
-    join_parts,
     named_actor,
     store_capacity,
 )
@@ -113,8 +112,9 @@ class _HeldOutput:
 
     A part arrives as ``bytes`` or as a ``pyarrow.Buffer`` (``OutputStream::Write(Buffer)``,
     whose contract lets a stream keep the buffer rather than copy it): the writer's staged,
-    read-only buffers are kept as they are, and a data file's bytes are copied once, into one
-    array, on close."""
+    read-only buffers are kept as they are, and on close a data file's parts go to the holder
+    as they are (Ray copies them once, into the call's argument; the holder once more, into
+    its own object)."""
 
     def __init__(self, handler: MemoryFileSystemHandler, path: str) -> None:
         self._handler = handler
@@ -135,7 +135,7 @@ class _HeldOutput:
         self.closed = True
         parts, self._parts = self._parts, []
         if self._path.endswith(_DATA_SUFFIX):
-            self._handler.hold(self._path, join_parts(parts) if parts else np.empty(0, np.uint8))
+            self._handler.hold(self._path, [np.frombuffer(p, dtype=np.uint8) for p in parts])
         else:
             ray.get(_catalog().write_small.remote(self._path, b"".join(map(bytes, parts))))
 
@@ -165,8 +165,9 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
 
     # --- holding ------------------------------------------------------------------------------
 
-    def hold(self, path: str, data: np.ndarray) -> None:
-        """Hold ``data`` as file ``path``: on this node's holder, then ``replicas`` peers
+    def hold(self, path: str, buffers: list[np.ndarray]) -> None:
+        """Hold ``buffers`` (the bytes, in order) as file ``path``: on this node's holder, then
+        ``replicas`` peers
         (first waiting, if the room check said so, for Ray to free what was evicted for it)."""
         node = ray.get_runtime_context().get_node_id()
         holder = holder_for(node)
@@ -176,7 +177,7 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
             logger.info("memory tier: waiting %.2f s for Ray to free evicted memory checkpoints "
                         "on node %s before holding %s%s", wait_secs, node, SCHEME, path)
             time.sleep(wait_secs)
-        nbytes = int(ray.get(holder.adopt.remote(path, data)))
+        nbytes = int(ray.get(holder.adopt.remote(path, buffers)))
         target = 1 + self.config.replicas
         ray.get(cat.add_data.remote(path, node, nbytes, target))
         peers = [n for n in alive_nodes() if n != node]
@@ -193,8 +194,9 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
                 1 + len(peers),
             )
 
-    def open_held(self, path: str) -> tuple[np.ndarray, str]:
-        """The bytes of held file ``path`` and the node they came from: this node's holder
+    def open_held(self, path: str) -> tuple[list[np.ndarray], str]:
+        """The bytes of held file ``path`` (buffers, in order) and the node they came from: this
+        node's holder
         first (a zero-copy view of its object), then the peers' (one transfer, started for the
         checkpoint's other files at once: see :func:`_prefetch`)."""
         cat = _catalog()
@@ -270,16 +272,16 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
     def open_input_stream(self, path: str) -> pa.NativeFile:
         return self.open_input_file(path)
 
-    def open_buffer(self, path: str) -> np.ndarray:
-        """The bytes of data file ``path``, for :class:`~.files.FileReader` to copy ranges of
-        straight into a load's tensors (no read copy)."""
+    def open_buffers(self, path: str) -> list[np.ndarray]:
+        """The bytes of data file ``path`` (buffers, in order), for :class:`~.files.FileReader`
+        to copy ranges of straight into a load's tensors (no read copy)."""
         return self.open_held(_strip(path))[0]
 
     def open_input_file(self, path: str) -> pa.NativeFile:
         path = _strip(path)
         if path.endswith(_DATA_SUFFIX):
-            data, _ = self.open_held(path)
-            return pa.BufferReader(pa.py_buffer(data))
+            buffers, _ = self.open_held(path)
+            return pa.BufferReader(pa.py_buffer(join_parts(buffers)))
         raw = ray.get(_catalog().read_small.remote(path))
         if raw is None:
             raise FileNotFoundError(f"{SCHEME}{path}")
@@ -360,6 +362,19 @@ def _pull(directory: str, local: str) -> None:
     except Exception as e:  # noqa: BLE001 - only a head start: each open fetches its own file
         # and reports what is missing (this also ends a pull cut short by ray.shutdown)
         logger.info("memory tier: prefetching %s%s stopped: %s", SCHEME, directory, e)
+
+
+def join_parts(parts: list[Any]) -> np.ndarray:
+    """One contiguous byte array of ``parts`` (buffers): the parts themselves when one."""
+    if len(parts) == 1:
+        return np.frombuffer(parts[0], dtype=np.uint8)
+    out = np.empty(sum(memoryview(p).nbytes for p in parts), dtype=np.uint8)
+    position = 0
+    for part in parts:
+        view = np.frombuffer(part, dtype=np.uint8)
+        out[position : position + view.nbytes] = view
+        position += view.nbytes
+    return out
 
 
 def normalize(path: str) -> str:

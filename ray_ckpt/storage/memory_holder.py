@@ -48,19 +48,6 @@ def holder_name(node_id: str) -> str:
     return f"ray_ckpt_holder_{node_id}"
 
 
-def join_parts(parts: list[Any]) -> np.ndarray:
-    """One contiguous byte array of ``parts`` (buffers): the parts themselves when one."""
-    if len(parts) == 1:
-        return np.frombuffer(parts[0], dtype=np.uint8)
-    out = np.empty(sum(memoryview(p).nbytes for p in parts), dtype=np.uint8)
-    position = 0
-    for part in parts:
-        view = np.frombuffer(part, dtype=np.uint8)
-        out[position : position + view.nbytes] = view
-        position += view.nbytes
-    return out
-
-
 # (Ray's typing overloads of ``ray.remote`` omit ``max_concurrency``, a documented option.)
 @ray.remote(num_cpus=0, max_restarts=0, max_concurrency=16)  # type: ignore[call-overload]
 class _Holder:
@@ -74,11 +61,13 @@ class _Holder:
     def node_id(self) -> str:
         return self._node_id
 
-    def adopt(self, key: str, data: np.ndarray) -> int:
-        """Put ``data`` (an argument, owned by the caller: a zero-copy view of it in this
-        node's shared memory) as this holder's own copy: one copy, store to store."""
-        self._replace(key, ray.put(data), int(data.nbytes))
-        return int(data.nbytes)
+    def adopt(self, key: str, buffers: list[np.ndarray]) -> int:
+        """Put ``buffers`` (the file's bytes in order; an argument, owned by the caller:
+        zero-copy views of it in this node's shared memory) as this holder's own copy, one
+        object: one copy, store to store."""
+        nbytes = sum(int(b.nbytes) for b in buffers)
+        self._replace(key, ray.put(buffers), nbytes)
+        return nbytes
 
     def copy_from(self, key: str, refs: list[ray.ObjectRef]) -> int:
         """Fetch another holder's copy (Ray transfers it) and put one of our own."""
@@ -107,9 +96,9 @@ class _Holder:
 
     def write_to(self, key: str, storage: Any, name: str, fsync: bool) -> int:
         """Write our copy of ``key`` as file ``name`` of ``storage`` (persisting)."""
-        data = ray.get(self._objects[key])
-        storage.write_file(name, [memoryview(data)], fsync=fsync)
-        return int(data.nbytes)
+        buffers = ray.get(self._objects[key])
+        storage.write_file(name, [memoryview(b) for b in buffers], fsync=fsync)
+        return sum(int(b.nbytes) for b in buffers)
 
     def _pop(self, key: str) -> ray.ObjectRef | None:
         self._nbytes.pop(key, None)
