@@ -5,10 +5,10 @@ imports, reading the source, writing the checkpoint, exit).
 
 Writes a ``torch.save`` file and a ``.safetensors`` file of a small MLP's state dict (about
 ``--kib`` KiB) into a temporary directory, then runs ``python -m ray_ckpt import SRC DEST``
-``--runs`` times for each, each into a new destination in a fresh process, and prints the
-median and the fastest wall time next to ``python -c "import torch"`` (the floor of any command
-that reads a torch file). The ``ray_ckpt`` measured is the one this interpreter imports
-(``PYTHONPATH`` selects a checkout).
+``--runs`` times for each (the cases taking turns), each into a new destination in a fresh
+process, and prints the median and the fastest wall time next to ``python -c "import torch"``
+(the floor of any command that reads a torch file). The ``ray_ckpt`` measured is the one
+this interpreter imports (``PYTHONPATH`` selects a checkout).
 """
 
 from __future__ import annotations
@@ -57,17 +57,18 @@ def main(argv: list[str] | None = None) -> int:
         sizes = {fmt: os.path.getsize(path) for fmt, path in sources.items()}
         print(f"| command | median s | fastest s | ({args.runs} runs each) |")
         print("| --- | ---: | ---: | --- |")
-        floor = [wall_secs([python, "-c", "import torch"]) for _ in range(args.runs)]
-        print(f"| `python -c 'import torch'` | {statistics.median(floor):.2f} | "
-              f"{min(floor):.2f} | |")
-        for fmt, src in sources.items():
-            times = [
-                wall_secs([python, "-m", "ray_ckpt", "import", src,
-                           os.path.join(directory, f"{fmt}-{run}")])
-                for run in range(args.runs)
-            ]
-            print(f"| `ray-ckpt import` {fmt} ({sizes[fmt] / 1024:.0f} KiB) | "
-                  f"{statistics.median(times):.2f} | {min(times):.2f} | |")
+        # the cases take turns, run after run, so that a change in the machine's load
+        # touches them alike
+        times: dict[str, list[float]] = {"floor": [], **{fmt: [] for fmt in sources}}
+        for run in range(args.runs):
+            times["floor"].append(wall_secs([python, "-c", "import torch"]))
+            for fmt, src in sources.items():
+                dest = os.path.join(directory, f"{fmt}-{run}")
+                times[fmt].append(wall_secs([python, "-m", "ray_ckpt", "import", src, dest]))
+        for case, secs in times.items():
+            name = ("`python -c 'import torch'`" if case == "floor"
+                    else f"`ray-ckpt import` {case} ({sizes[case] / 1024:.0f} KiB)")
+            print(f"| {name} | {statistics.median(secs):.2f} | {min(secs):.2f} | |")
     return 0
 
 
