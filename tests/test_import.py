@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 import ray_ckpt
 import ray_ckpt.errors
 import ray_ckpt.tools
+import ray_ckpt.tools.importer
 from ray_ckpt.format.names import MARKER_NAME
 from ray_ckpt.save.in_process import is_local
 
@@ -168,3 +169,21 @@ def test_only_local_destinations_skip_ray(tmp_path, s3_fs):
     assert not is_local("gs://bucket/run/step-0")
     assert not is_local("mem://run/step-0")
     assert not is_local("bucket/run/step-0", filesystem=s3_fs)
+
+
+
+def test_import_to_s3_goes_through_ray_and_loads_exactly(
+    cluster, sources, s3_fs, tmp_path, monkeypatch
+):
+    """An object store is not written in-process: the import saves through a checkpointer on
+    the running Ray, and the result loads exactly."""
+
+    def not_here(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("an import to S3 was written in-process")
+
+    monkeypatch.setattr(ray_ckpt.tools.importer, "save_in_process", not_here)
+    dest = f"ray-ckpt-tests/import-{tmp_path.name}/ckpt"
+    result = ray_ckpt.tools.import_checkpoint(str(sources["torch"]), dest, filesystem=s3_fs)
+    assert result.path == dest
+    with ray_ckpt.make_sync_checkpointer(filesystem=s3_fs) as ckptr:
+        assert_same(_expected("torch", sources["torch"]), ckptr.load(dest))
