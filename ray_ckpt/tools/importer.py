@@ -5,8 +5,8 @@ The source is read without copying it into memory, then saved as an ordinary com
 checkpoint (checksums, manifest, marker). To a local path, this process writes it itself
 (:mod:`ray_ckpt.save.in_process`: the stager's plan, the encoder and the commit of every save,
 no Ray started, even when one is running: it is faster and writes the same bytes); anywhere
-else (an object store, ``mem://``, a filesystem passed in) or through a given checkpointer, a
-real checkpointer saves it, starting Ray if needed:
+else (an object store, ``mem://``, a ``filesystem`` other than the local one) or through a
+given checkpointer, a real checkpointer saves it, starting Ray if needed:
 
 * **safetensors** (one file, or a directory with ``model.safetensors.index.json`` and its
   shards): the header is validated by the ``safetensors`` library (``safe_open``), then every
