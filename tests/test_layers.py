@@ -58,7 +58,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("ray_ckpt.save.stager", "ray_ckpt.save.encoder", "ray_ckpt.save.commit"),
     ("ray_ckpt.save.barrier", "ray_ckpt.save.writer"),
     ("ray_ckpt.save.pool",),
-    ("ray_ckpt.save.pipeline",),
+    ("ray_ckpt.save.pipeline", "ray_ckpt.save.in_process"),
     ("ray_ckpt.load.validate", "ray_ckpt.load.extents", "ray_ckpt.load.map_location"),
     ("ray_ckpt.load.match",),
     ("ray_ckpt.load.reader",),

@@ -191,8 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
                  "Import SRC, a torch.save file, a .safetensors file, or a Hugging Face model "
                  "directory (model.safetensors, or model.safetensors.index.json and its "
                  "shards), as the checkpoint DEST (a local path or a URI). Tensors are memory-"
-                 "mapped, not read into memory, and saved through a checkpointer on a local "
-                 "Ray (or the cluster in RAY_ADDRESS). torch files are loaded weights-only: "
+                 "mapped, not read into memory. A local DEST (a path or file://) is written "
+                 "by this process, without Ray; any other (s3://, mem://, ...) is saved through "
+                 "a checkpointer on a local Ray (or the cluster in RAY_ADDRESS). torch files "
+                 "are loaded weights-only: "
                  "one holding arbitrary objects is refused. safetensors names stay flat keys "
                  "(model.layers.0.weight).",
                  "  ray-ckpt import model.pt /tmp/run/step-0\n"

@@ -67,7 +67,7 @@ def commit_save(
             raise concurrent.futures.CancelledError(
                 f"save to {storage.display} was cancelled; nothing was committed"
             )
-        report = _report(request, outcome, shards)
+        report = rank_report(request, outcome, shards)
         if request.barrier is None:
             return commit_reports(request.commit_target(), [report])
     except BaseException as e:
@@ -79,7 +79,10 @@ def commit_save(
     return _through_barrier(request, report)
 
 
-def _report(request: SaveRequest, outcome: StagingOutcome, shards: list[ShardResult]) -> RankReport:
+def rank_report(
+    request: SaveRequest, outcome: StagingOutcome, shards: list[ShardResult]
+) -> RankReport:
+    """What this rank's save wrote (``shards``, one per data file), as the commit reads it."""
     return RankReport(
         rank=request.rank_info.global_rank,
         save_id=request.checkpoint_id,

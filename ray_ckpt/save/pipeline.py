@@ -39,7 +39,6 @@ from ..storage import memory
 from ..storage.storage import Storage
 from ..types import RankInfo
 from .barrier import barrier_for
-from .dedup import replica_checksums
 from .pool import WriterPool
 from .protocol import (
     BarrierHandle,
@@ -51,7 +50,7 @@ from .protocol import (
     WriterHook,
     portable_error,
 )
-from .stager import CheckpointStager, StagingPlan
+from .stager import CheckpointStager, StagingPlan, record_staged
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +98,7 @@ class Coordinator:
         """Start a save. ``background`` stages on the staging thread; ``overlap_writes`` (see
         :meth:`_stage_buckets`) trades a longer stall for a shorter total."""
         started = time.perf_counter()
-        metadata = _json_metadata(metadata)
+        metadata = json_metadata(metadata)
         storage = Storage.from_path(path, self._filesystem, self._config.storage_config)
         created = check_destination(storage, overwrite=overwrite)
         checkpoint_id = new_checkpoint_id()
@@ -209,21 +208,12 @@ class Coordinator:
         def all_staged() -> None:
             """Every byte is in the object store: the caller may change its tensors now,
             before the (remote) hand-off of the last buckets to the writers."""
-            outcome.replicas = replica_checksums(
-                plan.replicas, plan.host_bytes, self._config.staging_config.verify_replicas
-            )
-            outcome.shard_items = {
-                item: (plan.leaves[item].path_id, owner)
-                for item, owner in plan.shard_owners.items()
-            }
-            outcome.stats = StageStats(
-                nbytes=plan.nbytes,
-                items=len(plan.items),
-                buckets=len(plan.buckets),
-                stage_secs=time.perf_counter() - started,
+            stats = record_staged(
+                plan, outcome, self._config.staging_config.verify_replicas,
+                time.perf_counter() - started,
             )
             plan.host_bytes.clear()  # drop references to the caller's tensors
-            staged.set_result(outcome.stats)
+            staged.set_result(stats)
 
         try:
             self._stage_buckets(plan, storage, outcome, overlap_writes, all_staged)
@@ -384,7 +374,7 @@ def _groups(buckets: list[BucketLayout], limit: int) -> list[list[int]]:
     return groups
 
 
-def _json_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
+def json_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
     """``metadata`` checked to be a JSON object (it is stored in the commit marker)."""
     if metadata is None:
         return {}

@@ -47,8 +47,9 @@ from ..format.layout import BucketLayout, Segment
 from ..format.manifest import ItemMeta
 from ..format.names import ALIGNMENT, KIND_PICKLE, KIND_TENSOR, align, data_file_name, dtype_name
 from ..format.tree import Leaf
-from .dedup import AssignReplicas, Replica, replicated_items
+from .dedup import AssignReplicas, Replica, replica_checksums, replicated_items
 from .pieces import _group_bytes, byte_view, pieces
+from .protocol import StageStats, StagingOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -233,11 +234,18 @@ class DefaultStager(CheckpointStager):
     # --- stage --------------------------------------------------------------------------------
 
     def stage(self, plan: StagingPlan, buckets: Sequence[int]) -> ray.ObjectRef:
+        return ray.put(self.payload(plan, buckets))
+
+    def payload(self, plan: StagingPlan, buckets: Sequence[int]) -> list[list[list[Any]]]:
+        """What :meth:`stage` puts, in this process's memory: each bucket's arrays, each a list
+        of consecutive pieces. On CPU, views of the caller's tensors (a pack is a copy); on
+        CUDA, views of the one pinned buffer, valid until the next call. A save without Ray
+        (:mod:`ray_ckpt.save.in_process`) hands it straight to the encoder."""
         if plan.on_cuda:
             arrays = self._via_pinned(plan, [plan.sources[b] for b in buckets])
         else:
             arrays = [[self._cpu_array(plan, src) for src in plan.sources[b]] for b in buckets]
-        return ray.put([[pieces(a) for a in bucket] for bucket in arrays])
+        return [[pieces(a) for a in bucket] for bucket in arrays]
 
     def _cpu_array(self, plan: StagingPlan, src: _Source) -> np.ndarray:
         if not src.is_pack:
@@ -311,6 +319,23 @@ class DefaultStager(CheckpointStager):
     def close(self) -> None:
         self._pinned = None
         self._stream = None
+
+
+def record_staged(
+    plan: StagingPlan, outcome: StagingOutcome, verify_replicas: bool, stage_secs: float
+) -> StageStats:
+    """Once every byte of ``plan`` is staged (before the caller's tensors are released): what
+    ``outcome`` hands the commit besides the writes, i.e. the replicas (checksummed with
+    ``verify_replicas``), the shard owners and the staging stats, which it returns."""
+    outcome.replicas = replica_checksums(plan.replicas, plan.host_bytes, verify_replicas)
+    outcome.shard_items = {
+        item: (plan.leaves[item].path_id, owner) for item, owner in plan.shard_owners.items()
+    }
+    outcome.stats = StageStats(
+        nbytes=plan.nbytes, items=len(plan.items), buckets=len(plan.buckets),
+        stage_secs=stage_secs,
+    )
+    return outcome.stats
 
 
 class _nullcontext:

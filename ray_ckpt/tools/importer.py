@@ -1,14 +1,20 @@
 """``import``: a ``torch.save`` file, a safetensors file or a Hugging Face safetensors directory,
 saved as a ray_ckpt checkpoint.
 
-The source is read without copying it into memory, then saved through a real checkpointer, so
-the result is an ordinary committed checkpoint (checksums, manifest, marker):
+The source is read without copying it into memory, then saved as an ordinary committed
+checkpoint (checksums, manifest, marker). To a local path, this process writes it itself
+(:mod:`ray_ckpt.save.in_process`: the stager's plan, the encoder and the commit of every save,
+no Ray started, even when one is running: it is faster and writes the same bytes); anywhere
+else (an object store, ``mem://``, a ``filesystem`` other than the local one) or through a
+given checkpointer, a real checkpointer saves it, starting Ray if needed:
 
 * **safetensors** (one file, or a directory with ``model.safetensors.index.json`` and its
   shards): the header is validated by the ``safetensors`` library (``safe_open``), then every
   tensor becomes a view of the file, memory-mapped copy-on-write (``torch.frombuffer``). The
-  stager copies those pages into Ray's object store bucket by bucket, within its memory budget,
-  so the importing process holds no second copy of the model. The state dict is flat, keyed
+  encoder writes those pages straight to the data files (or the stager copies them into Ray's
+  object store bucket by bucket, within its memory budget), so the importing process holds no
+  second copy of the model; only tensors under ``pack_threshold_bytes`` are copied, a bucket's
+  pack at a time. The state dict is flat, keyed
   by the tensor names (``model.layers.0.weight``), as ``transformers`` and
   ``load_state_dict`` expect; ``under="model"`` puts it under one key instead.
 * **torch.save files**: ``torch.load(mmap=True, weights_only=True)``: tensors are views of the
@@ -39,6 +45,7 @@ from ..builder import make_sync_checkpointer
 from ..checkpointer import AsyncCheckpointer, Checkpointer
 from ..config import CheckpointerConfig
 from ..errors import CheckpointError, CheckpointNotFoundError, UnsupportedValueError
+from ..save.in_process import is_local, save_in_process
 from ..storage.credentials import redact
 from ..types import RankInfo
 from ._safetensors import DTYPES, INDEX, SINGLE
@@ -82,10 +89,14 @@ def import_checkpoint(
     content is not a dict).
 
     The save goes through ``checkpointer`` (any sync or async checkpointer; an async save is
-    waited for), or through a single-rank sync checkpointer made from ``config`` and
-    ``filesystem`` and closed afterwards (Ray is started if needed). ``overwrite`` and
-    ``allow_pickle`` are passed to ``save``: a torch file may hold values that ray_ckpt keeps
-    only as pickle (a weights-only load allows a few, e.g. ``collections.Counter``).
+    waited for). Without one, a local ``dest`` (a path or ``file://`` URI, on no other
+    ``filesystem`` than the local one) is written by this process itself, without Ray
+    (:func:`ray_ckpt.save.in_process.save_in_process`, with ``config``'s bucket sizes,
+    checksums and fsync); any other goes through a single-rank sync checkpointer made from
+    ``config`` and ``filesystem`` and closed afterwards (Ray is started if needed).
+    ``overwrite`` and ``allow_pickle`` are passed to ``save``: a torch file may hold values
+    that ray_ckpt keeps only as pickle (a weights-only load allows a few, e.g.
+    ``collections.Counter``).
     """
     source = _local_source(src)
     files, fmt, index = _source_files(source)
@@ -116,8 +127,13 @@ def _save(
     config: CheckpointerConfig | None, filesystem: Any, overwrite: bool, allow_pickle: bool,
     metadata: dict[str, Any],
 ) -> None:
+    if checkpointer is None and is_local(dest, filesystem):
+        # this process writes the checkpoint itself: no Ray to start (seconds) and no copy
+        # through the object store; the bytes are those of a checkpointer's save
+        save_in_process(dest, state, config=config, filesystem=filesystem, overwrite=overwrite,
+                        allow_pickle=allow_pickle, metadata=metadata)
+        return
     if checkpointer is None:
-
         with make_sync_checkpointer(config, RankInfo(0, 1), filesystem=filesystem) as ckptr:
             ckptr.save(dest, state, overwrite=overwrite, allow_pickle=allow_pickle,
                        metadata=metadata)
