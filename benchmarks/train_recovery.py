@@ -370,6 +370,7 @@ def main(argv: list[str] | None = None) -> None:
                      "--durable-every >= 1")
     if args.poll_interval_s is not None:
         os.environ[POLL_ENV] = str(args.poll_interval_s)  # Ray Train passes it to its controller
+    load_average = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="ray_ckpt_train_recovery_"))
     try:
         results = [run_variant(v, args, work) for v in variants]
@@ -377,8 +378,10 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(work, ignore_errors=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "train_recovery.json"), "w") as f:
-        json.dump({"settings": vars(args), "runs": results}, f, indent=1)
-    sys.stdout.write(table(results) + "\n")
+        json.dump({"settings": vars(args), "load_average_at_start": load_average,
+                   "cpus": os.cpu_count(), "runs": results}, f, indent=1)
+    sys.stdout.write(f"load average at start {load_average[0]:.1f} on {os.cpu_count()} cpus; "
+                     + table(results) + "\n")
 
 
 if __name__ == "__main__":
