@@ -18,14 +18,17 @@ process of the node, its holder and the copies it held, go). ``FailureConfig(max
 restarts the worker group, which resumes through ``ray_ckpt.train.load``. Measured: seconds from
 the removal until the first training step after the restart completes (with the restart of the
 workers, the load and the step apart), the step training resumed from, the steps lost
-(N - resumed step), and where the load came from, as the library logs it on rank 0.
+(N - resumed step), and where the load came from, as the library logs it on rank 0. The
+checkpoint calls of each step (a save waits for the previous one) are timed apart from the
+training step, so the price of saving every step is in the table as well.
 
 The cluster is a head with no CPU (the catalog actor and Ray Train's controller, which need
 none, live there and are never removed) and three 1-CPU worker nodes: the two workers run on two
 of them (one per node), and the third is the spare that lets the restarted group find two CPUs
 at once, as a cluster with spare capacity (or an autoscaler's warm node) would. Adding a
-replacement node after the loss instead would add a node's start-up (here ~5-10 s, on a real
-cluster minutes) to both variants alike and hide what the checkpoints change. Each variant runs
+replacement node after the loss instead would add a node's start-up (seconds here, minutes on
+a real cluster) to both variants alike and hide what the checkpoints change. The catalog and
+holders may keep memory copies on the head too. Each variant runs
 on its own fresh cluster with Ray's defaults (no ``_system_config``; Ray Train's health check
 every 2 s unless ``--poll-interval-s``).
 
@@ -208,7 +211,7 @@ def _wait_for(paths: list[Path], done: threading.Event, timeout: float) -> bool:
 
 
 @dataclass(frozen=True)
-class Loss:
+class NodeLoss:
     """The node removed, when (wall clock), and how long ``remove_node`` took."""
 
     node: str
@@ -217,7 +220,7 @@ class Loss:
 
 
 def remove_at_step_n(cluster: Cluster, records: Path, failing: Path, rank: int,
-                     done: threading.Event) -> Loss:
+                     done: threading.Event) -> NodeLoss:
     """Once both ranks have reached step N, remove the node of rank ``rank``."""
     reached = [records / f"reached-rank{r}.json" for r in (0, 1)]
     if not _wait_for(reached, done, WAIT_FOR_LOSS_SECS):
@@ -227,7 +230,7 @@ def remove_at_step_n(cluster: Cluster, records: Path, failing: Path, rank: int,
     failing.touch()  # restarted workers know they are not the first attempt
     failed_at = time.time()
     cluster.remove_node(node)
-    return Loss(node_id, failed_at, time.time() - failed_at)
+    return NodeLoss(node_id, failed_at, time.time() - failed_at)
 
 
 def _start_cluster(store_bytes: int) -> Cluster:
@@ -253,7 +256,7 @@ def run_variant(variant: str, args: argparse.Namespace, work: Path) -> dict[str,
     cluster = _start_cluster(args.store_mib * MiB)
     done = threading.Event()  # the run ended
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        loss = pool.submit(remove_at_step_n, cluster, records, failing, args.remove_rank, done)
+        node_loss = pool.submit(remove_at_step_n, cluster, records, failing, args.remove_rank, done)
         try:
             trainer = TorchTrainer(
                 train_loop, train_loop_config=cfg,
@@ -271,20 +274,20 @@ def run_variant(variant: str, args: argparse.Namespace, work: Path) -> dict[str,
             cluster.shutdown()
     if result.error is not None:
         raise RuntimeError(f"the {variant} run failed: {result.error}") from result.error
-    return _summarize(variant, args, records, loss.result(), wall)
+    return _summarize(variant, args, records, node_loss.result(), wall)
 
 
 def _read(records: Path, pattern: str) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(records.glob(pattern))]
 
 
-def _summarize(variant: str, args: argparse.Namespace, records: Path, loss: Loss,
+def _summarize(variant: str, args: argparse.Namespace, records: Path, node_loss: NodeLoss,
                wall: float) -> dict[str, Any]:
     reached = _read(records, "reached-rank*.json")
     restarts = [s for s in _read(records, "start-*-rank*.json") if not s["first_attempt"]]
     if len(restarts) != 2:
         raise RuntimeError(f"expected one restart of both ranks, got {len(restarts)} records")
-    failed = loss.failed_at
+    failed = node_loss.failed_at
     resumed = {s["resumed_step"] for s in restarts}
     if len(resumed) != 1:
         raise RuntimeError(f"the ranks resumed from different steps: {sorted(resumed)}")
@@ -301,9 +304,9 @@ def _summarize(variant: str, args: argparse.Namespace, records: Path, loss: Loss
         "durable_every": args.durable_every,
         "last_memory_checkpoint": args.fail_step if variant == "memory" else None,
         "last_durable_checkpoint": last_durable if last_durable >= 0 else None,
-        "removed_node": loss.node,
+        "removed_node": node_loss.node,
         "removed_rank": args.remove_rank,
-        "remove_node_s": loss.remove_node_s,
+        "remove_node_s": node_loss.remove_node_s,
         "state_bytes_per_rank": reached[0]["state_bytes"],
         "step_s": step_secs,
         "checkpoint_s_per_step": save_secs,
@@ -365,9 +368,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
-    if not set(variants) <= set(VARIANTS) or args.fail_step < 0 or args.durable_every < 1:
+    if (not set(variants) <= set(VARIANTS) or args.fail_step < 0 or args.durable_every < 1
+            or args.steps_after < 1):
         parser.error(f"--variants is a subset of {VARIANTS}; --fail-step >= 0, "
-                     "--durable-every >= 1")
+                     "--durable-every >= 1, --steps-after >= 1")
     if args.poll_interval_s is not None:
         os.environ[POLL_ENV] = str(args.poll_interval_s)  # Ray Train passes it to its controller
     load_average = os.getloadavg()
