@@ -27,8 +27,8 @@ none, live there and are never removed) and three 1-CPU worker nodes: the two wo
 of them (one per node), and the third is the spare that lets the restarted group find two CPUs
 at once, as a cluster with spare capacity (or an autoscaler's warm node) would. Adding a
 replacement node after the loss instead would add a node's start-up (seconds here, minutes on
-a real cluster) to both variants alike and hide what the checkpoints change. The catalog and
-holders may keep memory copies on the head too. Each variant runs
+a real cluster) to both variants alike and hide what the checkpoints change. A memory
+checkpoint's replicas go to the least-held other node, the head included. Each variant runs
 on its own fresh cluster with Ray's defaults (no ``_system_config``; Ray Train's health check
 every 2 s unless ``--poll-interval-s``).
 
