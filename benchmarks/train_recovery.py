@@ -159,6 +159,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
     step_secs: list[float] = []  # forward, backward, optimizer step
     save_secs: list[float] = []  # the checkpoint calls (a save waits for the previous one)
     write = None
+    reported: tuple[int, float] | None = None  # the last durable checkpoint's step, and when
     for step in range(state["step"] + 1, cfg["fail_step"] + 1 + cfg["steps_after"]):
         began = time.perf_counter()
         x, y = batch(step, rank, cfg)
@@ -176,13 +177,14 @@ def train_loop(cfg: dict[str, Any]) -> None:
             write = ray_ckpt.train.save_to_memory(state, step)
         if (step + 1) % cfg["durable_every"] == 0:
             ray_ckpt.train.report({"step": step, "loss": loss.item()}, state)
+            reported = (step, time.time())
         save_secs.append(time.perf_counter() - saving)
         if step == cfg["fail_step"] and first_attempt:
             if write is not None:
                 write.result()  # memory checkpoint N is committed (held on 2 nodes)
             _record(cfg, f"reached-rank{rank}", {
                 "node": ray.get_runtime_context().get_node_id(), "step_secs": step_secs,
-                "save_secs": save_secs,
+                "save_secs": save_secs, "reported": reported,
                 "state_bytes": _state_bytes(state), "at": time.time()})
             _wait_for_the_loss()
     if write is not None:
@@ -304,6 +306,11 @@ def _summarize(variant: str, args: argparse.Namespace, records: Path, node_loss:
         "durable_every": args.durable_every,
         "last_memory_checkpoint": args.fail_step if variant == "memory" else None,
         "last_durable_checkpoint": last_durable if last_durable >= 0 else None,
+        # Ray Train registers a report at its next health check poll (every 2 s by default):
+        # one reported shortly before the loss may not be registered, nor resumed from
+        "last_report_before_loss_s": (
+            failed - max(r["reported"][1] for r in reached) if reached[0]["reported"] else None
+        ),
         "removed_node": node_loss.node,
         "removed_rank": args.remove_rank,
         "remove_node_s": node_loss.remove_node_s,
@@ -331,10 +338,10 @@ def table(results: list[dict[str, Any]]) -> str:
         f"state per rank; the node of rank {r0['removed_rank']} removed after step "
         f"{r0['fail_step']}",
         "",
-        "| checkpoints | a step: train + checkpoint calls (s) | resumed from step | steps lost "
-        "(s of work) | seconds until training runs again | of which: workers restarted / load "
-        "/ first step | loaded from |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| checkpoints | a step: train + checkpoint calls (s) | last before the loss | resumed "
+        "from step | steps lost (s of work) | seconds until training runs again | of which: "
+        "workers restarted / load / first step | loaded from |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in results:
         what = ("memory every step + durable every "
@@ -342,12 +349,24 @@ def table(results: list[dict[str, Any]]) -> str:
         first = r["recovery_s"] - r["workers_restarted_s"] - r["load_s"]
         lines.append(
             f"| {what}{r['durable_every']} steps | {r['step_s']:.2f} + "
-            f"{r['checkpoint_s_per_step']:.2f} | {r['resumed_step']} | {r['steps_lost']} "
+            f"{r['checkpoint_s_per_step']:.2f} | {_last(r)} | {r['resumed_step']} | "
+            f"{r['steps_lost']} "
             f"({r['lost_work_s']:.1f}) | {r['recovery_s']:.1f} | "
             f"{r['workers_restarted_s']:.1f} / {r['load_s']:.2f} / {first:.1f} | "
             f"{r['loaded_from']} |"
         )
     return "\n".join(lines)
+
+
+def _last(r: dict[str, Any]) -> str:
+    """The last checkpoints before the loss: memory step, durable step (reported how long before
+    the loss)."""
+    parts = [] if r["last_memory_checkpoint"] is None else [
+        f"memory {r['last_memory_checkpoint']}"]
+    if r["last_durable_checkpoint"] is not None:
+        parts.append(f"durable {r['last_durable_checkpoint']} "
+                     f"({r['last_report_before_loss_s']:.1f} s before)")
+    return ", ".join(parts) or "none"
 
 
 def main(argv: list[str] | None = None) -> None:
