@@ -125,3 +125,27 @@ def test_targets_table_names_rows_the_benchmark_times(tmp_path):
     (tmp_path / "targets.json").write_text(json.dumps(bad))
     with pytest.raises(ValueError, match=r"torch\.sav "):
         load_targets(str(tmp_path / "targets.json"))
+
+
+@pytest.mark.slow
+def test_train_recovery_resumes_from_memory_after_the_node_loss(tmp_path):
+    """The node-loss benchmark, tiny and memory tier only (each variant starts its own cluster
+    and Ray Train run: minutes here): a Ray Train run that loses the node of rank 0 after step 4
+    resumes from memory checkpoint 4, which the library logs, losing no step (Ray Train's
+    registered checkpoint is step 2's)."""
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.train_recovery", "--variants", "memory",
+         "--fail-step", "4", "--durable-every", "3", "--steps-after", "1", "--d-model", "32",
+         "--layers", "1", "--vocab", "64", "--batch", "2", "--seq", "8", "--store-mib", "128",
+         "--out", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, f"benchmark failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    [run] = json.loads((out / "train_recovery.json").read_text())["runs"]
+    assert (run["variant"], run["resumed_step"], run["steps_lost"]) == ("memory", 4, 0)
+    assert run["last_durable_checkpoint"] == 2
+    assert run["loaded_from"] in ("a peer's holder", "this node's holder"), run["load_log"]
+    assert "mem://" in run["load_log"] and "step-000000004" in run["load_log"]
+    assert len(run["final_loss"]) == 2 and run["recovery_s"] > run["workers_restarted_s"] > 0
+    assert "| memory every step + durable every 3 steps |" in proc.stdout
