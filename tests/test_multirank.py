@@ -14,7 +14,7 @@ import torch
 import ray_ckpt
 import ray_ckpt.errors
 from ray_ckpt.format.refs import MAX_DEPTH
-from ray_ckpt.save.barrier import barrier_name
+from ray_ckpt.save.barrier import HOST_NAME, barrier_name
 
 from .conftest import on_node
 from .helpers import assert_same, manifest_file
@@ -147,6 +147,23 @@ def test_a_rank_that_raises_fails_the_save_everywhere(cluster, tmp_path):
         ray.get(good, timeout=60)
     assert not os.path.exists(os.path.join(path, "ray_ckpt.commit"))
     assert not os.path.exists(path) or not [f for f in os.listdir(path) if f.endswith(".data")]
+    # a retry to the same path at once gets a fresh barrier (not the failed save's decision)
+    ray.get([r.save.remote(path) for r in ranks], timeout=120)
+    assert ray.get(ranks[1].load.remote(path))["rank_note"] == "rank 1"
+
+
+def test_one_long_lived_actor_holds_the_barriers_of_every_multi_rank_save(cluster, tmp_path):
+    """Multi-rank saves share one barrier host: no actor started per checkpoint (starting one
+    took seconds, in every multi-rank save's stall)."""
+    ranks = _ranks(cluster, 2, sync=True)
+    host = None
+    for step in range(3):
+        ray.get([r.save.remote(str(tmp_path / f"step-{step}")) for r in ranks], timeout=120)
+        actor = ray.get_actor(HOST_NAME, namespace="ray_ckpt")
+        assert host is None or actor._actor_id == host._actor_id
+        host = actor
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+    assert not [n for n in names if n.startswith("ray_ckpt.checkpoint.")], names
 
 
 def test_a_rank_that_never_arrives_times_out_on_every_rank(cluster, tmp_path):
@@ -210,10 +227,9 @@ def test_a_rank_process_that_dies_fails_the_save_quickly(cluster, tmp_path):
     deadline = time.monotonic() + 60
     while not os.path.exists(gate + ".reached") and time.monotonic() < deadline:
         time.sleep(0.05)
-    coordinator = ray.get_actor(
-        barrier_name(ray_ckpt.storage.storage.Storage.from_path(path)), namespace="ray_ckpt"
-    )
-    while 1 not in ray.get(coordinator.status.remote())["joined"]:
+    host = ray.get_actor(HOST_NAME, namespace="ray_ckpt")
+    key = barrier_name(ray_ckpt.storage.storage.Storage.from_path(path))
+    while 1 not in (ray.get(host.status.remote(key)) or {"joined": []})["joined"]:
         time.sleep(0.05)  # rank 1's join is on its way from its process
     ray.kill(doomed)  # its process dies mid-save
     started = time.monotonic()

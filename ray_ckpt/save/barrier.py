@@ -1,7 +1,10 @@
-"""The barrier of a multi-rank checkpoint: one named Ray actor per checkpoint.
+"""The barrier of a multi-rank checkpoint, kept by one long-lived actor for all checkpoints.
 
-Every rank of a save finds it by name (``ray_ckpt.checkpoint.<hash of the path>``, created by
-whichever rank gets there first) and talks to it three times::
+The barriers live in one detached async actor per namespace, ``ray_ckpt.barriers`` (on the
+head node, started by the first multi-rank save and kept: starting a Ray actor takes seconds,
+which a barrier per checkpoint would add to every multi-rank save). A checkpoint's barrier is
+keyed by its path (``ray_ckpt.checkpoint.<hash of the path>``), created by whichever rank gets
+there first; every rank talks to it through a :class:`Barrier` three times::
 
     (each rank, at save())      assign(rank, replicated keys)     once every rank has asked: which
                                                                   rank writes each key (the union
@@ -20,8 +23,8 @@ the checkpoint's items once, not every rank's copy of them); it commits (manifes
 and answers every ``arrive`` with the same :class:`~ray_ckpt.SaveResult`. It fails the save on
 every rank, committing nothing, as soon as one rank fails, a joined rank's process dies, or
 ``barrier_timeout_secs`` pass after the first rank joined; the error names the ranks that
-failed or never arrived. Having answered everyone, it exits, so a later save to the same path
-gets a fresh barrier.
+failed or never arrived. Having answered everyone, it is dropped, so a later save to the same
+path gets a fresh barrier.
 """
 
 from __future__ import annotations
@@ -32,9 +35,11 @@ import dataclasses
 import hashlib
 import logging
 import time
-from typing import cast
+from collections.abc import Callable
+from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..errors import BarrierTimeoutError, CheckpointWriteError
 from ..format.names import new_checkpoint_id
@@ -51,7 +56,8 @@ _LINGER_SECS = 2.0
 
 
 class _SaveBarrier:
-    """See the module docstring. An async actor: every ``arrive`` waits on one event."""
+    """One checkpoint's barrier (see the module docstring), in :class:`_BarrierHost`'s event
+    loop: every ``arrive`` waits on one event. ``on_done`` drops it once all are answered."""
 
     def __init__(
         self,
@@ -61,7 +67,9 @@ class _SaveBarrier:
         hook: WriterHook | None,
         fsync: bool,
         barrier_timeout_secs: float,
+        on_done: Callable[[], None],
     ) -> None:
+        self._on_done = on_done
 
         self._world_size = world_size
         self._timeout = barrier_timeout_secs
@@ -87,6 +95,10 @@ class _SaveBarrier:
         self._answered = 0
         self._watchdog: asyncio.Task[None] | None = None
         self._first_join = time.monotonic()
+
+    @property
+    def decided(self) -> bool:
+        return self._outcome is not None
 
     def _start(self) -> None:
         if self._decided is None:
@@ -257,15 +269,138 @@ class _SaveBarrier:
         while self._answered < len(self._arrived) and time.monotonic() < deadline:
             await asyncio.sleep(_WATCH_INTERVAL_SECS)
         await asyncio.sleep(_LINGER_SECS)
-        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+        self._on_done()
 
 
-SaveBarrierActor = ray.remote(_SaveBarrier)
+# What a barrier is created with: storage, world_size, overwrite, hook, fsync, timeout.
+_Spec = tuple[Storage, int, bool, "WriterHook | None", bool, float]
+
+
+class _BarrierHost:
+    """The barriers of every multi-rank checkpoint in progress, by key (see the module
+    docstring). An async actor: the barriers share its event loop. Each barrier has a
+    generation: a rank's calls go to the barrier it opened, never to a later one for the same
+    path (a retry after a failure gets a fresh barrier, as a late call of the failed save must
+    not reach it)."""
+
+    def __init__(self) -> None:
+        self._barriers: dict[str, tuple[int, _SaveBarrier]] = {}
+        self._generations = 0
+
+    def open(self, key: str, spec: _Spec) -> int:
+        """The generation of ``key``'s barrier, created now if there is none or it has decided
+        (a save to the same path after it, such as a retry, gets a fresh barrier)."""
+        if key not in self._barriers or self._barriers[key][1].decided:
+            self._generations += 1
+            generation = self._generations
+            self._barriers[key] = (generation, _SaveBarrier(
+                *spec, on_done=lambda: self._drop(key, generation)))
+        return self._barriers[key][0]
+
+    def _drop(self, key: str, generation: int) -> None:
+        if self._barriers.get(key, (None,))[0] == generation:
+            del self._barriers[key]
+
+    def _get(self, key: str, generation: int) -> _SaveBarrier | None:
+        found = self._barriers.get(key)
+        return found[1] if found is not None and found[0] == generation else None
+
+    def _opened(self, key: str, generation: int, spec: _Spec) -> _SaveBarrier:
+        barrier = self._get(key, generation)
+        if barrier is None:
+            raise CheckpointWriteError(
+                f"multi-rank save to {spec[0].display} was already decided without this rank "
+                "(another rank failed, or the barrier timed out); nothing was committed by it"
+            )
+        return barrier
+
+    async def join(self, key: str, generation: int, spec: _Spec, rank: int,
+                   alive: list[ray.ObjectRef]) -> None:
+        await self._opened(key, generation, spec).join(rank, alive)
+
+    async def assign(self, key: str, generation: int, spec: _Spec, rank: int,
+                     keys: list[tuple[str, int]]) -> list[int]:
+        return await self._opened(key, generation, spec).assign(rank, keys)
+
+    async def arrive(self, handoff: Handoff | None, key: str, generation: int, spec: _Spec,
+                     report: RankReport) -> SaveResult:
+        return await self._opened(key, generation, spec).arrive(handoff, report)
+
+    async def fail(self, key: str, generation: int, rank: int, error: BaseException) -> None:
+        barrier = self._get(key, generation)
+        if barrier is not None:  # else already decided: nothing to fail
+            await barrier.fail(rank, error)
+
+    async def status(self, key: str) -> dict[str, object] | None:
+        found = self._barriers.get(key)
+        return None if found is None else await found[1].status()
+
+
+HOST_NAME = "ray_ckpt.barriers"
+
+
+@dataclasses.dataclass(frozen=True)
+class Barrier:
+    """The barrier of one multi-rank checkpoint (a :class:`BarrierHandle`): each method sends
+    the call to the host actor and returns its ``ObjectRef``. Picklable: save requests carry it
+    to the writers."""
+
+    host: Any
+    key: str
+    generation: int
+    spec: _Spec
+
+    def join(self, rank: int, alive: list[ray.ObjectRef]) -> ray.ObjectRef:
+        return self.host.join.remote(  # type: ignore[no-any-return]
+            self.key, self.generation, self.spec, rank, alive)
+
+    def assign(self, rank: int, keys: list[tuple[str, int]]) -> ray.ObjectRef:
+        return self.host.assign.remote(  # type: ignore[no-any-return]
+            self.key, self.generation, self.spec, rank, keys)
+
+    def arrive(self, handoff: Handoff | None, report: RankReport) -> ray.ObjectRef:
+        # the secrets first: inlined in the call's RPC, never with the (large) report
+        return self.host.arrive.remote(  # type: ignore[no-any-return]
+            handoff, self.key, self.generation, self.spec, report)
+
+    def fail(self, rank: int, error: BaseException) -> ray.ObjectRef:
+        return self.host.fail.remote(  # type: ignore[no-any-return]
+            self.key, self.generation, rank, error)
+
+    def status(self) -> ray.ObjectRef:
+        """Which ranks have joined and arrived, and the failures so far (None: no barrier)."""
+        return self.host.status.remote(self.key)  # type: ignore[no-any-return]
 
 
 def barrier_name(storage: Storage) -> str:
     digest = hashlib.sha1(storage.display.encode()).hexdigest()[:24]
     return f"ray_ckpt.checkpoint.{digest}"
+
+
+def barrier_host(namespace: str) -> Any:
+    """The namespace's barrier host actor, created (detached, on the head node) on first use."""
+    try:
+        return ray.get_actor(HOST_NAME, namespace=namespace)
+    except ValueError:
+        pass
+    head = next(
+        (n["NodeID"] for n in ray.nodes()
+         if n["Alive"] and "node:__internal_head__" in n["Resources"]),
+        None,
+    )
+    options: dict[str, Any] = {} if head is None else {
+        "scheduling_strategy": NodeAffinitySchedulingStrategy(head, soft=True)}
+    return ray.remote(_BarrierHost).options(  # type: ignore[attr-defined]
+        name=HOST_NAME,
+        namespace=namespace,
+        get_if_exists=True,
+        lifetime="detached",
+        num_cpus=0,
+        max_restarts=-1,
+        max_task_retries=0,
+        max_concurrency=1000,
+        **options,
+    ).remote()
 
 
 def barrier_for(
@@ -278,14 +413,7 @@ def barrier_for(
     fsync: bool,
     barrier_timeout_secs: float,
 ) -> BarrierHandle:
-    """Find (or create) the barrier actor of the checkpoint at ``storage``."""
-    handle = SaveBarrierActor.options(  # type: ignore[attr-defined]
-        name=barrier_name(storage),
-        namespace=namespace,
-        get_if_exists=True,
-        lifetime="detached",
-        num_cpus=0,
-        max_restarts=0,
-        max_concurrency=1000,
-    ).remote(storage, world_size, overwrite, hook, fsync, barrier_timeout_secs)
-    return cast("BarrierHandle", handle)  # Ray types it "ActorHandle or the class itself"
+    """The barrier of the checkpoint at ``storage`` (created by the first rank to open it)."""
+    spec: _Spec = (storage, world_size, overwrite, hook, fsync, barrier_timeout_secs)
+    host, key = barrier_host(namespace), barrier_name(storage)
+    return Barrier(host, key, ray.get(host.open.remote(key, spec)), spec)

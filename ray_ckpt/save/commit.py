@@ -73,7 +73,7 @@ def commit_save(
     except BaseException as e:
         metrics.record_failure()
         if request.barrier is not None:
-            request.barrier.fail.remote(request.rank_info.global_rank, portable_error(e))
+            request.barrier.fail(request.rank_info.global_rank, portable_error(e))
         discard_files(storage, request.checkpoint_id)
         raise
     return _through_barrier(request, report)
@@ -104,7 +104,7 @@ def _through_barrier(request: SaveRequest, report: RankReport) -> SaveResult:
     try:
         return ray.get(  # type: ignore[no-any-return]
             # the secrets first: inlined in the call's RPC, never with the (large) report
-            request.barrier.arrive.remote(request.storage.handoff(), report),
+            request.barrier.arrive(request.storage.handoff(), report),
             timeout=request.barrier_timeout_secs + 60,
         )
     except Exception as e:  # noqa: BLE001 - every failure is re-raised after the clean-up

@@ -115,7 +115,7 @@ class Coordinator:
             memory.make_room(storage.fs, storage.path, plan.nbytes)  # a memory checkpoint's room
         except BaseException as e:
             if barrier is not None:  # fail the save on every rank now, not at the timeout
-                barrier.fail.remote(self._rank_info.global_rank, portable_error(e))
+                barrier.fail(self._rank_info.global_rank, portable_error(e))
             if created:  # refused before anything was written: leave no directory behind
                 storage.remove_empty_dir()
             raise
@@ -141,7 +141,7 @@ class Coordinator:
         write_ref = session.run_save.remote(handoff, checkpoint_id, request)
         if request.barrier is not None:
             # the pending write ref is this process's: the barrier learns of its death
-            request.barrier.join.remote(self._rank_info.global_rank, [write_ref])
+            request.barrier.join(self._rank_info.global_rank, [write_ref])
         # the pending write ref is this process's: the writer learns of its death while staging
         stage_ref = session.wait_staged.remote(
             checkpoint_id, writer_config.barrier_timeout_secs, [write_ref]
@@ -188,7 +188,7 @@ class Coordinator:
 
         def assign(keys: list[tuple[str, int]]) -> list[int]:
             try:
-                return list(ray.get(barrier.assign.remote(rank, keys), timeout=timeout))
+                return list(ray.get(barrier.assign(rank, keys), timeout=timeout))
             except Exception as e:  # noqa: BLE001 - the barrier's own error, unwrapped
                 raise unwrap_ray_error(e) from None
 
