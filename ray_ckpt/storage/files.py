@@ -4,9 +4,10 @@ one.
 
 A filesystem whose files are already in this process's memory (the memory tier: a held file
 is a view of shared memory) says so by giving its ``pyarrow.fs.PyFileSystem`` handler an
-``open_buffers(path)`` method returning the file's bytes as a list of buffers, in order: ranges
-are then copied from them straight into caller memory, a slice at a time like a local file,
-with no read copy."""
+``open_buffers(path, scope)`` method returning the file's bytes as a list of buffers, in order
+(``scope``: a dict the reader keeps while it is open, where the filesystem may keep what serves
+the other files of the same load): ranges are then copied from them straight into caller
+memory, a slice at a time like a local file, with no read copy."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class FileReader:
     def __init__(self, storage: Storage) -> None:
         self._storage = storage
         self._handles: dict[str, object] = {}
+        self._scope: dict[str, Any] = {}  # what a memory filesystem keeps for this reader
         self._lock = threading.Lock()
 
     def read_into(
@@ -76,7 +78,7 @@ class FileReader:
         if local:
             fd = self._handle(name, lambda: os.open(path, os.O_RDONLY))
         elif held is not None:
-            data = self._handle(name, lambda: _Buffers(held(path)))
+            data = self._handle(name, lambda: _Buffers(held(path, self._scope)))
         else:
             handle = self._handle(name, lambda: self._storage.fs.open_input_file(path))
         step = slice_bytes if local or held else max(slice_bytes, READ_CHUNK_BYTES)
@@ -118,6 +120,7 @@ class FileReader:
             else:
                 handle.close()  # type: ignore[attr-defined]
         self._handles.clear()
+        self._scope.clear()
 
 
 class _Buffers:

@@ -42,7 +42,6 @@ writer waits, after the stall, before holding the files.
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import logging
 import threading
@@ -194,18 +193,29 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
                 1 + len(peers),
             )
 
-    def open_held(self, path: str) -> tuple[list[np.ndarray], str]:
+    def open_held(
+        self, path: str, scope: dict[str, Any] | None = None
+    ) -> tuple[list[np.ndarray], str]:
         """The bytes of held file ``path`` (buffers, in order) and the node they came from: this
-        node's holder
-        first (a zero-copy view of its object), then the peers' (one transfer, started for the
-        checkpoint's other files at once: see :func:`_prefetch`)."""
+        node's holder first (a zero-copy view of its object), then the peers' (Ray transfers
+        it). ``scope``, a dict a reader keeps for one load, serves the load's other files: the
+        first open of a checkpoint's file finds where all of them are and starts pulling every
+        one held only elsewhere, at once (see :func:`_locate`)."""
+        directory, _, name = path.rpartition("/")
+        if scope is not None:
+            if directory not in scope:
+                scope[directory] = _locate(directory)
+            for node, ref in scope[directory].get(name, []):
+                try:
+                    return ray.get(ref), node
+                except ray.exceptions.RayError as e:  # its node was lost: ask again below
+                    logger.info("memory tier: no copy of %s%s on node %s (%s)", SCHEME, path,
+                                node, e)
         cat = _catalog()
         nodes = ray.get(cat.copies.remote(path))
         if nodes is None:
             raise FileNotFoundError(f"{SCHEME}{path}")
         local = ray.get_runtime_context().get_node_id()
-        if nodes and local not in nodes:
-            _prefetch(path.rpartition("/")[0], local)
         for node in sorted(nodes, key=lambda n: n != local):
             try:
                 holder = named_actor(holder_name(node))
@@ -272,10 +282,11 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
     def open_input_stream(self, path: str) -> pa.NativeFile:
         return self.open_input_file(path)
 
-    def open_buffers(self, path: str) -> list[np.ndarray]:
+    def open_buffers(self, path: str, scope: dict[str, Any]) -> list[np.ndarray]:
         """The bytes of data file ``path`` (buffers, in order), for :class:`~.files.FileReader`
-        to copy ranges of straight into a load's tensors (no read copy)."""
-        return self.open_held(_strip(path))[0]
+        to copy ranges of straight into a load's tensors (no read copy); ``scope``: a dict the
+        reader keeps for one load (see :meth:`open_held`)."""
+        return self.open_held(_strip(path), scope)[0]
 
     def open_input_file(self, path: str) -> pa.NativeFile:
         path = _strip(path)
@@ -324,44 +335,43 @@ def _catalog() -> Any:
     return catalog()
 
 
-_PREFETCHED: collections.OrderedDict[str, None] = collections.OrderedDict()
-_PREFETCHED_LOCK = threading.Lock()
-
-
-def _prefetch(directory: str, local: str) -> None:
-    """Start pulling, all at once and in the background, every data file of checkpoint
-    ``directory`` that has no copy on this node (once per directory, per process).
-
-    A load opens its files one after another; without this, each open would wait for its own
-    transfer, one file at a time. The pulled objects are secondary copies in this node's
-    store: nothing is pinned, so Ray evicts them under pressure, and an open that finds one
-    here reads it without a transfer (an open still in flight joins the same pull)."""
-    with _PREFETCHED_LOCK:
-        if directory in _PREFETCHED:
-            return
-        _PREFETCHED[directory] = None
-        while len(_PREFETCHED) > 16:
-            _PREFETCHED.popitem(last=False)
-    threading.Thread(target=_pull, args=(directory, local), daemon=True,
-                     name="ray_ckpt-mem-prefetch").start()
-
-
-def _pull(directory: str, local: str) -> None:
-    try:
-        copies = ray.get(_catalog().data_copies.remote(directory))
-        by_node: dict[str, list[str]] = {}
-        for name, nodes in copies.items():
-            if nodes and local not in nodes:
-                by_node.setdefault(nodes[0], []).append(f"{directory}/{name}")
-        refs = []
-        for node, keys in by_node.items():
-            holder = named_actor(holder_name(node))
-            refs += [r for held in ray.get(holder.refs.remote(keys)) for r in held]
-        if refs:
-            ray.wait(refs, num_returns=len(refs), fetch_local=True, timeout=600)
-    except Exception as e:  # noqa: BLE001 - only a head start: each open fetches its own file
-        # and reports what is missing (this also ends a pull cut short by ray.shutdown)
-        logger.info("memory tier: prefetching %s%s stopped: %s", SCHEME, directory, e)
+def _locate(directory: str) -> dict[str, list[tuple[str, ray.ObjectRef]]]:
+    """For each data file of checkpoint ``directory``: the copy to read, as ``[(node, ref)]``
+    (this node's when it holds one), in one catalog call and one call per holder. The copies
+    held only on other nodes are pulled at once, all of them (a load opens its files one after
+    another; without this each open would wait for its own transfer). The pulled objects are
+    secondary copies here: nothing is pinned beyond the load that holds the refs, and Ray
+    evicts them under pressure. A node that fails to answer is skipped: the open of its files
+    asks again (:meth:`MemoryFileSystemHandler.open_held`)."""
+    copies = ray.get(_catalog().data_copies.remote(directory))
+    local = ray.get_runtime_context().get_node_id()
+    by_node: dict[str, list[str]] = {}
+    for name, nodes in copies.items():
+        if nodes:
+            by_node.setdefault(local if local in nodes else nodes[0], []).append(name)
+    calls = {}
+    for node, names in by_node.items():
+        try:
+            calls[node] = named_actor(holder_name(node)).refs.remote(
+                [f"{directory}/{n}" for n in names])
+        except ValueError:  # no holder there any more
+            forget_actor(holder_name(node))
+    located: dict[str, list[tuple[str, ray.ObjectRef]]] = {}
+    remote: list[ray.ObjectRef] = []
+    for node, call in calls.items():
+        try:
+            held = ray.get(call)
+        except ray.exceptions.RayError:
+            forget_actor(holder_name(node))
+            continue
+        for name, refs in zip(by_node[node], held):
+            if refs:
+                located[name] = [(node, refs[0])]
+                if node != local:
+                    remote.append(refs[0])
+    if remote:  # start every transfer now; the opens wait for their own
+        ray.wait(remote, num_returns=len(remote), timeout=0, fetch_local=True)
+    return located
 
 
 def join_parts(parts: list[Any]) -> np.ndarray:
