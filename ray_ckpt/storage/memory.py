@@ -166,8 +166,8 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
 
     def hold(self, path: str, buffers: list[np.ndarray]) -> None:
         """Hold ``buffers`` (the bytes, in order) as file ``path``: on this node's holder, then
-        ``replicas`` peers
-        (first waiting, if the room check said so, for Ray to free what was evicted for it)."""
+        ``replicas`` peers (first waiting, if the room check said so, for Ray to free what was
+        evicted for it)."""
         node = ray.get_runtime_context().get_node_id()
         holder = holder_for(node)
         cat = _catalog()
