@@ -65,7 +65,7 @@ class _Saver:
     """A process that saves: it stages buckets 0 and 1, hands them to its node's writer, then
     never finishes staging (it is killed there)."""
 
-    def save(self, path: str, fs: pafs.FileSystem, stuck: str) -> None:
+    def save(self, path: str, fs: pafs.FileSystem, stuck: str, spread: bool) -> None:
         stage = DefaultStager.stage
 
         def stage_or_stick(stager: Any, plan: Any, buckets: Any) -> Any:
@@ -76,7 +76,8 @@ class _Saver:
 
         DefaultStager.stage = stage_or_stick  # type: ignore[method-assign]
         config = ray_ckpt.CheckpointerConfig(
-            staging_config=ray_ckpt.CheckpointStagerConfig(bucket_size_bytes=256 << 10)
+            staging_config=ray_ckpt.CheckpointStagerConfig(bucket_size_bytes=256 << 10),
+            writer_config=ray_ckpt.CheckpointWriterConfig(spread_across_nodes=spread),
         )
         with ray_ckpt.make_sync_checkpointer(config=config, filesystem=fs) as ckptr:
             ckptr.save(path, _state())
@@ -94,7 +95,10 @@ def _data_files(path: Path) -> list[str]:
     return sorted(f for f in os.listdir(path) if f.endswith(".data")) if path.exists() else []
 
 
-def test_a_cut_short_save_leaves_no_data_file_once_its_writer_noticed(cluster, tmp_path):
+@pytest.mark.parametrize("spread", [False, True], ids=["one-writer", "spread-across-nodes"])
+def test_a_cut_short_save_leaves_no_data_file_once_its_writer_noticed(cluster, tmp_path, spread):
+    """With ``spread_across_nodes``, data file 1 is written by another node's writer: the
+    writer that noticed tells it."""
     plan = FaultPlan(tmp_path / "journal")
     gate = tmp_path / "gate"
     stuck = tmp_path / "stuck"
@@ -102,7 +106,7 @@ def test_a_cut_short_save_leaves_no_data_file_once_its_writer_noticed(cluster, t
     path = tmp_path / "run" / "step-1"
 
     saver = _Saver.remote()  # type: ignore[attr-defined]
-    saver.save.remote(str(path), fs, str(stuck))
+    saver.save.remote(str(path), fs, str(stuck), spread)
     _wait_for(lambda: stuck.exists(), "the saver to stage buckets 0 and 1")
     _wait_for(lambda: Path(str(gate) + ".held").exists(), "the writer to start data file 1")
     _wait_for(lambda: len(_data_files(path)) == 1, "data file 0 to be written")

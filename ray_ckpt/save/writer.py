@@ -48,7 +48,7 @@ from ..errors import CheckpointWriteError
 from ..format.layout import BucketLayout
 from ..storage.credentials import Handoff, accept
 from ..storage.storage import Storage
-from .commit import commit_save
+from .commit import commit_save, discard_files
 from .encoder import CheckpointWriter
 from .protocol import (
     ABANDONED,
@@ -62,6 +62,7 @@ from .protocol import (
 logger = logging.getLogger(__name__)
 
 _CALLER_POLL_SECS = 0.5
+_ABANDON_TIMEOUT_SECS = 30.0  # for the writers on other nodes to hear that a save failed
 
 
 def default_subprocess_init_fn(*_: Any) -> None:
@@ -246,8 +247,38 @@ class _WriterActor:
             with self._activity.busy():
                 self._mailbox.take(token, request.barrier_timeout_secs)
                 return commit_save(request, slot.outcome, slot.begin_commit)
+        except BaseException:
+            if request.barrier is None:  # failed, so nothing of it was committed
+                self._abandon_on_other_nodes(request)
+            raise
         finally:
             self._running.pop(token, None)
+
+    def _abandon_on_other_nodes(self, request: SaveRequest) -> None:
+        """Tell the writers of this pool on the other nodes (a save with
+        ``spread_across_nodes`` hands them buckets) that save ``request`` failed: a write of it
+        still running there deletes its file when it ends. Then delete what they wrote
+        meanwhile (:func:`commit_save` deleted what was there when it failed)."""
+        prefix = str(ray.get_runtime_context().get_actor_name()).rpartition(".")[0] + "."
+        own = prefix + self._node_id
+        calls = []
+        for actor in ray.util.list_named_actors(all_namespaces=True):
+            name = actor["name"]
+            if name.startswith(prefix) and name != own:
+                try:
+                    writer = ray.get_actor(name, namespace=actor["namespace"])
+                except ValueError:  # it exited meanwhile: nothing of the save is running there
+                    continue
+                calls.append(writer.abandon.remote(request.checkpoint_id))
+        if calls:
+            ray.wait(calls, num_returns=len(calls), timeout=_ABANDON_TIMEOUT_SECS)
+            discard_files(request.storage, request.checkpoint_id)
+
+    @ray.method(concurrency_group="control")
+    def abandon(self, checkpoint_id: str) -> None:
+        """Save ``checkpoint_id`` failed on another node: a write of it still running here
+        deletes its file when it ends."""
+        ABANDONED.add(checkpoint_id)
 
     @ray.method(concurrency_group="control")
     def wait_staged(
