@@ -111,9 +111,9 @@ class _HeldOutput:
 
     A part arrives as ``bytes`` or as a ``pyarrow.Buffer`` (``OutputStream::Write(Buffer)``,
     whose contract lets a stream keep the buffer rather than copy it): the writer's staged,
-    read-only buffers are kept as they are, and on close a data file's parts go to the holder
-    as they are (Ray copies them once, into the call's argument; the holder once more, into
-    its own object)."""
+    read-only buffers are kept as they are, and on close a data file's parts are put into the
+    object store once, from where this node's holder and the peers' each copy them into an
+    object of their own, at the same time (:meth:`MemoryFileSystemHandler.hold`)."""
 
     def __init__(self, handler: MemoryFileSystemHandler, path: str) -> None:
         self._handler = handler
@@ -165,9 +165,9 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
     # --- holding ------------------------------------------------------------------------------
 
     def hold(self, path: str, buffers: list[np.ndarray]) -> None:
-        """Hold ``buffers`` (the bytes, in order) as file ``path``: on this node's holder, then
-        ``replicas`` peers (first waiting, if the room check said so, for Ray to free what was
-        evicted for it)."""
+        """Hold ``buffers`` (the bytes, in order) as file ``path``: on this node's holder and,
+        at the same time, on ``replicas`` peers (first waiting, if the room check said so, for
+        Ray to free what was evicted for it)."""
         node = ray.get_runtime_context().get_node_id()
         holder = holder_for(node)
         cat = _catalog()
@@ -176,16 +176,18 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
             logger.info("memory tier: waiting %.2f s for Ray to free evicted memory checkpoints "
                         "on node %s before holding %s%s", wait_secs, node, SCHEME, path)
             time.sleep(wait_secs)
-        nbytes = int(ray.get(holder.adopt.remote(path, buffers)))
         target = 1 + self.config.replicas
-        ray.get(cat.add_data.remote(path, node, nbytes, target))
         peers = [n for n in alive_nodes() if n != node]
         loads = ray.get([cat.held_on.remote(n) for n in peers])
         peers = [n for _, n in sorted(zip(loads, peers))][: self.config.replicas]  # least held
-        pushes = [holder.push.remote(path, holder_for(peer)) for peer in peers]
-        for peer, push in zip(peers, pushes):
-            ray.get(push)
-            ray.get(cat.add_data.remote(path, peer, nbytes, target))
+        # one copy into the store, which this node's holder and the peers' copy at the same time
+        shared = ray.put(buffers)
+        copies = {node: holder.adopt.remote(path, shared)}
+        for peer in peers:
+            copies[peer] = holder_for(peer).copy_from.remote(path, [shared])
+        for where, call in copies.items():
+            ray.get(cat.add_data.remote(path, where, int(ray.get(call)), target))
+        del shared
         if len(peers) < self.config.replicas:
             logger.warning(
                 "memory checkpoint file %s%s is held on %d node(s), not 1 + replicas = %d: the "
