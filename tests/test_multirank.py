@@ -138,9 +138,9 @@ def test_a_rank_that_raises_fails_the_save_everywhere(cluster, tmp_path):
     ranks = _ranks(cluster, 2, sync=False)
     path = str(tmp_path / "c")
     bad = ranks[1].save.remote(path, extra={"oops": object()})  # refused at save time
-    good = ranks[0].save.remote(path)
     with pytest.raises(ray_ckpt.errors.PickleNotAllowedError):
         ray.get(bad, timeout=60)
+    good = ranks[0].save.remote(path)  # opens the barrier rank 1's failure decided: fails too
     with pytest.raises(
         ray_ckpt.errors.CheckpointWriteError, match=r"rank 1: PickleNotAllowedError"
     ):

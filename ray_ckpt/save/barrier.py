@@ -70,6 +70,7 @@ class _SaveBarrier:
         on_done: Callable[[], None],
     ) -> None:
         self._on_done = on_done
+        self.opened: set[int] = set()  # the ranks that opened it (see _BarrierHost.open)
 
         self._world_size = world_size
         self._timeout = barrier_timeout_secs
@@ -287,15 +288,19 @@ class _BarrierHost:
         self._barriers: dict[str, tuple[int, _SaveBarrier]] = {}
         self._generations = 0
 
-    def open(self, key: str, spec: _Spec) -> int:
-        """The generation of ``key``'s barrier, created now if there is none or it has decided
-        (a save to the same path after it, such as a retry, gets a fresh barrier)."""
-        if key not in self._barriers or self._barriers[key][1].decided:
+    def open(self, key: str, spec: _Spec, rank: int) -> int:
+        """The generation of ``key``'s barrier for ``rank``, created now if there is none, or
+        if it has decided and ``rank`` opened it before: a save to the same path after it (a
+        retry) gets a fresh barrier, while a rank that opens a barrier another rank's failure
+        already decided is that save's rank, and gets the failure."""
+        found = self._barriers.get(key)
+        if found is None or (found[1].decided and rank in found[1].opened):
             self._generations += 1
             generation = self._generations
-            self._barriers[key] = (generation, _SaveBarrier(
+            found = self._barriers[key] = (generation, _SaveBarrier(
                 *spec, on_done=lambda: self._drop(key, generation)))
-        return self._barriers[key][0]
+        found[1].opened.add(rank)
+        return found[0]
 
     def _drop(self, key: str, generation: int) -> None:
         if self._barriers.get(key, (None,))[0] == generation:
@@ -406,6 +411,7 @@ def barrier_host(namespace: str) -> Any:
 def barrier_for(
     storage: Storage,
     *,
+    rank: int,
     namespace: str,
     world_size: int,
     overwrite: bool,
@@ -416,4 +422,4 @@ def barrier_for(
     """The barrier of the checkpoint at ``storage`` (created by the first rank to open it)."""
     spec: _Spec = (storage, world_size, overwrite, hook, fsync, barrier_timeout_secs)
     host, key = barrier_host(namespace), barrier_name(storage)
-    return Barrier(host, key, ray.get(host.open.remote(key, spec)), spec)
+    return Barrier(host, key, ray.get(host.open.remote(key, spec, rank)), spec)

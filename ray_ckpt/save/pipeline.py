@@ -172,6 +172,7 @@ class Coordinator:
 
         return barrier_for(
             storage,
+            rank=self._rank_info.global_rank,
             namespace=self._config.namespace,
             world_size=self._rank_info.global_world_size,
             overwrite=overwrite,
