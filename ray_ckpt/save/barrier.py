@@ -310,26 +310,26 @@ class _BarrierHost:
         found = self._barriers.get(key)
         return found[1] if found is not None and found[0] == generation else None
 
-    def _opened(self, key: str, generation: int, spec: _Spec) -> _SaveBarrier:
+    def _opened(self, key: str, generation: int, where: str) -> _SaveBarrier:
         barrier = self._get(key, generation)
         if barrier is None:
             raise CheckpointWriteError(
-                f"multi-rank save to {spec[0].display} was already decided without this rank "
+                f"multi-rank save to {where} was already decided without this rank "
                 "(another rank failed, or the barrier timed out); nothing was committed by it"
             )
         return barrier
 
-    async def join(self, key: str, generation: int, spec: _Spec, rank: int,
+    async def join(self, key: str, generation: int, where: str, rank: int,
                    alive: list[ray.ObjectRef]) -> None:
-        await self._opened(key, generation, spec).join(rank, alive)
+        await self._opened(key, generation, where).join(rank, alive)
 
-    async def assign(self, key: str, generation: int, spec: _Spec, rank: int,
+    async def assign(self, key: str, generation: int, where: str, rank: int,
                      keys: list[tuple[str, int]]) -> list[int]:
-        return await self._opened(key, generation, spec).assign(rank, keys)
+        return await self._opened(key, generation, where).assign(rank, keys)
 
-    async def arrive(self, handoff: Handoff | None, key: str, generation: int, spec: _Spec,
+    async def arrive(self, handoff: Handoff | None, key: str, generation: int, where: str,
                      report: RankReport) -> SaveResult:
-        return await self._opened(key, generation, spec).arrive(handoff, report)
+        return await self._opened(key, generation, where).arrive(handoff, report)
 
     async def fail(self, key: str, generation: int, rank: int, error: BaseException) -> None:
         barrier = self._get(key, generation)
@@ -353,20 +353,20 @@ class Barrier:
     host: Any
     key: str
     generation: int
-    spec: _Spec
+    where: str  # the checkpoint, as errors name it (the spec went to the host once, at open)
 
     def join(self, rank: int, alive: list[ray.ObjectRef]) -> ray.ObjectRef:
         return self.host.join.remote(  # type: ignore[no-any-return]
-            self.key, self.generation, self.spec, rank, alive)
+            self.key, self.generation, self.where, rank, alive)
 
     def assign(self, rank: int, keys: list[tuple[str, int]]) -> ray.ObjectRef:
         return self.host.assign.remote(  # type: ignore[no-any-return]
-            self.key, self.generation, self.spec, rank, keys)
+            self.key, self.generation, self.where, rank, keys)
 
     def arrive(self, handoff: Handoff | None, report: RankReport) -> ray.ObjectRef:
         # the secrets first: inlined in the call's RPC, never with the (large) report
         return self.host.arrive.remote(  # type: ignore[no-any-return]
-            handoff, self.key, self.generation, self.spec, report)
+            handoff, self.key, self.generation, self.where, report)
 
     def fail(self, rank: int, error: BaseException) -> ray.ObjectRef:
         return self.host.fail.remote(  # type: ignore[no-any-return]
@@ -422,4 +422,4 @@ def barrier_for(
     """The barrier of the checkpoint at ``storage`` (created by the first rank to open it)."""
     spec: _Spec = (storage, world_size, overwrite, hook, fsync, barrier_timeout_secs)
     host, key = barrier_host(namespace), barrier_name(storage)
-    return Barrier(host, key, ray.get(host.open.remote(key, spec, rank)), spec)
+    return Barrier(host, key, ray.get(host.open.remote(key, spec, rank)), storage.display)
