@@ -48,6 +48,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("ray_ckpt.storage.credentials",),
     ("ray_ckpt.storage.classify", "ray_ckpt.storage.local"),
     ("ray_ckpt.storage.storage",),
+    ("ray_ckpt.storage.buffers", "ray_ckpt.storage.memory_stream"),
     ("ray_ckpt.storage.memory_holder",),
     ("ray_ckpt.storage.memory_catalog",),
     ("ray_ckpt.storage.atomic", "ray_ckpt.storage.files", "ray_ckpt.storage.memory"),

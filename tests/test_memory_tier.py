@@ -18,6 +18,7 @@ import torch
 import ray_ckpt
 import ray_ckpt.storage.memory
 import ray_ckpt.storage.memory_catalog
+import ray_ckpt.storage.memory_stream
 import ray_ckpt.tiers
 import ray_ckpt.tools
 from ray_ckpt.storage import memory
@@ -158,6 +159,39 @@ def test_holder_survives_the_death_of_the_process_that_saved(mcluster):
     time.sleep(1.0)  # the saving process is gone
     loaded = ray.get(_load_on_node.options(**on_node(mcluster.head_node_id)).remote(path))
     assert_same(loaded, _state(4))
+
+
+def _offers(node: str) -> int:
+    return ray.get(ray.get_actor(memory.holder_name(node), namespace=memory.NAMESPACE)
+                   .offers.remote())
+
+
+@pytest.mark.parametrize("how", ["direct", "refused", "ray"])
+def test_a_load_reads_a_peers_only_copy_directly_or_over_rays_transfer(
+    mcluster, caplog, monkeypatch, how
+):
+    """A load on a node that holds no copy: by default the peer's holder streams the ranges
+    over a direct connection; where the connection is refused (a firewall: mocked) or direct
+    reads are off, Ray transfers the file. The same bytes either way, and the holder keeps no
+    offer (no view of the files) once the load is over."""
+    worker = _spare_worker(mcluster)
+    root = _root()
+    assert ray.get(_save_on_node.options(**on_node(worker)).remote(
+        f"{root}/step-6?replicas=0", 6)) == worker
+    assert all(c == [worker] for c in _copies(f"{root}/step-6"))  # not on the loading node
+    if how == "refused":
+        def refuse(self):
+            raise ConnectionRefusedError(111, "Connection refused")
+
+        monkeypatch.setattr(ray_ckpt.storage.memory_stream.PeerStream, "_take", refuse)
+    fs = memory.memory_filesystem(direct_peer_reads=how != "ray")
+    with ray_ckpt.make_sync_checkpointer(filesystem=fs) as ckptr, caplog.at_level(logging.INFO):
+        assert_same(ckptr.load(f"{root}/step-6"), _state(6))
+    said = caplog.text
+    assert (f"from node {worker}'s holder over a direct connection" in said) == (how != "ray")
+    assert (f"from node {worker}'s holder over Ray's transfer" in said) == (how == "ray")
+    assert ("over Ray's transfer instead" in said) == (how == "refused")
+    _wait_until(lambda: _offers(worker) == 0, timeout=10)
 
 
 def test_a_missing_memory_checkpoint_is_not_found(mcluster):

@@ -8,6 +8,7 @@ in test_storage_faults.py.
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import logging
 import os
@@ -27,8 +28,9 @@ import ray_ckpt.errors
 from ray_ckpt.config import StorageConfig
 from ray_ckpt.format.names import MARKER_NAME
 from ray_ckpt.storage.atomic import PutCommit, RenameCommit, commit_strategy_for
+from ray_ckpt.storage.buffers import Buffers
 from ray_ckpt.storage.classify import is_transient
-from ray_ckpt.storage.files import _Buffers
+from ray_ckpt.storage.memory_stream import PeerStream, StreamServer
 from ray_ckpt.storage.storage import Storage
 
 from .conftest import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, start_s3_server
@@ -429,7 +431,7 @@ def test_a_file_held_as_buffers_reads_any_range_like_its_bytes(sizes):
     for n in sizes:
         buffers.append(data[at : at + n])
         at += n
-    held = _Buffers(buffers)
+    held = Buffers(buffers)
     for start in range(len(data) + 2):
         for want in range(1, len(data) + 2):
             got, offset = b"", start
@@ -439,4 +441,49 @@ def test_a_file_held_as_buffers_reads_any_range_like_its_bytes(sizes):
                     break
                 got, offset = got + chunk, offset + len(chunk)
             assert got == data[start : start + want], (start, want)
-    held.release()
+            assert b"".join(held.ranges(start, want)) == data[start : start + want]
+            out = bytearray(want)
+            n = held.read_into(start, memoryview(out))
+            assert bytes(out[:n]) == data[start : start + n] and (n > 0) == (start < len(data))
+    held.close()
+
+
+def test_a_holders_stream_serves_any_range_of_its_offer_and_nothing_else():
+    """The memory tier's direct peer reads (memory_stream): a reader with the offer's token
+    reads any range of any offered file as the file's bytes, from several threads at once; a
+    wrong token or file index gets nothing; the offer ends when its reader withdraws it."""
+    files = [bytes(range(256)) * 41, b"", bytes(7)]
+    parts = [[f[:100], f[100:100], f[100:]] for f in files]
+    server = StreamServer("127.0.0.1")
+    token = server.offer([Buffers(p) for p in parts])
+    stream = PeerStream(server.address, token)
+
+    def read(index: int, offset: int, nbytes: int) -> bytes:
+        out = bytearray(nbytes)
+        n = stream.read_into(index, offset, memoryview(out))
+        return bytes(out[:n])
+
+    for index, data in enumerate(files):
+        for offset, nbytes in [(0, len(data)), (0, len(data) + 9), (99, 3), (len(data), 4),
+                               (len(data) + 5, 4), (1, 0)]:
+            assert read(index, offset, nbytes) == data[offset : offset + nbytes]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # one connection a thread
+        got = list(pool.map(lambda at: read(0, at, 1000), range(0, len(files[0]), 1000)))
+    assert b"".join(got) == files[0]
+
+    intruder = PeerStream(server.address, bytes(16))
+    with pytest.raises(ConnectionError):  # closed unanswered
+        intruder.read_into(0, 0, memoryview(bytearray(8)))
+    with pytest.raises(ConnectionError, match="no file 3"):
+        stream.read_into(3, 0, memoryview(bytearray(8)))
+    with pytest.raises(ConnectionError, match="failed before"):  # a failed stream stays failed
+        read(0, 0, 8)
+    assert server.offered() == 1
+    stream.close()
+    server.withdraw(token)
+    deadline = time.monotonic() + 10
+    while server.offered():  # the connections' threads see them close
+        assert time.monotonic() < deadline, "the withdrawn offer did not end"
+        time.sleep(0.05)
+    with pytest.raises(ConnectionError):
+        PeerStream(server.address, token).read_into(0, 0, memoryview(bytearray(8)))

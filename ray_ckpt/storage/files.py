@@ -2,17 +2,17 @@
 open across calls and reads byte ranges straight into caller memory; ``open_files`` scopes
 one.
 
-A filesystem whose files are already in this process's memory (the memory tier: a held file
-is a view of shared memory) says so by giving its ``pyarrow.fs.PyFileSystem`` handler an
-``open_buffers(path, scope)`` method returning the file's bytes as a list of buffers, in order
-(``scope``: a dict the reader keeps while it is open, where the filesystem may keep what serves
-the other files of the same load): ranges are then copied from them straight into caller
-memory, a slice at a time like a local file, with no read copy."""
+A filesystem that reads ranges straight into caller memory itself (the memory tier: a held
+file is a view of shared memory, or a peer's holder streams it) says so by giving its
+``pyarrow.fs.PyFileSystem`` handler an ``open_ranges(path, scope)`` method. It returns the
+file's reader: ``read_into(offset, out)`` fills ``out`` from ``offset`` (returning the bytes
+filled, 0 at the end) and ``close()`` (for a file in memory: a :class:`~.buffers.Buffers`).
+``scope`` is a :class:`ReadScope` the reader keeps while it is open, where the filesystem may
+keep what serves the other files of the same load. Ranges are then read a slice at a time like
+a local file, with no read copy."""
 
 from __future__ import annotations
 
-import bisect
-import itertools
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -40,7 +40,7 @@ class FileReader:
     def __init__(self, storage: Storage) -> None:
         self._storage = storage
         self._handles: dict[str, object] = {}
-        self._scope: dict[str, Any] = {}  # what a memory filesystem keeps for this reader
+        self._scope = ReadScope()
         self._lock = threading.Lock()
 
     def read_into(
@@ -74,11 +74,11 @@ class FileReader:
         on_slice: Callable[[int, memoryview], None] | None,
     ) -> None:
         local = self._storage.is_local
-        held = getattr(getattr(self._storage.fs, "handler", None), "open_buffers", None)
+        held = getattr(getattr(self._storage.fs, "handler", None), "open_ranges", None)
         if local:
             fd = self._handle(name, lambda: os.open(path, os.O_RDONLY))
         elif held is not None:
-            data = self._handle(name, lambda: _Buffers(held(path, self._scope)))
+            data = self._handle(name, lambda: held(path, self._scope))
         else:
             handle = self._handle(name, lambda: self._storage.fs.open_input_file(path))
         step = slice_bytes if local or held else max(slice_bytes, READ_CHUNK_BYTES)
@@ -90,9 +90,7 @@ class FileReader:
                 if local:
                     n = os.preadv(fd, [piece[done:]], at)  # type: ignore[arg-type]
                 elif held is not None:
-                    chunk = data.at(at, len(piece) - done)
-                    n = len(chunk)
-                    piece[done : done + n] = chunk
+                    n = data.read_into(at, piece[done:])
                 else:
                     chunk = handle.read_at(len(piece) - done, at)  # type: ignore[attr-defined]
                     n = len(chunk)
@@ -115,29 +113,26 @@ class FileReader:
         for handle in self._handles.values():
             if isinstance(handle, int):
                 os.close(handle)
-            elif isinstance(handle, _Buffers):
-                handle.release()
             else:
                 handle.close()  # type: ignore[attr-defined]
         self._handles.clear()
-        self._scope.clear()
+        self._scope.close()
 
 
-class _Buffers:
-    """A file held in memory as buffers, in order (see the module docstring)."""
+class ReadScope(dict[str, Any]):
+    """What a filesystem keeps for the files of one :class:`FileReader` (see the module
+    docstring), and what to do when the reader closes (:meth:`at_close`)."""
 
-    def __init__(self, buffers: list[Any]) -> None:
-        self._views = [memoryview(b).cast("B") for b in buffers]
-        self._starts = list(itertools.accumulate((len(v) for v in self._views), initial=0))
+    def __init__(self) -> None:
+        super().__init__()
+        self._closers: list[Callable[[], None]] = []
 
-    def at(self, offset: int, nbytes: int) -> memoryview:
-        """Up to ``nbytes`` of the file from ``offset``, within one buffer (empty at the end)."""
-        i = bisect.bisect_right(self._starts, offset) - 1
-        if not 0 <= i < len(self._views):
-            return memoryview(b"")
-        within = offset - self._starts[i]
-        return self._views[i][within : within + nbytes]
+    def at_close(self, fn: Callable[[], None]) -> None:
+        self._closers.append(fn)
 
-    def release(self) -> None:
-        for view in self._views:
-            view.release()
+    def close(self) -> None:
+        closers, self._closers = self._closers, []
+        self.clear()
+        for fn in closers:
+            fn()
+

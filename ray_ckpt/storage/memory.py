@@ -15,8 +15,10 @@ unchanged; only where the bytes go differs:
 * the **manifest and marker** (small) live with the catalog actor, one per cluster, on the head
   node; a checkpoint exists once the catalog has its marker;
 * a **read** of a data file asks the holder of the reader's node first (zero-copy out of shared
-  memory), then the peers' (Ray transfers the object); a file with no live copy fails the load
-  as incomplete, never half from one checkpoint and half from another.
+  memory), then the peers': a peer's holder streams the ranges straight into the load's tensors
+  over a direct connection (:mod:`.memory_stream`), or Ray transfers the object where the
+  reader cannot connect; a file with no live copy fails the load as incomplete, never half from
+  one checkpoint and half from another.
 
 The actors live in their own modules: the per-node holders in :mod:`.memory_holder`, the catalog
 (with the accounting and the repair) in :mod:`.memory_catalog`; this module is the filesystem.
@@ -43,6 +45,7 @@ writer waits, after the stall, before holding the files.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import threading
 import time
@@ -56,7 +59,9 @@ import pyarrow.fs as pafs
 import ray
 
 from ..errors import CheckpointError
+from .buffers import Buffers
 from .classify import MEMORY_SCHEME
+from .files import ReadScope
 from .memory_catalog import CATALOG_NAME, MemoryTierFullError, catalog, in_use
 from .memory_holder import (
     NAMESPACE,
@@ -67,6 +72,7 @@ from .memory_holder import (
     named_actor,
     store_capacity,
 )
+from .memory_stream import PeerStream
 
 logger = logging.getLogger(__name__)
 
@@ -86,17 +92,26 @@ class MemoryTierConfig:
         replicas: copies on other nodes besides the saving node's (0 keeps one copy).
         keep_last: committed memory checkpoints kept per directory; older ones are freed.
         capacity_fraction: share of each node's object store the tier may fill.
+        direct_peer_reads: a load on a node that holds no copy reads a peer's copy over a
+            direct TCP connection to the peer's holder, straight into its tensors (one copy);
+            False, or a connection that fails, reads it over Ray's object transfer (the whole
+            file into this node's object store first).
     """
 
     replicas: int = 1
     keep_last: int = 2
     capacity_fraction: float = 0.8
+    direct_peer_reads: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.replicas, int) or self.replicas < 0:
             raise ValueError(f"replicas must be an integer >= 0, got {self.replicas!r}")
         if not isinstance(self.keep_last, int) or self.keep_last < 1:
             raise ValueError(f"keep_last must be an integer >= 1, got {self.keep_last!r}")
+        if not isinstance(self.direct_peer_reads, bool):
+            raise ValueError(
+                f"direct_peer_reads must be True or False, got {self.direct_peer_reads!r}"
+            )
         if not 0 < self.capacity_fraction <= 1:
             raise ValueError(
                 f"capacity_fraction must be in (0, 1], got {self.capacity_fraction!r}"
@@ -195,24 +210,28 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
                 1 + len(peers),
             )
 
-    def open_held(
-        self, path: str, scope: dict[str, Any] | None = None
-    ) -> tuple[list[np.ndarray], str]:
-        """The bytes of held file ``path`` (buffers, in order) and the node they came from: this
-        node's holder first (a zero-copy view of its object), then the peers' (Ray transfers
-        it). ``scope``, a dict a reader keeps for one load, serves the load's other files: the
-        first open of a checkpoint's file finds where all of them are and starts pulling every
-        one held only elsewhere, at once (see :func:`_locate`)."""
+    def open_ranges(self, path: str, scope: ReadScope) -> Buffers | _PeerFile:
+        """The reader of data file ``path`` for :class:`~.files.FileReader`, which reads its
+        ranges straight into a load's tensors; ``scope`` serves the load's other files: the
+        first open of a checkpoint's file finds where all of them are (:func:`_locate`)."""
+        path = _strip(path)
         directory, _, name = path.rpartition("/")
-        if scope is not None:
-            if directory not in scope:
-                scope[directory] = _locate(directory)
-            for node, ref in scope[directory].get(name, []):
-                try:
-                    return ray.get(ref), node
-                except ray.exceptions.RayError as e:  # its node was lost: ask again below
-                    logger.info("memory tier: no copy of %s%s on node %s (%s)", SCHEME, path,
-                                node, e)
+        if directory not in scope:
+            scope[directory] = _locate(directory, scope, self.config.direct_peer_reads)
+        copy = scope[directory].get(name)
+        if copy is not None and copy.stream is not None:
+            return _PeerFile(self, path, copy.node, copy.stream, copy.index)
+        if copy is not None:
+            try:
+                return Buffers(ray.get(copy.ref))
+            except ray.exceptions.RayError as e:  # its node was lost: ask again below
+                logger.info("memory tier: no copy of %s%s on node %s (%s)", SCHEME, path,
+                            copy.node, e)
+        return Buffers(self.open_held(path))
+
+    def open_held(self, path: str) -> list[np.ndarray]:
+        """The bytes of held file ``path`` (buffers, in order): this node's holder's copy first
+        (a zero-copy view of its object), then the peers' (Ray transfers it)."""
         cat = _catalog()
         nodes = ray.get(cat.copies.remote(path))
         if nodes is None:
@@ -223,7 +242,7 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
                 holder = named_actor(holder_name(node))
                 refs = ray.get(holder.ref.remote(path))
                 if refs:
-                    return ray.get(refs[0]), node
+                    return ray.get(refs[0])
             except (ValueError, ray.exceptions.RayError) as e:
                 forget_actor(holder_name(node))
                 logger.info("memory tier: no copy of %s%s on node %s (%s)", SCHEME, path, node, e)
@@ -284,17 +303,10 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
     def open_input_stream(self, path: str) -> pa.NativeFile:
         return self.open_input_file(path)
 
-    def open_buffers(self, path: str, scope: dict[str, Any]) -> list[np.ndarray]:
-        """The bytes of data file ``path`` (buffers, in order), for :class:`~.files.FileReader`
-        to copy ranges of straight into a load's tensors (no read copy); ``scope``: a dict the
-        reader keeps for one load (see :meth:`open_held`)."""
-        return self.open_held(_strip(path), scope)[0]
-
     def open_input_file(self, path: str) -> pa.NativeFile:
         path = _strip(path)
         if path.endswith(_DATA_SUFFIX):
-            buffers, _ = self.open_held(path)
-            return pa.BufferReader(pa.py_buffer(join_parts(buffers)))
+            return pa.BufferReader(pa.py_buffer(join_parts(self.open_held(path))))
         raw = ray.get(_catalog().read_small.remote(path))
         if raw is None:
             raise FileNotFoundError(f"{SCHEME}{path}")
@@ -337,14 +349,26 @@ def _catalog() -> Any:
     return catalog()
 
 
-def _locate(directory: str) -> dict[str, list[tuple[str, ray.ObjectRef]]]:
-    """For each data file of checkpoint ``directory``: the copy to read, as ``[(node, ref)]``
-    (this node's when it holds one), in one catalog call and one call per holder. The copies
-    held only on other nodes are pulled at once, all of them (a load opens its files one after
-    another; without this each open would wait for its own transfer). The pulled objects are
-    secondary copies here: nothing is pinned beyond the load that holds the refs, and Ray
-    evicts them under pressure. A node that fails to answer is skipped: the open of its files
-    asks again (:meth:`MemoryFileSystemHandler.open_held`)."""
+@dataclass(frozen=True)
+class _Copy:
+    """The copy of a data file a load reads: on ``node``; when ``stream`` is set, over a direct
+    connection to that node's holder (file ``index`` of its offer), else by ``ref``."""
+
+    node: str
+    ref: ray.ObjectRef
+    stream: PeerStream | None = None
+    index: int = 0
+
+
+def _locate(directory: str, scope: ReadScope, direct: bool) -> dict[str, _Copy]:
+    """For each data file of checkpoint ``directory``: the copy to read (this node's when it
+    holds one), in one catalog call and one call per holder. A file held only on other nodes
+    is read over a direct connection to one's holder (``direct``; the connections close with
+    ``scope``), else pulled over Ray's transfer: those transfers all start now (a load opens its
+    files one after another; without this each open would wait for its own transfer); the
+    pulled objects are secondary copies, evicted by Ray under pressure. A node that fails to
+    answer is skipped: the open of its files asks again
+    (:meth:`MemoryFileSystemHandler.open_held`)."""
     copies = ray.get(_catalog().data_copies.remote(directory))
     local = ray.get_runtime_context().get_node_id()
     by_node: dict[str, list[str]] = {}
@@ -354,26 +378,83 @@ def _locate(directory: str) -> dict[str, list[tuple[str, ray.ObjectRef]]]:
     calls = {}
     for node, names in by_node.items():
         try:
-            calls[node] = named_actor(holder_name(node)).refs.remote(
-                [f"{directory}/{n}" for n in names])
+            holder = named_actor(holder_name(node))
         except ValueError:  # no holder there any more
             forget_actor(holder_name(node))
-    located: dict[str, list[tuple[str, ray.ObjectRef]]] = {}
-    remote: list[ray.ObjectRef] = []
+            continue
+        keys = [f"{directory}/{n}" for n in names]
+        calls[node] = holder.serve.remote(keys) if direct and node != local else (
+            holder.refs.remote(keys))
+    located: dict[str, _Copy] = {}
+    pulls: list[ray.ObjectRef] = []
     for node, call in calls.items():
         try:
-            held = ray.get(call)
+            answer = ray.get(call)
         except ray.exceptions.RayError:
             forget_actor(holder_name(node))
             continue
-        for name, refs in zip(by_node[node], held):
+        stream = None
+        if node == local:
+            how, held = "this node's holder", answer
+        elif direct:
+            address, token, held = answer
+            stream = PeerStream(tuple(address), token)
+            scope.at_close(functools.partial(_end_stream, stream, holder_name(node), token))
+            how = f"node {node}'s holder over a direct connection ({address[0]}:{address[1]})"
+        else:
+            how, held = f"node {node}'s holder over Ray's transfer", answer
+        for index, (name, refs) in enumerate(zip(by_node[node], held)):
             if refs:
-                located[name] = [(node, refs[0])]
-                if node != local:
-                    remote.append(refs[0])
-    if remote:  # start every transfer now; the opens wait for their own
-        ray.wait(remote, num_returns=len(remote), timeout=0, fetch_local=True)
+                located[name] = _Copy(node, refs[0], stream, index)
+                if node != local and stream is None:
+                    pulls.append(refs[0])
+        logger.info("memory tier: reading %d file(s) of %s%s from %s", len(by_node[node]),
+                    SCHEME, directory, how)
+    if pulls:  # start every transfer now; the opens wait for their own
+        ray.wait(pulls, num_returns=len(pulls), timeout=0, fetch_local=True)
     return located
+
+
+def _end_stream(stream: PeerStream, holder: str, token: bytes) -> None:
+    """The load is over: close its connections and withdraw the holder's offer (the holder
+    no longer keeps views of those files)."""
+    stream.close()
+    try:
+        named_actor(holder).withdraw.remote(token)
+    except ValueError:  # the holder is gone, and its offers with it
+        forget_actor(holder)
+
+
+class _PeerFile:
+    """A data file read from a peer holder's stream; over Ray's transfer once that fails."""
+
+    def __init__(
+        self, handler: MemoryFileSystemHandler, path: str, node: str, stream: PeerStream,
+        index: int,
+    ) -> None:
+        self._handler = handler
+        self._path = path
+        self._node = node
+        self._stream = stream
+        self._index = index
+        self._fallback: Buffers | None = None
+
+    def read_into(self, offset: int, out: memoryview) -> int:
+        if self._fallback is None:
+            try:
+                return self._stream.read_into(self._index, offset, out)
+            except OSError as e:
+                logger.warning(
+                    "memory tier: reading %s%s from node %s's holder at %s failed (%s): reading "
+                    "it over Ray's transfer instead", SCHEME, self._path, self._node,
+                    self._stream.address, e,
+                )
+                self._fallback = Buffers(self._handler.open_held(self._path))
+        return self._fallback.read_into(offset, out)
+
+    def close(self) -> None:
+        if self._fallback is not None:
+            self._fallback.close()
 
 
 def join_parts(parts: list[Any]) -> np.ndarray:

@@ -9,18 +9,24 @@ next periodic free (``free_objects_period_milliseconds``: 1 s on a Ray started w
 defaults; Ray 2.60 has no call that frees an object at once). A put that needs that room
 meanwhile waits for it in Ray's create queue; it is not spilled.
 
-Readers never receive bytes through an actor call's return value: :meth:`_Holder.ref` returns
-the ``ObjectRef`` (in a list, so Ray does not resolve it) and the reader ``ray.get``s it: a
-zero-copy view of this node's shared memory, or one transfer from a peer's.
+Readers never receive bytes through an actor call's return value. A reader on this node gets the
+``ObjectRef`` (:meth:`_Holder.ref`, in a list, so Ray does not resolve it) and ``ray.get``s it: a
+zero-copy view of this node's shared memory. A reader on another node is offered the files
+over a direct connection to this holder's stream server (:meth:`_Holder.serve`,
+:mod:`.memory_stream`), with the refs for reading over Ray's transfer if it cannot connect.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from .buffers import Buffers
+from .memory_stream import StreamServer
 
 NAMESPACE = "ray_ckpt"
 
@@ -57,6 +63,8 @@ class _Holder:
         self._node_id = node_id
         self._objects: dict[str, ray.ObjectRef] = {}
         self._nbytes: dict[str, int] = {}
+        self._server: StreamServer | None = None
+        self._server_lock = threading.Lock()
 
     def node_id(self) -> str:
         return self._node_id
@@ -85,6 +93,29 @@ class _Holder:
     def refs(self, keys: list[str]) -> list[list[ray.ObjectRef]]:
         """:meth:`ref` of each of ``keys``, in one call."""
         return [self.ref(key) for key in keys]
+
+    def serve(
+        self, keys: list[str]
+    ) -> tuple[tuple[str, int], bytes, list[list[ray.ObjectRef]]]:
+        """Offer our copies of ``keys`` to one reader on another node: the stream server's
+        address, the offer's token (file ``i`` of the offer is ``keys[i]``; one not held here
+        reads as empty), and :meth:`refs` of the keys, for reading over Ray's transfer
+        instead."""
+        with self._server_lock:
+            if self._server is None:
+                self._server = StreamServer(ray.util.get_node_ip_address())
+        refs = self.refs(keys)
+        token = self._server.offer([Buffers(ray.get(r[0]) if r else []) for r in refs])
+        return self._server.address, token, refs
+
+    def withdraw(self, token: bytes) -> None:
+        """The reader of offer ``token`` is done (see :mod:`.memory_stream`)."""
+        if self._server is not None:
+            self._server.withdraw(token)
+
+    def offers(self) -> int:
+        """Stream offers not yet ended (each keeps views of the files it offers)."""
+        return 0 if self._server is None else self._server.offered()
 
     def drop(self, keys: list[str]) -> None:
         """Forget ``keys``: their objects are freed once no reader holds a view of them."""
