@@ -62,6 +62,11 @@ class CheckpointStagerConfig:
             thread. Measured on 2 cores, 1 GiB: 2 threads 1.07x a memcpy, 1 thread 1.18x.
             CUDA tensors are staged by one thread (through one pinned buffer). A custom
             ``CheckpointStager`` must allow this many concurrent ``stage`` calls, or set 1.
+        prefault_object_store: populate this process's page table for the pages of the
+            node's object store already in memory, on a background thread, when the
+            checkpointer is made and after each save, so that staging does not pay a page fault
+            per page it puts into (:mod:`ray_ckpt.save.prefault`; Linux). Measured, 1 GiB
+            memory checkpoints: stall 1.3-2.5x a memcpy without, 0.64-0.74x with.
     """
 
     use_async_staging: bool = True
@@ -74,6 +79,7 @@ class CheckpointStagerConfig:
     verify_replicas: bool = True
     async_write_during_staging: bool = False
     put_threads: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+    prefault_object_store: bool = True
 
     def __post_init__(self) -> None:
         _require(

@@ -54,7 +54,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("ray_ckpt.storage.atomic", "ray_ckpt.storage.files", "ray_ckpt.storage.memory"),
     ("ray_ckpt.catalog",),
     ("ray_ckpt.futures",),
-    ("ray_ckpt.save.protocol",),
+    ("ray_ckpt.save.protocol", "ray_ckpt.save.prefault"),
     ("ray_ckpt.save.dedup", "ray_ckpt.save.pieces"),
     ("ray_ckpt.save.stager", "ray_ckpt.save.encoder", "ray_ckpt.save.commit"),
     ("ray_ckpt.save.barrier", "ray_ckpt.save.writer"),

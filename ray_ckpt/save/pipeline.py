@@ -38,6 +38,7 @@ from ..futures import CheckpointFuture, unwrap_ray_error
 from ..storage import memory
 from ..storage.storage import Storage
 from ..types import RankInfo
+from . import prefault
 from .barrier import barrier_for
 from .pool import WriterPool
 from .protocol import (
@@ -83,6 +84,9 @@ class Coordinator:
         self._staging_thread: concurrent.futures.ThreadPoolExecutor | None = None
         self._put_threads: concurrent.futures.ThreadPoolExecutor | None = None
         self._budget_bytes: int | None = config.staging_config.memory_budget_bytes
+        self._prefault = config.staging_config.prefault_object_store
+        if self._prefault:
+            prefault.request()
 
     def save(
         self,
@@ -156,6 +160,8 @@ class Coordinator:
             write_ref, on_cancel=cancel, on_failure=self._pool.forget_dead
         )
         write_future.add_done_callback(_log_summary)
+        if self._prefault:  # the writers have brought more of the store into memory
+            write_future.add_done_callback(lambda _: prefault.request())
         if background:
             executor = self._staging_executor()
             executor.submit(

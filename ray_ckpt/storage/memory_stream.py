@@ -111,7 +111,7 @@ class StreamServer:
                                self.address, e)
                 time.sleep(1.0)
                 continue
-            conn.settimeout(IDLE_TIMEOUT_SECS)
+            conn.settimeout(READ_TIMEOUT_SECS)  # for the token; then IDLE_TIMEOUT_SECS
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
@@ -127,6 +127,7 @@ class StreamServer:
                     return  # not a reader we offered to: closed unanswered
                 offer.connections += 1
                 offer.used = True
+            conn.settimeout(IDLE_TIMEOUT_SECS)
             try:
                 self._answer(conn, offer.files)
             except OSError as e:  # the reader is gone or stalled: its read fails over there

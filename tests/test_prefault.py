@@ -1,0 +1,61 @@
+"""Prefaulting the object store (ray_ckpt.save.prefault): this process's page table comes to
+cover the store's pages that another process brought into memory, and no page is allocated."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+import numpy as np
+import pytest
+import ray
+
+from ray_ckpt.save import prefault
+
+from .conftest import MiB
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+
+
+def _store_pages() -> tuple[int, int]:
+    """(pages of the store in memory, pages of it in this process's page table)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    page = os.sysconf("SC_PAGE_SIZE")
+    resident = 0
+    for low, high in prefault.store_mappings():
+        vector = ctypes.create_string_buffer((high - low) // page)
+        assert libc.mincore(low, high - low, vector) == 0, ctypes.get_errno()
+        resident += (high - low) // page - vector.raw.count(0)
+    mapped = 0
+    with open("/proc/self/smaps") as smaps:
+        inside = False
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:  # a mapping's first line
+                inside = len(fields) >= 6 and os.path.basename(fields[5]).startswith("plasma")
+            elif inside and fields[0] == "Rss:":
+                mapped += int(fields[1]) * 1024 // page
+    return resident, mapped
+
+
+@ray.remote(num_cpus=0)
+def _put_elsewhere(nbytes: int) -> list[ray.ObjectRef]:
+    return [ray.put(np.ones(nbytes, np.uint8))]
+
+
+def test_prefault_maps_the_pages_other_processes_wrote_and_allocates_none(cluster):
+    assert prefault.store_mappings(), "this process maps no object store"
+    [ref] = ray.get(_put_elsewhere.remote(48 * MiB))  # pages only the task's process mapped
+    resident_before, mapped_before = _store_pages()
+    seen: dict[int, int] = {}
+    covered = prefault.populate_resident(seen)
+    resident_after, mapped_after = _store_pages()
+    page = os.sysconf("SC_PAGE_SIZE")
+    assert resident_after == resident_before  # no page of the store allocated
+    assert covered >= 48 * MiB and covered == resident_before * page
+    assert mapped_before < resident_before  # the task's pages were not in our page table
+    assert mapped_after >= resident_after - 16  # now every page of the store in memory is
+    assert prefault.populate_resident(seen) == 0  # nothing new in memory: nothing done again
+    del ref
