@@ -1,6 +1,6 @@
 """The memory tier: save stall, time until replicated, and restores from each place.
 
-    python -m benchmarks.memory_tier --size 256m --runs 3
+    python -m benchmarks.memory_tier --size 256m --runs 3 --saves 8
 
 On a simulated cluster (``ray.cluster_utils.Cluster``: a head and two worker nodes), a trainer
 actor on worker node A holds a transformer + Adam state (``benchmarks.state_dicts``):
@@ -8,12 +8,18 @@ actor on worker node A holds a transformer + Adam state (``benchmarks.state_dict
 * memcpy: copying the state into preallocated tensors (the machine's limit);
 * memory save: the stall of an async save to ``mem://`` (until the caller may change its
   tensors) and the time until the checkpoint is committed, i.e. held on A and replicated to one
-  peer;
+  peer; ``--saves`` saves in a row, each with the bytes of A's object store that came into
+  memory during its stall. A fresh store is not in memory: the first saves write into pages
+  never touched, and pay a page fault for each (once per page and node, whoever touches it
+  first). The table shows the median stall of the saves after the first that found their pages
+  in memory (under 5% of the state first touched: the steady state of a training run), of
+  those that did not, and every save's;
 * restores, in place into preallocated tensors, each checked byte for byte once: from A's own
   holder; from cold local disk (the same state saved to a directory, its pages dropped with
   ``posix_fadvise(DONTNEED)`` before every read); from the loopback S3 server (moto); and from a
   peer's holder after node A is removed (on a node that holds no copy, so every byte crosses
-  Ray's transfer), then the time until re-replication restores two copies.
+  between nodes: over a direct connection to the peer's holder), then the time until
+  re-replication restores two copies.
 
 The cluster runs Ray's defaults (no ``_system_config``: ``free_objects_period_milliseconds``
 is 1000, as on a cluster started with ``ray start``), not the 10 ms of the local Ray that
@@ -43,10 +49,12 @@ import ray
 import torch
 from ray.cluster_utils import Cluster
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from ray_ckpt.save import prefault
 
 from benchmarks.state_dicts import optimizer_state, parse_size, tensors
 
 MiB = 1 << 20
+FIRST_TOUCHED_AT_MOST = 0.05  # a save found its pages in memory: it touched this share first
 
 
 def _on(node: str) -> dict[str, Any]:
@@ -73,13 +81,16 @@ class Trainer:
             dst.copy_(src)
         return time.perf_counter() - started
 
-    def save_memory(self, path: str) -> tuple[float, float]:
+    def save_memory(self, path: str) -> tuple[float, float, int]:
+        """(stall, until committed, bytes of the object store first touched in the stall)"""
+        before, _ = prefault.store_in_memory()
         started = time.perf_counter()
         stage, write = self.ckptr.save(path, self.state)
         stage.result()
         stall = time.perf_counter() - started
+        after, _ = prefault.store_in_memory()
         write.result()
-        return stall, time.perf_counter() - started
+        return stall, time.perf_counter() - started, after - before
 
     def save(self, path: str, filesystem: Any = None) -> None:
         import ray_ckpt
@@ -183,7 +194,7 @@ def _join(cluster: Cluster, store_bytes: int) -> str:
     return str(node.node_id)
 
 
-def run(size: int, runs: int, work: str) -> dict[str, Any]:
+def run(size: int, runs: int, saves: int, work: str) -> dict[str, Any]:
     head_store, worker_store = 4 * size + 512 * MiB, 4 * size + 256 * MiB
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "object_store_memory": head_store})
@@ -197,13 +208,18 @@ def run(size: int, runs: int, work: str) -> dict[str, Any]:
         trainer = Trainer.options(**_on(a.node_id)).remote(size)
         out["state_bytes"] = ray.get(trainer.nbytes.remote())
         out["memcpy_s"] = statistics.median(ray.get(trainer.memcpy.remote()) for _ in range(runs))
-        saves = [ray.get(trainer.save_memory.remote(f"mem://bench/step-{i}"))
-                 for i in range(runs + 1)]
-        out["first_save_stall_s"], out["first_save_replicated_s"] = saves[0]
-        out["save_stalls_s"] = [s for s, _ in saves]  # every save, the first included
-        out["save_stall_s"] = statistics.median(s for s, _ in saves[1:])
-        out["save_replicated_s"] = statistics.median(t for _, t in saves[1:])
-        last = f"mem://bench/step-{runs}"
+        done = [ray.get(trainer.save_memory.remote(f"mem://bench/step-{i}"))
+                for i in range(saves)]
+        out["first_save_stall_s"], out["first_save_replicated_s"], _ = done[0]
+        out["save_stalls_s"] = [s for s, _, _ in done]  # every save, the first included
+        out["first_touched_bytes"] = [n for _, _, n in done]
+        touched_at_most = int(out["state_bytes"] * FIRST_TOUCHED_AT_MOST)
+        steady = [s for s, _, n in done[1:] if n <= touched_at_most]
+        filling = [s for s, _, n in done[1:] if n > touched_at_most]
+        out["save_stall_s"] = statistics.median(steady) if steady else None
+        out["save_stall_filling_s"] = statistics.median(filling) if filling else None
+        out["save_replicated_s"] = statistics.median(t for _, t, _ in done[1:])
+        last = f"mem://bench/step-{saves - 1}"
         ray.get(trainer.load.remote(last, None, True))
         out["load_local_holder_s"] = statistics.median(
             ray.get(trainer.load.remote(last)) for _ in range(runs))
@@ -218,7 +234,7 @@ def run(size: int, runs: int, work: str) -> dict[str, Any]:
         out["load_s3_s"] = statistics.median(
             ray.get(trainer.load.remote("bench/step", s3, i == 0)) for i in range(runs))
         # node A is lost: load on a node that joins now (it holds no copy: every byte crosses
-        # Ray's transfer from a peer's holder), while re-replication runs
+        # from a peer's holder), while re-replication runs
         ray.kill(trainer)
         cluster.remove_node(a)
         while a.node_id in [n["NodeID"] for n in ray.nodes() if n["Alive"]]:
@@ -235,7 +251,7 @@ def run(size: int, runs: int, work: str) -> dict[str, Any]:
         # a peer read with no node loss in progress, on another node that joins now, by a
         # process warmed by loading the previous memory checkpoint (as the other rows' loads)
         again = Trainer.options(**_on(_join(cluster, worker_store))).remote(size)
-        ray.get(again.load.remote(f"mem://bench/step-{runs - 1}"))
+        ray.get(again.load.remote(f"mem://bench/step-{saves - 2}"))
         out["load_peer_holder_steady_s"] = ray.get(again.load.remote(
             last, None, False, profile and os.path.join(profile, "peer_steady.txt")))
     except BaseException:
@@ -249,12 +265,21 @@ def run(size: int, runs: int, work: str) -> dict[str, Any]:
     return out
 
 
+def _ratio(secs: float | None, memcpy: float) -> str:
+    return "no such save" if secs is None else f"{secs / memcpy:.2f}x memcpy"
+
+
 def table(r: dict[str, Any]) -> str:
     m = r["memcpy_s"]
     rows = [
         ("memcpy (limit)", r["memcpy_s"], "1.00x memcpy"),
-        ("memory save: stall", r["save_stall_s"], f"{r['save_stall_s'] / m:.2f}x memcpy (each: "
-         + ", ".join(f"{s / m:.2f}x" for s in r["save_stalls_s"][1:]) + ")"),
+        ("memory save: stall, object store in memory", r["save_stall_s"],
+         _ratio(r["save_stall_s"], m) + " (each save after the first, with the MiB of the "
+         "store it touched first: " + ", ".join(
+             f"{s / m:.2f}x {n / MiB:.0f}"
+             for s, n in zip(r["save_stalls_s"][1:], r["first_touched_bytes"][1:])) + ")"),
+        ("memory save: stall, object store still filling", r["save_stall_filling_s"],
+         _ratio(r["save_stall_filling_s"], m) + " (first touch of its pages)"),
         ("memory save: until held on 2 nodes", r["save_replicated_s"], ""),
         ("first memory save: stall / replicated", r["first_save_stall_s"],
          f"replicated {r['first_save_replicated_s']:.2f} s"),
@@ -271,20 +296,23 @@ def table(r: dict[str, Any]) -> str:
         ("re-replication after node loss", r["re_replicated_after_s"], "background"),
     ]
     lines = [f"state {r['state_bytes'] / MiB:.0f} MiB (transformer + Adam), median of "
-             f"{r['runs']} runs", "", "| what | seconds | vs |", "| --- | ---: | --- |"]
-    lines += [f"| {name} | {secs:.3f} | {note} |" for name, secs, note in rows]
+             f"{r['runs']} runs of each restore, {len(r['save_stalls_s'])} memory saves", "",
+             "| what | seconds | vs |", "| --- | ---: | --- |"]
+    lines += [f"| {name} | {'-' if secs is None else f'{secs:.3f}'} | {note} |"
+              for name, secs, note in rows]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="256m", help="state size (transformer + Adam)")
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3, help="runs of each restore")
+    parser.add_argument("--saves", type=int, default=8, help="memory saves in a row (>= 3)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     work = tempfile.mkdtemp(prefix="ray_ckpt_memtier_")
     try:
-        result = run(parse_size(args.size), args.runs, work)
+        result = run(parse_size(args.size), args.runs, max(3, args.saves), work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     os.makedirs(args.out, exist_ok=True)

@@ -3,7 +3,6 @@ cover the store's pages that another process brought into memory, and no page is
 
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
 
@@ -20,14 +19,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Li
 
 def _store_pages() -> tuple[int, int]:
     """(pages of the store in memory, pages of it in this process's page table)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
     page = os.sysconf("SC_PAGE_SIZE")
-    resident = 0
-    for low, high in prefault.store_mappings():
-        vector = ctypes.create_string_buffer((high - low) // page)
-        assert libc.mincore(low, high - low, vector) == 0, ctypes.get_errno()
-        resident += (high - low) // page - vector.raw.count(0)
     mapped = 0
     with open("/proc/self/smaps") as smaps:
         inside = False
@@ -37,7 +29,7 @@ def _store_pages() -> tuple[int, int]:
                 inside = len(fields) >= 6 and os.path.basename(fields[5]).startswith("plasma")
             elif inside and fields[0] == "Rss:":
                 mapped += int(fields[1]) * 1024 // page
-    return resident, mapped
+    return prefault.store_in_memory()[0] // page, mapped
 
 
 @ray.remote(num_cpus=0)

@@ -51,24 +51,47 @@ def store_mappings() -> list[tuple[int, int]]:
     return out
 
 
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+def _residency(libc: ctypes.CDLL, start: int, length: int) -> bytes:
+    """One byte a page of ``[start, start + length)``: bit 0 set when the page is in memory."""
+    vector = ctypes.create_string_buffer(-(-length // os.sysconf("SC_PAGE_SIZE")))
+    _check(libc.mincore(start, length, vector), "mincore")
+    return vector.raw
+
+
+def store_in_memory() -> tuple[int, int]:
+    """(bytes of the object store in memory, bytes of it in all) as this process maps it."""
+    libc = _libc()
+    page = os.sysconf("SC_PAGE_SIZE")
+    resident = total = 0
+    for low, high in store_mappings():
+        for start in range(low, high, _WINDOW_BYTES):
+            length = min(high, start + _WINDOW_BYTES) - start
+            resident += (len(pages := _residency(libc, start, length)) - pages.count(0)) * page
+            total += length
+    return resident, total
+
+
 def populate_resident(seen: dict[int, int] | None = None) -> int:
     """Populate this process's page table for every page of the object store that is in
     memory; returns the bytes covered. ``seen`` (window start -> pages in memory at the last
     call) skips the windows with no new page in memory since (a page of the store, once in
     memory, stays). Raises ``OSError`` where the kernel refuses."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc = _libc()
     page = os.sysconf("SC_PAGE_SIZE")
     seen = {} if seen is None else seen
     covered = 0
     for low, high in store_mappings():
         for start in range(low, high, _WINDOW_BYTES):
             length = min(high, start + _WINDOW_BYTES) - start
-            pages = -(-length // page)
-            vector = ctypes.create_string_buffer(pages)
-            _check(libc.mincore(start, length, vector), "mincore")
-            resident = vector.raw  # one byte a page; bit 0: in memory
+            resident = _residency(libc, start, length)
+            pages = len(resident)
             count = pages - resident.count(0)
             if seen.get(start) == count:
                 continue
