@@ -376,6 +376,7 @@ def _locate(directory: str, scope: ReadScope, direct: bool) -> dict[str, _Copy]:
         if nodes:
             by_node.setdefault(local if local in nodes else nodes[0], []).append(name)
     calls = {}
+    streamed: dict[str, bool] = {}
     for node, names in by_node.items():
         try:
             holder = named_actor(holder_name(node))
@@ -383,8 +384,9 @@ def _locate(directory: str, scope: ReadScope, direct: bool) -> dict[str, _Copy]:
             forget_actor(holder_name(node))
             continue
         keys = [f"{directory}/{n}" for n in names]
-        calls[node] = holder.serve.remote(keys) if direct and node != local else (
-            holder.refs.remote(keys))
+        # (a holder started by an older ray_ckpt, still running, cannot serve: Ray's transfer)
+        streamed[node] = direct and node != local and hasattr(holder, "serve")
+        calls[node] = holder.serve.remote(keys) if streamed[node] else holder.refs.remote(keys)
     located: dict[str, _Copy] = {}
     pulls: list[ray.ObjectRef] = []
     for node, call in calls.items():
@@ -396,7 +398,7 @@ def _locate(directory: str, scope: ReadScope, direct: bool) -> dict[str, _Copy]:
         stream = None
         if node == local:
             how, held = "this node's holder", answer
-        elif direct:
+        elif streamed[node]:
             address, token, held = answer
             stream = PeerStream(tuple(address), token)
             scope.at_close(functools.partial(_end_stream, stream, holder_name(node), token))
