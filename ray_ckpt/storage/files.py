@@ -6,7 +6,8 @@ A filesystem that reads ranges straight into caller memory itself (the memory ti
 file is a view of shared memory, or a peer's holder streams it) says so by giving its
 ``pyarrow.fs.PyFileSystem`` handler an ``open_ranges(path, scope)`` method. It returns the
 file's reader: ``read_into(offset, out)`` fills ``out`` from ``offset`` (returning the bytes
-filled, 0 at the end) and ``close()`` (for a file in memory: a :class:`~.buffers.Buffers`).
+filled, 0 at the end) and ``close()`` (for a file in memory: a :class:`~.buffers.Buffers`); an
+optional ``read_bytes`` asks for reads of that size (default: the checksum slice).
 ``scope`` is a :class:`ReadScope` the reader keeps while it is open, where the filesystem may
 keep what serves the other files of the same load. Ranges are then read a slice at a time like
 a local file, with no read copy."""
@@ -81,7 +82,10 @@ class FileReader:
             data = self._handle(name, lambda: held(path, self._scope))
         else:
             handle = self._handle(name, lambda: self._storage.fs.open_input_file(path))
-        step = slice_bytes if local or held else max(slice_bytes, READ_CHUNK_BYTES)
+        if held is not None:
+            step = max(slice_bytes, getattr(data, "read_bytes", slice_bytes))
+        else:
+            step = slice_bytes if local else max(slice_bytes, READ_CHUNK_BYTES)
         for start in range(0, len(view), step):
             piece = view[start : start + step]
             done = 0
