@@ -13,7 +13,8 @@ So a checkpointer's process populates its page table for the pages of the store 
 already in memory (``mincore``), with ``madvise(MADV_POPULATE_WRITE)``: no byte is read or
 written, and no page that Ray has not used is allocated (the store's memory use does not
 change). It runs on a background thread: when a checkpointer is created, and again after every
-save (the writers and holders brought more of the store into memory meanwhile). Pages never
+save (the writers and holders brought more of the store into memory meanwhile), at the lowest
+CPU priority (a run may overlap the next save's stall, which comes first). Pages never
 used yet still cost a fault on their first use, whoever touches them first. Linux 5.14 or
 later, a store in ``/dev/shm`` (Ray's default); elsewhere it does nothing, and says why once
 in the log.
@@ -135,6 +136,8 @@ class _Prefaulter:
         threading.Thread(target=self._run, daemon=True, name="ray_ckpt-prefault").start()
 
     def _run(self) -> None:
+        # the lowest priority: a run may overlap the next save's stall, whose copies come first
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         while True:
             try:
                 covered = populate_resident(self._seen)
