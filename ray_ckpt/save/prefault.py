@@ -36,7 +36,8 @@ _WINDOW_BYTES = 1 << 30  # mincore's residency vector is built a window at a tim
 
 
 def store_mappings() -> list[tuple[int, int]]:
-    """``(start, end)`` of each shared mapping of an object store file in this process."""
+    """``(start, end)`` of each shared, writable mapping of an object store file in this
+    process."""
     out = []
     with open("/proc/self/maps") as maps:
         for line in maps:
@@ -45,7 +46,7 @@ def store_mappings() -> list[tuple[int, int]]:
                 len(fields) >= 6
                 and fields[5].startswith(_STORE_DIRECTORY)
                 and os.path.basename(fields[5]).startswith("plasma")
-                and fields[1].endswith("s")
+                and fields[1].startswith("rw") and fields[1].endswith("s")
             ):
                 start, end = fields[0].split("-")
                 out.append((int(start, 16), int(end, 16)))
