@@ -60,6 +60,12 @@ def _libc() -> ctypes.CDLL:
     return libc
 
 
+def _windows() -> list[tuple[int, int]]:
+    """``(start, length)`` of every window of every mapping of the store in this process."""
+    return [(start, min(high, start + _WINDOW_BYTES) - start)
+            for low, high in store_mappings() for start in range(low, high, _WINDOW_BYTES)]
+
+
 def _residency(libc: ctypes.CDLL, start: int, length: int) -> bytes:
     """One byte a page of ``[start, start + length)``: bit 0 set when the page is in memory."""
     vector = ctypes.create_string_buffer(-(-length // os.sysconf("SC_PAGE_SIZE")))
@@ -72,11 +78,9 @@ def store_in_memory() -> tuple[int, int]:
     libc = _libc()
     page = os.sysconf("SC_PAGE_SIZE")
     resident = total = 0
-    for low, high in store_mappings():
-        for start in range(low, high, _WINDOW_BYTES):
-            length = min(high, start + _WINDOW_BYTES) - start
-            resident += (len(pages := _residency(libc, start, length)) - pages.count(0)) * page
-            total += length
+    for start, length in _windows():
+        resident += (len(pages := _residency(libc, start, length)) - pages.count(0)) * page
+        total += length
     return resident, total
 
 
@@ -89,24 +93,22 @@ def populate_resident(seen: dict[int, int] | None = None) -> int:
     page = os.sysconf("SC_PAGE_SIZE")
     seen = {} if seen is None else seen
     covered = 0
-    for low, high in store_mappings():
-        for start in range(low, high, _WINDOW_BYTES):
-            length = min(high, start + _WINDOW_BYTES) - start
-            resident = _residency(libc, start, length)
-            pages = len(resident)
-            count = pages - resident.count(0)
-            if seen.get(start) == count:
-                continue
-            first = resident.find(1)
-            while first >= 0:
-                end = resident.find(0, first)
-                end = pages if end < 0 else end
-                nbytes = min((end - first) * page, length - first * page)
-                _check(libc.madvise(start + first * page, nbytes, _MADV_POPULATE_WRITE),
-                       "madvise(MADV_POPULATE_WRITE)")
-                covered += nbytes
-                first = resident.find(1, end)
-            seen[start] = count
+    for start, length in _windows():
+        resident = _residency(libc, start, length)
+        pages = len(resident)
+        count = pages - resident.count(0)
+        if seen.get(start) == count:
+            continue
+        first = resident.find(1)
+        while first >= 0:
+            end = resident.find(0, first)
+            end = pages if end < 0 else end
+            nbytes = min((end - first) * page, length - first * page)
+            _check(libc.madvise(start + first * page, nbytes, _MADV_POPULATE_WRITE),
+                   "madvise(MADV_POPULATE_WRITE)")
+            covered += nbytes
+            first = resident.find(1, end)
+        seen[start] = count
     return covered
 
 
