@@ -142,6 +142,53 @@ def test_two_ranks_with_dtensors_load_back_exactly(mcluster):
     assert all(len(c) == 2 for c in _copies(path))
 
 
+@ray.remote(num_cpus=0)
+class _DataParallelRank:
+    """A rank of a data-parallel job: every rank has the whole (replicated) state."""
+
+    def __init__(self, rank: int, capacity_fraction: float) -> None:
+        fs = memory.memory_filesystem(replicas=0, keep_last=5,
+                                      capacity_fraction=capacity_fraction)
+        self.ckptr = ray_ckpt.make_sync_checkpointer(
+            filesystem=fs, rank_info=ray_ckpt.RankInfo(rank, 2), config=small_config())
+
+    def save(self, path: str, state: dict) -> None:
+        self.ckptr.save(path, state)
+
+    def close(self) -> None:
+        self.ckptr.close()
+
+
+def test_a_ranks_room_is_its_share_of_a_replicated_state_not_the_whole(mcluster):
+    """Under DDP each of 2 ranks holds the whole 8 MiB state and writes half of it (replicated
+    tensors are written once): the room it asks of its node is 2 x 4 MiB, not 2 x 8 MiB. With
+    12 MiB of room on each node, the save fits without evicting anything."""
+    _spare_worker(mcluster)
+    alive = set(memory.alive_nodes())
+    nodes = [n for n in mcluster.worker_node_ids if n in alive][:2]
+    cat = memory.catalog()
+    held = max(ray.get([cat.held_on.remote(n) for n in nodes]))
+    fraction = (held + 12 * MiB) / min(memory.store_capacity(n) for n in nodes)
+    torch.manual_seed(0)
+    state = {"a": torch.randn(1024, 1024), "b": torch.randn(1024, 1024)}  # 4 MiB each
+    before = {i.path for i in ray_ckpt.tiers.memory_checkpoints()}
+    path = f"{_root()}/step-1"
+    ranks = [_DataParallelRank.options(**on_node(n)).remote(r, fraction)
+             for r, n in enumerate(nodes)]
+    try:
+        ray.get([r.save.remote(path, state) for r in ranks], timeout=180)
+    finally:
+        ray.get([r.close.remote() for r in ranks])
+        for r in ranks:
+            ray.kill(r)
+    assert {i.path for i in ray_ckpt.tiers.memory_checkpoints()} == before | {path}  # none evicted
+    copies = _copies(path)
+    # each rank's share held on its own node (replicas=0: one copy of each file)
+    assert all(len(c) == 1 for c in copies) and {c[0] for c in copies} == set(nodes), copies
+    with ray_ckpt.make_sync_checkpointer() as ckptr:
+        assert_same(ckptr.load(path), state)
+
+
 def test_holder_survives_the_death_of_the_process_that_saved(mcluster):
     path = f"{_root()}/step-4"
 

@@ -116,7 +116,7 @@ class Coordinator:
                 allow_pickle=allow_pickle,
                 assign_replicas=None if barrier is None else self._assigner(barrier),
             )
-            memory.make_room(storage.fs, storage.path, plan.nbytes)  # a memory checkpoint's room
+            memory.make_room(storage.fs, storage.path, plan.written_bytes)  # its room, this node
         except BaseException as e:
             if barrier is not None:  # fail the save on every rank now, not at the timeout
                 barrier.fail(self._rank_info.global_rank, portable_error(e))
@@ -255,7 +255,7 @@ class Coordinator:
         checksum = self._config.writer_config.checksum
         fsync = self._config.writer_config.fsync
         # (every writer gets a share: with spread_across_nodes, no fewer groups than writers)
-        share = -(-sum(b.nbytes for b in plan.buckets) // len(targets))
+        share = -(-plan.written_bytes // len(targets))
         put_limit = 0 if overlap_writes else min(ASYNC_PUT_BYTES, budget // 4, share)
         # put, not yet handed to a writer: (group, its buckets, its put)
         staged: list[tuple[int, list[int], concurrent.futures.Future[ray.ObjectRef]]] = []

@@ -88,6 +88,13 @@ class StagingPlan:
     def nbytes(self) -> int:
         return sum(m.nbytes for m in self.items)
 
+    @property
+    def written_bytes(self) -> int:
+        """The bytes this rank stages and writes: its buckets. Less than :attr:`nbytes` on a
+        rank of a multi-rank save, which writes only its share of the replicated items (under
+        DDP, about 1/world of the state) and the shards it owns."""
+        return sum(b.nbytes for b in self.buckets)
+
 
 class CheckpointStager(abc.ABC):
     """Copies state out of the caller's memory; see the module docstring for the call order."""

@@ -29,8 +29,9 @@ holder push a new copy to another node, until each file has ``1 + replicas`` cop
 one on every node there is).
 
 Accounting (the documented rule): before a save, :func:`make_room` asks the catalog whether the
-saving node can take the new checkpoint (what its holder holds, plus twice the checkpoint: the
-staged bytes and the held copy, within ``capacity_fraction`` of the node's object store). If
+saving node can take the new checkpoint (what its holder holds, plus twice the bytes the saving
+process writes: the staged bytes and the held copy, within ``capacity_fraction`` of the node's
+object store; a rank of a multi-rank save writes its share of the replicated state). If
 not, it evicts whole committed memory checkpoints, oldest first, never the newest committed
 checkpoint of a directory and never one being written; if that is still not enough it refuses
 the save with :class:`MemoryTierFullError`. After a commit the catalog keeps the newest
@@ -529,8 +530,9 @@ def handler_of(fs: Any) -> MemoryFileSystemHandler | None:
 
 
 def make_room(fs: Any, path: str, nbytes: int) -> None:
-    """Before a save of ``nbytes`` to memory checkpoint ``path``: check that the saving node
-    can hold it, evicting by the rule in the module docstring, else refuse."""
+    """Before a save that writes ``nbytes`` (this process's share) to memory checkpoint
+    ``path``: check that the saving node can hold them, evicting by the rule in the module
+    docstring, else refuse."""
     handler = handler_of(fs)
     if handler is None:
         return
