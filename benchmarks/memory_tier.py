@@ -19,13 +19,19 @@ actor on worker node A holds a transformer + Adam state (``benchmarks.state_dict
   ``posix_fadvise(DONTNEED)`` before every read); from the loopback S3 server (moto); and from a
   peer's holder after node A is removed (on a node that holds no copy, so every byte crosses
   between nodes: over a direct connection to the peer's holder), then the time until
-  re-replication restores two copies.
+  re-replication restores two copies;
+* Ray Train node loss (``benchmarks.train_recovery``, unless ``--no-train-recovery``): a
+  ``TorchTrainer`` of 2 DDP workers on 2 simulated nodes, whose model + AdamW state is the size
+  of the state above, loses a node after step 13, once with memory checkpoints every step
+  and durable ones every 5 steps, once with durable ones only: the steps lost and the seconds
+  until training runs again.
 
 The cluster runs Ray's defaults (no ``_system_config``: ``free_objects_period_milliseconds``
 is 1000, as on a cluster started with ``ray start``), not the 10 ms of the local Ray that
 ray_ckpt starts itself.
 
-Results: a markdown table on stdout and ``--out``/memory_tier.json.
+Results: markdown tables on stdout and ``--out``/memory_tier.json (the Ray Train runs under
+``train_recovery``).
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from ray.cluster_utils import Cluster
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ray_ckpt.save import prefault
 
+from benchmarks import train_recovery
 from benchmarks.state_dicts import optimizer_state, parse_size, tensors
 
 MiB = 1 << 20
@@ -308,17 +315,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", default="256m", help="state size (transformer + Adam)")
     parser.add_argument("--runs", type=int, default=3, help="runs of each restore")
     parser.add_argument("--saves", type=int, default=8, help="memory saves in a row (>= 3)")
+    parser.add_argument("--train-recovery", action=argparse.BooleanOptionalAction,
+                        default=True, help="also the Ray Train node-loss runs (minutes)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
+    size = parse_size(args.size)
     work = tempfile.mkdtemp(prefix="ray_ckpt_memtier_")
     try:
-        result = run(parse_size(args.size), args.runs, max(3, args.saves), work)
+        result = run(size, args.runs, max(3, args.saves), work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if args.train_recovery:  # the same state size; a small batch keeps a step short
+        d_model, layers, vocab = train_recovery.model_for(size)
+        result["train_recovery"] = train_recovery.run(train_recovery.parser().parse_args([
+            "--d-model", str(d_model), "--layers", str(layers), "--vocab", str(vocab),
+            "--batch", "2", "--seq", "32", "--store-mib", str(max(768, 3 * size // MiB)),
+        ]))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "memory_tier.json"), "w") as f:
         json.dump(result, f, indent=1)
     sys.stdout.write(table(result) + "\n")
+    if args.train_recovery:
+        sys.stdout.write("\n" + train_recovery.table(result["train_recovery"]["runs"]) + "\n")
 
 
 if __name__ == "__main__":

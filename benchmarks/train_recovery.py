@@ -369,7 +369,17 @@ def _last(r: dict[str, Any]) -> str:
     return ", ".join(parts) or "none"
 
 
-def main(argv: list[str] | None = None) -> None:
+def model_for(nbytes: int) -> tuple[int, int, int]:
+    """(d_model, layers, vocab) of a :class:`TinyLM` whose model + AdamW state is about
+    ``nbytes`` per rank (12 bytes a parameter: fp32 weights and Adam's two moments): the
+    widths of ``benchmarks.state_dicts``, as many layers as fit."""
+    d_model, vocab = (1024, 32000) if nbytes >= 512 * MiB else (256, 4096)
+    per_layer = 12 * d_model * d_model + 13 * d_model  # attention, MLP, two norms
+    layers = round((nbytes / 12 - 2 * vocab * d_model - vocab) / per_layer)
+    return d_model, max(1, layers), vocab
+
+
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fail-step", type=int, default=13, help="N: the node is lost after it")
     parser.add_argument("--durable-every", type=int, default=5, help="K: durable checkpoints")
@@ -385,26 +395,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--poll-interval-s", type=float, default=None,
                         help="Ray Train's health check interval (default: Ray's, 2 s)")
     parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args(argv)
-    variants = args.variants.split(",")
-    if (not set(variants) <= set(VARIANTS) or args.fail_step < 0 or args.durable_every < 1
-            or args.steps_after < 1):
-        parser.error(f"--variants is a subset of {VARIANTS}; --fail-step >= 0, "
-                     "--durable-every >= 1, --steps-after >= 1")
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run each variant of ``args`` on its own fresh cluster: the results document."""
     if args.poll_interval_s is not None:
         os.environ[POLL_ENV] = str(args.poll_interval_s)  # Ray Train passes it to its controller
     load_average = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="ray_ckpt_train_recovery_"))
     try:
-        results = [run_variant(v, args, work) for v in variants]
+        results = [run_variant(v, args, work) for v in args.variants.split(",")]
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return {"settings": vars(args), "load_average_at_start": load_average,
+            "cpus": os.cpu_count(), "runs": results}
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli = parser()
+    args = cli.parse_args(argv)
+    if (not set(args.variants.split(",")) <= set(VARIANTS) or args.fail_step < 0
+            or args.durable_every < 1 or args.steps_after < 1):
+        cli.error(f"--variants is a subset of {VARIANTS}; --fail-step >= 0, "
+                  "--durable-every >= 1, --steps-after >= 1")
+    doc = run(args)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "train_recovery.json"), "w") as f:
-        json.dump({"settings": vars(args), "load_average_at_start": load_average,
-                   "cpus": os.cpu_count(), "runs": results}, f, indent=1)
-    sys.stdout.write(f"load average at start {load_average[0]:.1f} on {os.cpu_count()} cpus; "
-                     + table(results) + "\n")
+        json.dump(doc, f, indent=1)
+    sys.stdout.write(f"load average at start {doc['load_average_at_start'][0]:.1f} on "
+                     f"{doc['cpus']} cpus; " + table(doc["runs"]) + "\n")
 
 
 if __name__ == "__main__":
