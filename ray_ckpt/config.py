@@ -67,7 +67,7 @@ class CheckpointStagerConfig:
             checkpointer is made and after each save, so that staging does not pay a page fault
             per page it puts into (:mod:`ray_ckpt.save.prefault`; Linux). Measured, 1 GiB
             memory checkpoints once the store's pages are in memory: stall 1.3-2.5x a memcpy
-            without, 0.6-0.9x with.
+            without, 0.5-0.9x with.
     """
 
     use_async_staging: bool = True
