@@ -7,10 +7,12 @@ down at the end of the module so that no other module sees it.
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 import time
 import uuid
 
+import numpy as np
 import pytest
 import ray
 import torch
@@ -18,6 +20,7 @@ import torch
 import ray_ckpt
 import ray_ckpt.storage.memory
 import ray_ckpt.storage.memory_catalog
+import ray_ckpt.storage.memory_holder
 import ray_ckpt.storage.memory_stream
 import ray_ckpt.tiers
 import ray_ckpt.tools
@@ -239,6 +242,58 @@ def test_a_load_reads_a_peers_only_copy_directly_or_over_rays_transfer(
     assert (f"from node {worker}'s holder over Ray's transfer" in said) == (how == "ray")
     assert ("over Ray's transfer instead" in said) == (how == "refused")
     _wait_until(lambda: _offers(worker) == 0, timeout=10)
+
+
+def _holder(node: str):
+    return ray.get_actor(memory.holder_name(node), namespace=memory.NAMESPACE)
+
+
+@ray.remote(num_cpus=0)
+def _save_with(path: str, seed: int, direct: bool) -> str:
+    fs = memory.memory_filesystem(direct_peer_reads=direct)
+    with ray_ckpt.make_sync_checkpointer(filesystem=fs, config=small_config()) as ckptr:
+        ckptr.save(path, _state(seed))
+    return ray.get_runtime_context().get_node_id()
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "ray"])
+def test_a_saves_replicas_go_holder_to_holder_directly_unless_direct_reads_are_off(
+    mcluster, direct
+):
+    """The saving node's holder takes its copy, then offers it to the peer's holder, which
+    reads every byte over the stream (none over Ray's transfer) and keeps no offer open; with
+    direct_peer_reads=False the holder sends nothing over a stream (Ray transfers the copy)."""
+    _spare_worker(mcluster)
+    head = mcluster.head_node_id
+    sent = ray.get(_holder(head).sent_bytes.remote())
+    path = f"{_root()}/step-8"
+    assert ray.get(_save_with.options(**on_node(head)).remote(path, 8, direct)) == head
+    copies = _copies(path)
+    assert copies and all(len(c) == 2 and head in c for c in copies), copies
+    storage = ray_ckpt.storage.storage.Storage.from_path(path)
+    data = sum(i.size for i in storage.fs.get_file_info(
+        [f"{storage.path}/{n}" for n in storage.list_files() if n.endswith(".data")]))
+    assert ray.get(_holder(head).sent_bytes.remote()) - sent == (data if direct else 0)
+    assert _offers(head) == 0
+    reader = next(n for n in memory.alive_nodes() if n not in copies[0])  # no copy there
+    assert_same(ray.get(_load_on_node.options(**on_node(reader)).remote(path)), _state(8))
+
+
+def test_a_replica_is_copied_over_rays_transfer_when_the_holder_cannot_connect(
+    mcluster, caplog
+):
+    """A holder offered a copy it cannot connect to (a firewall; here: a port nothing listens
+    on) warns and takes it over Ray's transfer: the same bytes."""
+    holder = ray_ckpt.storage.memory_holder._Holder.__ray_metadata__.modified_class("here")
+    data = np.arange(4096, dtype=np.uint8)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        nowhere = ("127.0.0.1", s.getsockname()[1])
+    with caplog.at_level(logging.WARNING):
+        got = holder.copy_from("k", [ray.put([data])], (nowhere, bytes(16), data.nbytes))
+    assert got == data.nbytes and "copying it over Ray's transfer instead" in caplog.text
+    [ref] = holder.ref("k")
+    assert np.array_equal(np.concatenate(ray.get(ref)), data)
 
 
 def test_a_missing_memory_checkpoint_is_not_found(mcluster):

@@ -8,8 +8,9 @@ unchanged; only where the bytes go differs:
 
 * a **data file** is *held*: when a writer closes it, the holder actor of the writer's node
   puts its bytes into the object store itself (bytes must be put by a process that outlives
-  the training process: an object lives as long as the process that put it), then pushes them
-  to ``replicas`` peer holders, each of which puts its own copy. The writer returns only once
+  the training process: an object lives as long as the process that put it), then offers them
+  to ``replicas`` peer holders, each of which reads them over a direct connection (or Ray's
+  transfer, where it cannot connect) and puts its own copy. The writer returns only once
   every copy is held, so the commit (manifest, then marker, last) comes after replication,
   and all of it after the stall;
 * the **manifest and marker** (small) live with the catalog actor, one per cluster, on the head
@@ -73,7 +74,7 @@ from .memory_holder import (
     named_actor,
     store_capacity,
 )
-from .memory_stream import PeerStream
+from .memory_stream import REQUEST_BYTES, PeerStream
 
 logger = logging.getLogger(__name__)
 
@@ -94,9 +95,10 @@ class MemoryTierConfig:
         keep_last: committed memory checkpoints kept per directory; older ones are freed.
         capacity_fraction: share of each node's object store the tier may fill.
         direct_peer_reads: a load on a node that holds no copy reads a peer's copy over a
-            direct TCP connection to the peer's holder, straight into its tensors (one copy);
-            False, or a connection that fails, reads it over Ray's object transfer (the whole
-            file into this node's object store first).
+            direct TCP connection to the peer's holder, straight into its tensors (one copy),
+            and a holder taking a replica (of a save, or after a node loss) reads it so from
+            the holder that has it; False, or a connection that fails, goes over Ray's object
+            transfer (the whole file into the node's object store first).
     """
 
     replicas: int = 1
@@ -128,8 +130,8 @@ class _HeldOutput:
     A part arrives as ``bytes`` or as a ``pyarrow.Buffer`` (``OutputStream::Write(Buffer)``,
     whose contract lets a stream keep the buffer rather than copy it): the writer's staged,
     read-only buffers are kept as they are, and on close a data file's parts are put into the
-    object store once, from where this node's holder and the peers' each copy them into an
-    object of their own, at the same time (:meth:`MemoryFileSystemHandler.hold`)."""
+    object store once, from where this node's holder copies them into an object of its own,
+    then has the peers' holders copy that (:meth:`MemoryFileSystemHandler.hold`)."""
 
     def __init__(self, handler: MemoryFileSystemHandler, path: str) -> None:
         self._handler = handler
@@ -181,9 +183,9 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
     # --- holding ------------------------------------------------------------------------------
 
     def hold(self, path: str, buffers: list[np.ndarray]) -> None:
-        """Hold ``buffers`` (the bytes, in order) as file ``path``: on this node's holder and,
-        at the same time, on ``replicas`` peers (first waiting, if the room check said so, for
-        Ray to free what was evicted for it)."""
+        """Hold ``buffers`` (the bytes, in order) as file ``path``: on this node's holder,
+        then, from it, on ``replicas`` peers (first waiting, if the room check said so, for Ray
+        to free what was evicted for it)."""
         node = ray.get_runtime_context().get_node_id()
         holder = holder_for(node)
         cat = _catalog()
@@ -196,14 +198,16 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
         peers = [n for n in alive_nodes() if n != node]
         loads = ray.get([cat.held_on.remote(n) for n in peers])
         peers = [n for _, n in sorted(zip(loads, peers))][: self.config.replicas]  # least held
-        # one copy into the store, which this node's holder and the peers' copy at the same time
+        # one copy into the store, for this node's holder to take its own; it then pushes that
+        # to the peers (straight to each peer's holder, see _Holder.push), at the same time
         shared = ray.put(buffers)
-        copies = {node: holder.adopt.remote(path, shared)}
-        for peer in peers:
-            copies[peer] = holder_for(peer).copy_from.remote(path, [shared])
-        for where, call in copies.items():
-            ray.get(cat.add_data.remote(path, where, int(ray.get(call)), target))
+        nbytes = int(ray.get(holder.adopt.remote(path, shared)))
         del shared
+        direct = self.config.direct_peer_reads
+        ray.get(cat.add_data.remote(path, node, nbytes, target, direct))
+        copies = {peer: holder.push.remote(path, holder_for(peer), direct) for peer in peers}
+        for where, call in copies.items():
+            ray.get(cat.add_data.remote(path, where, int(ray.get(call)), target, direct))
         if len(peers) < self.config.replicas:
             logger.warning(
                 "memory checkpoint file %s%s is held on %d node(s), not 1 + replicas = %d: the "
@@ -431,11 +435,7 @@ def _end_stream(stream: PeerStream, holder: str, token: bytes) -> None:
 class _PeerFile:
     """A data file read from a peer holder's stream; over Ray's transfer once that fails."""
 
-    # each read is a request and a reply: larger reads, fewer round trips to the holder, where
-    # the reader's threads waited most; measured, 1 GiB from a peer, 9 loads each: 1 MiB reads
-    # (the checksum slice) 0.55-0.85 s, 8 MiB 0.44-0.66 s, 32 MiB 0.48-0.70 s (the checksum
-    # then reads bytes no longer in the cache)
-    read_bytes = 8 << 20
+    read_bytes = REQUEST_BYTES
 
     def __init__(
         self, handler: MemoryFileSystemHandler, path: str, node: str, stream: PeerStream,

@@ -64,6 +64,7 @@ class _File:
     nbytes: int
     target: int  # copies wanted
     nodes: list[str] = field(default_factory=list)
+    direct: bool = True  # new copies go straight from holder to holder (direct_peer_reads)
 
 
 @dataclass
@@ -138,11 +139,13 @@ class _Catalog:
             d = self._dirs.get(parent)
             return None if d is None else d.files.get(name)
 
-    def add_data(self, path: str, node: str, nbytes: int, target: int) -> None:
+    def add_data(
+        self, path: str, node: str, nbytes: int, target: int, direct: bool = True
+    ) -> None:
         parent, _, name = path.rpartition("/")
         with self._lock:
             d = self._dirs.setdefault(parent, _Dir(created=time.time()))
-            f = d.data.setdefault(name, _File(nbytes=nbytes, target=target))
+            f = d.data.setdefault(name, _File(nbytes=nbytes, target=target, direct=direct))
             if node not in f.nodes:
                 f.nodes.append(node)
             d.mtimes[name] = time.time()
@@ -384,7 +387,7 @@ class _Catalog:
         """Forget copies on dead nodes; re-replicate files below their copy target. Returns the
         number of copies made."""
         alive = set(alive_nodes())
-        work: list[tuple[str, str, str]] = []
+        work: list[tuple[str, str, str, bool]] = []
         with self._lock:
             for p, d in self._dirs.items():
                 for name, f in d.data.items():
@@ -394,12 +397,12 @@ class _Catalog:
                     want = min(f.target, len(alive))
                     spare = sorted(alive - set(f.nodes), key=self.held_on)
                     if f.nodes and len(f.nodes) < want and spare:
-                        work.append((f"{p}/{name}", f.nodes[0], spare[0]))
+                        work.append((f"{p}/{name}", f.nodes[0], spare[0], f.direct))
         made = 0
-        for path, src, dst in work:
+        for path, src, dst, direct in work:
             try:
                 src_holder = ray.get_actor(holder_name(src), namespace=NAMESPACE)
-                ray.get(src_holder.push.remote(path, holder_for(dst)))
+                ray.get(src_holder.push.remote(path, holder_for(dst), direct))
             except Exception as e:  # noqa: BLE001 - this copy failed; the next round retries
                 logger.warning("memory tier: re-replicating %s to %s failed: %s", path, dst, e)
                 continue
