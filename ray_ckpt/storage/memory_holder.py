@@ -98,7 +98,8 @@ class _Holder:
 
     def push(self, key: str, peer: Any, direct: bool = True) -> int:
         """Have ``peer`` take a copy of ``key``: offered on our stream server when ``direct``
-        (about 5x Ray's transfer between two nodes here), over Ray's transfer otherwise."""
+        (between two simulated nodes here the stream moves 3.5-3.9 GB/s, Ray's transfer 0.6),
+        over Ray's transfer otherwise."""
         if not direct:
             return int(ray.get(peer.copy_from.remote(key, [self._objects[key]])))
         address, token, [refs] = self.serve([key])
