@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -42,15 +42,10 @@ class Buffers:
             offset += len(chunk)
             nbytes -= len(chunk)
 
-    def read_into(
-        self, offset: int, out: memoryview, progress: Callable[[int], None] | None = None
-    ) -> int:
-        """Copy up to ``len(out)`` bytes from ``offset`` into ``out``; 0 at the end.
-        ``progress`` as :meth:`.memory_stream.PeerStream.read_into` (called once here)."""
+    def read_into(self, offset: int, out: memoryview) -> int:
+        """Copy up to ``len(out)`` bytes from ``offset`` into ``out``; 0 at the end."""
         chunk = self.at(offset, len(out))
         out[: len(chunk)] = chunk
-        if progress is not None and chunk:
-            progress(len(chunk))
         return len(chunk)
 
     def close(self) -> None:

@@ -56,9 +56,8 @@ class FileReader:
         """Fill ``out`` with the bytes of file ``name`` from ``offset`` and call
         ``on_slice(start, slice)`` with each ``slice_bytes`` of it in order; a short file
         raises ``EOFError``. Local files are read a slice at a time, so that each slice is
-        still in the CPU cache when ``on_slice`` sees it, and a peer's held file in its stream's
-        requests, each slice seen as it arrives; other filesystems in ranged reads of up to
-        ``READ_CHUNK_BYTES``. A transient error retries the whole range, starting again
+        still in the CPU cache when ``on_slice`` sees it; other filesystems in ranged reads of
+        up to ``READ_CHUNK_BYTES``. A transient error retries the whole range, starting again
         at ``start`` 0."""
         path = self._storage._join(name)
         view = out.cast("B") if out.format != "B" or out.ndim != 1 else out
@@ -87,30 +86,15 @@ class FileReader:
             step = max(slice_bytes, getattr(data, "read_bytes", slice_bytes))
         else:
             step = slice_bytes if local else max(slice_bytes, READ_CHUNK_BYTES)
-        # a held file's read larger than a slice (a peer's: a request of its stream) sees its
-        # slices as they arrive, while they are still in the CPU cache
-        hot = held is not None and on_slice is not None and step > slice_bytes
         for start in range(0, len(view), step):
             piece = view[start : start + step]
-            done = checked = 0  # bytes of ``piece`` filled, and seen by ``on_slice``
-
-            def check(filled: int, start: int = start, piece: memoryview = piece) -> None:
-                """``on_slice`` each whole slice of the ``filled`` bytes not yet seen (and the
-                last, shorter one once the piece is full)."""
-                nonlocal checked
-                assert on_slice is not None
-                while checked < filled and (filled - checked >= slice_bytes or
-                                            filled == len(piece)):
-                    on_slice(start + checked, piece[checked : checked + slice_bytes])
-                    checked += slice_bytes
-
+            done = 0
             while done < len(piece):
                 at = offset + start + done
                 if local:
                     n = os.preadv(fd, [piece[done:]], at)  # type: ignore[arg-type]
                 elif held is not None:
-                    n = data.read_into(at, piece[done:], (lambda got, before=done: check(
-                        before + got)) if hot else None)
+                    n = data.read_into(at, piece[done:])
                 else:
                     chunk = handle.read_at(len(piece) - done, at)  # type: ignore[attr-defined]
                     n = len(chunk)
@@ -119,7 +103,8 @@ class FileReader:
                     raise EOFError(f"{path} ends at byte {at}")
                 done += n
             if on_slice is not None:
-                check(len(piece))
+                for within in range(0, len(piece), slice_bytes):
+                    on_slice(start + within, piece[within : within + slice_bytes])
 
     def _handle(self, name: str, open_fn: Callable[[], Any]) -> Any:
         with self._lock:

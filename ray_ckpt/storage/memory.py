@@ -52,7 +52,6 @@ import logging
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -449,24 +448,10 @@ class _PeerFile:
         self._index = index
         self._fallback: Buffers | None = None
 
-    def read_into(
-        self, offset: int, out: memoryview, progress: Callable[[int], None] | None = None
-    ) -> int:
-        """As :meth:`.memory_stream.PeerStream.read_into`. When the stream fails after
-        ``progress`` saw some of ``out`` (its reader may have checksummed those bytes), this
-        raises ``ConnectionError``, a transient error: the reader's retry reads the whole range
-        again, over Ray's transfer."""
+    def read_into(self, offset: int, out: memoryview) -> int:
         if self._fallback is None:
-            seen = 0
-
-            def seeing(nbytes: int) -> None:
-                nonlocal seen
-                seen = nbytes
-                if progress is not None:
-                    progress(nbytes)
-
             try:
-                return self._stream.read_into(self._index, offset, out, seeing)
+                return self._stream.read_into(self._index, offset, out)
             except OSError as e:
                 logger.warning(
                     "memory tier: reading %s%s from node %s's holder at %s failed (%s): reading "
@@ -474,12 +459,7 @@ class _PeerFile:
                     self._stream.address, e,
                 )
                 self._fallback = Buffers(self._handler.open_held(self._path))
-                if seen and progress is not None:
-                    raise ConnectionError(
-                        f"the stream of {SCHEME}{self._path} from node {self._node} failed "
-                        f"after {seen} bytes of a read: reading it again over Ray's transfer"
-                    ) from e
-        return self._fallback.read_into(offset, out, progress)
+        return self._fallback.read_into(offset, out)
 
     def close(self) -> None:
         if self._fallback is not None:

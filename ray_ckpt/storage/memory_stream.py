@@ -34,7 +34,6 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -179,14 +178,9 @@ class PeerStream:
         self._lock = threading.Lock()
         self._broken: OSError | None = None
 
-    def read_into(
-        self, index: int, offset: int, out: memoryview,
-        progress: Callable[[int], None] | None = None,
-    ) -> int:
+    def read_into(self, index: int, offset: int, out: memoryview) -> int:
         """Fill ``out`` from byte ``offset`` of file ``index`` of the offer; returns how many
-        bytes came (fewer at the end of the file, 0 past it). ``progress(n)`` is called as they
-        arrive, with the bytes of ``out`` filled so far (so that a reader can checksum each
-        slice while it is still in the CPU cache)."""
+        bytes came (fewer at the end of the file, 0 past it)."""
         if self._broken is not None:
             raise ConnectionError(f"the stream from {self.address} failed before: {self._broken}")
         conn = self._take()
@@ -198,7 +192,7 @@ class PeerStream:
             (n,) = _REPLY.unpack(reply)
             if n < 0:
                 raise ConnectionError(f"{self.address} has no file {index} in this offer")
-            if not _receive_into(conn, out[:n], progress):
+            if not _receive_into(conn, out[:n]):
                 raise ConnectionError(f"{self.address} closed the stream within a reply")
         except OSError as e:
             conn.close()
@@ -252,11 +246,8 @@ def _receive(conn: socket.socket, nbytes: int) -> bytes | None:
     return bytes(out) if _receive_into(conn, memoryview(out)) else None
 
 
-def _receive_into(
-    conn: socket.socket, out: memoryview, progress: Callable[[int], None] | None = None
-) -> bool:
-    """Fill ``out``, calling ``progress`` with the bytes filled after each receive; False when
-    the peer closed first (a clean end only before any byte)."""
+def _receive_into(conn: socket.socket, out: memoryview) -> bool:
+    """Fill ``out``; False when the peer closed first (a clean end only before any byte)."""
     got = 0
     while got < len(out):
         n = conn.recv_into(out[got:])
@@ -265,6 +256,4 @@ def _receive_into(
                 raise ConnectionError("the peer closed the connection within a message")
             return False
         got += n
-        if progress is not None:
-            progress(got)
     return True
