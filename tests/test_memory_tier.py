@@ -579,3 +579,54 @@ def test_ls_shows_memory_checkpoints_with_tier_and_copies(mcluster, capsys):
     assert main(["ls", root]) == 0
     table = capsys.readouterr().out
     assert "TIER" in table and "memory" in table and mcluster.head_node_id[:12] in table
+
+
+@ray.remote(num_cpus=0)
+class _OlderActor:
+    """A tier actor of a ray_ckpt from before the protocol check: no ``protocol`` method."""
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+
+
+@ray.remote(num_cpus=0)
+class _NewerActor:
+    def protocol(self) -> int:
+        return ray_ckpt.storage.memory_holder.PROTOCOL + 1
+
+
+@pytest.mark.parametrize("other", ["older", "newer"])
+def test_a_tier_started_by_another_ray_ckpt_is_refused_until_it_is_ended(
+    mcluster, monkeypatch, other
+):
+    """The tier's actors are detached: after an upgrade they may still run the old ray_ckpt.
+    Its catalog or holder is refused with an error that says which and what to do, before any
+    call; end_memory_tier() ends them, and the next use starts actors of this version. (In a
+    namespace of its own, so that the cluster's tier is untouched.)"""
+    holder_mod, catalog_mod = ray_ckpt.storage.memory_holder, ray_ckpt.storage.memory_catalog
+    namespace = f"ray_ckpt_test_{uuid.uuid4().hex[:8]}"
+    for module in (holder_mod, catalog_mod, memory):
+        monkeypatch.setattr(module, "NAMESPACE", namespace)
+    monkeypatch.setattr(holder_mod, "_HANDLES", {})
+    monkeypatch.setattr(holder_mod, "_CHECKED", set())
+    head = mcluster.head_node_id
+    cls = _OlderActor if other == "older" else _NewerActor
+    args = (0,) if other == "older" else ()
+    for name in (catalog_mod.CATALOG_NAME, holder_mod.holder_name(head)):
+        actor = cls.options(name=name, namespace=namespace, lifetime="detached").remote(*args)
+        ray.get(actor.__ray_ready__.remote())
+    try:
+        for use in (memory.catalog, memory.in_use, lambda: holder_mod.holder_for(head)):
+            with pytest.raises(ray_ckpt.errors.StorageError) as raised:
+                use()
+            said = str(raised.value)
+            assert f"was started by {'an older' if other == 'older' else 'a newer'} ray_ckpt" \
+                in said and "end_memory_tier()" in said and namespace in said, said
+        assert sorted(memory.end_memory_tier()) == sorted(
+            [catalog_mod.CATALOG_NAME, holder_mod.holder_name(head)])
+        assert not memory.in_use()
+        assert ray.get(memory.catalog().protocol.remote()) == holder_mod.PROTOCOL
+        assert ray.get(holder_mod.holder_for(head).protocol.remote()) == holder_mod.PROTOCOL
+    finally:
+        memory.end_memory_tier()
+    assert not memory.in_use()

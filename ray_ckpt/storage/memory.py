@@ -389,8 +389,7 @@ def _locate(directory: str, scope: ReadScope, direct: bool) -> dict[str, _Copy]:
             forget_actor(holder_name(node))
             continue
         keys = [f"{directory}/{n}" for n in names]
-        # (a holder started by an older ray_ckpt, still running, cannot serve: Ray's transfer)
-        streamed[node] = direct and node != local and hasattr(holder, "serve")
+        streamed[node] = direct and node != local
         calls[node] = holder.serve.remote(keys) if streamed[node] else holder.refs.remote(keys)
     located: dict[str, _Copy] = {}
     pulls: list[ray.ObjectRef] = []
@@ -513,6 +512,37 @@ def _info(path: str, kind: str, size: int, mtime: float) -> pafs.FileInfo:
     if kind == "dir":
         return pafs.FileInfo(path, pafs.FileType.Directory)
     return pafs.FileInfo(path, pafs.FileType.NotFound)
+
+
+def end_memory_tier(timeout_secs: float = 30.0) -> list[str]:
+    """End the memory tier on the connected cluster: its catalog and every live node's holder,
+    whichever ray_ckpt started them, dropping the memory checkpoints they hold (persist those
+    you need first). For a tier started by another ray_ckpt version, which this one cannot use;
+    the next memory save starts a new tier. Returns the names of the actors ended, once they
+    are gone (``TimeoutError`` after ``timeout_secs``)."""
+    ended = []
+    for name in [CATALOG_NAME] + [holder_name(node) for node in alive_nodes()]:
+        try:
+            actor = ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            continue
+        ray.kill(actor, no_restart=True)
+        forget_actor(name)
+        ended.append(name)
+    deadline = time.monotonic() + timeout_secs
+    for name in ended:  # a name is free for a new actor once its actor is dead
+        while True:
+            try:
+                ray.get_actor(name, namespace=NAMESPACE)
+            except ValueError:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the memory tier's actor {name!r} (namespace {NAMESPACE!r}) "
+                                   f"was killed but is still there after {timeout_secs} s")
+            time.sleep(0.05)
+    logger.warning("memory tier: ended %s; the memory checkpoints they held are gone",
+                   ", ".join(ended) or "nothing (no memory tier on this cluster)")
+    return ended
 
 
 def memory_filesystem(config: MemoryTierConfig | None = None, **options: Any) -> pafs.FileSystem:

@@ -28,7 +28,15 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ..errors import CheckpointError
 from ..format.names import MARKER_NAME
 from .classify import MEMORY_SCHEME as SCHEME
-from .memory_holder import NAMESPACE, alive_nodes, holder_for, holder_name, named_actor
+from .memory_holder import (
+    NAMESPACE,
+    PROTOCOL,
+    alive_nodes,
+    holder_for,
+    holder_name,
+    lookup,
+    named_actor,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +100,9 @@ class _Catalog:
         threading.Thread(target=self._repair_loop, daemon=True, name="repair").start()
 
     # --- the filesystem view ------------------------------------------------------------------
+
+    def protocol(self) -> int:
+        return PROTOCOL
 
     def make_dir(self, path: str) -> None:
         with self._lock:
@@ -347,7 +358,7 @@ class _Catalog:
                 self._freeing.append((now, node, f.nbytes))
         for node, keys in by_node.items():
             try:
-                ray.get_actor(holder_name(node), namespace=NAMESPACE).drop.remote(keys)
+                lookup(holder_name(node)).drop.remote(keys)
             except ValueError:  # the holder is gone, and its objects with it
                 pass
 
@@ -401,7 +412,7 @@ class _Catalog:
         made = 0
         for path, src, dst, direct in work:
             try:
-                src_holder = ray.get_actor(holder_name(src), namespace=NAMESPACE)
+                src_holder = lookup(holder_name(src))
                 ray.get(src_holder.push.remote(path, holder_for(dst), direct))
             except Exception as e:  # noqa: BLE001 - this copy failed; the next round retries
                 logger.warning("memory tier: re-replicating %s to %s failed: %s", path, dst, e)

@@ -27,30 +27,63 @@ import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from ..errors import StorageError
 from .buffers import Buffers
 from .memory_stream import StreamServer, receive_file
 
 NAMESPACE = "ray_ckpt"
+# The calls between ray_ckpt and the memory tier's actors (holders, catalog). Those are
+# detached: they outlive the processes that started them, and so may run an older or a newer
+# ray_ckpt than the process calling them. Raised whenever one of those calls changes; the actors
+# of a ray_ckpt from before it have no ``protocol`` method (0).
+PROTOCOL = 1
 logger = logging.getLogger(__name__)
 
 
 _HANDLES: dict[tuple[str, str], Any] = {}  # (Ray session, actor name) -> handle
+_CHECKED: set[tuple[str, str]] = set()  # (Ray session, actor name): speaks PROTOCOL
 
 
 def named_actor(name: str) -> Any:
     """The handle of the memory tier's actor ``name`` (ValueError: there is none), looked up in
     the GCS once per cluster and process: a load opens many files, each asking the catalog and
-    a holder, and every lookup is a GCS round trip."""
+    a holder, and every lookup is a GCS round trip. :func:`lookup` explains the check."""
     key = (ray.get_runtime_context().get_session_name(), name)
     handle = _HANDLES.get(key)
     if handle is None:
-        handle = _HANDLES[key] = ray.get_actor(name, namespace=NAMESPACE)
+        handle = _HANDLES[key] = lookup(name)
+    return handle
+
+
+def lookup(name: str) -> Any:
+    """The handle of the memory tier's actor ``name`` (ValueError: there is none), checked once
+    per process to speak this ray_ckpt's :data:`PROTOCOL`: one started by another version
+    raises :class:`~ray_ckpt.errors.StorageError` saying what to do, rather than failing a call
+    with a ``TypeError`` or doing something else than asked."""
+    handle = ray.get_actor(name, namespace=NAMESPACE)
+    key = (ray.get_runtime_context().get_session_name(), name)
+    if key not in _CHECKED:
+        theirs = ray.get(handle.protocol.remote()) if hasattr(handle, "protocol") else 0
+        if theirs != PROTOCOL:
+            raise StorageError(
+                f"the memory tier's actor {name!r} (Ray namespace {NAMESPACE!r}) was started by "
+                f"{'an older' if theirs < PROTOCOL else 'a newer'} ray_ckpt than this one "
+                f"(memory tier protocol {theirs}; this ray_ckpt's: {PROTOCOL}): the two cannot "
+                "work together. Use the ray_ckpt that started it (it can still load and persist "
+                "the memory checkpoints it holds), or end the memory tier on this cluster, "
+                "dropping those checkpoints: ray_ckpt.storage.memory.end_memory_tier() (or "
+                "restart the Ray cluster)."
+            )
+        _CHECKED.add(key)
     return handle
 
 
 def forget_actor(name: str) -> None:
-    """Look ``name`` up again next time (its actor failed a call: its node may be gone)."""
-    _HANDLES.pop((ray.get_runtime_context().get_session_name(), name), None)
+    """Look ``name`` up again next time (its actor failed a call: its node may be gone, or it
+    was ended)."""
+    key = (ray.get_runtime_context().get_session_name(), name)
+    _HANDLES.pop(key, None)
+    _CHECKED.discard(key)
 
 
 def holder_name(node_id: str) -> str:
@@ -71,6 +104,9 @@ class _Holder:
 
     def node_id(self) -> str:
         return self._node_id
+
+    def protocol(self) -> int:
+        return PROTOCOL
 
     def adopt(self, key: str, buffers: list[np.ndarray]) -> int:
         """Put ``buffers`` (the file's bytes in order; an argument, owned by the caller:
@@ -171,7 +207,11 @@ class _Holder:
 
 
 def holder_for(node_id: str) -> Any:
-    """The holder of ``node_id``, created there (detached) on first use."""
+    """The holder of ``node_id`` (:func:`lookup`), created there (detached) on first use."""
+    try:
+        return lookup(holder_name(node_id))
+    except ValueError:
+        pass
     return _Holder.options(  # type: ignore[attr-defined]
         name=holder_name(node_id),
         namespace=NAMESPACE,
