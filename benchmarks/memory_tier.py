@@ -257,9 +257,8 @@ def run(size: int, runs: int, saves: int, work: str) -> dict[str, Any]:
             time.sleep(0.1)
         out["re_replicated_after_s"] = time.perf_counter() - lost_at
         # peer reads with no node loss in progress, on another node that joins now, by a
-        # process warmed by loading the previous memory checkpoint and from S3 once,
-        # each after a load from S3 by the same process: the machine's speed drifts (other
-        # tenants), and the ratio of the two is what the target is
+        # process warmed by one load of each kind, by turns with loads from S3: the machine's
+        # speed drifts (other tenants), and the ratio of the two is the target
         again = Trainer.options(**_on(_join(cluster, worker_store))).remote(size)
         ray.get(again.load.remote(f"mem://bench/step-{saves - 2}"))
         ray.get(again.load.remote("bench/step", s3, True))  # warms its S3 client alike

@@ -585,8 +585,8 @@ def test_ls_shows_memory_checkpoints_with_tier_and_copies(mcluster, capsys):
 class _OlderActor:
     """A tier actor of a ray_ckpt from before the protocol check: no ``protocol`` method."""
 
-    def __init__(self, version: int) -> None:
-        self.version = version
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
 
 
 @ray.remote(num_cpus=0)
@@ -611,9 +611,8 @@ def test_a_tier_started_by_another_ray_ckpt_is_refused_until_it_is_ended(
     monkeypatch.setattr(holder_mod, "_CHECKED", set())
     head = mcluster.head_node_id
     cls = _OlderActor if other == "older" else _NewerActor
-    args = (0,) if other == "older" else ()
     for name in (catalog_mod.CATALOG_NAME, holder_mod.holder_name(head)):
-        actor = cls.options(name=name, namespace=namespace, lifetime="detached").remote(*args)
+        actor = cls.options(name=name, namespace=namespace, lifetime="detached").remote()
         ray.get(actor.__ray_ready__.remote())
     try:
         for use in (memory.catalog, memory.in_use, lambda: holder_mod.holder_for(head)):
