@@ -64,10 +64,10 @@ class CheckpointStagerConfig:
             ``CheckpointStager`` must allow this many concurrent ``stage`` calls, or set 1.
         prefault_object_store: populate this process's page table for the pages of the
             node's object store already in memory, on a background thread, when the
-            checkpointer is made and after each save, so that staging does not pay a page fault
-            per page it puts into (:mod:`ray_ckpt.save.prefault`; Linux). Measured, 1 GiB
-            memory checkpoints once the store's pages are in memory: stall 1.3-2.5x a memcpy
-            without, 0.5-0.9x with.
+            checkpointer is made and after each save (waiting while the process loads), so
+            that staging does not pay a page fault per page it puts into
+            (:mod:`ray_ckpt.save.prefault`; Linux). Measured, 1 GiB memory checkpoints once the
+            store's pages are in memory: stall 1.3-2.5x a memcpy without, 0.5-0.9x with.
     """
 
     use_async_staging: bool = True

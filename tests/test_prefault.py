@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -50,4 +51,22 @@ def test_prefault_maps_the_pages_other_processes_wrote_and_allocates_none(cluste
     assert mapped_before < resident_before  # the task's pages were not in our page table
     assert mapped_after >= resident_after - 16  # now every page of the store in memory is
     assert prefault.populate_resident(seen) == 0  # nothing new in memory: nothing done again
+    del ref
+
+
+def test_a_prefault_run_waits_while_this_process_loads(cluster):
+    """A run requested during a load (a checkpointer made to restore) populates nothing until
+    the load ends, then everything."""
+    prefaulter = prefault._Prefaulter()  # not the process's: no run of it is under way
+    with prefaulter.paused():
+        [ref] = ray.get(_put_elsewhere.remote(48 * MiB))
+        resident, mapped = _store_pages()
+        assert mapped < resident - 48 * MiB // os.sysconf("SC_PAGE_SIZE") // 2
+        prefaulter.request()
+        time.sleep(1.0)
+        assert _store_pages()[1] == mapped  # nothing populated meanwhile
+    deadline = time.monotonic() + 30
+    while _store_pages()[1] < resident - 16:
+        assert time.monotonic() < deadline, "the run did not resume after the load"
+        time.sleep(0.05)
     del ref

@@ -29,6 +29,7 @@ from .. import metrics
 from .._util import without_gc
 from ..config import CheckpointReaderConfig, StorageConfig
 from ..errors import UnsupportedValueError
+from ..save import prefault
 from ..sharding import runs
 from ..storage.files import open_files
 from ..storage.storage import Storage
@@ -110,7 +111,8 @@ class CheckpointReader:
                 )
             _Walker(info, plan, allow_pickle).walk(state_dict)
         _check_pickles(plan, info, allow_pickle)
-        self.last_stats = self._run(info, plan.copies)
+        with prefault.paused():  # the load comes first
+            self.last_stats = self._run(info, plan.copies)
         values = {key: _finish(value, info, key, relocate) for key, value in plan.fresh.items()}
         if state_dict is None:
             result = _assign(result, values)
