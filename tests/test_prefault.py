@@ -58,7 +58,7 @@ def test_a_prefault_run_waits_while_this_process_loads(cluster):
     """A run requested during a load (a checkpointer made to restore) populates nothing until
     the load ends, then everything."""
     prefaulter = prefault._Prefaulter()  # not the process's: no run of it is under way
-    with prefaulter.paused():
+    with prefault.paused(), prefaulter.paused():  # (nor will the process's one populate now)
         [ref] = ray.get(_put_elsewhere.remote(48 * MiB))
         resident, mapped = _store_pages()
         assert mapped < resident - 48 * MiB // os.sysconf("SC_PAGE_SIZE") // 2

@@ -169,7 +169,6 @@ class _Prefaulter:
                     return
                 self._again = False
 
-
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         with self._lock:
