@@ -450,6 +450,38 @@ def test_node_removed_after_a_memory_save_loads_from_the_replica(mcluster, caplo
                 _state(5))
 
 
+
+def _held_where_listed(path: str) -> bool:
+    """Whether the holder of every node the catalog lists for a data file of ``path`` holds
+    it, and two do."""
+    storage = ray_ckpt.storage.storage.Storage.from_path(path)
+    for name in [n for n in storage.list_files() if n.endswith(".data")]:
+        key = f"{storage.path}/{name}"
+        nodes = ray.get(memory.catalog().copies.remote(key))
+        for node in nodes:
+            try:
+                holder = ray.get_actor(memory.holder_name(node), namespace=memory.NAMESPACE)
+            except ValueError:  # no live holder there
+                return False
+            if not ray.get(holder.ref.remote(key)):
+                return False
+        if len(nodes) != 2:
+            return False
+    return True
+
+
+def test_a_holder_that_dies_on_a_live_node_has_its_copies_made_again(mcluster):
+    # Ray's OOM killer or a crash can end a holder's process while its node lives: Ray frees
+    # its objects with it. The catalog must not count them (and so let the last copy go
+    # unreplicated) until some load happens to miss them.
+    worker = _spare_worker(mcluster)
+    path = f"{_root()}/step-9"
+    ray.get(_save_on_node.options(**on_node(worker)).remote(path, 9))
+    assert _held_where_listed(path) and all(worker in c for c in _copies(path))
+    ray.kill(ray.get_actor(memory.holder_name(worker), namespace=memory.NAMESPACE))
+    _wait_until(lambda: _held_where_listed(path), timeout=30)
+    assert_same(ray.get(_load_on_node.options(**on_node(worker)).remote(path)), _state(9))
+
 def test_losing_every_copy_falls_back_to_durable_with_a_warning(mcluster, tmp_path, caplog):
     worker = _spare_worker(mcluster)
     root = f"{_root()}?replicas=0"

@@ -10,8 +10,10 @@ where every memory checkpoint's files are, and its accounting and repair.
   even that is not enough it evicts nothing and refuses with :class:`MemoryTierFullError`.
   After a commit the catalog keeps the newest ``keep_last`` committed checkpoints of that
   directory and frees the rest.
-* **Repair**: a thread forgets copies on dead nodes and has a surviving holder push a new copy
-  to another node, until each file has its target of copies again (or one on every node).
+* **Repair**: a thread forgets copies on dead nodes, and those of a holder that died on a live
+  node (Ray's OOM killer, a crash, ``ray.kill``: Ray frees its objects with it), and has a
+  surviving holder push a new copy to another node, until each file has its target of copies
+  again (or one on every node).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 CATALOG_NAME = "ray_ckpt_memory_catalog"
 _REPAIR_PERIOD_SECS = 0.5
+_WATCH_SECS = 30.0  # how long a holder's pending ``watch`` call lasts before it is renewed
 # How long a dropped object may still fill its node's store: the raylet frees released objects
 # every ``free_objects_period_milliseconds``, 1000 on a Ray started with its defaults.
 RAY_FREE_PERIOD_SECS = 1.0
@@ -97,6 +100,7 @@ class _Catalog:
         self._pinned: dict[str, int] = {}  # path -> pins: being persisted, never freed
         self._freeing: list[tuple[float, str, int]] = []  # (dropped at, node, bytes)
         self._hold_after: dict[str, float] = {}  # directory -> when its held copies fit
+        self._watches: dict[str, ray.ObjectRef] = {}  # node -> its holder's pending watch call
         threading.Thread(target=self._repair_loop, daemon=True, name="repair").start()
 
     # --- the filesystem view ------------------------------------------------------------------
@@ -398,6 +402,7 @@ class _Catalog:
         """Forget copies on dead nodes; re-replicate files below their copy target. Returns the
         number of copies made."""
         alive = set(alive_nodes())
+        self._check_holders(alive)
         work: list[tuple[str, str, str, bool]] = []
         with self._lock:
             for p, d in self._dirs.items():
@@ -430,6 +435,54 @@ class _Catalog:
             self._repairs += 1
             logger.info("memory tier: re-replicated %s%s from %s to %s", SCHEME, path, src, dst)
         return made
+
+    def _check_holders(self, alive: set[str]) -> None:
+        """Forget the copies of a holder that died on a live node (a dead node's are forgotten
+        by :meth:`repair`). Each holder with copies has a ``watch`` call pending, which fails
+        when its process dies; one that returned is renewed."""
+        with self._lock:
+            in_use = {n for d in self._dirs.values() for f in d.data.values() for n in f.nodes
+                      if n in alive}
+        for node in set(self._watches) - in_use:
+            del self._watches[node]
+        for node in in_use - set(self._watches):
+            try:
+                self._watches[node] = lookup(holder_name(node)).watch.remote(_WATCH_SECS)
+            except ValueError:  # no holder there (it died before a watch began)
+                self._holder_died(node)
+        if not self._watches:
+            return
+        ready, _ = ray.wait(list(self._watches.values()), num_returns=len(self._watches),
+                            timeout=0)
+        for node, call in list(self._watches.items()):
+            if call not in ready:
+                continue
+            del self._watches[node]
+            try:
+                ray.get(call)
+            except ray.exceptions.RayActorError:
+                self._holder_died(node)
+
+    def _holder_died(self, node: str) -> None:
+        """The holder of live ``node`` died, and its copies with it: forget those that the
+        node's holder now (a new one, started since) does not hold."""
+        with self._lock:
+            files = {f"{p}/{n}": f for p, d in self._dirs.items() for n, f in d.data.items()
+                     if node in f.nodes}
+        try:
+            held = ray.get(lookup(holder_name(node)).refs.remote(list(files)))
+        except (ValueError, ray.exceptions.RayActorError):
+            held = [[] for _ in files]
+        lost = [path for path, refs in zip(files, held) if not refs]
+        with self._lock:
+            for path in lost:
+                if node in files[path].nodes:
+                    files[path].nodes.remove(node)
+        if lost:
+            logger.warning(
+                "memory tier: the holder on node %s died, and with it its copies of %d file(s) "
+                "(%s%s%s): re-replicating them from their other copies", node, len(lost), SCHEME,
+                lost[0], ", ..." if len(lost) > 1 else "")
 
 
 def in_use() -> bool:

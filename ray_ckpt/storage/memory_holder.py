@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -36,7 +37,7 @@ NAMESPACE = "ray_ckpt"
 # detached: they outlive the processes that started them, and so may run an older or a newer
 # ray_ckpt than the process calling them. Raised whenever one of those calls changes; the actors
 # of a ray_ckpt from before it have no ``protocol`` method (0).
-PROTOCOL = 1
+PROTOCOL = 2
 logger = logging.getLogger(__name__)
 
 
@@ -107,6 +108,11 @@ class _Holder:
 
     def protocol(self) -> int:
         return PROTOCOL
+
+    def watch(self, secs: float) -> None:
+        """Return after ``secs``. The catalog keeps one such call pending on each holder in use:
+        it fails as soon as this holder's process dies (:meth:`_Catalog.repair`)."""
+        time.sleep(secs)
 
     def adopt(self, key: str, buffers: list[np.ndarray]) -> int:
         """Put ``buffers`` (the file's bytes in order; an argument, owned by the caller:
