@@ -7,6 +7,8 @@ down at the end of the module so that no other module sees it.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import socket
 import sys
 import time
@@ -481,6 +483,49 @@ def test_a_holder_that_dies_on_a_live_node_has_its_copies_made_again(mcluster):
     ray.kill(ray.get_actor(memory.holder_name(worker), namespace=memory.NAMESPACE))
     _wait_until(lambda: _held_where_listed(path), timeout=30)
     assert_same(ray.get(_load_on_node.options(**on_node(worker)).remote(path)), _state(9))
+
+
+def _held_bytes(node: str) -> int:
+    try:
+        holder = ray.get_actor(memory.holder_name(node), namespace=memory.NAMESPACE)
+    except ValueError:  # none there yet
+        return 0
+    return ray.get(holder.held_bytes.remote())
+
+
+def test_a_catalog_that_dies_restarts_empty_and_its_copies_are_freed(mcluster):
+    # The catalog's process dies (Ray's OOM killer, a crash): the memory checkpoints it knew
+    # are lost with their manifests, but the tier must go on working, from the handles that
+    # processes already keep, and the copies nothing lists any more must not fill the stores.
+    worker = _spare_worker(mcluster)
+    root = _root()
+    before = _held_bytes(worker)
+    ray.get(_save_on_node.options(**on_node(worker)).remote(f"{root}/step-10", 10))
+    one = _held_bytes(worker) - before  # a checkpoint's copy
+    assert one > 0
+    cat = memory.catalog()
+    pid = ray.get(cat.__ray_call__.remote(lambda self: os.getpid()))
+    os.kill(pid, signal.SIGKILL)
+    _wait_until(lambda: _alive_pid(cat) not in (None, pid))
+    with ray_ckpt.make_sync_checkpointer() as ckptr:
+        with pytest.raises(ray_ckpt.errors.CheckpointNotFoundError):
+            ckptr.load(f"{root}/step-10")
+    # saves and loads go on, in this process (its handle) and in new ones
+    ray.get(_save_on_node.options(**on_node(worker)).remote(f"{root}/step-11", 11))
+    assert_same(ray.get(_load_on_node.options(**on_node(worker)).remote(f"{root}/step-11")),
+                _state(11))
+    # a sweep (every 30 s; here at once) frees every copy the restarted catalog does not list
+    ray.get(cat.sweep.remote(0.0))
+    assert _held_bytes(worker) == one  # step 11's
+    assert_same(ray.get(_load_on_node.options(**on_node(worker)).remote(f"{root}/step-11")),
+                _state(11))
+
+
+def _alive_pid(actor) -> int | None:
+    try:
+        return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=5)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return None
 
 def test_losing_every_copy_falls_back_to_durable_with_a_warning(mcluster, tmp_path, caplog):
     worker = _spare_worker(mcluster)

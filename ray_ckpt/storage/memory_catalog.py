@@ -13,7 +13,12 @@ where every memory checkpoint's files are, and its accounting and repair.
 * **Repair**: a thread forgets copies on dead nodes, and those of a holder that died on a live
   node (Ray's OOM killer, a crash, ``ray.kill``: Ray frees its objects with it), and has a
   surviving holder push a new copy to another node, until each file has its target of copies
-  again (or one on every node).
+  again (or one on every node). Every ``_SWEEP_PERIOD_SECS`` it has the holders drop the
+  copies it does not list (:meth:`_Holder.drop_unlisted`).
+* **Restart**: when the catalog's process dies, Ray restarts it (the handles that processes
+  keep stay valid), empty: the memory checkpoints it knew are lost with it (their manifests
+  were here), it says so, and its first sweep frees their copies. Loads fall back to durable
+  storage; the calls in flight when it died fail.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ logger = logging.getLogger(__name__)
 CATALOG_NAME = "ray_ckpt_memory_catalog"
 _REPAIR_PERIOD_SECS = 0.5
 _WATCH_SECS = 30.0  # how long a holder's pending ``watch`` call lasts before it is renewed
+_SWEEP_PERIOD_SECS = 30.0
+_UNLISTED_GRACE_SECS = 30.0  # a copy taken this long ago and still not listed is garbage
 # How long a dropped object may still fill its node's store: the raylet frees released objects
 # every ``free_objects_period_milliseconds``, 1000 on a Ray started with its defaults.
 RAY_FREE_PERIOD_SECS = 1.0
@@ -88,7 +95,7 @@ class _Dir:
     committed_unix: float | None = None
 
 
-@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=32)  # type: ignore[call-overload]
+@ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=32)  # type: ignore[call-overload]
 class _Catalog:
     """Where each memory checkpoint's files are: small files kept here, data files by node."""
 
@@ -101,6 +108,11 @@ class _Catalog:
         self._freeing: list[tuple[float, str, int]] = []  # (dropped at, node, bytes)
         self._hold_after: dict[str, float] = {}  # directory -> when its held copies fit
         self._watches: dict[str, ray.ObjectRef] = {}  # node -> its holder's pending watch call
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            logger.warning(
+                "memory tier: the catalog's process died and Ray restarted it: the memory "
+                "checkpoints it knew are lost (their manifests were in it), and their copies "
+                "are freed; loads fall back to durable storage")
         threading.Thread(target=self._repair_loop, daemon=True, name="repair").start()
 
     # --- the filesystem view ------------------------------------------------------------------
@@ -392,9 +404,13 @@ class _Catalog:
     # --- repair -------------------------------------------------------------------------------
 
     def _repair_loop(self) -> None:
+        swept = 0.0
         while not self._stop.wait(_REPAIR_PERIOD_SECS):
             try:
                 self.repair()
+                if time.monotonic() - swept > _SWEEP_PERIOD_SECS:
+                    swept = time.monotonic()
+                    self.sweep()
             except Exception:
                 logger.exception("memory tier: repair round failed")
 
@@ -435,6 +451,38 @@ class _Catalog:
             self._repairs += 1
             logger.info("memory tier: re-replicated %s%s from %s to %s", SCHEME, path, src, dst)
         return made
+
+    def sweep(self, grace_secs: float = _UNLISTED_GRACE_SECS) -> int:
+        """Have each live node's holder drop the copies this catalog does not list there, taken
+        more than ``grace_secs`` ago (:meth:`_Holder.drop_unlisted`). Returns how many."""
+        listed: dict[str, list[str]] = {node: [] for node in alive_nodes()}
+        with self._lock:
+            for p, d in self._dirs.items():
+                for name, f in d.data.items():
+                    for node in f.nodes:
+                        if node in listed:
+                            listed[node].append(f"{p}/{name}")
+        calls = {}
+        for node, keys in listed.items():
+            try:
+                holder = lookup(holder_name(node))
+            except ValueError:  # no holder there
+                continue
+            calls[node] = holder.drop_unlisted.remote(keys, grace_secs)
+        dropped = 0
+        for node, call in calls.items():
+            try:
+                unlisted = ray.get(call)
+            except ray.exceptions.RayActorError:  # it died meanwhile, and its copies with it
+                continue
+            if unlisted:
+                logger.warning(
+                    "memory tier: node %s's holder held %d file(s) that no memory checkpoint "
+                    "lists (%s%s%s): from a save that died before listing them, or a catalog "
+                    "that died; freed", node, len(unlisted), SCHEME, unlisted[0],
+                    ", ..." if len(unlisted) > 1 else "")
+            dropped += len(unlisted)
+        return dropped
 
     def _check_holders(self, alive: set[str]) -> None:
         """Forget the copies of a holder that died on a live node (a dead node's are forgotten

@@ -100,6 +100,7 @@ class _Holder:
         self._node_id = node_id
         self._objects: dict[str, ray.ObjectRef] = {}
         self._nbytes: dict[str, int] = {}
+        self._taken: dict[str, float] = {}  # key -> when its copy was put (time.monotonic())
         self._server: StreamServer | None = None
         self._server_lock = threading.Lock()
 
@@ -194,6 +195,18 @@ class _Holder:
         for key in keys:
             self._pop(key)
 
+    def drop_unlisted(self, listed: list[str], grace_secs: float) -> list[str]:
+        """Drop the copies that the catalog does not list on this node (``listed``), taken
+        more than ``grace_secs`` ago (a save lists a copy as soon as it is taken): those of a
+        save whose process died in between, or of a catalog that died. Returns their keys."""
+        keep = set(listed)
+        now = time.monotonic()
+        unlisted = [key for key, taken in list(self._taken.items())
+                    if key not in keep and now - taken > grace_secs]
+        for key in unlisted:
+            self._pop(key)
+        return unlisted
+
     def held_bytes(self) -> int:
         return sum(self._nbytes.values())
 
@@ -205,11 +218,13 @@ class _Holder:
 
     def _pop(self, key: str) -> ray.ObjectRef | None:
         self._nbytes.pop(key, None)
+        self._taken.pop(key, None)
         return self._objects.pop(key, None)
 
     def _replace(self, key: str, ref: ray.ObjectRef, nbytes: int) -> None:
         self._objects[key] = ref
         self._nbytes[key] = nbytes
+        self._taken[key] = time.monotonic()
 
 
 def holder_for(node_id: str) -> Any:
