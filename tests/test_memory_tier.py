@@ -452,7 +452,6 @@ def test_node_removed_after_a_memory_save_loads_from_the_replica(mcluster, caplo
                 _state(5))
 
 
-
 def _held_where_listed(path: str) -> bool:
     """Whether the holder of every node the catalog lists for a data file of ``path`` holds
     it, and two do."""
@@ -526,6 +525,7 @@ def _alive_pid(actor) -> int | None:
         return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=5)
     except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
         return None
+
 
 def test_losing_every_copy_falls_back_to_durable_with_a_warning(mcluster, tmp_path, caplog):
     worker = _spare_worker(mcluster)
