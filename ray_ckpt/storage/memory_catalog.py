@@ -455,20 +455,14 @@ class _Catalog:
     def sweep(self, grace_secs: float = _UNLISTED_GRACE_SECS) -> int:
         """Have each live node's holder drop the copies this catalog does not list there, taken
         more than ``grace_secs`` ago (:meth:`_Holder.drop_unlisted`). Returns how many."""
-        listed: dict[str, list[str]] = {node: [] for node in alive_nodes()}
-        with self._lock:
-            for p, d in self._dirs.items():
-                for name, f in d.data.items():
-                    for node in f.nodes:
-                        if node in listed:
-                            listed[node].append(f"{p}/{name}")
+        by_node = self._files_by_node()
         calls = {}
-        for node, keys in listed.items():
+        for node in alive_nodes():
             try:
                 holder = lookup(holder_name(node))
             except ValueError:  # no holder there
                 continue
-            calls[node] = holder.drop_unlisted.remote(keys, grace_secs)
+            calls[node] = holder.drop_unlisted.remote(list(by_node.get(node, {})), grace_secs)
         dropped = 0
         for node, call in calls.items():
             try:
@@ -488,9 +482,7 @@ class _Catalog:
         """Forget the copies of a holder that died on a live node (a dead node's are forgotten
         by :meth:`repair`). Each holder with copies has a ``watch`` call pending, which fails
         when its process dies; one that returned is renewed."""
-        with self._lock:
-            in_use = {n for d in self._dirs.values() for f in d.data.values() for n in f.nodes
-                      if n in alive}
+        in_use = set(self._files_by_node()) & alive
         for node in set(self._watches) - in_use:
             del self._watches[node]
         for node in in_use - set(self._watches):
@@ -511,12 +503,20 @@ class _Catalog:
             except ray.exceptions.RayActorError:
                 self._holder_died(node)
 
+    def _files_by_node(self) -> dict[str, dict[str, _File]]:
+        """node -> {path: file} of the data files listed there."""
+        by_node: dict[str, dict[str, _File]] = {}
+        with self._lock:
+            for p, d in self._dirs.items():
+                for name, f in d.data.items():
+                    for node in f.nodes:
+                        by_node.setdefault(node, {})[f"{p}/{name}"] = f
+        return by_node
+
     def _holder_died(self, node: str) -> None:
         """The holder of live ``node`` died, and its copies with it: forget those that the
         node's holder now (a new one, started since) does not hold."""
-        with self._lock:
-            files = {f"{p}/{n}": f for p, d in self._dirs.items() for n, f in d.data.items()
-                     if node in f.nodes}
+        files = self._files_by_node().get(node, {})
         try:
             held = ray.get(lookup(holder_name(node)).refs.remote(list(files)))
         except (ValueError, ray.exceptions.RayActorError):
