@@ -356,6 +356,27 @@ def test_a_path_that_is_not_a_path_is_refused(ckptr, path, reliability):
     reliability.add("bad arguments", "path that is not a path", "refused")
 
 
+@pytest.mark.parametrize("path", [
+    "mem://run/../step-1", "mem://run/./step-1", "mem://run//step-1",
+    "s3://bucket/run/../step-1?endpoint_override=http://127.0.0.1:9&region=us-east-1",
+], ids=["mem-dotdot", "mem-dot", "mem-empty", "s3-dotdot"])
+def test_a_dot_component_off_local_disk_is_refused(ckptr, path, reliability):
+    # an object store or the memory tier would keep '..' as a name: a checkpoint no listing of
+    # its directory could show, and a directory no listing could read past
+    reliability.add("bad arguments", "'.', '..' or '//' in an object-store path", "tried")
+    for call in (lambda: ckptr.save(path, {"w": torch.ones(1)}), lambda: ckptr.load(path)):
+        with pytest.raises(ValueError, match="component") as info:
+            call()
+        assert path.partition("?")[0] in str(info.value)
+    reliability.add("bad arguments", "'.', '..' or '//' in an object-store path", "refused")
+
+
+def test_dot_components_of_a_local_uri_are_resolved(ckptr, tmp_path):
+    ckptr.save(f"file://{tmp_path}/run/../step-1", {"w": torch.ones(2)})
+    assert torch.equal(ckptr.load(str(tmp_path / "step-1"))["w"], torch.ones(2))
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_path_under_a_file_is_refused(ckptr, tmp_path, reliability):
     file = tmp_path / "notes.txt"
     file.write_text("mine")

@@ -110,10 +110,10 @@ def resolve(path: str, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.
     if path.startswith(MEMORY_SCHEME):  # the memory tier, whatever the other filesystem is
         from . import memory
 
-        return memory.from_uri(path, filesystem)
-    if filesystem is not None:
-        return filesystem, path.removeprefix("file://").rstrip("/") or "/"
-    if "://" in path:
+        fs, fs_path = memory.from_uri(path, filesystem)
+    elif filesystem is not None:
+        fs, fs_path = filesystem, path.removeprefix("file://").rstrip("/") or "/"
+    elif "://" in path:
         try:
             fs, fs_path = pafs.FileSystem.from_uri(path)
         except (pa.ArrowException, OSError, ValueError) as e:
@@ -121,8 +121,26 @@ def resolve(path: str, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.
             raise ValueError(
                 f"cannot resolve storage URI {shown!r}: {credentials.redact(str(e))}"
             ) from None
-        return fs, fs_path.rstrip("/")
-    return pafs.LocalFileSystem(), os.path.abspath(path)
+        fs_path = fs_path.rstrip("/")
+    else:
+        return pafs.LocalFileSystem(), os.path.abspath(path)
+    if isinstance(fs, pafs.LocalFileSystem):
+        return fs, os.path.normpath(fs_path) if fs_path else fs_path
+    _check_keys(path, fs_path)
+    return fs, fs_path
+
+
+def _check_keys(path: str, fs_path: str) -> None:
+    """Off local disk a path is a key prefix, not a path the OS resolves: a ``.``, ``..`` or
+    empty component would be saved as a name of its own, one that no listing of the directory
+    can show and that names another checkpoint than the path seems to."""
+    bad = [part for part in fs_path.strip("/").split("/") if part in ("", ".", "..")]
+    if fs_path.strip("/") and bad:
+        raise ValueError(
+            f"checkpoint path {credentials.redact(path)!r} has "
+            f"{f'a {bad[0]!r}' if bad[0] else 'an empty'} component: off local disk paths are "
+            "not resolved, so write it without '.', '..' or '//'"
+        )
 
 
 def is_transient(error: BaseException) -> bool:
