@@ -1,6 +1,6 @@
 """Small helpers that are not part of the format: pausing the garbage collector around bulk
-work (``without_gc``, ``gc_paused``) and ``PackedRows``, the rows of many small items packed
-into one buffer."""
+work (``without_gc``, ``gc_paused``), ``PackedRows``, the rows of many small items packed
+into one buffer, and which Ray ray_ckpt started for this process (``local_ray_started``)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,19 @@ def gc_paused() -> Iterator[None]:
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+_local_ray: list[str] = []  # the GCS address of the local Ray ray_ckpt started, if it did
+
+
+def note_local_ray(gcs_address: str) -> None:
+    """``builder.ensure_ray`` started a local Ray for this process, at ``gcs_address``."""
+    _local_ray[:] = [gcs_address]
+
+
+def local_ray_started(gcs_address: str) -> bool:
+    """Whether the Ray at ``gcs_address`` is one ray_ckpt started for this process (no cluster
+    address was given): it ends with the process, and no other process can reach it."""
+    return _local_ray == [gcs_address]
 
 
 def without_gc(fn: F) -> F:

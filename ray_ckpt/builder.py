@@ -9,6 +9,7 @@ from typing import Any
 
 import ray
 
+from ._util import note_local_ray
 from .checkpointer import AsyncCheckpointer, SyncCheckpointer
 from .config import CheckpointerConfig
 from .load.reader import CheckpointReader
@@ -68,6 +69,7 @@ def ensure_ray(config: CheckpointerConfig) -> None:
         ray.init(
             address="local", include_dashboard=False, _system_config=LOCAL_RAY_SYSTEM_CONFIG
         )
+        note_local_ray(ray.get_runtime_context().gcs_address)
 
 
 def _parts(

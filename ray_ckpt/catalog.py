@@ -77,7 +77,9 @@ def list_checkpoints(
 def join_path(root: str, name: str) -> str:
     """``root``/``name``, keeping a URI's query (``s3://b/run?region=x`` -> ``s3://b/run/n?region=x``)."""
     base, sep, query = root.partition("?") if "://" in root else (root, "", "")
-    return f"{base.rstrip('/')}/{name}{sep}{query}"
+    scheme, colon, rest = base.rpartition("://")
+    joined = f"{rest.rstrip('/')}/{name}" if rest or not colon else name  # mem:// -> mem://n
+    return f"{scheme}{colon}{joined}{sep}{query}"
 
 
 def describe(storage: Storage, *, path: str | None = None) -> CheckpointEntry | None:

@@ -363,8 +363,44 @@ def test_a_replica_is_copied_over_rays_transfer_when_the_holder_cannot_connect(
 
 
 def test_a_missing_memory_checkpoint_is_not_found(mcluster):
-    with ray_ckpt.make_sync_checkpointer() as ckptr, pytest.raises(ray_ckpt.CheckpointError):
-        ckptr.load(f"{_root()}/step-9")
+    root = _root()
+    with ray_ckpt.make_sync_checkpointer() as ckptr, \
+            pytest.raises(ray_ckpt.CheckpointNotFoundError) as raised:
+        ckptr.load(f"{root}/step-9")
+    said = str(raised.value)  # which cluster was looked in, and how to list what it holds
+    assert ray.get_runtime_context().gcs_address in said and f"ray-ckpt ls {root}`" in said
+
+
+_OWN_LOCAL_RAY = """
+import logging, sys, torch, ray_ckpt
+logging.basicConfig(level=logging.WARNING, stream=sys.stdout)
+with ray_ckpt.make_sync_checkpointer() as ckptr:
+    ckptr.save("mem://mine/step-1", {"w": torch.ones(4)})
+    ckptr.save("mem://mine/step-2", {"w": torch.ones(4)})
+    assert torch.equal(ckptr.load("mem://mine/step-1")["w"], torch.ones(4))
+    try:
+        ckptr.load("mem://theirs/step-1")
+    except ray_ckpt.CheckpointNotFoundError as e:
+        print("NOT FOUND:", e)
+"""
+
+
+def test_memory_checkpoints_in_a_ray_of_its_own_say_so(tmp_path):
+    """A process that made its checkpointer before connecting to a cluster runs on a local Ray
+    that ray_ckpt started for it: its memory checkpoints end with it, and it cannot see the
+    cluster's. Its first memory save warns (once), and a load that finds nothing says where it
+    looked and how to connect."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    done = subprocess.run([sys.executable, "-c", _OWN_LOCAL_RAY], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    warnings = [line for line in done.stdout.splitlines() if "end with this process" in line]
+    assert len(warnings) == 1 and "RAY_ADDRESS" in warnings[0], done.stdout  # once a process
+    [found] = [line for line in done.stdout.splitlines() if line.startswith("NOT FOUND:")]
+    assert "mem://theirs/step-1" in found and "local Ray that ray_ckpt started" in found
+    assert "ray.init(address='auto')" in found and "RAY_ADDRESS" in found
 
 
 # --- Ray Train ----------------------------------------------------------------------------------
@@ -656,6 +692,10 @@ def test_ls_shows_memory_checkpoints_with_tier_and_copies(mcluster, capsys):
     assert main(["ls", root]) == 0
     table = capsys.readouterr().out
     assert "TIER" in table and "memory" in table and mcluster.head_node_id[:12] in table
+    assert main(["ls", "mem://"]) == 0  # the tier's root: its runs, each with its count
+    runs = capsys.readouterr().out
+    assert any(line.split()[:2] == [root.removeprefix("mem://"), "1"]
+               for line in runs.splitlines()), runs
 
 
 @ray.remote(num_cpus=0)

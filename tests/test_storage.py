@@ -487,3 +487,14 @@ def test_a_holders_stream_serves_any_range_of_its_offer_and_nothing_else():
         time.sleep(0.05)
     with pytest.raises(ConnectionError):
         PeerStream(server.address, token).read_into(0, 0, memoryview(bytearray(8)))
+
+
+@pytest.mark.parametrize("root, joined", [
+    ("/", "/n"), ("/a/", "/a/n"), ("s3://b/run/", "s3://b/run/n"),
+    ("s3://b/run?region=x", "s3://b/run/n?region=x"), ("file:///", "file:///n"),
+    ("mem://", "mem://n"), ("mem://?replicas=2", "mem://n?replicas=2"), ("mem://run", "mem://run/n"),
+])
+def test_join_path_keeps_the_scheme_and_the_query(root, joined):
+    from ray_ckpt.catalog import join_path
+
+    assert join_path(root, "n") == joined

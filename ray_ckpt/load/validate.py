@@ -167,7 +167,10 @@ def _raise_not_a_checkpoint(storage: Storage, files: dict[str, int]) -> None:
         raise IncompleteCheckpointError(
             f"{storage.display} is an empty directory, not a checkpoint (no {MARKER_NAME})"
         )
-    raise CheckpointNotFoundError(f"no checkpoint at {storage.display}: the path does not exist")
+    where = storage.where_looked()
+    raise CheckpointNotFoundError(
+        f"no checkpoint at {storage.display}: the path does not exist{where and '; ' + where}"
+    )
 
 
 _ROOT_PROBE = 20  # subdirectories looked at to tell a run root from a broken checkpoint

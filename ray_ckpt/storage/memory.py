@@ -60,6 +60,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 
+from .._util import local_ray_started
 from ..errors import CheckpointError
 from .buffers import Buffers
 from .classify import MEMORY_SCHEME
@@ -180,6 +181,16 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
     def normalize_path(self, path: str) -> str:
         return _strip(path)
 
+    def where_held(self, path: str) -> str:
+        """For a message that found nothing at ``path``: which Ray's memory was looked in."""
+        address = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
+        if address is not None and local_ray_started(address):
+            return (f"this process looked in a local Ray that ray_ckpt started for it, which "
+                    f"holds only what this process saved: {_CONNECT}")
+        parent = _strip(path).rpartition("/")[0]
+        return (f"memory checkpoints are held by the Ray cluster this process is connected to "
+                f"({address}) while it runs; `ray-ckpt ls {SCHEME}{parent}` lists them")
+
     # --- holding ------------------------------------------------------------------------------
 
     def hold(self, path: str, buffers: list[np.ndarray]) -> None:
@@ -260,11 +271,16 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
     # --- pyarrow.fs ---------------------------------------------------------------------------
 
     def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
-        if not in_use():  # no catalog yet: nothing exists (a first save does not wait for one)
-            return [_info(_strip(p), "none", 0, 0.0) for p in paths]
-        cat = _catalog()
-        stats = ray.get([cat.stat.remote(_strip(p)) for p in paths])
-        return [_info(_strip(p), *s) for p, s in zip(paths, stats)]
+        # the tier's root always is (a directory); all else is the catalog's, none before it
+        # starts (a first save does not wait for it)
+        asked = [_strip(p) for p in paths]
+        named = [p for p in asked if p]
+        stats = {}
+        if named and in_use():
+            cat = _catalog()
+            stats = dict(zip(named, ray.get([cat.stat.remote(p) for p in named])))
+        return [_info(p, *stats.get(p, ("none", 0, 0.0))) if p else _info(p, "dir", 0, 0.0)
+                for p in asked]
 
     def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
         base = _strip(selector.base_dir)
@@ -559,6 +575,21 @@ def handler_of(fs: Any) -> MemoryFileSystemHandler | None:
     return None
 
 
+# how to reach the cluster's memory tier from a process that started a Ray of its own
+_CONNECT = ("to use the cluster's memory tier, connect to the cluster before making the "
+            "checkpointer: ray.init(address='auto') on one of its nodes, RAY_ADDRESS, or "
+            "CheckpointerConfig(ray_address=...)")
+
+
+@functools.cache
+def _warn_local_ray(address: str) -> None:
+    logger.warning(
+        "memory tier: this process saves memory checkpoints into the local Ray that ray_ckpt "
+        "started for it at %s (no ray.init() before the checkpointer, no RAY_ADDRESS): they "
+        "end with this process and no other process can load them; %s", address, _CONNECT,
+    )
+
+
 def make_room(fs: Any, path: str, nbytes: int) -> None:
     """Before a save that writes ``nbytes`` (this process's share) to memory checkpoint
     ``path``: check that the saving node can hold them, evicting by the rule in the module
@@ -566,6 +597,9 @@ def make_room(fs: Any, path: str, nbytes: int) -> None:
     handler = handler_of(fs)
     if handler is None:
         return
+    address = ray.get_runtime_context().gcs_address
+    if local_ray_started(address):
+        _warn_local_ray(address)
     node = ray.get_runtime_context().get_node_id()
     capacity = int(store_capacity(node) * handler.config.capacity_fraction)
     if not in_use() or _UNSETTLED:  # the first memory save: nothing is held, nothing to evict

@@ -153,8 +153,15 @@ class Storage:
         if self.is_local:
             return path
         if self.type_name == _MEMORY_TYPE_NAME:
-            return f"{MEMORY_SCHEME}{path}"
+            return f"{MEMORY_SCHEME}{path.lstrip('/')}"
         return f"{self.type_name}://{path.lstrip('/') if self.is_object_store else path}"
+
+    def where_looked(self) -> str:
+        """For a message that found nothing here, a sentence on where the memory tier looked
+        (which Ray); empty off the memory tier."""
+        if self.type_name != _MEMORY_TYPE_NAME:
+            return ""
+        return str(self.fs.handler.where_held(self.path))
 
     @property
     def bucket(self) -> str | None:
