@@ -200,15 +200,16 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
         node = ray.get_runtime_context().get_node_id()
         holder = holder_for(node)
         cat = _catalog()
+        target = 1 + self.config.replicas
+        peers = [n for n in alive_nodes() if n != node]
+        loads = ray.get([cat.held_on.remote(n) for n in peers])
+        peers = [n for _, n in sorted(zip(loads, peers))][: self.config.replicas]  # least held
+        pushed_to = [holder_for(peer) for peer in peers]  # a first save starts them all now
         wait_secs = ray.get(cat.hold_wait.remote(path.rpartition("/")[0]))
         if wait_secs > 0:
             logger.info("memory tier: waiting %.2f s for Ray to free evicted memory checkpoints "
                         "on node %s before holding %s%s", wait_secs, node, SCHEME, path)
             time.sleep(wait_secs)
-        target = 1 + self.config.replicas
-        peers = [n for n in alive_nodes() if n != node]
-        loads = ray.get([cat.held_on.remote(n) for n in peers])
-        peers = [n for _, n in sorted(zip(loads, peers))][: self.config.replicas]  # least held
         # one copy into the store, for this node's holder to take its own; it then pushes that
         # to the peers (straight to each peer's holder, see _Holder.push), at the same time
         shared = ray.put(buffers)
@@ -216,7 +217,7 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
         del shared
         direct = self.config.direct_peer_reads
         ray.get(cat.add_data.remote(path, node, nbytes, target, direct))
-        copies = {peer: holder.push.remote(path, holder_for(peer), direct) for peer in peers}
+        copies = {peer: holder.push.remote(path, to, direct) for peer, to in zip(peers, pushed_to)}
         for where, call in copies.items():
             ray.get(cat.add_data.remote(path, where, int(ray.get(call)), target, direct))
         if len(peers) < self.config.replicas:
