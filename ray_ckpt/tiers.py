@@ -80,6 +80,9 @@ def persist(
     """Write committed memory checkpoint ``memory_path`` to ``durable_path`` (a path on
     ``filesystem``, or a local path or URI) in the on-disk format; returns ``durable_path``."""
     src = Storage.from_path(memory_path)
+    if memory.handler_of(src.fs) is None:
+        raise ValueError(f"persist copies a memory checkpoint (mem://...), not {src.display}")
+    _check_durable(durable_path, filesystem)
     cat = memory.catalog()
     if not ray.get(cat.pin.remote(src.path)):
         raise CheckpointNotFoundError(
@@ -89,6 +92,15 @@ def persist(
         return _persist_pinned(src, durable_path, filesystem, fsync)
     finally:
         cat.unpin.remote(src.path)
+
+
+def _check_durable(path: str, filesystem: Any) -> None:
+    dest = Storage.from_path(path, filesystem)
+    if memory.handler_of(dest.fs) is not None:
+        raise ValueError(
+            f"{dest.display} is in the memory tier: memory checkpoints persist to durable "
+            "storage (a local path or an object-store URI such as s3://bucket/run)"
+        )
 
 
 def _persist_pinned(src: Storage, durable_path: str, filesystem: Any, fsync: bool) -> str:
@@ -280,6 +292,7 @@ class TieredCheckpointManager:
             raise ValueError(f"memory_root must be a mem:// URI, got {memory_root!r}")
         if not isinstance(persist_every, int) or persist_every < 1:
             raise ValueError(f"persist_every must be a positive integer, got {persist_every!r}")
+        _check_durable(durable.root, durable._filesystem)
         self.durable = durable
         self.memory_root = memory_root
         self.persist_every = persist_every

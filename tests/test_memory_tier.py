@@ -26,6 +26,7 @@ import ray_ckpt.storage.memory_holder
 import ray_ckpt.storage.memory_stream
 import ray_ckpt.tiers
 import ray_ckpt.tools
+from ray_ckpt.catalog import join_path
 from ray_ckpt.storage import memory
 
 from . import conftest
@@ -130,6 +131,20 @@ def test_save_to_memory_and_load_back_exactly(mcluster, sync):
     assert info.committed and info.complete and info.copies == 2 and info.tier == "memory"
     [entry] = ray_ckpt.list_checkpoints(path.rsplit("/", 1)[0])
     assert entry.committed and entry.path == path
+
+
+def test_more_replicas_than_nodes_holds_on_every_node_and_warns_once(mcluster, caplog):
+    root = f"{_root()}?replicas=7"
+    nodes = memory.alive_nodes()
+    with ray_ckpt.make_sync_checkpointer() as ckptr, caplog.at_level(logging.WARNING):
+        for step in (1, 2):
+            ckptr.save(join_path(root, f"step-{step}"), _state(step))
+    said = [r.getMessage() for r in caplog.records if "replicas = 8" in r.getMessage()]
+    assert len(said) == 1, caplog.text  # once for this cluster size, not for every save
+    assert f"only {len(nodes)} node(s)" in said[0] and "losing a node loses them" in said[0]
+    for step in (1, 2):
+        copies = _copies(join_path(root, f"step-{step}"))
+        assert copies and all(sorted(c) == nodes for c in copies), copies
 
 
 def test_two_ranks_with_dtensors_load_back_exactly(mcluster):
@@ -605,6 +620,22 @@ def test_persist_every_k_writes_the_on_disk_format(mcluster, tmp_path):
     # a durable checkpoint is a plain one, and verifies
     assert_same(ray_ckpt.CheckpointReader().read(durable.path(4))[0], _state(4))
     assert ray_ckpt.tools.verify(durable.path(4)).ok
+
+
+def test_persist_goes_from_memory_to_durable_storage_only(mcluster, tmp_path):
+    path = f"{_root()}/step-1"
+    with ray_ckpt.make_sync_checkpointer(config=small_config()) as ckptr:
+        ckptr.save(path, _state(1))
+        ckptr.save(str(tmp_path / "disk"), _state(1))
+        with pytest.raises(ValueError, match="in the memory tier: memory checkpoints persist"):
+            ray_ckpt.tiers.persist(path, f"{_root()}/copy")
+        with pytest.raises(ValueError, match="copies a memory checkpoint"):
+            ray_ckpt.tiers.persist(str(tmp_path / "disk"), str(tmp_path / "copy"))
+        with pytest.raises(ValueError, match="in the memory tier"):
+            ray_ckpt.tiers.TieredCheckpointManager(
+                ray_ckpt.CheckpointManager(_root(), ckptr), _root(), persist_every=2)
+    assert not (tmp_path / "copy").exists()
+    assert [i.path for i in ray_ckpt.tiers.memory_checkpoints() if "/copy" in i.path] == []
 
 
 # --- accounting --------------------------------------------------------------------------------

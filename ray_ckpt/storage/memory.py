@@ -158,6 +158,23 @@ class _HeldOutput:
             ray.get(_catalog().write_small.remote(self._path, b"".join(map(bytes, parts))))
 
 
+def _warn_few_nodes(nodes: int, target: int, path: str) -> None:
+    """In the saving process, once for each cluster size (not for every save)."""
+    with _LOCK:
+        if (nodes, target) in _WARNED_FEW_NODES:
+            return
+        _WARNED_FEW_NODES.add((nodes, target))
+    logger.warning(
+        "memory tier: the cluster has only %d node(s), so memory checkpoints are held on %d, "
+        "not 1 + replicas = %d (%s%s, and those after it while the cluster is this small): "
+        "losing a node loses them", nodes, nodes, target, SCHEME, path,
+    )
+
+
+_LOCK = threading.Lock()
+_WARNED_FEW_NODES: set[tuple[int, int]] = set()
+
+
 class MemoryFileSystemHandler(pafs.FileSystemHandler):
     """``pyarrow.fs`` over the memory tier (see the module docstring)."""
 
@@ -220,12 +237,6 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
         copies = {peer: holder.push.remote(path, to, direct) for peer, to in zip(peers, pushed_to)}
         for where, call in copies.items():
             ray.get(cat.add_data.remote(path, where, int(ray.get(call)), target, direct))
-        if len(peers) < self.config.replicas:
-            logger.warning(
-                "memory checkpoint file %s%s is held on %d node(s), not 1 + replicas = %d: the "
-                "cluster has only %d node(s)", SCHEME, path, 1 + len(peers), target,
-                1 + len(peers),
-            )
 
     def open_ranges(self, path: str, scope: ReadScope) -> Buffers | _PeerFile:
         """The reader of data file ``path`` for :class:`~.files.FileReader`, which reads its
@@ -602,7 +613,11 @@ def make_room(fs: Any, path: str, nbytes: int) -> None:
     if local_ray_started(address):
         _warn_local_ray(address)
     node = ray.get_runtime_context().get_node_id()
-    capacity = int(store_capacity(node) * handler.config.capacity_fraction)
+    stores = {n["NodeID"]: n["Resources"].get("object_store_memory", 0)
+              for n in ray.nodes() if n["Alive"]}
+    if len(stores) < 1 + handler.config.replicas:
+        _warn_few_nodes(len(stores), 1 + handler.config.replicas, _strip(path))
+    capacity = int(stores.get(node, 0) * handler.config.capacity_fraction)
     if not in_use() or _UNSETTLED:  # the first memory save: nothing is held, nothing to evict
         if not _UNSETTLED:
             _start_catalog(_strip(path))  # not awaited: the stall does not wait for the actor

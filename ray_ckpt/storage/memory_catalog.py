@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,7 +109,10 @@ class _Catalog:
         self._freeing: list[tuple[float, str, int]] = []  # (dropped at, node, bytes)
         self._hold_after: dict[str, float] = {}  # directory -> when its held copies fit
         self._watches: dict[str, ray.ObjectRef] = {}  # node -> its holder's pending watch call
-        if ray.get_runtime_context().was_current_actor_reconstructed:
+        with warnings.catch_warnings():  # Ray's property reads its own deprecated actor_id
+            warnings.simplefilter("ignore", DeprecationWarning)
+            restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        if restarted:
             logger.warning(
                 "memory tier: the catalog's process died and Ray restarted it: the memory "
                 "checkpoints it knew are lost (their manifests were in it), and their copies "
