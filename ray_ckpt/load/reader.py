@@ -177,8 +177,7 @@ class CheckpointReader:
         verify = self._config.verify_checksums
         with open_files(info.storage) as files:
             reader = ExtentReader(files, info.storage.display)
-            for file in sorted({read.file for read in reads}):
-                reader.check_header(file)  # here, before the threads share ``reader``
+            headers = sorted({read.file for read in reads})
             shares = _balance(reads, min(self._config.io_threads, max(1, len(reads))))
 
             def work(share: list[_Read]) -> ReadStats:
@@ -189,9 +188,14 @@ class CheckpointReader:
                 return done
 
             if len(shares) == 1:
+                for file in headers:
+                    reader.check_header(file)
                 results = [work(shares[0])]
             else:
                 with concurrent.futures.ThreadPoolExecutor(len(shares)) as pool:
+                    # every header first (a damaged one fails the load before a byte lands in
+                    # a tensor), at once: each is a round trip to storage
+                    list(pool.map(reader.check_header, headers))
                     results = list(pool.map(work, shares))
             for result in results:
                 stats.nbytes_read += result.nbytes_read
