@@ -19,6 +19,7 @@ from .save.pool import WriterPool
 from .save.protocol import WriterHook
 from .save.stager import DefaultStager
 from .save.writer import default_subprocess_init_fn
+from .storage import memory
 from .types import RankInfo
 
 logger = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ def make_sync_checkpointer(
     ensure_ray(config)
     pool = WriterPool(config.writer_config, config.namespace)
     pool.prestart()
+    memory.warm_up()
     coordinator, reader = _parts(config, rank_info, filesystem, commit_hook, pool)
     return SyncCheckpointer(coordinator, reader, pool)
 
@@ -159,6 +161,7 @@ def make_async_checkpointer(
         subprocess_init_args=subprocess_init_args,
     )
     pool.prestart()
+    memory.warm_up()
     coordinator, reader = _parts(config, rank_info, filesystem, commit_hook, pool)
     return AsyncCheckpointer(
         coordinator,

@@ -209,6 +209,25 @@ def test_a_ranks_room_is_its_share_of_a_replicated_state_not_the_whole(mcluster)
         assert_same(ckptr.load(path), state)
 
 
+@ray.remote(num_cpus=0)
+def _handles_after_making_a_checkpointer() -> list[str]:
+    from ray_ckpt.storage import memory_holder
+
+    with ray_ckpt.make_sync_checkpointer():
+        _wait_until(lambda: len(memory_holder._HANDLES) >= 2, timeout=30)
+        return sorted(name for _, name in memory_holder._HANDLES)
+
+
+def test_a_new_checkpointer_looks_up_the_tiers_actors_ahead_of_its_first_load(mcluster):
+    ray.get(_save_on_node.options(**on_node(mcluster.head_node_id)).remote(
+        f"{_root()}/step-1", 1))  # the head node has a holder now
+    fresh = {"env_vars": {"RAY_CKPT_TEST_PROCESS": uuid.uuid4().hex}}  # a new worker process
+    names = ray.get(_handles_after_making_a_checkpointer.options(
+        **on_node(mcluster.head_node_id), runtime_env=fresh).remote())
+    assert names == sorted([ray_ckpt.storage.memory_catalog.CATALOG_NAME,
+                            ray_ckpt.storage.memory_holder.holder_name(mcluster.head_node_id)])
+
+
 def test_holder_survives_the_death_of_the_process_that_saved(mcluster):
     path = f"{_root()}/step-4"
 

@@ -371,6 +371,25 @@ def _start_catalog(path: str) -> None:
     threading.Thread(target=start, daemon=True, name="ray_ckpt-catalog-start").start()
 
 
+def warm_up() -> None:
+    """Where this cluster has a memory tier, look up its catalog and this node's holder now,
+    from a thread: a first load in a new process (a restore, often right after its
+    checkpointer is made) otherwise waits for those GCS lookups, the protocol checks and the
+    holder's class to load (40 ms of a first 64 MiB load, 80 without). Nothing starts where
+    nothing runs."""
+
+    def run() -> None:
+        try:
+            if in_use():
+                named_actor(holder_name(ray.get_runtime_context().get_node_id()))
+        except ValueError:  # no holder on this node: nothing to look up
+            pass
+        except Exception as e:  # noqa: BLE001 - the first use looks them up again, and reports
+            logger.info("memory tier: looking up its actors ahead of use failed: %s", e)
+
+    threading.Thread(target=run, daemon=True, name="ray_ckpt-memory-warm-up").start()
+
+
 def _catalog() -> Any:
     """:func:`catalog`, once the calls this process sent while it was starting are done (a
     later call must see the directory: the calls of a threaded actor may run out of order)."""
