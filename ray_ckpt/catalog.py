@@ -15,7 +15,7 @@ appears meanwhile survives.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .config import StorageConfig
@@ -50,6 +50,9 @@ class CheckpointEntry:
     metadata: dict[str, Any] = field(default_factory=dict)  # saved with save(metadata=...)
     modified_unix: float = 0.0  # newest modification time of its files
     problem: str | None = None  # why its commit marker cannot be read (then not committed)
+    tier: str = "durable"  # "memory": a mem:// checkpoint, held in the object store
+    copies: int | None = None  # memory tier: the fewest live copies any of its data files has
+    nodes: list[str] = field(default_factory=list)  # memory tier: the live nodes holding copies
 
 
 def step_of(name: str) -> int | None:
@@ -71,6 +74,12 @@ def list_checkpoints(
         entry = describe(base.child(name), path=redact(join_path(root, name)))
         if entry is not None:
             entries.append(entry)
+    # the memory tier's filesystem says where each checkpoint's copies are
+    copies_under = getattr(getattr(base.fs, "handler", None), "copies_under", None)
+    if copies_under is not None:
+        held = copies_under(base.path)
+        entries = [replace(e, tier="memory", copies=held.get(e.name, (0, []))[0],
+                           nodes=held.get(e.name, (0, []))[1]) for e in entries]
     return sorted(entries, key=lambda e: (e.step is None, e.step or 0, e.name))
 
 

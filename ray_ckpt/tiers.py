@@ -57,7 +57,7 @@ class MemoryCheckpointInfo:
 def memory_checkpoints() -> list[MemoryCheckpointInfo]:
     """Every memory checkpoint of the cluster, with the nodes that hold copies."""
     cat = memory.catalog()
-    ray.get(cat.repair.remote())  # forget copies on dead nodes first
+    ray.get(cat.forget_lost.remote())
     return [
         MemoryCheckpointInfo(
             path=f"{memory.SCHEME}{c['path']}", committed=c["committed"], complete=c["complete"],
@@ -195,7 +195,7 @@ def where_held(path: str) -> str | None:
     "a peer's holder" when another node holds some, None when some file has no copy left."""
     storage = Storage.from_path(path)
     cat = memory.catalog()
-    ray.get(cat.repair.remote())  # forget copies on dead nodes
+    ray.get(cat.forget_lost.remote())  # not repair(): it would wait for the re-replication
     local = ray.get_runtime_context().get_node_id()
     names = [n for n in storage.list_files() if n.endswith(".data")]
     copies = ray.get([cat.copies.remote(f"{storage.path}/{n}") for n in names])

@@ -131,6 +131,7 @@ def test_save_to_memory_and_load_back_exactly(mcluster, sync):
     assert info.committed and info.complete and info.copies == 2 and info.tier == "memory"
     [entry] = ray_ckpt.list_checkpoints(path.rsplit("/", 1)[0])
     assert entry.committed and entry.path == path
+    assert entry.tier == "memory" and entry.copies == 2 and entry.nodes == sorted(copies[0])
 
 
 def test_more_replicas_than_nodes_holds_on_every_node_and_warns_once(mcluster, caplog):
@@ -631,6 +632,8 @@ def test_persist_every_k_writes_the_on_disk_format(mcluster, tmp_path):
             manager.save(step, _state(step), metrics={"loss": 1.0 / (step + 1)})
         manager.wait()
         assert durable.steps() == [2, 4, 6]
+        assert {(e.tier, e.copies) for e in ray_ckpt.list_checkpoints(durable_root)} == {
+            ("durable", None)}
         assert [e.step for e in ray_ckpt.list_checkpoints(mem_root)] == [5, 6]  # keep_last=2
         loaded, source = manager.load()
         assert source.tier == "memory" and source.step == 6

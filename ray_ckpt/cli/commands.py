@@ -12,7 +12,6 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError
 from . import output
@@ -30,9 +29,6 @@ from .output import (
     table,
     verify_line,
 )
-
-if TYPE_CHECKING:
-    from ..tiers import MemoryCheckpointInfo
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -81,17 +77,17 @@ def run_ls(args: argparse.Namespace) -> int:
     from ..runs import list_run
     from ..storage.storage import Storage
 
-    held = memory_copies(args.root)
+    connect_for(args.root)
     root = Storage.from_path(args.root)
     if not root.exists():
         raise CheckpointError(f"no such directory: {root.display}")
     listing = list_run(args.root)
     if args.json:  # a list of checkpoints, as before; the roots below go to stderr
-        print_json(listing_doc(listing, held), sys.stdout)
+        print_json(listing_doc(listing), sys.stdout)
         if listing.roots:
             print_roots(listing, sys.stderr)
     elif listing.checkpoints:
-        print_listing(listing, sys.stdout, held)
+        print_listing(listing, sys.stdout)
     elif listing.roots:
         print_roots(listing, sys.stdout)
     else:
@@ -102,20 +98,17 @@ def run_ls(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def memory_copies(root: str) -> dict[str, MemoryCheckpointInfo] | None:
-    """For a ``mem://`` root: every memory checkpoint by path (connects to the running Ray
-    cluster, ``address="auto"``); None for durable roots."""
+def connect_for(root: str) -> None:
+    """For a ``mem://`` root: connect to the running Ray cluster (``address="auto"``), which
+    holds its checkpoints."""
     from ..storage.classify import MEMORY_SCHEME  # imports pyarrow, which --help does not
 
     if not root.startswith(MEMORY_SCHEME):
-        return None
+        return
     import ray
-
-    from ..tiers import memory_checkpoints
 
     if not ray.is_initialized():
         ray.init(address="auto", logging_level=logging.WARNING)
-    return {i.path: i for i in memory_checkpoints()}
 
 
 def run_clean(args: argparse.Namespace) -> int:

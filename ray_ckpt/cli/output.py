@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any, TextIO
 if TYPE_CHECKING:
     from ..catalog import CheckpointEntry
     from ..runs import RunCheckpoint, RunListing
-    from ..tiers import MemoryCheckpointInfo
     from ..tools import CheckpointSummary, DiffReport, LeafSummary, VerifyReport
 
 PROGRESS_DELAY_SECS = 0.5  # operations shorter than this never draw a bar
@@ -197,12 +196,10 @@ def state(entry: CheckpointEntry) -> str:
     return "committed" if entry.committed else "incomplete"
 
 
-def print_listing(
-    listing: RunListing, out: TextIO, held: dict[str, MemoryCheckpointInfo] | None = None
-) -> None:
+def print_listing(listing: RunListing, out: TextIO) -> None:
     """The checkpoints of one root, oldest step first; on a Ray Train run, whether Ray Train
-    registered each, and a line on what that means; for memory checkpoints (``held``), the tier
-    and the nodes holding copies."""
+    registered each, and a line on what that means; for memory checkpoints, the tier and the
+    nodes holding copies."""
     train = listing.ray_train
     rows = [["NAME", "STEP", "STATE", *(["RAY TRAIN"] if train else []), "SIZE", "COMMITTED AT"]]
     for c in listing.checkpoints:
@@ -213,11 +210,10 @@ def print_listing(
             *([registration(c, listing)] if train else []),
             human_bytes(e.nbytes), when(e.created_unix),
         ])
-    if held is not None:
+    if any(c.entry.tier != "durable" for c in listing.checkpoints):
         rows[0] += ["TIER", "COPIES ON NODES"]
         for row, c in zip(rows[1:], listing.checkpoints):
-            doc = tier_doc(c.entry, held)
-            row += [doc["tier"], ", ".join(n[:12] for n in doc["nodes"]) or "-"]
+            row += [c.entry.tier, ", ".join(n[:12] for n in c.entry.nodes) or "-"]
     table(rows, out, right=(1, 4 if train else 3))
     if train:
         unregistered = [c for c in listing.checkpoints if c.entry.committed and not c.registered]
@@ -244,28 +240,22 @@ def print_roots(listing: RunListing, out: TextIO) -> None:
     table([["ROOT", "CHECKPOINTS"], *[[n, str(k)] for n, k in listing.roots]], out, right=(1,))
 
 
-def listing_doc(
-    listing: RunListing, held: dict[str, MemoryCheckpointInfo] | None = None
-) -> list[dict[str, Any]]:
+def listing_doc(listing: RunListing) -> list[dict[str, Any]]:
     """One object per checkpoint; ``registered`` is null where it cannot be known (not a Ray
     Train run), ``ray_train_latest`` true for the one Ray Train resumes from."""
     return [
         {**entry_doc(c.entry), "step": c.step, "saved_step": c.saved_step,
          "registered": c.registered, "ray_train_latest": c.entry.name == listing.ray_train_latest,
-         **tier_doc(c.entry, held)}
+         **tier_doc(c.entry)}
         for c in listing.checkpoints
     ]
 
 
-def tier_doc(
-    entry: CheckpointEntry, held: dict[str, MemoryCheckpointInfo] | None
-) -> dict[str, Any]:
+def tier_doc(entry: CheckpointEntry) -> dict[str, Any]:
     """Tier and copies of a memory checkpoint (nothing is added for durable ones)."""
-    if held is None:
+    if entry.tier == "durable":
         return {}
-    info = held.get(entry.path.partition("?")[0])
-    return {"tier": "memory", "nodes": info.nodes if info else [],
-            "copies": info.copies if info else 0}
+    return {"tier": entry.tier, "nodes": entry.nodes, "copies": entry.copies}
 
 
 def entry_doc(entry: CheckpointEntry) -> dict[str, Any]:

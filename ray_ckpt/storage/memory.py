@@ -208,6 +208,12 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
         return (f"memory checkpoints are held by the Ray cluster this process is connected to "
                 f"({address}) while it runs; `ray-ckpt ls {SCHEME}{parent}` lists them")
 
+    def copies_under(self, path: str) -> dict[str, tuple[int, list[str]]]:
+        """For each memory checkpoint directly under directory ``path``, by name: the fewest
+        live copies any of its data files has and the live nodes holding copies (for
+        ``list_checkpoints``)."""
+        return ray.get(_catalog().copies_under.remote(_strip(path))) if in_use() else {}
+
     # --- holding ------------------------------------------------------------------------------
 
     def hold(self, path: str, buffers: list[np.ndarray]) -> None:

@@ -418,16 +418,39 @@ class _Catalog:
             except Exception:
                 logger.exception("memory tier: repair round failed")
 
-    def repair(self) -> int:
-        """Forget copies on dead nodes; re-replicate files below their copy target. Returns the
-        number of copies made."""
+    def forget_lost(self) -> set[str]:
+        """Forget the copies on dead nodes (what a listing or a load's choice of copy needs
+        first: quick, where :meth:`repair` also makes the copies again); returns the live
+        nodes."""
         alive = set(alive_nodes())
+        with self._lock:
+            for d in self._dirs.values():
+                for f in d.data.values():
+                    f.nodes = [n for n in f.nodes if n in alive]
+        return alive
+
+    def copies_under(self, directory: str) -> dict[str, tuple[int, list[str]]]:
+        """For each checkpoint directly under ``directory``: the fewest live copies any of its
+        data files has, and the live nodes holding copies."""
+        self.forget_lost()
+        prefix = f"{directory}/" if directory else ""
+        with self._lock:
+            return {
+                p[len(prefix):]: (min((len(f.nodes) for f in d.data.values()), default=0),
+                                  sorted({n for f in d.data.values() for n in f.nodes}))
+                for p, d in self._dirs.items()
+                if p.startswith(prefix) and "/" not in p[len(prefix):] and d.data
+            }
+
+    def repair(self) -> int:
+        """Forget copies on dead nodes; re-replicate files below their copy target (the repair
+        loop's work: it waits for the copies). Returns the number of copies made."""
+        alive = self.forget_lost()
         self._check_holders(alive)
         work: list[tuple[str, str, str, bool]] = []
         with self._lock:
             for p, d in self._dirs.items():
                 for name, f in d.data.items():
-                    f.nodes = [n for n in f.nodes if n in alive]
                     if d.committed_unix is None:  # its writer is still replicating it
                         continue
                     want = min(f.target, len(alive))

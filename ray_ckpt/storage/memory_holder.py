@@ -37,7 +37,7 @@ NAMESPACE = "ray_ckpt"
 # detached: they outlive the processes that started them, and so may run an older or a newer
 # ray_ckpt than the process calling them. Raised whenever one of those calls changes; the actors
 # of a ray_ckpt from before it have no ``protocol`` method (0).
-PROTOCOL = 2
+PROTOCOL = 3
 logger = logging.getLogger(__name__)
 
 
