@@ -78,8 +78,9 @@ def list_checkpoints(
     copies_under = getattr(getattr(base.fs, "handler", None), "copies_under", None)
     if copies_under is not None:
         held = copies_under(base.path)
-        entries = [replace(e, tier="memory", copies=held.get(e.name, (0, []))[0],
-                           nodes=held.get(e.name, (0, []))[1]) for e in entries]
+        for i, e in enumerate(entries):
+            copies, nodes = held.get(e.name, (0, []))
+            entries[i] = replace(e, tier="memory", copies=copies, nodes=nodes)
     return sorted(entries, key=lambda e: (e.step is None, e.step or 0, e.name))
 
 

@@ -198,7 +198,7 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
     def normalize_path(self, path: str) -> str:
         return _strip(path)
 
-    def where_held(self, path: str) -> str:
+    def looked_in(self, path: str) -> str:
         """For a message that found nothing at ``path``: which Ray's memory was looked in."""
         address = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
         if address is not None and local_ray_started(address):

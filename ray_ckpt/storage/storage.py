@@ -161,7 +161,7 @@ class Storage:
         (which Ray); empty off the memory tier."""
         if self.type_name != _MEMORY_TYPE_NAME:
             return ""
-        return str(self.fs.handler.where_held(self.path))
+        return str(self.fs.handler.looked_in(self.path))
 
     @property
     def bucket(self) -> str | None:
