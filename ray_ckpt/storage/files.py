@@ -41,6 +41,7 @@ class FileReader:
     def __init__(self, storage: Storage) -> None:
         self._storage = storage
         self._handles: dict[str, object] = {}
+        self._opening: dict[str, threading.Lock] = {}  # one per file: files open in parallel
         self._scope = ReadScope()
         self._lock = threading.Lock()
 
@@ -107,13 +108,24 @@ class FileReader:
                     on_slice(start + within, piece[within : within + slice_bytes])
 
     def _handle(self, name: str, open_fn: Callable[[], Any]) -> Any:
+        """The open handle of file ``name``, opened by the first thread to ask for it; other
+        files open meanwhile (an open on an object store is a round trip)."""
         with self._lock:
             handle = self._handles.get(name)
+            if handle is not None:
+                return handle
+            opening = self._opening.setdefault(name, threading.Lock())
+        with opening:
+            with self._lock:
+                handle = self._handles.get(name)
             if handle is None:
-                handle = self._handles[name] = open_fn()
+                handle = open_fn()
+                with self._lock:
+                    self._handles[name] = handle
             return handle
 
     def close(self) -> None:
+        self._opening.clear()
         for handle in self._handles.values():
             if isinstance(handle, int):
                 os.close(handle)
@@ -125,11 +137,13 @@ class FileReader:
 
 class ReadScope(dict[str, Any]):
     """What a filesystem keeps for the files of one :class:`FileReader` (see the module
-    docstring), and what to do when the reader closes (:meth:`at_close`)."""
+    docstring), and what to do when the reader closes (:meth:`at_close`). Its files may be
+    opened by several threads at once: ``lock`` serialises what they share."""
 
     def __init__(self) -> None:
         super().__init__()
         self._closers: list[Callable[[], None]] = []
+        self.lock = threading.Lock()
 
     def at_close(self, fn: Callable[[], None]) -> None:
         self._closers.append(fn)

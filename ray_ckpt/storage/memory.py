@@ -250,8 +250,9 @@ class MemoryFileSystemHandler(pafs.FileSystemHandler):
         first open of a checkpoint's file finds where all of them are (:func:`_locate`)."""
         path = _strip(path)
         directory, _, name = path.rpartition("/")
-        if directory not in scope:
-            scope[directory] = _locate(directory, scope, self.config.direct_peer_reads)
+        with scope.lock:  # one _locate for the checkpoint's files, whichever opens first
+            if directory not in scope:
+                scope[directory] = _locate(directory, scope, self.config.direct_peer_reads)
         copy = scope[directory].get(name)
         if copy is not None and copy.stream is not None:
             return _PeerFile(self, path, copy.node, copy.stream, copy.index)
