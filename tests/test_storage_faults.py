@@ -176,6 +176,8 @@ def test_a_read_that_keeps_failing_names_the_file(backend, faulty_ckptr):
     )
     with pytest.raises(ray_ckpt.errors.StorageError, match="injected") as info:
         ckptr.load(path)
-    (name, *_) = _faulted_names(plan)
-    assert name in str(info.value) and "Fix:" in str(info.value)
+    # the load's threads read its files at once: the error names one whose reads failed
+    faulted = _faulted_names(plan)
+    assert any(name in str(info.value) for name in faulted), (faulted, str(info.value))
+    assert "Fix:" in str(info.value)
     assert_same(_state(8), backend.ckptr.load(path))
