@@ -56,14 +56,12 @@ class MemoryCheckpointInfo:
 
 def memory_checkpoints() -> list[MemoryCheckpointInfo]:
     """Every memory checkpoint of the cluster, with the nodes that hold copies."""
-    cat = memory.catalog()
-    ray.get(cat.forget_lost.remote())
     return [
         MemoryCheckpointInfo(
             path=f"{memory.SCHEME}{c['path']}", committed=c["committed"], complete=c["complete"],
             copies=c["copies"], nodes=c["nodes"], nbytes=c["nbytes"],
         )
-        for c in ray.get(cat.checkpoints.remote())
+        for c in ray.get(memory.catalog().checkpoints.remote())
     ]
 
 

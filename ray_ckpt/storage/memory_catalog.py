@@ -96,6 +96,12 @@ class _Dir:
     committed_unix: float | None = None
 
 
+def _copies_of(d: _Dir) -> tuple[int, list[str]]:
+    """The fewest copies any data file of checkpoint ``d`` has, and the nodes holding copies."""
+    return (min((len(f.nodes) for f in d.data.values()), default=0),
+            sorted({n for f in d.data.values() for n in f.nodes}))
+
+
 @ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=32)  # type: ignore[call-overload]
 class _Catalog:
     """Where each memory checkpoint's files are: small files kept here, data files by node."""
@@ -385,19 +391,20 @@ class _Catalog:
     # --- what is held -------------------------------------------------------------------------
 
     def checkpoints(self) -> list[dict[str, Any]]:
+        """Every memory checkpoint, with its live copies (:meth:`forget_lost` first)."""
+        self.forget_lost()
         with self._lock:
             out = []
             for p, d in sorted(self._dirs.items()):
                 if not d.data and not d.files:
                     continue
-                nodes = sorted({n for f in d.data.values() for n in f.nodes})
-                complete = all(f.nodes for f in d.data.values())
+                copies, nodes = _copies_of(d)
                 out.append({
                     "path": p,
                     "committed": d.committed_unix is not None,
-                    "complete": complete,
+                    "complete": all(f.nodes for f in d.data.values()),
                     "nodes": nodes,
-                    "copies": min((len(f.nodes) for f in d.data.values()), default=0),
+                    "copies": copies,
                     "nbytes": sum(f.nbytes for f in d.data.values()),
                 })
             return out
@@ -435,12 +442,8 @@ class _Catalog:
         self.forget_lost()
         prefix = f"{directory}/" if directory else ""
         with self._lock:
-            return {
-                p[len(prefix):]: (min((len(f.nodes) for f in d.data.values()), default=0),
-                                  sorted({n for f in d.data.values() for n in f.nodes}))
-                for p, d in self._dirs.items()
-                if p.startswith(prefix) and "/" not in p[len(prefix):] and d.data
-            }
+            return {p[len(prefix):]: _copies_of(d) for p, d in self._dirs.items()
+                    if p.startswith(prefix) and "/" not in p[len(prefix):] and d.data}
 
     def repair(self) -> int:
         """Forget copies on dead nodes; re-replicate files below their copy target (the repair
@@ -507,7 +510,7 @@ class _Catalog:
 
     def _check_holders(self, alive: set[str]) -> None:
         """Forget the copies of a holder that died on a live node (a dead node's are forgotten
-        by :meth:`repair`). Each holder with copies has a ``watch`` call pending, which fails
+        by :meth:`forget_lost`). Each holder with copies has a ``watch`` call pending, which fails
         when its process dies; one that returned is renewed."""
         in_use = set(self._files_by_node()) & alive
         for node in set(self._watches) - in_use:
