@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -43,10 +43,31 @@ class Buffers:
             nbytes -= len(chunk)
 
     def read_into(self, offset: int, out: memoryview) -> int:
-        """Copy up to ``len(out)`` bytes from ``offset`` into ``out``; 0 at the end."""
-        chunk = self.at(offset, len(out))
-        out[: len(chunk)] = chunk
-        return len(chunk)
+        """Copy up to ``len(out)`` bytes from ``offset`` into ``out``, fewer only at the end of
+        the file; returns how many."""
+        done = 0
+        for chunk in self.ranges(offset, len(out)):
+            out[done : done + len(chunk)] = chunk
+            done += len(chunk)
+        return done
+
+    def read_slices(
+        self,
+        offset: int,
+        out: memoryview,
+        slice_bytes: int,
+        on_slice: Callable[[int, memoryview], None] | None = None,
+    ) -> int:
+        """Fill ``out`` from ``offset`` a slice at a time, calling ``on_slice(start, slice)``
+        after each (see :mod:`.files`); returns how many bytes, fewer only at the end."""
+        for start in range(0, len(out), slice_bytes):
+            piece = out[start : start + slice_bytes]
+            n = self.read_into(offset + start, piece)
+            if n and on_slice is not None:
+                on_slice(start, piece[:n])
+            if n < len(piece):
+                return start + n
+        return len(out)
 
     def close(self) -> None:
         for view in self._views:

@@ -5,12 +5,13 @@ one.
 A filesystem that reads ranges straight into caller memory itself (the memory tier: a held
 file is a view of shared memory, or a peer's holder streams it) says so by giving its
 ``pyarrow.fs.PyFileSystem`` handler an ``open_ranges(path, scope)`` method. It returns the
-file's reader: ``read_into(offset, out)`` fills ``out`` from ``offset`` (returning the bytes
-filled, 0 at the end) and ``close()`` (for a file in memory: a :class:`~.buffers.Buffers`); an
-optional ``read_bytes`` asks for reads of that size (default: the checksum slice).
-``scope`` is a :class:`ReadScope` the reader keeps while it is open, where the filesystem may
-keep what serves the other files of the same load. Ranges are then read a slice at a time like
-a local file, with no read copy."""
+file's reader (for a file in memory: a :class:`~.buffers.Buffers`): ``read_slices(offset, out,
+slice_bytes, on_slice)`` fills ``out`` from ``offset`` with no read copy, calls
+``on_slice(start, slice)`` with each ``slice_bytes`` of it in order as they land, and returns
+the bytes filled (fewer only at the end of the file); ``close()``. A range is one call, so that
+a reader across the network asks for it in one request. ``scope`` is a :class:`ReadScope` the
+reader keeps while it is open, where the filesystem may keep what serves the other files of
+the same load."""
 
 from __future__ import annotations
 
@@ -75,18 +76,19 @@ class FileReader:
         slice_bytes: int,
         on_slice: Callable[[int, memoryview], None] | None,
     ) -> None:
-        local = self._storage.is_local
         held = getattr(getattr(self._storage.fs, "handler", None), "open_ranges", None)
+        if held is not None:
+            data = self._handle(name, lambda: held(path, self._scope))
+            n = data.read_slices(offset, view, slice_bytes, on_slice)
+            if n < len(view):
+                raise EOFError(f"{path} ends at byte {offset + n}")
+            return
+        local = self._storage.is_local
         if local:
             fd = self._handle(name, lambda: os.open(path, os.O_RDONLY))
-        elif held is not None:
-            data = self._handle(name, lambda: held(path, self._scope))
         else:
             handle = self._handle(name, lambda: self._storage.fs.open_input_file(path))
-        if held is not None:
-            step = max(slice_bytes, getattr(data, "read_bytes", slice_bytes))
-        else:
-            step = slice_bytes if local else max(slice_bytes, READ_CHUNK_BYTES)
+        step = slice_bytes if local else max(slice_bytes, READ_CHUNK_BYTES)
         for start in range(0, len(view), step):
             piece = view[start : start + step]
             done = 0
@@ -94,8 +96,6 @@ class FileReader:
                 at = offset + start + done
                 if local:
                     n = os.preadv(fd, [piece[done:]], at)  # type: ignore[arg-type]
-                elif held is not None:
-                    n = data.read_into(at, piece[done:])
                 else:
                     chunk = handle.read_at(len(piece) - done, at)  # type: ignore[attr-defined]
                     n = len(chunk)

@@ -52,6 +52,7 @@ import logging
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,7 +76,7 @@ from .memory_holder import (
     named_actor,
     store_capacity,
 )
-from .memory_stream import REQUEST_BYTES, PeerStream
+from .memory_stream import PeerStream
 
 logger = logging.getLogger(__name__)
 
@@ -488,8 +489,6 @@ def _end_stream(stream: PeerStream, holder: str, token: bytes) -> None:
 class _PeerFile:
     """A data file read from a peer holder's stream; over Ray's transfer once that fails."""
 
-    read_bytes = REQUEST_BYTES
-
     def __init__(
         self, handler: MemoryFileSystemHandler, path: str, node: str, stream: PeerStream,
         index: int,
@@ -501,10 +500,28 @@ class _PeerFile:
         self._index = index
         self._fallback: Buffers | None = None
 
-    def read_into(self, offset: int, out: memoryview) -> int:
+    def read_slices(
+        self,
+        offset: int,
+        out: memoryview,
+        slice_bytes: int,
+        on_slice: Callable[[int, memoryview], None] | None,
+    ) -> int:
+        """Fill ``out`` from ``offset``, calling ``on_slice`` with each ``slice_bytes`` as it
+        lands (see :mod:`.files`); returns the bytes filled, fewer only at the end of the file.
+        A stream that fails within the range goes on over Ray's transfer from its last whole
+        slice."""
+        landed = 0
+
+        def on_landed(start: int, piece: memoryview) -> None:
+            nonlocal landed
+            if on_slice is not None:
+                on_slice(start, piece)
+            landed = start + len(piece)
+
         if self._fallback is None:
             try:
-                return self._stream.read_into(self._index, offset, out)
+                return self._stream.read_into(self._index, offset, out, on_landed, slice_bytes)
             except OSError as e:
                 logger.warning(
                     "memory tier: reading %s%s from node %s's holder at %s failed (%s): reading "
@@ -512,7 +529,11 @@ class _PeerFile:
                     self._stream.address, e,
                 )
                 self._fallback = Buffers(self._handler.open_held(self._path))
-        return self._fallback.read_into(offset, out)
+        base = landed
+        return base + self._fallback.read_slices(
+            offset + base, out[base:], slice_bytes,
+            lambda start, piece: on_landed(base + start, piece),
+        )
 
     def close(self) -> None:
         if self._fallback is not None:

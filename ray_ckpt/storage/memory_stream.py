@@ -34,6 +34,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,11 +47,6 @@ TOKEN_BYTES = 16
 OFFER_TTL_SECS = 60.0
 IDLE_TIMEOUT_SECS = 300.0  # a holder closes a connection silent this long (its reader is gone)
 READ_TIMEOUT_SECS = 30.0  # a reader gives up on a holder silent this long (then: Ray's transfer)
-# each read is a request and a reply: larger reads, fewer round trips to the holder, where a
-# load's threads waited most; measured, 1 GiB from a peer, 9 loads each: 1 MiB reads (the
-# checksum slice) 0.55-0.85 s, 8 MiB 0.44-0.66 s, 32 MiB 0.48-0.70 s (the checksum then reads
-# bytes no longer in the cache)
-REQUEST_BYTES = 8 << 20
 _REQUEST = struct.Struct("<IQQ")
 _REPLY = struct.Struct("<q")
 
@@ -178,9 +174,21 @@ class PeerStream:
         self._lock = threading.Lock()
         self._broken: OSError | None = None
 
-    def read_into(self, index: int, offset: int, out: memoryview) -> int:
+    def read_into(
+        self,
+        index: int,
+        offset: int,
+        out: memoryview,
+        on_slice: Callable[[int, memoryview], None] | None = None,
+        slice_bytes: int | None = None,
+    ) -> int:
         """Fill ``out`` from byte ``offset`` of file ``index`` of the offer; returns how many
-        bytes came (fewer at the end of the file, 0 past it)."""
+        bytes came (fewer at the end of the file, 0 past it). One request for the whole range,
+        received ``slice_bytes`` at a time (default: all at once), each passed to
+        ``on_slice(start, slice)`` as it lands while the holder sends the next.
+
+        (A request per 8 MiB, as before, left the reader waiting for a round trip after each:
+        1 GiB from a peer, by turns on one cluster, median 0.55 s against 0.48 s now.)"""
         if self._broken is not None:
             raise ConnectionError(f"the stream from {self.address} failed before: {self._broken}")
         conn = self._take()
@@ -192,11 +200,19 @@ class PeerStream:
             (n,) = _REPLY.unpack(reply)
             if n < 0:
                 raise ConnectionError(f"{self.address} has no file {index} in this offer")
-            if not _receive_into(conn, out[:n]):
-                raise ConnectionError(f"{self.address} closed the stream within a reply")
+            step = slice_bytes or max(n, 1)
+            for start in range(0, n, step):
+                piece = out[start : min(n, start + step)]
+                if not _receive_into(conn, piece):
+                    raise ConnectionError(f"{self.address} closed the stream within a reply")
+                if on_slice is not None:
+                    on_slice(start, piece)
         except OSError as e:
             conn.close()
             self._broken = e
+            raise
+        except BaseException:  # on_slice failed: the rest of the reply is still coming
+            conn.close()
             raise
         with self._lock:
             self._idle.append(conn)
@@ -227,16 +243,14 @@ def receive_file(address: tuple[str, int], token: bytes, index: int, nbytes: int
     """File ``index`` of offer ``token`` at ``address``, whole: its ``nbytes`` in a new array,
     over one connection. ``OSError`` when the stream fails or the file is not that long."""
     out = np.empty(nbytes, dtype=np.uint8)
-    view = out.data
     stream = PeerStream(address, token)
     try:
-        for start in range(0, nbytes, REQUEST_BYTES):
-            piece = view[start : start + REQUEST_BYTES]
-            if stream.read_into(index, start, piece) != len(piece):
-                raise ConnectionError(f"file {index} of the offer at {address} ends before "
-                                      f"byte {start + len(piece)} of {nbytes}")
+        got = stream.read_into(index, 0, out.data)
     finally:
         stream.close()
+    if got != nbytes:
+        raise ConnectionError(f"file {index} of the offer at {address} has {got} bytes, not "
+                              f"{nbytes}")
     return out
 
 
