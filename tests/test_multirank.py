@@ -233,8 +233,47 @@ def test_a_rank_process_that_dies_fails_the_save_quickly(cluster, tmp_path):
         time.sleep(0.05)  # rank 1's join is on its way from its process
     ray.kill(doomed)  # its process dies mid-save
     started = time.monotonic()
-    with pytest.raises(ray_ckpt.errors.CheckpointWriteError, match="rank 1: its process died"):
+    # whichever sees it first: the barrier's watch of rank 1, or rank 1's write, whose staged
+    # bytes died with their owner
+    died = r"rank 1: (its process died|.*the process that staged its bytes died)"
+    with pytest.raises(ray_ckpt.errors.CheckpointWriteError, match=died):
         ray.get(good, timeout=60)
     assert time.monotonic() - started < 20  # not the 600 s barrier timeout
     open(gate, "w").close()
     assert not os.path.exists(os.path.join(path, "ray_ckpt.commit"))
+
+
+@ray.remote(num_cpus=0)
+class _Stager:
+    def stage(self) -> list:
+        return [ray.put(b"x" * (1 << 20))]  # in the object store, owned by this process
+
+
+@ray.remote(num_cpus=0)
+def _write(data: bytes) -> int:
+    return len(data)
+
+
+def test_a_write_whose_staging_process_died_says_so(cluster, tmp_path):
+    """A write fails when the process that staged its bytes (their owner) dies first: the error
+    says that and what to do, not Ray's OwnerDiedError text alone."""
+    from ray_ckpt.save.commit import gather_shards
+
+    stager = _Stager.remote()
+    [staged] = ray.get(stager.stage.remote())
+    ray.kill(stager)
+    deadline = time.monotonic() + 60
+    while True:  # until Ray knows the bytes' owner is gone
+        try:
+            ray.get(staged, timeout=10)
+        except ray.exceptions.OwnerDiedError:
+            break
+        assert time.monotonic() < deadline, "the stager's death never reached its object"
+        time.sleep(0.2)
+    write = _write.remote(staged)
+    storage = ray_ckpt.storage.storage.Storage.from_path(str(tmp_path / "c"))
+    with pytest.raises(ray_ckpt.errors.CheckpointWriteError) as raised:
+        gather_shards([("node-1", "r00000-000000-x.data", write)], storage, 60.0)
+    message = str(raised.value)
+    assert "writer on node node-1 (r00000-000000-x.data): the process that staged its bytes died" \
+        in message and "save again from a live one" in message, message

@@ -197,7 +197,15 @@ def gather_shards(
             results.append(ray.get(ref))
         except Exception as e:  # noqa: BLE001 - collected into one error below
             cause = unwrap_ray_error(e)
-            failures.append(f"writer on node {node_id} ({file}): {type(cause).__name__}: {cause}")
+            if isinstance(cause, ray.exceptions.OwnerDiedError):  # not the writer's doing
+                failures.append(
+                    f"writer on node {node_id} ({file}): the process that staged its bytes died "
+                    "before they were written (Ray's OwnerDiedError): save again from a live one"
+                )
+            else:
+                failures.append(
+                    f"writer on node {node_id} ({file}): {type(cause).__name__}: {cause}"
+                )
     if failures:
         raise CheckpointWriteError(
             f"save to {storage.display} failed; nothing was committed. "

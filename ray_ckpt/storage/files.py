@@ -58,8 +58,9 @@ class FileReader:
         """Fill ``out`` with the bytes of file ``name`` from ``offset`` and call
         ``on_slice(start, slice)`` with each ``slice_bytes`` of it in order; a short file
         raises ``EOFError``. Local files are read a slice at a time, so that each slice is
-        still in the CPU cache when ``on_slice`` sees it; other filesystems in ranged reads of
-        up to ``READ_CHUNK_BYTES``. A transient error retries the whole range, starting again
+        still in the CPU cache when ``on_slice`` sees it; a filesystem's with ``open_ranges`` (the
+        memory tier) in one ``read_slices`` call; others in ranged reads of up to
+        ``READ_CHUNK_BYTES``. A transient error retries the whole range, starting again
         at ``start`` 0."""
         path = self._storage._join(name)
         view = out.cast("B") if out.format != "B" or out.ndim != 1 else out
