@@ -15,6 +15,7 @@ import ray_ckpt
 import ray_ckpt.errors
 from ray_ckpt.format.refs import MAX_DEPTH
 from ray_ckpt.save.barrier import HOST_NAME, barrier_name
+from ray_ckpt.save.commit import gather_shards
 
 from .conftest import on_node
 from .helpers import assert_same, manifest_file
@@ -257,8 +258,6 @@ def _write(data: bytes) -> int:
 def test_a_write_whose_staging_process_died_says_so(cluster, tmp_path):
     """A write fails when the process that staged its bytes (their owner) dies first: the error
     says that and what to do, not Ray's OwnerDiedError text alone."""
-    from ray_ckpt.save.commit import gather_shards
-
     stager = _Stager.remote()
     [staged] = ray.get(stager.stage.remote())
     ray.kill(stager)
