@@ -530,10 +530,8 @@ class _PeerFile:
                 )
                 self._fallback = Buffers(self._handler.open_held(self._path))
         base = landed
-        return base + self._fallback.read_slices(
-            offset + base, out[base:], slice_bytes,
-            lambda start, piece: on_landed(base + start, piece),
-        )
+        shifted = None if on_slice is None else (lambda at, piece: on_slice(base + at, piece))
+        return base + self._fallback.read_slices(offset + base, out[base:], slice_bytes, shifted)
 
     def close(self) -> None:
         if self._fallback is not None:
