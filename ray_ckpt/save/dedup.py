@@ -5,7 +5,7 @@ In the order a multi-rank save runs::
     (stager, each rank)    replicated_items        which items are replicated; their writers
                                                    come from the barrier (assign_replica_owners
                                                    over the union of the ranks' keys)
-    (pipeline, each rank)  replica_checksums       path, owner and CRC32C of each, for the report
+    (stager, each rank)    record_staged           path, owner and CRC32C of each, for the report
     (barrier / commit)     Merger                  folds the ranks' reports into one item list,
                                                    a replicated item or shard box once; collects
                                                    every disagreement (values, shapes, tiling)
@@ -20,10 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import torch
-
-from .._checksum import crc32c
 from .._util import PackedRows
 from ..errors import CheckpointWriteError
 from ..format.checks import first_overlap
@@ -32,7 +28,6 @@ from ..format.names import KIND_TENSOR
 from ..format.refs import union_trees
 from ..format.tree import Leaf, remap
 from ..storage.storage import Storage
-from .pieces import byte_view
 from .protocol import RankReport
 
 
@@ -83,20 +78,6 @@ def replicated_items(
 
 def _under_any(key: str, prefixes: tuple[str, ...]) -> bool:
     return any(p == "" or key == p or key.startswith(p + ".") for p in prefixes)
-
-
-def replica_checksums(
-    replicas: dict[int, Replica], host_bytes: list[torch.Tensor | np.ndarray], verify: bool
-) -> dict[int, tuple[str, int, int | None]]:
-    """Path, owner and (with ``verify``, on CPU) CRC32C of each replicated item, as a rank
-    reports them (:class:`~ray_ckpt.save.protocol.RankReport`) so that :class:`Merger` can
-    check that the ranks agree. Called by the pipeline once staging has copied every byte."""
-    out: dict[int, tuple[str, int, int | None]] = {}
-    for item, replica in replicas.items():
-        raw = byte_view(host_bytes[item])
-        crc = crc32c(raw.data) if verify and isinstance(raw, np.ndarray) else None
-        out[item] = (replica.path_id, replica.owner, crc)
-    return out
 
 
 def assign_replica_owners(

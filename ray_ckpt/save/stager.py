@@ -38,6 +38,7 @@ import numpy as np
 import ray
 import torch
 
+from .._checksum import crc32c
 from .._util import PackedRows, without_gc
 from ..config import CheckpointStagerConfig
 from ..errors import UnsupportedValueError
@@ -47,7 +48,7 @@ from ..format.layout import BucketLayout, Segment
 from ..format.manifest import ItemMeta
 from ..format.names import ALIGNMENT, KIND_PICKLE, KIND_TENSOR, align, data_file_name, dtype_name
 from ..format.tree import Leaf
-from .dedup import AssignReplicas, Replica, replica_checksums, replicated_items
+from .dedup import AssignReplicas, Replica, replicated_items
 from .pieces import _group_bytes, byte_view, pieces
 from .protocol import StageStats, StagingOutcome
 
@@ -334,7 +335,7 @@ def record_staged(
     """Once every byte of ``plan`` is staged (before the caller's tensors are released): what
     ``outcome`` hands the commit besides the writes, i.e. the replicas (checksummed with
     ``verify_replicas``), the shard owners and the staging stats, which it returns."""
-    outcome.replicas = replica_checksums(plan.replicas, plan.host_bytes, verify_replicas)
+    outcome.replicas = _replica_checksums(plan.replicas, plan.host_bytes, verify_replicas)
     outcome.shard_items = {
         item: (plan.leaves[item].path_id, owner) for item, owner in plan.shard_owners.items()
     }
@@ -343,6 +344,20 @@ def record_staged(
         stage_secs=stage_secs,
     )
     return outcome.stats
+
+
+def _replica_checksums(
+    replicas: dict[int, Replica], host_bytes: list[torch.Tensor | np.ndarray], verify: bool
+) -> dict[int, tuple[str, int, int | None]]:
+    """Path, owner and (with ``verify``, on CPU) CRC32C of each replicated item, as a rank
+    reports them (:class:`~ray_ckpt.save.protocol.RankReport`) so that the commit's
+    :class:`~ray_ckpt.save.dedup.Merger` can check that the ranks agree."""
+    out: dict[int, tuple[str, int, int | None]] = {}
+    for item, replica in replicas.items():
+        raw = byte_view(host_bytes[item])
+        crc = crc32c(raw.data) if verify and isinstance(raw, np.ndarray) else None
+        out[item] = (replica.path_id, replica.owner, crc)
+    return out
 
 
 class _nullcontext:
