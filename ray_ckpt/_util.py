@@ -1,12 +1,15 @@
 """Small helpers that are not part of the format: pausing the garbage collector around bulk
 work (``without_gc``, ``gc_paused``), ``PackedRows``, the rows of many small items packed
-into one buffer, and which Ray ray_ckpt started for this process (``local_ray_started``)."""
+into one buffer, which Ray ray_ckpt started for this process (``local_ray_started``), and the
+loads running in this process (``LOADS``)."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import gc
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -69,3 +72,44 @@ class PackedRows(list):  # type: ignore[type-arg]
 def _unpack_rows(cls: Any, columns: tuple[list[Any], ...]) -> PackedRows:
     with gc_paused():
         return PackedRows(map(cls._make, zip(*columns)))
+
+
+class _Loads:
+    """The checkpoint loads running in this process, for the background work that would take
+    the cores a load needs (prefaulting the object store, starting this node's writer): a
+    restore, often made by a process restarted after a failure right after it makes its
+    checkpointer, comes first."""
+
+    def __init__(self) -> None:
+        self._running = 0
+        self._ended = 0.0  # monotonic: when the last load ended
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """Within it, this process loads a checkpoint."""
+        with self._changed:
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._running -= 1
+                self._ended = time.monotonic()
+                self._changed.notify_all()
+
+    def wait_for_none(self, quiet_secs: float = 0.0) -> None:
+        """Return once no load runs and none has run for ``quiet_secs``, counted from this call
+        at the earliest (a load that begins within them, as a restore right after a
+        checkpointer is made does, is waited for too)."""
+        since = time.monotonic()
+        with self._changed:
+            while True:
+                self._changed.wait_for(lambda: self._running == 0)
+                left = max(since, self._ended) + quiet_secs - time.monotonic()
+                if left <= 0:
+                    return
+                self._changed.wait(left)
+
+
+LOADS = _Loads()

@@ -95,9 +95,6 @@ def _parts(
         filesystem=filesystem,
         commit_hook=commit_hook,
     )
-    # Start this node's writer now, in the background: its process start (seconds: it imports
-    # torch) then overlaps whatever the caller does before its first save.
-    pool.local().node_id.remote()
     return coordinator, reader
 
 

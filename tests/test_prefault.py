@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import ray
 
+from ray_ckpt._util import LOADS
 from ray_ckpt.save import prefault
 
 from .conftest import MiB
@@ -69,7 +70,7 @@ def test_a_prefault_run_waits_while_this_process_loads(cluster):
     the load ends, then everything."""
     [ref] = ray.get(_put_elsewhere.remote(48 * MiB))  # some of the store in memory, at least
     prefaulter = prefault._Prefaulter()  # not the process's: no run of it is under way
-    with prefault.paused(), prefaulter.paused():  # (nor will the process's one populate now)
+    with LOADS.running():  # (nor will the process's one populate now)
         _forget_store_pages()
         resident, mapped = _store_pages()
         assert mapped < resident - 48 * MiB // os.sysconf("SC_PAGE_SIZE")

@@ -1,19 +1,24 @@
-"""Writer actors have a lifetime: they exit once idle for ``idle_timeout_secs``, and the next
-save starts them again (issue 16: a detached writer outlived every job on the cluster)."""
+"""Writer actors have a lifetime: they start ahead of the first save but after a restore, exit
+once idle for ``idle_timeout_secs``, and the next save starts them again (issue 16: a detached
+writer outlived every job on the cluster)."""
 
 from __future__ import annotations
 
 import dataclasses
 import sys
+import threading
 import time
 
+import pyarrow.fs as pafs
 import pytest
 import ray
 import torch
 
 import ray_ckpt
 import ray_ckpt.tools
+from ray_ckpt.save.pool import PRESTART_AFTER_LOADS_SECS
 
+from .faulty_fs import Fault, FaultPlan, faulty
 from .helpers import assert_same, small_config
 
 IDLE_SECS = 2.0
@@ -55,6 +60,43 @@ def test_an_idle_writer_exits_and_the_next_save_starts_it_again(cluster, tmp_pat
         assert ray_ckpt.tools.verify(str(tmp_path / "b")).ok
         assert ckptr.load(str(tmp_path / "b"))["step"] == 1
         _wait_until_gone(name, config.namespace)
+
+
+def _wait_until_alive(name: str, namespace: str, limit_secs: float = 120.0) -> None:
+    start = time.monotonic()
+    while not _alive(name, namespace):
+        assert time.monotonic() - start < limit_secs, f"{name} not started in {limit_secs} s"
+        time.sleep(0.1)
+
+
+def test_a_checkpointer_made_to_restore_starts_its_writer_after_the_load(cluster, tmp_path):
+    """A process restarted after a failure makes its checkpointer and restores at once. Its
+    node's writer (a new process, whose start takes the cores the restore needs) starts once the
+    process has not loaded for ``PRESTART_AFTER_LOADS_SECS``: not beside the load, but still
+    ahead of the first save."""
+    state = {"w": torch.arange(1000.0), "step": 1}
+    with ray_ckpt.make_sync_checkpointer() as saver:
+        saver.save(str(tmp_path / "ckpt"), state)
+    load_secs = PRESTART_AFTER_LOADS_SECS + 3.0
+    plan = FaultPlan(tmp_path / "faults", [Fault("read", "*.data", delay_secs=load_secs)])
+    config = _config(None, io_threads=5)
+    fs = faulty(pafs.LocalFileSystem(), plan)
+    with ray_ckpt.make_sync_checkpointer(config=config, filesystem=fs) as ckptr:
+        name = ckptr._pool.actor_name(ckptr._pool.local_node_id())
+        during: list[bool] = []
+        probe = threading.Timer(
+            load_secs - 1.0, lambda: during.append(_alive(name, config.namespace))
+        )
+        probe.start()
+        loaded = ckptr.load(str(tmp_path / "ckpt"))
+        probe.join()
+        assert plan.hits(0) == 1  # the load took load_secs at least
+        assert during == [False]  # no writer while the process loaded
+        assert_same(loaded, state)
+        _wait_until_alive(name, config.namespace)  # started once the load was over
+        ckptr.save(str(tmp_path / "again"), state)
+    assert ray_ckpt.tools.verify(str(tmp_path / "again")).ok
+    ray.kill(ray.get_actor(name, namespace=config.namespace), no_restart=True)
 
 
 def test_a_writer_saves_without_ever_importing_torch(cluster, tmp_path):

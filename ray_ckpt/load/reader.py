@@ -26,10 +26,9 @@ import numpy as np
 import torch
 
 from .. import metrics
-from .._util import without_gc
+from .._util import LOADS, without_gc
 from ..config import CheckpointReaderConfig, StorageConfig
 from ..errors import UnsupportedValueError
-from ..save import prefault
 from ..sharding import runs
 from ..storage.files import open_files
 from ..storage.storage import Storage
@@ -98,28 +97,28 @@ class CheckpointReader:
         its own shard, whatever sharding the checkpoint was saved with); anything else is
         replaced. Returns the result with the keys the checkpoint lacks.
         """
+        if state_dict is not None and not isinstance(state_dict, dict):
+            raise UnsupportedValueError(
+                f"state_dict must be a dict to load into, got {type(state_dict).__qualname__}"
+            )
         started = time.perf_counter()
         relocate = resolve_map_location(map_location)
-        info = self.open(path)
-        plan = _Plan()
-        if state_dict is None:
-            result = _Walker(info, plan, allow_pickle).fresh_value(info.tree)
-        else:
-            if not isinstance(state_dict, dict):
-                raise UnsupportedValueError(
-                    f"state_dict must be a dict to load into, got {type(state_dict).__qualname__}"
-                )
-            _Walker(info, plan, allow_pickle).walk(state_dict)
-        _check_pickles(plan, info, allow_pickle)
-        with prefault.paused():  # the load comes first
+        with LOADS.running():  # background work waits: the load comes first
+            info = self.open(path)
+            plan = _Plan()
+            if state_dict is None:
+                result = _Walker(info, plan, allow_pickle).fresh_value(info.tree)
+            else:
+                _Walker(info, plan, allow_pickle).walk(state_dict)
+            _check_pickles(plan, info, allow_pickle)
             self.last_stats = self._run(info, plan.copies)
-        values = {key: _finish(value, info, key, relocate) for key, value in plan.fresh.items()}
-        if state_dict is None:
-            result = _assign(result, values)
-        else:
-            for step in plan.steps:
-                step(values)
-            result = state_dict
+            values = {key: _finish(value, info, key, relocate) for key, value in plan.fresh.items()}
+            if state_dict is None:
+                result = _assign(result, values)
+            else:
+                for step in plan.steps:
+                    step(values)
+                result = state_dict
         secs = time.perf_counter() - started
         nbytes = plan.nbytes
         logger.info(

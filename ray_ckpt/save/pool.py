@@ -19,6 +19,7 @@ from ray.actor import ActorHandle
 from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from .._util import LOADS
 from ..config import CheckpointWriterConfig
 from ..errors import CheckpointWriteError
 from .encoder import CheckpointWriter, default_writer_init_fn
@@ -30,6 +31,7 @@ from .writer import WriterActor, default_subprocess_init_fn, logger
 # (+210 MiB before it levelled off), and glibc's per-thread malloc arenas fragmented across the
 # actor's threads (+6 MiB a save). Arrow's system pool and two arenas keep it within 15 MiB.
 _WRITER_ENV = {"env_vars": {"MALLOC_ARENA_MAX": "2", "ARROW_DEFAULT_MEMORY_POOL": "system"}}
+PRESTART_AFTER_LOADS_SECS = 1.0  # see WriterPool.prestart
 
 
 class WriterPool:
@@ -84,14 +86,20 @@ class WriterPool:
         return self.for_node(self.local_node_id())
 
     def prestart(self) -> None:
-        """Start this node's shared writer now, from a thread, so that the first save finds it
-        running (its start, a process importing torch and pyarrow, is most of a first save's
-        cost) and the caller does not wait for its class to be exported. Writers of a custom
+        """Start this node's shared writer from a thread, so that the first save finds it
+        running (its start, a new process, is most of a first save's cost) and the caller does
+        not wait for its class to be exported. It starts once this process has not loaded a
+        checkpoint for ``PRESTART_AFTER_LOADS_SECS``: a process restarted after a failure
+        makes its checkpointer and restores at once, and the restore comes first. Measured on 2
+        cores, the first load of a new process, 1 GiB from a peer's holder after a node loss,
+        6 by turns: median 0.418 s (0.31-0.48), against 0.527 s (0.43-0.62) with the writer
+        starting beside it (its process took 0.3-0.5 s of CPU meanwhile). Writers of a custom
         pool start on first use: ``close()`` kills them, and must not race a start."""
         if self._custom:
             return
 
         def start() -> None:
+            LOADS.wait_for_none(PRESTART_AFTER_LOADS_SECS)
             try:
                 self.local()
             except Exception as e:  # noqa: BLE001 - the first save starts it, and reports why

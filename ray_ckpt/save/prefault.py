@@ -15,22 +15,26 @@ written, and no page that Ray has not used is allocated (the store's memory use 
 change). It runs on a background thread: when a checkpointer is created, and again after every
 save (the writers and holders brought more of the store into memory meanwhile), at the lowest
 CPU priority (a run may overlap the next save's stall, which comes first), and never while this
-process loads a checkpoint (:func:`paused`: a restore, often right after a checkpointer is
-made, comes first; a run then waits between windows). Pages never
-used yet still cost a fault on their first use, whoever touches them first. Linux 5.14 or
-later, a store in ``/dev/shm`` (Ray's default); elsewhere it does nothing, and says why once
-in the log.
+process loads a checkpoint (``LOADS``: a restore, often right after a checkpointer is made,
+comes first; a run then waits between windows). Measured, 1 GiB restores from a peer's holder
+by a process that makes a checkpointer for each, 10 by turns: 0.342 s and 0.462 s (two runs)
+with no prefault run against 0.400 s and 0.506 s beside one (its ``mincore`` and page-table
+walks take CPU that the load needs, even at the lowest priority); 0.328 s waiting against
+0.351 s not. Pages never used yet still cost a fault on their first use, whoever touches them
+first. Linux 5.14 or later, a store in ``/dev/shm`` (Ray's default); elsewhere it does nothing,
+and says why once in the log.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+
+from .._util import LOADS
 
 logger = logging.getLogger(__name__)
 
@@ -136,8 +140,6 @@ class _Prefaulter:
         self._again = False
         self._disabled = not sys.platform.startswith("linux")
         self._seen: dict[int, int] = {}  # see populate_resident
-        self._loads = 0  # loads running in this process (see paused)
-        self._no_load = threading.Condition(self._lock)
 
     def request(self) -> None:
         with self._lock:
@@ -154,7 +156,7 @@ class _Prefaulter:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         while True:
             try:
-                covered = populate_resident(self._seen, self._wait_for_no_load)
+                covered = populate_resident(self._seen, LOADS.wait_for_none)
                 logger.debug("ray_ckpt: prefaulted %.1f MiB of the object store", covered / 2**20)
             except OSError as e:  # an old kernel, say: staging then pays its page faults
                 logger.info("ray_ckpt: not prefaulting the object store (%s): a save's first "
@@ -169,21 +171,6 @@ class _Prefaulter:
                     return
                 self._again = False
 
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        with self._lock:
-            self._loads += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._loads -= 1
-                self._no_load.notify_all()
-
-    def _wait_for_no_load(self) -> None:
-        with self._lock:
-            self._no_load.wait_for(lambda: self._loads == 0)
-
 
 _PREFAULTER = _Prefaulter()
 
@@ -191,12 +178,3 @@ _PREFAULTER = _Prefaulter()
 def request() -> None:
     """Populate this process's mapping of the object store soon, on a background thread."""
     _PREFAULTER.request()
-
-
-def paused() -> contextlib.AbstractContextManager[None]:
-    """Within it, this process is loading a checkpoint: a prefault run waits (before its next
-    window) until no load runs. Measured, 1 GiB restores from a peer's holder by a process that
-    makes a checkpointer for each, 10 by turns: 0.342 s and 0.462 s (two runs) with no prefault
-    run against 0.400 s and 0.506 s beside one (its ``mincore`` and page-table walks take CPU
-    that the load needs, even at the lowest priority); 0.328 s paused against 0.351 s not."""
-    return _PREFAULTER.paused()
