@@ -23,6 +23,10 @@ actor on worker node A holds a transformer + Adam state (``benchmarks.state_dict
   another new node, by a process that has loaded before, with no node loss in progress, from
   the loopback S3 server (moto, the state saved there by A) and from a peer's holder, by turns,
   so that the machine's drifting speed (it is shared) moves both alike;
+* the transport floor, by turns with those: the same bytes from a process on the peer's node
+  over plain TCP, on as many connections as a load has threads, each MiB checksummed (CRC32C)
+  as it lands, as a load does; no request protocol, no manifest, no actor call: what a peer
+  restore could take at best on this machine;
 * Ray Train node loss (``benchmarks.train_recovery``, unless ``--no-train-recovery``): a
   ``TorchTrainer`` of 2 DDP workers on 2 simulated nodes, whose model + AdamW state is the size
   of the state above, loses a node after step 13, once with memory checkpoints every step
@@ -45,14 +49,18 @@ import os
 import shutil
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.fs as pafs
 import ray
 import torch
@@ -64,6 +72,7 @@ from benchmarks import train_recovery
 from benchmarks.state_dicts import optimizer_state, parse_size, tensors
 
 MiB = 1 << 20
+_RANGE = "<QQ"  # a transport-floor request: offset, length (a str: the classes pickle by value)
 FIRST_TOUCHED_AT_MOST = 0.05  # a save found its pages in memory: it touched this share first
 
 
@@ -135,6 +144,65 @@ class Trainer:
 
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
+
+    def floor(self, address: tuple[str, int], nbytes: int) -> float:
+        """Seconds to receive ``nbytes`` from the :class:`FloorSender` at ``address`` over
+        plain TCP, one connection per thread of a load, each MiB checksummed as it lands."""
+        from ray_ckpt._checksum import crc32c
+        from ray_ckpt.config import CheckpointReaderConfig
+
+        if len(getattr(self, "landing", ())) != nbytes:
+            self.landing = np.ones(nbytes, dtype=np.uint8)  # in memory, as a load's tensors
+        view = memoryview(self.landing)
+        streams = CheckpointReaderConfig().io_threads
+        part = -(-nbytes // streams)
+
+        def receive(start: int) -> None:
+            end = min(nbytes, start + part)
+            with socket.create_connection(address) as conn:
+                conn.sendall(struct.pack(_RANGE, start, end - start))
+                crc = 0
+                while start < end:
+                    piece = view[start : min(end, start + MiB)]
+                    got = 0
+                    while got < len(piece):
+                        n = conn.recv_into(piece[got:])
+                        if n == 0:
+                            raise ConnectionError(f"{address} closed the floor's stream")
+                        got += n
+                    crc = crc32c(piece, crc)
+                    start += len(piece)
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(streams) as pool:
+            list(pool.map(receive, range(0, nbytes, part)))
+        return time.perf_counter() - started
+
+
+@ray.remote(num_cpus=0)
+class FloorSender:
+    """The far end of the transport floor: ``nbytes`` in memory (as a holder's are), sent
+    over plain TCP to each connection that asks for a range (offset and length, u64 each)."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.data = np.ones(nbytes, dtype=np.uint8)
+        self.server = socket.create_server((ray.util.get_node_ip_address(), 0))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def address(self) -> tuple[str, int]:
+        host, port = self.server.getsockname()[:2]
+        return host, port
+
+    def _accept(self) -> None:
+        while True:
+            conn, _ = self.server.accept()
+            threading.Thread(target=self._send, args=(conn,), daemon=True).start()
+
+    def _send(self, conn: socket.socket) -> None:
+        with conn:
+            request = conn.recv(struct.calcsize(_RANGE), socket.MSG_WAITALL)
+            offset, length = struct.unpack(_RANGE, request)
+            conn.sendall(memoryview(self.data)[offset : offset + length])
 
 
 def _zeros_like(tree: Any) -> Any:
@@ -262,13 +330,20 @@ def run(size: int, runs: int, saves: int, work: str) -> dict[str, Any]:
         again = Trainer.options(**_on(_join(cluster, worker_store))).remote(size)
         ray.get(again.load.remote(f"mem://bench/step-{saves - 2}"))
         ray.get(again.load.remote("bench/step", s3, True))  # warms its S3 client alike
-        s3_loads, peer_loads = [], []
+        holder_node = next(n for n in _copies(last)[0] if n in alive)
+        sender = FloorSender.options(**_on(holder_node)).remote(out["state_bytes"])
+        floor_at = ray.get(sender.address.remote())
+        ray.get(again.floor.remote(floor_at, out["state_bytes"]))  # its buffer touched once
+        s3_loads, peer_loads, floors = [], [], []
         for i in range(runs):
             s3_loads.append(ray.get(again.load.remote("bench/step", s3)))
             peer_loads.append(ray.get(again.load.remote(
                 last, None, i == 0, profile and i == 0 and os.path.join(profile, "peer.txt"))))
+            floors.append(ray.get(again.floor.remote(floor_at, out["state_bytes"])))
+        ray.kill(sender)
         out["load_s3_s"] = statistics.median(s3_loads)
         out["load_peer_holder_steady_s"] = statistics.median(peer_loads)
+        out["transport_floor_s"] = statistics.median(floors)
     except BaseException:
         sys.stderr.write(f"partial results: {json.dumps(out)}\n")
         raise
@@ -307,6 +382,11 @@ def table(r: dict[str, Any]) -> str:
          r["load_peer_holder_steady_s"],
          f"{r['load_s3_s'] / r['load_peer_holder_steady_s']:.1f}x faster than S3, "
          f"{r['load_cold_disk_s'] / r['load_peer_holder_steady_s']:.1f}x than cold disk"),
+        ("transport floor: the same bytes from a process on a holder's node, plain TCP, "
+         "CRC32C as they land, no protocol (the most a peer restore can do here)",
+         r["transport_floor_s"],
+         f"{r['load_s3_s'] / r['transport_floor_s']:.1f}x faster than S3; a warm peer restore "
+         f"takes {r['load_peer_holder_steady_s'] / r['transport_floor_s']:.2f}x it"),
         ("restore: cold local disk", r["load_cold_disk_s"], ""),
         ("restore: loopback S3 (moto)", r["load_s3_s"], ""),
         ("re-replication after node loss", r["re_replicated_after_s"], "background"),
