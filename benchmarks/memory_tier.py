@@ -25,8 +25,9 @@ actor on worker node A holds a transformer + Adam state (``benchmarks.state_dict
   so that the machine's drifting speed (it is shared) moves both alike;
 * the transport floor, by turns with those: the same bytes from a process on the peer's node
   over plain TCP, on as many connections as a load has threads, each MiB checksummed (CRC32C)
-  as it lands, as a load does; no request protocol, no manifest, no actor call: what a peer
-  restore could take at best on this machine;
+  as it lands, as a load does; no request protocol, no manifest, no actor call: what the
+  transport alone takes on this machine (a reference, as noisy as the rest: in one of its
+  first two runs a warm peer restore's median came in below it);
 * Ray Train node loss (``benchmarks.train_recovery``, unless ``--no-train-recovery``): a
   ``TorchTrainer`` of 2 DDP workers on 2 simulated nodes, whose model + AdamW state is the size
   of the state above, loses a node after step 13, once with memory checkpoints every step
@@ -382,8 +383,8 @@ def table(r: dict[str, Any]) -> str:
          r["load_peer_holder_steady_s"],
          f"{r['load_s3_s'] / r['load_peer_holder_steady_s']:.1f}x faster than S3, "
          f"{r['load_cold_disk_s'] / r['load_peer_holder_steady_s']:.1f}x than cold disk"),
-        ("transport floor: the same bytes from a process on a holder's node, plain TCP, "
-         "CRC32C as they land, no protocol (the most a peer restore can do here)",
+        ("transport alone: the same bytes from a process on a holder's node, plain TCP, "
+         "CRC32C as they land, no protocol (by turns with the two rows above)",
          r["transport_floor_s"],
          f"{r['load_s3_s'] / r['transport_floor_s']:.1f}x faster than S3; a warm peer restore "
          f"takes {r['load_peer_holder_steady_s'] / r['transport_floor_s']:.2f}x it"),
