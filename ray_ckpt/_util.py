@@ -1,7 +1,7 @@
 """Small helpers that are not part of the format: pausing the garbage collector around bulk
 work (``without_gc``, ``gc_paused``), ``PackedRows``, the rows of many small items packed
-into one buffer, which Ray ray_ckpt started for this process (``local_ray_started``), and the
-loads running in this process (``LOADS``)."""
+into one buffer, which Ray ray_ckpt started for this process (``local_ray_started``), and
+``InFlight``, a count of calls or loads in flight (``LOADS``: this process's loads)."""
 
 from __future__ import annotations
 
@@ -74,42 +74,48 @@ def _unpack_rows(cls: Any, columns: tuple[list[Any], ...]) -> PackedRows:
         return PackedRows(map(cls._make, zip(*columns)))
 
 
-class _Loads:
-    """The checkpoint loads running in this process, for the background work that would take
-    the cores a load needs (prefaulting the object store, starting this node's writer): a
-    restore, often made by a process restarted after a failure right after it makes its
-    checkpointer, comes first."""
+class InFlight:
+    """A count of things in flight and when the last one ended: the calls on a writer actor
+    (it retires once idle long enough), the loads of this process (:data:`LOADS`)."""
 
     def __init__(self) -> None:
-        self._running = 0
-        self._ended = 0.0  # monotonic: when the last load ended
+        self._count = 0
+        self._ended = time.monotonic()  # when the last one ended (or this was made)
         self._changed = threading.Condition()
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
-        """Within it, this process loads a checkpoint."""
+        """Within it, one more thing is in flight."""
         with self._changed:
-            self._running += 1
+            self._count += 1
         try:
             yield
         finally:
             with self._changed:
-                self._running -= 1
+                self._count -= 1
                 self._ended = time.monotonic()
                 self._changed.notify_all()
 
-    def wait_for_none(self, quiet_secs: float = 0.0) -> None:
-        """Return once no load runs and none has run for ``quiet_secs``, counted from this call
-        at the earliest (a load that begins within them, as a restore right after a
-        checkpointer is made does, is waited for too)."""
+    def idle_secs(self) -> float:
+        """Seconds since the last one ended; 0 while one is in flight."""
+        with self._changed:
+            return 0.0 if self._count else time.monotonic() - self._ended
+
+    def wait_idle(self, quiet_secs: float = 0.0) -> None:
+        """Return once nothing is in flight and nothing has been for ``quiet_secs``, counted
+        from this call at the earliest (what begins within them is waited for too)."""
         since = time.monotonic()
         with self._changed:
             while True:
-                self._changed.wait_for(lambda: self._running == 0)
+                self._changed.wait_for(lambda: self._count == 0)
                 left = max(since, self._ended) + quiet_secs - time.monotonic()
                 if left <= 0:
                     return
                 self._changed.wait(left)
 
 
-LOADS = _Loads()
+# The checkpoint loads running in this process, for the background work that would take the
+# cores a load needs (prefaulting the object store, starting this node's writer): a restore,
+# often made by a process restarted after a failure right after it makes its checkpointer,
+# comes first.
+LOADS = InFlight()

@@ -99,7 +99,7 @@ class WriterPool:
             return
 
         def start() -> None:
-            LOADS.wait_for_none(PRESTART_AFTER_LOADS_SECS)
+            LOADS.wait_idle(PRESTART_AFTER_LOADS_SECS)
             try:
                 self.local()
             except Exception as e:  # noqa: BLE001 - the first save starts it, and reports why

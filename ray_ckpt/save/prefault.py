@@ -156,7 +156,7 @@ class _Prefaulter:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         while True:
             try:
-                covered = populate_resident(self._seen, LOADS.wait_for_none)
+                covered = populate_resident(self._seen, LOADS.wait_idle)
                 logger.debug("ray_ckpt: prefaulted %.1f MiB of the object store", covered / 2**20)
             except OSError as e:  # an old kernel, say: staging then pays its page faults
                 logger.info("ray_ckpt: not prefaulting the object store (%s): a save's first "

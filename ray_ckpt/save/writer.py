@@ -39,16 +39,16 @@ custom writer (``checkpoint_writer_init_fn``) or a test that injects faults can 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 
+from .._util import InFlight
 from ..config import CheckpointWriterConfig
 from ..errors import CheckpointWriteError
 from ..format.layout import BucketLayout
@@ -128,31 +128,6 @@ class _Mailbox:
         return slot
 
 
-class _Activity:
-    """What is in flight on a writer actor, and since when it has been idle."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._in_flight = 0
-        self._since = time.monotonic()
-
-    @contextlib.contextmanager
-    def busy(self) -> Iterator[None]:
-        with self._lock:
-            self._in_flight += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._in_flight -= 1
-                self._since = time.monotonic()
-
-    def idle_secs(self) -> float:
-        """Seconds since the last call ended; 0 while one is in flight."""
-        with self._lock:
-            return 0.0 if self._in_flight else time.monotonic() - self._since
-
-
 class _WriterActor:
     """The Ray actor of one node. See the module docstring for the protocol."""
 
@@ -172,14 +147,14 @@ class _WriterActor:
         self._mailbox = _Mailbox()
         self._running: dict[str, _Slot] = {}
         self._io_slots = threading.BoundedSemaphore(config.io_threads)
-        self._activity = _Activity()
+        self._activity = InFlight()
         self._idle_timeout_secs = config.idle_timeout_secs
         if self._idle_timeout_secs is not None:
             threading.Thread(target=self._retire_when_idle, name="ray_ckpt-idle",
                              daemon=True).start()
 
     def node_id(self) -> str:
-        with self._activity.busy():  # a ping: the caller is about to use this writer
+        with self._activity.running():  # a ping: the caller is about to use this writer
             return self._node_id
 
     def _retire_when_idle(self) -> None:
@@ -222,7 +197,7 @@ class _WriterActor:
         accept(handoff)  # before ``storage`` is used: its filesystem's secrets
         arrays = payload[part]
         del payload
-        with self._activity.busy(), self._io_slots:
+        with self._activity.running(), self._io_slots:
             start = time.perf_counter()
             abandoned = checkpoint_id in ABANDONED
             extents = [] if abandoned else self._writer.write_bucket(
@@ -250,7 +225,7 @@ class _WriterActor:
         slot = self._mailbox.slot(token)
         self._running[token] = slot
         try:
-            with self._activity.busy():
+            with self._activity.running():
                 self._mailbox.take(token, request.barrier_timeout_secs)
                 return commit_save(request, slot.outcome, slot.begin_commit)
         except BaseException:
@@ -290,7 +265,7 @@ class _WriterActor:
     def wait_staged(
         self, token: str, timeout_secs: float, caller: list[ray.ObjectRef] | None = None
     ) -> StageStats | None:
-        with self._activity.busy():
+        with self._activity.running():
             if caller:
                 self._watch_caller(token, caller[0], timeout_secs)
             outcome = self._mailbox.take(token, timeout_secs).outcome
@@ -317,7 +292,7 @@ class _WriterActor:
 
     @ray.method(concurrency_group="control")
     def end_staging(self, token: str, outcome: StagingOutcome) -> None:
-        with self._activity.busy():
+        with self._activity.running():
             self._mailbox.deliver(token, outcome)
 
     @ray.method(concurrency_group="control")
