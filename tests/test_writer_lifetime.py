@@ -5,6 +5,9 @@ writer outlived every job on the cluster)."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
 import sys
 import threading
 import time
@@ -97,6 +100,46 @@ def test_a_checkpointer_made_to_restore_starts_its_writer_after_the_load(cluster
         ckptr.save(str(tmp_path / "again"), state)
     assert ray_ckpt.tools.verify(str(tmp_path / "again")).ok
     ray.kill(ray.get_actor(name, namespace=config.namespace), no_restart=True)
+
+
+_LATE_PRESTART = """
+import json, sys, threading, time
+import ray, ray_ckpt
+wait = float(sys.argv[1]) + 1.5
+ray.init(address="local", num_cpus=1, include_dashboard=False)
+closed = ray_ckpt.make_sync_checkpointer()
+name = closed._pool.actor_name(closed._pool.local_node_id())
+closed.close()
+time.sleep(wait)
+try:
+    ray.get_actor(name, namespace="ray_ckpt")
+    started = True
+except ValueError:
+    started = False
+left_open = ray_ckpt.make_sync_checkpointer()
+ray.shutdown()
+time.sleep(wait)
+for thread in threading.enumerate():  # a Ray a late prestart started takes seconds to come up
+    if thread.name == "ray_ckpt-writer-prestart":
+        thread.join(120)
+print(json.dumps([started, ray.is_initialized()]))
+"""
+
+
+def test_a_prestart_that_comes_too_late_does_nothing():
+    """A prestart waits (for loads, and a moment): by then its checkpointer may be closed, or
+    Ray shut down. It then starts no writer, and does not attach this process to a Ray on its
+    own (which would break the caller's next ``ray.init``). In a process of its own: it shuts
+    down its Ray."""
+    done = subprocess.run(
+        [sys.executable, "-c", _LATE_PRESTART, str(PRESTART_AFTER_LOADS_SECS)],
+        capture_output=True, text=True, timeout=180,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    started, attached = json.loads(done.stdout.splitlines()[-1])
+    assert not started, "a writer started for a checkpointer closed before its prestart"
+    assert not attached, "a late prestart attached this process to a Ray after ray.shutdown()"
 
 
 def test_a_writer_saves_without_ever_importing_torch(cluster, tmp_path):

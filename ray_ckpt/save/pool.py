@@ -61,6 +61,7 @@ class WriterPool:
         self._used: dict[str, float] = {}  # when each cached handle was last used (monotonic)
         self._died: set[str] = set()  # nodes whose writer died: wait for its successor
         self._lock = threading.Lock()
+        self._closed = False  # the checkpointer was closed: a prestart still waiting does nothing
 
     def local_node_id(self) -> str:
         return str(ray.get_runtime_context().get_node_id())
@@ -100,6 +101,8 @@ class WriterPool:
 
         def start() -> None:
             LOADS.wait_idle(PRESTART_AFTER_LOADS_SECS)
+            if self._closed or not ray.is_initialized():
+                return  # too late: a call now would start (or attach to) a Ray on its own
             try:
                 self.local()
             except Exception as e:  # noqa: BLE001 - the first save starts it, and reports why
@@ -144,6 +147,7 @@ class WriterPool:
     def close(self) -> None:
         """Kill the writers of a custom pool (shared default writers stay for other users)."""
         with self._lock:
+            self._closed = True
             handles, self._handles = list(self._handles.values()), {}
         if self._custom:
             for handle in handles:
