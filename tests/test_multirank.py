@@ -264,8 +264,14 @@ def test_a_write_whose_staging_process_died_says_so(cluster, tmp_path, where):
     stager = _Stager.options(**on_node(node)).remote()
     [staged] = ray.get(stager.stage.remote())  # a borrowed ref; the bytes are never fetched here
     ray.kill(stager)
-    with pytest.raises(ray.exceptions.RayActorError):  # its process is gone
-        ray.get(stager.stage.remote(), timeout=60)
+    deadline = time.monotonic() + 60
+    while True:  # its process is gone (ray.kill is asynchronous: a call right after may run)
+        try:
+            ray.get(stager.stage.remote(), timeout=60)
+        except ray.exceptions.RayActorError:
+            break
+        assert time.monotonic() < deadline, "the killed stager kept answering"
+        time.sleep(0.1)
     storage = ray_ckpt.storage.storage.Storage.from_path(str(tmp_path / "c"))
     deadline = time.monotonic() + 60
     while True:  # a write sent before Ray has told this process of the owner's death may pass
