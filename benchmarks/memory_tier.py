@@ -23,7 +23,7 @@ actor on worker node A holds a transformer + Adam state (``benchmarks.state_dict
   another new node, by a process that has loaded before, with no node loss in progress, from
   the loopback S3 server (moto, the state saved there by A) and from a peer's holder, by turns,
   so that the machine's drifting speed (it is shared) moves both alike;
-* the transport floor, by turns with those: the same bytes from a process on the peer's node
+* the transport alone, by turns with those: the same bytes from a process on the peer's node
   over plain TCP, on as many connections as a load has threads, each MiB checksummed (CRC32C)
   as it lands, as a load does; no request protocol, no manifest, no actor call: what the
   transport alone takes on this machine (a reference, as noisy as the rest: in one of its
@@ -151,6 +151,7 @@ class Trainer:
         plain TCP, one connection per thread of a load, each MiB checksummed as it lands."""
         from ray_ckpt._checksum import crc32c
         from ray_ckpt.config import CheckpointReaderConfig
+        from ray_ckpt.storage.memory_stream import _receive_into  # a peer read's receive loop
 
         if len(getattr(self, "landing", ())) != nbytes:
             self.landing = np.ones(nbytes, dtype=np.uint8)  # in memory, as a load's tensors
@@ -165,12 +166,8 @@ class Trainer:
                 crc = 0
                 while start < end:
                     piece = view[start : min(end, start + MiB)]
-                    got = 0
-                    while got < len(piece):
-                        n = conn.recv_into(piece[got:])
-                        if n == 0:
-                            raise ConnectionError(f"{address} closed the floor's stream")
-                        got += n
+                    if not _receive_into(conn, piece):
+                        raise ConnectionError(f"{address} closed the floor's stream")
                     crc = crc32c(piece, crc)
                     start += len(piece)
 
