@@ -99,14 +99,23 @@ _HOME: dict[str, str] = {  # public name -> the module that defines it
 }
 
 
+# The submodules the README uses as ``ray_ckpt.<module>.<name>``: each imports on first use,
+# so that ``ray_ckpt.tiers.persist(...)`` works after a bare ``import ray_ckpt`` (as the
+# attribute of an imported submodule, it otherwise would only once something imported it).
+_SUBMODULES = frozenset({"catalog", "errors", "storage", "tiers", "tools", "train", "types"})
+
+
 def __getattr__(name: str) -> Any:
     home = _HOME.get(name)
-    if home is None:
+    if home is not None:
+        value = getattr(importlib.import_module(home), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
         raise AttributeError(f"module 'ray_ckpt' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+    return sorted([*globals(), *__all__, *_SUBMODULES])
