@@ -80,3 +80,12 @@ class CheckpointerClosedError(CheckpointError, RuntimeError):
 
 class BarrierTimeoutError(CheckpointError, TimeoutError):
     """Not every rank reached the commit barrier in time; nothing was committed."""
+
+
+class MemoryTierFullError(CheckpointError, MemoryError):
+    """A memory checkpoint does not fit in the object store of a node, even after evicting
+    what the eviction rule allows."""
+
+
+class MemoryCopiesLostError(CheckpointError, FileNotFoundError):
+    """Every held copy of a file of a memory checkpoint is gone (its nodes were lost)."""

@@ -232,7 +232,7 @@ def load_newest(
         _log_choice(source, where, lost, sources)
         try:
             return ckptr.load(source.path, state_dict, **load_kwargs), source
-        except (memory.MemoryCopiesLostError, IncompleteCheckpointError, CheckpointError) as e:
+        except CheckpointError as e:  # MemoryCopiesLostError, or a read that lost its copy
             if source.tier == DURABLE or not _is_loss(e):
                 raise
             # a copy vanished during the load: the next source is loaded whole, over it

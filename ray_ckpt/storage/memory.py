@@ -62,11 +62,11 @@ import pyarrow.fs as pafs
 import ray
 
 from .._util import local_ray_started
-from ..errors import CheckpointError
+from ..errors import MemoryCopiesLostError, MemoryTierFullError
 from .buffers import Buffers
 from .classify import MEMORY_SCHEME
 from .files import ReadScope
-from .memory_catalog import CATALOG_NAME, MemoryTierFullError, catalog, in_use
+from .memory_catalog import CATALOG_NAME, catalog, in_use, tier_full
 from .memory_holder import (
     NAMESPACE,
     alive_nodes,
@@ -82,10 +82,6 @@ logger = logging.getLogger(__name__)
 
 SCHEME = MEMORY_SCHEME
 _DATA_SUFFIX = ".data"
-
-
-class MemoryCopiesLostError(CheckpointError, FileNotFoundError):
-    """Every held copy of a file of a memory checkpoint is gone (its nodes were lost)."""
 
 
 @dataclass(frozen=True)
@@ -667,11 +663,7 @@ def make_room(fs: Any, path: str, nbytes: int) -> None:
         if not _UNSETTLED:
             _start_catalog(_strip(path))  # not awaited: the stall does not wait for the actor
         if 2 * nbytes > capacity:
-            raise MemoryTierFullError(
-                f"memory checkpoint {SCHEME}{_strip(path)} needs {2 * nbytes / 2**20:.1f} MiB "
-                f"on node {node}, more than the {capacity / 2**20:.1f} MiB allowed "
-                "(capacity_fraction of its object store): give the nodes a larger object store"
-            )
+            raise tier_full(_strip(path), nbytes, node, capacity, held=0)
         return
     try:
         evicted, wait_secs, _ = ray.get(

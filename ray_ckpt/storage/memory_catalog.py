@@ -33,7 +33,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ..errors import CheckpointError
+from ..errors import MemoryTierFullError
 from ..format.names import MARKER_NAME
 from .classify import MEMORY_SCHEME as SCHEME
 from .memory_holder import (
@@ -73,9 +73,26 @@ def pending_frees(
     return sum(n for _, n in mine), max(at for at, _ in mine) + RAY_FREE_PERIOD_SECS
 
 
-class MemoryTierFullError(CheckpointError, MemoryError):
-    """A memory checkpoint does not fit in the object store of a node, even after evicting
-    what the eviction rule allows."""
+def tier_full(path: str, nbytes: int, node: str, capacity: int, held: int) -> MemoryTierFullError:
+    """The refusal of memory checkpoint ``path``, of which the saving process writes ``nbytes``,
+    on ``node``, which may hold ``capacity`` bytes and holds ``held`` that cannot be evicted."""
+    mib = 2**20
+    needs = (
+        f"memory checkpoint {SCHEME}{path} needs {2 * nbytes / mib:.1f} MiB on node {node} (twice "
+        f"the {nbytes / mib:.1f} MiB this process saves: its staged bytes and its held copy), "
+    )
+    if not held:
+        return MemoryTierFullError(
+            f"{needs}more than the {capacity / mib:.1f} MiB allowed (capacity_fraction of its "
+            "object store): give the nodes a larger object store or raise capacity_fraction"
+        )
+    return MemoryTierFullError(
+        f"{needs}but it holds {held / mib:.1f} MiB of memory checkpoints out of "
+        f"{capacity / mib:.1f} MiB allowed (capacity_fraction of its object store), and evicting "
+        "what may be evicted (all but the newest checkpoint of each directory) would not make "
+        "room. Persist and delete older memory checkpoints, lower keep_last, or give the nodes a "
+        "larger object store."
+    )
 
 
 @dataclass
@@ -297,14 +314,7 @@ class _Catalog:
                 victims.append(victim)
                 held -= sum(f.nbytes for f in self._dirs[victim].data.values() if node in f.nodes)
             if held + needed > capacity:
-                raise MemoryTierFullError(
-                    f"memory checkpoint {SCHEME}{saving} needs {needed / 2**20:.1f} MiB on node "
-                    f"{node}, which holds {self.held_on(node) / 2**20:.1f} MiB of memory "
-                    f"checkpoints out of {capacity / 2**20:.1f} MiB allowed (capacity_fraction "
-                    "of its object store), and evicting what may be evicted (all but the newest "
-                    "checkpoint of each directory) would not make room. Persist and delete older "
-                    "memory checkpoints, lower keep_last, or give the nodes a larger object store."
-                )
+                raise tier_full(saving, nbytes, node, capacity, self.held_on(node))
             for victim in victims:
                 self._drop_dir(victim)
             freeing, until = self.freeing_on(node)
