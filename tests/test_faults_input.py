@@ -390,6 +390,20 @@ def test_a_path_under_a_file_is_refused(ckptr, tmp_path, reliability):
     reliability.add("bad arguments", "path under a file", "refused")
 
 
+def test_a_save_into_a_run_root_is_refused_naming_what_it_holds(ckptr, tmp_path):
+    """Saving into the directory that holds the run's checkpoints (its root) would mix the
+    new checkpoint's files with them: refused, naming them and the path to use instead."""
+    root = tmp_path / "run"
+    ckptr.save(str(root / "step-1"), {"w": torch.ones(2)})
+    (root / "notes.txt").write_text("mine")
+    with pytest.raises(ray_ckpt.errors.CheckpointExistsError) as info:
+        ckptr.save(str(root), {"w": torch.zeros(2)})
+    message = str(info.value)
+    assert "notes.txt, step-1" in message and f"{root}/step-N" in message
+    assert sorted(p.name for p in root.iterdir()) == ["notes.txt", "step-1"]
+    assert torch.equal(ckptr.load(str(root / "step-1"))["w"], torch.ones(2))
+
+
 @pytest.mark.parametrize(
     "leaf",
     [

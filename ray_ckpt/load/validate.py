@@ -149,9 +149,10 @@ def _raise_not_a_checkpoint(storage: Storage, files: dict[str, int]) -> None:
     if any(is_own_file(name) for name in files):
         raise IncompleteCheckpointError(
             f"{storage.display} is an incomplete checkpoint: it has no commit marker "
-            f"({MARKER_NAME}), so the save that wrote it never finished. Load an earlier "
-            "checkpoint; `ray-ckpt clean` on the directory above it (or "
-            "CheckpointManager.cleanup() for a manager's root) removes it."
+            f"({MARKER_NAME}): the save that writes it has not finished (it is still running: "
+            "wait for its future; or it failed). Load an earlier checkpoint; if the save failed, "
+            "`ray-ckpt clean` on the directory above it (or CheckpointManager.cleanup() for a "
+            "manager's root) removes it."
         )
     if files or storage.list_dirs():
         raise IncompleteCheckpointError(
@@ -165,7 +166,8 @@ def _raise_not_a_checkpoint(storage: Storage, files: dict[str, int]) -> None:
         )
     if storage.exists():
         raise IncompleteCheckpointError(
-            f"{storage.display} is an empty directory, not a checkpoint (no {MARKER_NAME})"
+            f"{storage.display} is an empty directory, not a checkpoint (no {MARKER_NAME}): a "
+            "save into it has written nothing yet (wait for its future), or it was made by hand"
         )
     where = storage.where_looked()
     raise CheckpointNotFoundError(

@@ -435,11 +435,13 @@ def check_destination(storage: Storage, *, overwrite: bool) -> bool:
             f"{storage.display} already holds a committed checkpoint; pass overwrite=True to "
             "replace it, or save to a new path"
         )
-    foreign = sorted(n for n in files if not is_own_file(n)) + storage.list_dirs()
+    foreign = sorted(n for n in files if not is_own_file(n)) + sorted(storage.list_dirs())
     if foreign:
         raise CheckpointExistsError(
-            f"{storage.display} holds files ray_ckpt did not write ({', '.join(foreign[:5])}"
-            f"{', ...' if len(foreign) > 5 else ''}); save into a new or empty directory"
+            f"{storage.display} is not empty: it holds what is not a checkpoint's file "
+            f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}), which a save "
+            f"there would mix with. Save into a new or empty directory, one per checkpoint: "
+            f"{storage.child('step-N').display}, say"
         )
     existed = bool(files) or storage.exists()
     storage.make_dir()
