@@ -9,6 +9,7 @@ from typing import Any
 
 import ray
 
+from ._attach import attach
 from ._util import note_local_ray
 from .checkpointer import AsyncCheckpointer, SyncCheckpointer
 from .config import CheckpointerConfig
@@ -61,10 +62,11 @@ def ensure_ray(config: CheckpointerConfig) -> None:
     """
     if ray.is_initialized():
         return
-    address = config.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if config.ray_address or os.environ.get("RAY_ADDRESS"):
+        address, source = ((config.ray_address, "CheckpointerConfig(ray_address=...)")
+                           if config.ray_address else (os.environ["RAY_ADDRESS"], "RAY_ADDRESS"))
         logger.info("ray_ckpt: connecting to the Ray cluster at %s", address)
-        ray.init(address=address)
+        attach(address, source)
     else:
         logger.info("ray_ckpt: starting a local Ray instance")
         ray.init(

@@ -89,3 +89,7 @@ class MemoryTierFullError(CheckpointError, MemoryError):
 
 class MemoryCopiesLostError(CheckpointError, FileNotFoundError):
     """Every held copy of a file of a memory checkpoint is gone (its nodes were lost)."""
+
+
+class RayUnreachableError(CheckpointError, ConnectionError):
+    """No Ray cluster answers at the address given (``RAY_ADDRESS``, ``ray_address``)."""

@@ -635,3 +635,33 @@ def test_inspect_imports_torch_only_for_torch_values_and_shows_them_as_before(
     assert done.returncode == 0, done.stderr
     *printed, last = done.stdout.splitlines()
     assert last == "0 True" and printed == out.splitlines()
+
+
+def test_an_address_where_no_ray_answers_is_refused_at_once_naming_it(tmp_path):
+    """A stale cluster address (``RAY_ADDRESS``, the file a ``ray start`` leaves, or a
+    checkpointer's ``ray_address``) made ``ray.init`` wait without end; it fails at once now,
+    naming the address and where it came from."""
+    import socket
+
+    with socket.socket() as s:  # a port that nothing listens on once the socket closes
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    base = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    base["PYTHONPATH"] = os.pathsep.join(sys.path)
+    stale = tmp_path / "ray" / "ray_current_cluster"
+    stale.parent.mkdir()
+    stale.write_text(dead)
+    ls = [sys.executable, "-m", "ray_ckpt", "ls", "mem://run"]
+    make = [sys.executable, "-c", "import ray_ckpt; ray_ckpt.make_sync_checkpointer("
+            f"ray_ckpt.CheckpointerConfig(ray_address={dead!r}))"]
+    cases = [
+        (ls, {**base, "RAY_ADDRESS": dead}, "RAY_ADDRESS"),
+        (ls, {**base, "RAY_TMPDIR": str(tmp_path)}, f"the address of the last `ray start` on "
+         f"this node, in {stale}"),
+        (make, {**base, "RAY_ADDRESS": "127.0.0.1:1"}, "CheckpointerConfig(ray_address=...)"),
+    ]
+    for argv, env, source in cases:
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1, done.stderr
+        assert f"no Ray cluster answers at {dead} ({source})" in done.stderr, done.stderr
+        assert "ray start --head" in done.stderr

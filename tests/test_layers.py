@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 # package name that covers its submodules). A module may import its own layer and those below.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("ray_ckpt.errors", "ray_ckpt.types", "ray_ckpt._checksum", "ray_ckpt.metrics",
-     "ray_ckpt._util", "ray_ckpt._stateful"),
+     "ray_ckpt._util", "ray_ckpt._stateful", "ray_ckpt._attach"),
     ("ray_ckpt.config", "ray_ckpt.sharding"),
     ("ray_ckpt.format.names", "ray_ckpt.format.refs"),
     ("ray_ckpt.format.header", "ray_ckpt.format.layout", "ray_ckpt.format.tree",

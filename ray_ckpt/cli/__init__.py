@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ray-ckpt", parents=[common],
         description="Ray-native checkpointing for PyTorch: inspect, verify, list, compare, "
         "export and import checkpoints. PATH and ROOT may be local paths or URIs (s3://, gs://, "
-        "file://). Exit status: 0 success, 1 bad checkpoint or failure, 2 usage error.",
+        "file://, or mem:// for the memory tier of the Ray cluster that RAY_ADDRESS or a local "
+        "`ray start` names). Exit status: 0 success, 1 bad checkpoint or failure, 2 usage error.",
         epilog="Run 'ray-ckpt COMMAND --help' for a command's options and examples.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -107,8 +107,10 @@ def connect_for(root: str) -> None:
         return
     import ray
 
+    from .._attach import attach
+
     if not ray.is_initialized():
-        ray.init(address="auto", logging_level=logging.WARNING)
+        attach("auto", "", logging_level=logging.WARNING)
 
 
 def run_clean(args: argparse.Namespace) -> int:
