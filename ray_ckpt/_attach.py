@@ -29,18 +29,21 @@ def attach(address: str, source: str, **init_kwargs: Any) -> None:
     unchecked."""
     if address == "auto":
         address, source = _auto()
-    if address != "auto" and "://" not in address:
-        _probe(address, source)
-    try:
+    if address != "auto":
+        if "://" not in address:
+            _probe(address, source)
         ray.init(address=address, **init_kwargs)
-    except ConnectionError as e:  # "auto" found no cluster at all
+        return
+    try:  # no address anywhere: Ray looks for a cluster's processes on this node
+        ray.init(address="auto", **init_kwargs)
+    except ConnectionError as e:
         raise RayUnreachableError(f"no running Ray cluster found: {e} Start one (`ray start "
                                   "--head`), or set RAY_ADDRESS to a running one's address") from e
 
 
 def _auto() -> tuple[str, str]:
     """Where ``ray.init(address="auto")`` looks first, as (address, its source)."""
-    if os.environ.get("RAY_ADDRESS"):
+    if (os.environ.get("RAY_ADDRESS") or "auto") != "auto":
         return os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
     temp = os.environ.get("RAY_TMPDIR") or (
         os.environ.get("TMPDIR") if sys.platform.startswith("linux") else None) or "/tmp"
