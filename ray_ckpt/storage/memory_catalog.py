@@ -75,7 +75,7 @@ def pending_frees(
 
 def tier_full(path: str, nbytes: int, node: str, capacity: int, held: int) -> MemoryTierFullError:
     """The refusal of memory checkpoint ``path``, of which the saving process writes ``nbytes``,
-    on ``node``, which may hold ``capacity`` bytes and holds ``held`` that cannot be evicted."""
+    on ``node``, which may hold ``capacity`` bytes of memory checkpoints and holds ``held``."""
     mib = 2**20
     needs = (
         f"memory checkpoint {SCHEME}{path} needs {2 * nbytes / mib:.1f} MiB on node {node} (twice "
