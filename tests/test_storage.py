@@ -489,6 +489,38 @@ def test_a_holders_stream_serves_any_range_of_its_offer_and_nothing_else():
         PeerStream(server.address, token).read_into(0, 0, memoryview(bytearray(8)))
 
 
+def test_a_repairs_stream_waits_while_a_load_reads_from_the_same_holder(monkeypatch):
+    """Loads come first: a background offer (the repair's, after a node loss) sends nothing
+    while an offer to a load is open, goes on as soon as the load withdraws it, and waits at
+    most YIELD_MAX_SECS in all, so a load that never ends cannot starve it."""
+    import ray_ckpt.storage.memory_stream as memory_stream
+
+    monkeypatch.setattr(memory_stream, "BACKGROUND_SLICE_BYTES", 1 << 16)
+    data = bytes(range(256)) * (1 << 12)  # 1 MiB: 16 slices
+    server = StreamServer("127.0.0.1")
+
+    def repair() -> concurrent.futures.Future[bytes]:
+        token = server.offer([Buffers([data])], background=True)
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        got = pool.submit(lambda: bytes(memory_stream.receive_file(server.address, token, 0,
+                                                                   len(data))))
+        pool.shutdown(wait=False)
+        return got
+
+    load = server.offer([Buffers([b"x" * 100])])  # a load's offer, open until withdrawn
+    copied = repair()
+    time.sleep(1.0)
+    assert not copied.done() and server.sent_bytes == 0  # not a byte while the load reads
+    server.withdraw(load)
+    assert copied.result(timeout=10) == data  # on at once after the load
+
+    monkeypatch.setattr(memory_stream, "YIELD_MAX_SECS", 0.5)
+    server.offer([Buffers([b"x"])])  # a load that never withdraws
+    started = time.monotonic()
+    assert repair().result(timeout=10) == data
+    assert 0.4 < time.monotonic() - started < 5
+
+
 @pytest.mark.parametrize("root, joined", [
     ("/", "/n"), ("/a/", "/a/n"), ("s3://b/run/", "s3://b/run/n"),
     ("s3://b/run?region=x", "s3://b/run/n?region=x"), ("file:///", "file:///n"),

@@ -474,7 +474,7 @@ class _Catalog:
         for path, src, dst, direct in work:
             try:
                 src_holder = lookup(holder_name(src))
-                ray.get(src_holder.push.remote(path, holder_for(dst), direct))
+                ray.get(src_holder.push.remote(path, holder_for(dst), direct, background=True))
             except Exception as e:  # noqa: BLE001 - this copy failed; the next round retries
                 logger.warning("memory tier: re-replicating %s to %s failed: %s", path, dst, e)
                 continue

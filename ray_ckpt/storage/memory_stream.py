@@ -24,6 +24,12 @@ An unknown token closes the connection. An offer holds views of the held objects
 cannot free while it lasts: it ends when its reader withdraws it (at the end of the load) or the
 last connection that used it closes, whichever is first, once no connection uses it; and when
 none opened within ``OFFER_TTL_SECS`` (a reader that died before connecting).
+
+Loads come first. An offer made for the repair after a node loss (``background``) is sent
+``BACKGROUND_SLICE_BYTES`` at a time, and before each slice it waits while an offer to a load is
+open on this server, up to ``YIELD_MAX_SECS`` per connection in all: the repair takes the same
+cores and network as a restore (often onto the very node that restores, the emptiest), and a
+restore is what training waits for.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ TOKEN_BYTES = 16
 OFFER_TTL_SECS = 60.0
 IDLE_TIMEOUT_SECS = 300.0  # a holder closes a connection silent this long (its reader is gone)
 READ_TIMEOUT_SECS = 30.0  # a reader gives up on a holder silent this long (then: Ray's transfer)
+BACKGROUND_SLICE_BYTES = 8 << 20
+YIELD_MAX_SECS = 20.0  # below READ_TIMEOUT_SECS: a paused repair must not time out its reader
 _REQUEST = struct.Struct("<IQQ")
 _REPLY = struct.Struct("<q")
 
@@ -55,6 +63,7 @@ _REPLY = struct.Struct("<q")
 class _Offer:
     files: list[Buffers]
     deadline: float  # monotonic: ends then unless a connection uses it
+    background: bool = False  # the repair's: yields to loads
     connections: int = 0
     used: bool = False
 
@@ -66,18 +75,20 @@ class StreamServer:
     def __init__(self, host: str) -> None:
         self._offers: dict[bytes, _Offer] = {}
         self._lock = threading.Lock()
+        self._loads_ended = threading.Condition(self._lock)  # notified when an offer ends
         self._sent = 0
         self._socket = socket.create_server((host, 0))
         self._socket.settimeout(OFFER_TTL_SECS / 2)  # the accept loop sweeps this often
         self.address: tuple[str, int] = (host, self._socket.getsockname()[1])
         threading.Thread(target=self._accept, daemon=True, name="ray_ckpt-stream").start()
 
-    def offer(self, files: list[Buffers]) -> bytes:
-        """A token for one reader to read ``files`` (by their index in the list)."""
+    def offer(self, files: list[Buffers], background: bool = False) -> bytes:
+        """A token for one reader to read ``files`` (by their index in the list); a
+        ``background`` reader (the repair) yields to the others (see the module docstring)."""
         token = secrets.token_bytes(TOKEN_BYTES)
         with self._lock:
             self._sweep()
-            self._offers[token] = _Offer(files, time.monotonic() + OFFER_TTL_SECS)
+            self._offers[token] = _Offer(files, time.monotonic() + OFFER_TTL_SECS, background)
         return token
 
     def withdraw(self, token: bytes) -> None:
@@ -108,6 +119,19 @@ class StreamServer:
     def _end(self, token: bytes) -> None:
         for file in self._offers.pop(token).files:
             file.close()
+        self._loads_ended.notify_all()
+
+    def _yield_to_loads(self, budget: float) -> float:
+        """Wait while an offer to a load is open, at most ``budget`` seconds; returns what is
+        left of it."""
+        with self._lock:
+            started = time.monotonic()
+            while budget > 0 and any(not o.background for o in self._offers.values()):
+                self._loads_ended.wait(min(budget, OFFER_TTL_SECS / 2))
+                self._sweep()  # an offer whose reader died before connecting ends here
+                budget -= time.monotonic() - started
+                started = time.monotonic()
+        return budget
 
     def _accept(self) -> None:
         while True:
@@ -140,7 +164,7 @@ class StreamServer:
                 offer.used = True
             conn.settimeout(IDLE_TIMEOUT_SECS)
             try:
-                self._answer(conn, offer.files)
+                self._answer(conn, offer)
             except OSError as e:  # the reader is gone or stalled: its read fails over there
                 logger.info("memory tier: a stream to %s ended: %s", conn.getpeername(), e)
             finally:
@@ -148,7 +172,8 @@ class StreamServer:
                     offer.connections -= 1
                     self._sweep()
 
-    def _answer(self, conn: socket.socket, files: list[Buffers]) -> None:
+    def _answer(self, conn: socket.socket, offer: _Offer) -> None:
+        files, budget = offer.files, YIELD_MAX_SECS
         while (request := _receive(conn, _REQUEST.size)) is not None:
             index, offset, length = _REQUEST.unpack(request)
             if index >= len(files):
@@ -157,8 +182,12 @@ class StreamServer:
             file = files[index]
             n = max(0, min(length, file.nbytes - offset))
             conn.sendall(_REPLY.pack(n))
-            for view in file.ranges(offset, n):
-                conn.sendall(view)
+            step = BACKGROUND_SLICE_BYTES if offer.background else max(n, 1)
+            for start in range(offset, offset + n, step):
+                if offer.background and budget > 0:
+                    budget = self._yield_to_loads(budget)
+                for view in file.ranges(start, min(step, offset + n - start)):
+                    conn.sendall(view)
             with self._lock:
                 self._sent += n
 
