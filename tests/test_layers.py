@@ -25,9 +25,11 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -369,25 +371,29 @@ def test_checker_reports_each_tangle_once(tmp_path: Path) -> None:
 # --- the public API ------------------------------------------------------------------------------
 
 
+def _in_a_fresh_python(script: str) -> Any:
+    """What ``script`` prints as JSON, run in a new interpreter (nothing of ray_ckpt imported)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT.parent)}
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
 def test_import_ray_ckpt_exports_the_contract_names_and_loads_no_tools() -> None:
     """``import ray_ckpt`` gives DESIGN.md's names (about 20) and does not import tools/; the
     submodules the README calls as ``ray_ckpt.<module>.<name>`` load when first used."""
-    probe = (
-        "import json, sys, ray_ckpt; "
-        "tools = sorted(m for m in sys.modules if m.startswith('ray_ckpt.tools')); "
-        "used = [ray_ckpt.tiers.persist, ray_ckpt.tools.verify, ray_ckpt.train.load, "
-        "ray_ckpt.errors.MemoryTierFullError, ray_ckpt.catalog.delete_checkpoint, "
-        "ray_ckpt.storage.memory.memory_filesystem, ray_ckpt.types.RankInfo]; "
-        "print(json.dumps([sorted(ray_ckpt.__all__), tools, "
-        "[n for n in ray_ckpt.__all__ if not hasattr(ray_ckpt, n)], "
-        "hasattr(ray_ckpt, 'no_such_module')]))"
-    )
-    env = {**os.environ, "PYTHONPATH": str(ROOT.parent)}
-    out = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120
-    )
-    assert out.returncode == 0, out.stderr
-    names, tools_loaded, missing, has_other = json.loads(out.stdout)
+    names, tools_loaded, missing, has_other = _in_a_fresh_python(textwrap.dedent("""
+        import json, sys, ray_ckpt
+        tools = sorted(m for m in sys.modules if m.startswith("ray_ckpt.tools"))
+        used = [ray_ckpt.tiers.persist, ray_ckpt.tools.verify, ray_ckpt.train.load,
+                ray_ckpt.errors.MemoryTierFullError, ray_ckpt.catalog.delete_checkpoint,
+                ray_ckpt.storage.memory.memory_filesystem, ray_ckpt.types.RankInfo]
+        print(json.dumps([sorted(ray_ckpt.__all__), tools,
+                          [n for n in ray_ckpt.__all__ if not hasattr(ray_ckpt, n)],
+                          hasattr(ray_ckpt, "no_such_module")]))
+    """))
     assert tools_loaded == []
     assert missing == []
     assert has_other is False
@@ -402,19 +408,17 @@ def test_import_ray_ckpt_exports_the_contract_names_and_loads_no_tools() -> None
 def test_every_error_ray_ckpt_raises_on_purpose_is_in_ray_ckpt_errors() -> None:
     """The README's promise: every error is in ``ray_ckpt.errors``, so a caller can catch
     ``ray_ckpt.errors.MemoryTierFullError`` without knowing which module raises it."""
-    probe = (
-        "import importlib, json, pkgutil, ray_ckpt; from ray_ckpt.errors import CheckpointError; "
-        "[importlib.import_module(m.name) for m in pkgutil.walk_packages(ray_ckpt.__path__, "
-        "'ray_ckpt.') if not m.name.endswith('__main__')]; "
-        "seen, todo = [], [CheckpointError]; "
-        "exec('while todo:\\n c = todo.pop()\\n seen.append(c)\\n todo += c.__subclasses__()'); "
-        "print(json.dumps(sorted(f'{c.__module__}.{c.__qualname__}' for c in seen)))"
-    )
-    env = {**os.environ, "PYTHONPATH": str(ROOT.parent)}
-    out = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert out.returncode == 0, out.stderr
-    errors = json.loads(out.stdout)
+    errors = _in_a_fresh_python(textwrap.dedent("""
+        import importlib, json, pkgutil, ray_ckpt
+        from ray_ckpt.errors import CheckpointError
+        for m in pkgutil.walk_packages(ray_ckpt.__path__, "ray_ckpt."):
+            if not m.name.endswith("__main__"):
+                importlib.import_module(m.name)
+        seen, todo = [], [CheckpointError]
+        while todo:
+            seen.append(todo.pop())
+            todo += seen[-1].__subclasses__()
+        print(json.dumps(sorted(f"{c.__module__}.{c.__qualname__}" for c in seen)))
+    """))
     assert "ray_ckpt.errors.MemoryTierFullError" in errors
     assert [e for e in errors if not e.startswith("ray_ckpt.errors.")] == []
