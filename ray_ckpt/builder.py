@@ -62,9 +62,10 @@ def ensure_ray(config: CheckpointerConfig) -> None:
     """
     if ray.is_initialized():
         return
-    if config.ray_address or os.environ.get("RAY_ADDRESS"):
-        address, source = ((config.ray_address, "CheckpointerConfig(ray_address=...)")
-                           if config.ray_address else (os.environ["RAY_ADDRESS"], "RAY_ADDRESS"))
+    address, source = config.ray_address, "CheckpointerConfig(ray_address=...)"
+    if not address:
+        address, source = os.environ.get("RAY_ADDRESS"), "RAY_ADDRESS"
+    if address:
         logger.info("ray_ckpt: connecting to the Ray cluster at %s", address)
         attach(address, source)
     else:

@@ -75,7 +75,7 @@ class StreamServer:
     def __init__(self, host: str) -> None:
         self._offers: dict[bytes, _Offer] = {}
         self._lock = threading.Lock()
-        self._loads_ended = threading.Condition(self._lock)  # notified when an offer ends
+        self._offer_ended = threading.Condition(self._lock)
         self._sent = 0
         self._socket = socket.create_server((host, 0))
         self._socket.settimeout(OFFER_TTL_SECS / 2)  # the accept loop sweeps this often
@@ -119,19 +119,20 @@ class StreamServer:
     def _end(self, token: bytes) -> None:
         for file in self._offers.pop(token).files:
             file.close()
-        self._loads_ended.notify_all()
+        self._offer_ended.notify_all()
 
     def _yield_to_loads(self, budget: float) -> float:
         """Wait while an offer to a load is open, at most ``budget`` seconds; returns what is
         left of it."""
+        deadline = time.monotonic() + budget
         with self._lock:
-            started = time.monotonic()
-            while budget > 0 and any(not o.background for o in self._offers.values()):
-                self._loads_ended.wait(min(budget, OFFER_TTL_SECS / 2))
+            while any(not o.background for o in self._offers.values()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._offer_ended.wait(min(left, OFFER_TTL_SECS / 2))
                 self._sweep()  # an offer whose reader died before connecting ends here
-                budget -= time.monotonic() - started
-                started = time.monotonic()
-        return budget
+        return deadline - time.monotonic()
 
     def _accept(self) -> None:
         while True:
